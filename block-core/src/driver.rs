@@ -1,0 +1,142 @@
+//! The interface every driver implements and every export talks to.
+//!
+//! A driver is one layer of a node graph: a protocol driver (`file`, `null-co`) reaches host
+//! storage; a format driver (`raw`, `qcow2`) interprets the bytes of its child node. Exports
+//! never call a driver directly: they go through a [`Node`](crate::Node), which checks bounds
+//! and permissions and marks dirty bitmaps before the driver sees a request.
+//!
+//! Requests are `async` and many may be in flight on one driver at once, from many tasks and
+//! threads: a driver must not serialise them unless its format requires it.
+
+use crate::error::Result;
+use async_trait::async_trait;
+use std::fmt::Debug;
+
+/// Flags of a write request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteFlags {
+    /// Force unit access: the data is on stable storage when the request completes.
+    pub fua: bool,
+}
+
+/// Flags of a write-zeroes request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// Force unit access, as for [`WriteFlags::fua`].
+    pub fua: bool,
+    /// The driver may deallocate (punch a hole) instead of writing zeroes, as long as the
+    /// range reads back as zeroes.
+    pub may_unmap: bool,
+    /// Fail with [`BlockError::NotFast`](crate::BlockError::NotFast) rather than zero the
+    /// range slowly (by writing buffers of zeroes).
+    pub fast: bool,
+}
+
+/// The status of one extent, as returned by [`BlockDriver::block_status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length of the extent in bytes; never zero, never beyond the queried range.
+    pub len: u64,
+    /// The range is backed by data in some layer (not a hole).
+    pub data: bool,
+    /// The range reads as zeroes.
+    pub zero: bool,
+    /// Which layer of the backing chain allocates the range: 0 when no layer does, 1 for this
+    /// node's own layer, 2 for its backing file, and so on. Protocol drivers report 1 for data
+    /// and 0 for holes.
+    pub depth: u32,
+}
+
+/// One layer of a node graph: the operations a driver provides.
+///
+/// Offsets and lengths have been checked against [`size`](Self::size) by the node before a
+/// driver sees them. Optional operations default to
+/// [`BlockError::Unsupported`](crate::BlockError::Unsupported) or to a safe fallback.
+#[async_trait]
+pub trait BlockDriver: Send + Sync + Debug {
+    /// The QAPI driver name (`file`, `raw`, `qcow2`, `null-co`).
+    fn driver_name(&self) -> &'static str;
+
+    /// Current size of the layer in bytes.
+    fn size(&self) -> u64;
+
+    /// Whether the layer was opened read-only.
+    fn read_only(&self) -> bool;
+
+    /// The alignment (in bytes) requests must have, e.g. 512 or 4096 under O_DIRECT; 1 when any
+    /// byte offset works.
+    fn request_alignment(&self) -> u32 {
+        1
+    }
+
+    /// The preferred request size in bytes (e.g. a qcow2 cluster); 4096 by default.
+    fn preferred_alignment(&self) -> u32 {
+        4096
+    }
+
+    /// The file name this layer shows in `query-named-block-nodes`, if any.
+    fn filename(&self) -> Option<String> {
+        None
+    }
+
+    /// Fills `buf` with the bytes at `offset`.
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Writes `buf` at `offset`.
+    async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()>;
+
+    /// Makes every completed write stable.
+    async fn flush(&self) -> Result<()>;
+
+    /// Tells the layer that the range is no longer needed. Its content afterwards is
+    /// unspecified. Ignoring the request is a valid implementation.
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+
+    /// Makes the range read as zeroes. The default writes buffers of zeroes, or fails with
+    /// `NotFast` when [`ZeroFlags::fast`] is set.
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        if flags.fast {
+            return Err(crate::BlockError::NotFast);
+        }
+        const CHUNK: u64 = 1 << 20;
+        let zeroes = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            self.write(
+                offset + done,
+                &zeroes[..n as usize],
+                WriteFlags { fua: flags.fua },
+            )
+            .await?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// The status of the extent starting at `offset`, at most `len` bytes long. The default
+    /// reports the whole range as data in this layer.
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        let _ = offset;
+        Ok(Extent {
+            len,
+            data: true,
+            zero: false,
+            depth: 1,
+        })
+    }
+
+    /// Changes the size of the layer.
+    async fn resize(&self, new_size: u64) -> Result<()> {
+        let _ = new_size;
+        Err(crate::BlockError::Unsupported("resize"))
+    }
+
+    /// Flushes and releases what the layer holds (called once, when its node is closed).
+    async fn close(&self) -> Result<()> {
+        self.flush().await
+    }
+}

@@ -1,0 +1,26 @@
+//! The block layer of blockexportd.
+//!
+//! - [`BlockDriver`]: the interface of one layer (a protocol driver such as `file`, or a format
+//!   driver such as `qcow2`), with async read, write (FUA), flush, discard, write-zeroes
+//!   (may-unmap, fast-zero), block status and resize.
+//! - [`Node`]: a named driver in the graph. Exports talk to nodes: a node checks bounds and
+//!   permissions, and marks its [`DirtyBitmap`]s on every write.
+//! - [`NodeGraph`]: all nodes by name; [`open::blockdev_add`] builds nodes from QAPI
+//!   `BlockdevOptions` JSON.
+//!
+//! Errors carry an errno ([`BlockError::errno`]) that each export maps onto its protocol.
+
+#![warn(missing_docs)]
+
+pub mod bitmap;
+pub mod driver;
+pub mod error;
+pub mod graph;
+pub mod node;
+pub mod open;
+
+pub use bitmap::DirtyBitmap;
+pub use driver::{BlockDriver, Extent, WriteFlags, ZeroFlags};
+pub use error::{BlockError, Result};
+pub use graph::{GraphError, NodeGraph};
+pub use node::{Attachment, ChildRole, Node, UserInfo};

@@ -1,0 +1,306 @@
+//! Nodes: a driver with a name, its children, its users and its dirty bitmaps.
+//!
+//! Every request of an export goes through a [`Node`]: it is checked against the node's size
+//! and permissions here, so that drivers only see valid requests, and every write marks the
+//! node's enabled dirty bitmaps, whichever export it came from.
+
+use crate::bitmap::DirtyBitmap;
+use crate::driver::{BlockDriver, Extent, WriteFlags, ZeroFlags};
+use crate::error::{BlockError, Result};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// How a child is attached to its parent node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildRole {
+    /// The layer a format driver reads its bytes from (QAPI `file`).
+    File,
+    /// The backing layer of a qcow2 node (QAPI `backing`).
+    Backing,
+}
+
+impl ChildRole {
+    /// The QAPI name of the role.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChildRole::File => "file",
+            ChildRole::Backing => "backing",
+        }
+    }
+}
+
+/// A user of a node: an export, or a parent node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserInfo {
+    /// Unique id of this attachment.
+    pub id: u64,
+    /// Who uses the node, e.g. `export 'exp0'` or `node 'fmt0'`.
+    pub description: String,
+    /// Whether the user may write.
+    pub writable: bool,
+}
+
+/// A node of the block graph.
+pub struct Node {
+    name: String,
+    driver: Arc<dyn BlockDriver>,
+    children: Vec<(ChildRole, Arc<Node>)>,
+    users: Mutex<Vec<UserInfo>>,
+    next_user: AtomicU64,
+    bitmaps: RwLock<Vec<Arc<DirtyBitmap>>>,
+}
+
+impl fmt::Debug for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.name)
+            .field("driver", &self.driver.driver_name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// A node named `name` over `driver`, holding `children` (which it keeps in use).
+    pub fn new(
+        name: impl Into<String>,
+        driver: Arc<dyn BlockDriver>,
+        children: Vec<(ChildRole, Arc<Node>)>,
+    ) -> Arc<Node> {
+        Arc::new(Node {
+            name: name.into(),
+            driver,
+            children,
+            users: Mutex::new(Vec::new()),
+            next_user: AtomicU64::new(1),
+            bitmaps: RwLock::new(Vec::new()),
+        })
+    }
+
+    /// The node name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The driver of this node.
+    pub fn driver(&self) -> &Arc<dyn BlockDriver> {
+        &self.driver
+    }
+
+    /// The child nodes and their roles.
+    pub fn children(&self) -> &[(ChildRole, Arc<Node>)] {
+        &self.children
+    }
+
+    /// Current size in bytes.
+    pub fn size(&self) -> u64 {
+        self.driver.size()
+    }
+
+    /// Whether the node itself is read-only.
+    pub fn read_only(&self) -> bool {
+        self.driver.read_only()
+    }
+
+    /// The users currently attached.
+    pub fn users(&self) -> Vec<UserInfo> {
+        self.users.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Attaches a user. A writable user is refused on a read-only node.
+    pub fn attach(
+        self: &Arc<Self>,
+        description: impl Into<String>,
+        writable: bool,
+    ) -> Result<Attachment> {
+        if writable && self.read_only() {
+            return Err(BlockError::Invalid(format!(
+                "Block node '{}' is read-only",
+                self.name
+            )));
+        }
+        let id = self.next_user.fetch_add(1, Ordering::Relaxed);
+        self.users
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(UserInfo {
+                id,
+                description: description.into(),
+                writable,
+            });
+        Ok(Attachment {
+            node: Arc::clone(self),
+            id,
+            writable,
+        })
+    }
+
+    fn detach(&self, id: u64) {
+        self.users
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|u| u.id != id);
+    }
+
+    /// The dirty bitmaps of this node.
+    pub fn bitmaps(&self) -> Vec<Arc<DirtyBitmap>> {
+        self.bitmaps
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Adds a dirty bitmap; its name must be unique on the node.
+    pub fn add_bitmap(&self, bitmap: Arc<DirtyBitmap>) -> Result<()> {
+        let mut bitmaps = self.bitmaps.write().unwrap_or_else(|e| e.into_inner());
+        if bitmaps.iter().any(|b| b.name() == bitmap.name()) {
+            return Err(BlockError::Invalid(format!(
+                "Bitmap already exists: {}",
+                bitmap.name()
+            )));
+        }
+        bitmaps.push(bitmap);
+        Ok(())
+    }
+
+    /// Removes the dirty bitmap `name` and returns it.
+    pub fn remove_bitmap(&self, name: &str) -> Option<Arc<DirtyBitmap>> {
+        let mut bitmaps = self.bitmaps.write().unwrap_or_else(|e| e.into_inner());
+        let pos = bitmaps.iter().position(|b| b.name() == name)?;
+        Some(bitmaps.remove(pos))
+    }
+
+    /// The dirty bitmap `name`, if the node has it.
+    pub fn bitmap(&self, name: &str) -> Option<Arc<DirtyBitmap>> {
+        self.bitmaps
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|b| b.name() == name)
+            .cloned()
+    }
+
+    fn mark_dirty(&self, offset: u64, len: u64) {
+        for bitmap in self
+            .bitmaps
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            bitmap.mark(offset, len);
+        }
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(BlockError::OutOfRange { offset, len, size }),
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.driver.read(offset, buf).await
+    }
+
+    /// Writes `buf` at `offset`.
+    pub async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.mark_dirty(offset, buf.len() as u64);
+        self.driver.write(offset, buf, flags).await
+    }
+
+    /// Makes completed writes stable.
+    pub async fn flush(&self) -> Result<()> {
+        self.driver.flush().await
+    }
+
+    /// Discards the range.
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.mark_dirty(offset, len);
+        self.driver.discard(offset, len).await
+    }
+
+    /// Makes the range read as zeroes.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.mark_dirty(offset, len);
+        self.driver.write_zeroes(offset, len, flags).await
+    }
+
+    /// The status of the extent at `offset`, at most `len` bytes long (`len` > 0).
+    pub async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Err(BlockError::Invalid("block status of an empty range".into()));
+        }
+        let mut extent = self.driver.block_status(offset, len).await?;
+        extent.len = extent.len.clamp(1, len);
+        Ok(extent)
+    }
+
+    /// Resizes the node.
+    pub async fn resize(&self, new_size: u64) -> Result<()> {
+        self.check_writable()?;
+        self.driver.resize(new_size).await?;
+        for bitmap in self.bitmaps() {
+            bitmap.resize(new_size);
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only() {
+            Err(BlockError::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// A user's hold on a node: detaches when dropped.
+///
+/// Exports keep one for as long as they run; requests go through [`Attachment::node`]. An
+/// attachment made read-only refuses writes even when the node is writable.
+#[derive(Debug)]
+pub struct Attachment {
+    node: Arc<Node>,
+    id: u64,
+    writable: bool,
+}
+
+impl Attachment {
+    /// The attached node.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// Whether this user may write.
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        self.node.detach(self.id);
+    }
+}
