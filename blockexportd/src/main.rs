@@ -1,1 +1,3 @@
+//! The blockexportd binary (work in progress).
+
 fn main() {}
