@@ -1,0 +1,1 @@
+//! QEMU keyval syntax (in progress).
