@@ -16,6 +16,8 @@ pub struct DirtyBitmap {
     granularity: u32,
     persistent: bool,
     enabled: AtomicBool,
+    busy: AtomicBool,
+    inconsistent: AtomicBool,
     inner: Mutex<Bits>,
 }
 
@@ -41,6 +43,8 @@ impl DirtyBitmap {
             granularity,
             persistent,
             enabled: AtomicBool::new(true),
+            busy: AtomicBool::new(false),
+            inconsistent: AtomicBool::new(false),
             inner: Mutex::new(Bits {
                 size,
                 words: vec![0; chunks.div_ceil(64) as usize],
@@ -75,6 +79,28 @@ impl DirtyBitmap {
     /// Starts or stops recording writes.
     pub fn set_enabled(&self, enabled: bool) {
         self.enabled.store(enabled, Ordering::Release);
+    }
+
+    /// Whether an operation (e.g. an NBD export) uses the bitmap, so that it may not be
+    /// changed or removed.
+    pub fn busy(&self) -> bool {
+        self.busy.load(Ordering::Acquire)
+    }
+
+    /// Marks the bitmap as used (or no longer used) by an operation.
+    pub fn set_busy(&self, busy: bool) {
+        self.busy.store(busy, Ordering::Release);
+    }
+
+    /// Whether the stored copy was found in use at open (the image was not closed cleanly):
+    /// its content cannot be trusted.
+    pub fn inconsistent(&self) -> bool {
+        self.inconsistent.load(Ordering::Acquire)
+    }
+
+    /// Marks the bitmap inconsistent.
+    pub fn set_inconsistent(&self, inconsistent: bool) {
+        self.inconsistent.store(inconsistent, Ordering::Release);
     }
 
     /// Records a write of `len` bytes at `offset`, if the bitmap is enabled.
