@@ -1,0 +1,147 @@
+//! Mounting and unmounting an export.
+
+use crate::config::{AllowOther, FuseExportConfig};
+use crate::error::FuseError;
+use crate::fs::{ExportFs, Shared};
+use crate::sys::{self, Reservation};
+use block_core::Attachment;
+use fuser::{Config, Session, SessionACL};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::runtime::Handle;
+
+/// How many threads read requests from `/dev/fuse`, each on its own cloned descriptor
+/// (`FUSE_DEV_IOC_CLONE`). They only decode requests and spawn their I/O on the runtime, so
+/// a few suffice to keep many requests in flight.
+const READER_THREADS: usize = 4;
+
+/// A node exported as a regular file through FUSE, mounted until [`unmount`](Self::unmount) or
+/// drop.
+#[derive(Debug)]
+pub struct FuseExport {
+    mountpoint: PathBuf,
+    shared: Arc<Shared>,
+    reservation: Option<Reservation>,
+    done: bool,
+}
+
+impl FuseExport {
+    /// Mounts the node of `attachment` on `cfg.mountpoint`.
+    ///
+    /// Checks first that no other export of this process uses the mountpoint and that it is a
+    /// regular file (with QSD's error messages), then mounts (with `allow_other` as
+    /// `cfg.allow_other` says; `auto` retries without it), negotiates the protocol with the
+    /// kernel and starts the reader threads. The block-layer I/O runs on `rt`.
+    ///
+    /// Mounting needs `CAP_SYS_ADMIN` (root); this crate does not go through `fusermount3`.
+    pub fn mount(
+        cfg: FuseExportConfig,
+        attachment: Attachment,
+        rt: Handle,
+    ) -> Result<FuseExport, FuseError> {
+        if cfg.writable && !attachment.writable() {
+            return Err(FuseError::ReadOnlyAttachment(
+                attachment.node().name().to_owned(),
+            ));
+        }
+        let reservation = Reservation::claim(&cfg.mountpoint)?;
+        sys::check_regular_file(&cfg.mountpoint)?;
+
+        let mode = if cfg.writable { 0o600 } else { 0o400 };
+        let device = sys::open_fuse_device()?;
+        let allow_other = match cfg.allow_other {
+            AllowOther::Off => {
+                sys::mount(&cfg.mountpoint, &device, mode, false).map_err(FuseError::Mount)?;
+                false
+            }
+            AllowOther::On => {
+                sys::mount(&cfg.mountpoint, &device, mode, true).map_err(FuseError::Mount)?;
+                true
+            }
+            AllowOther::Auto => match sys::mount(&cfg.mountpoint, &device, mode, true) {
+                Ok(()) => true,
+                Err(first) => {
+                    tracing::debug!(error = %first, "mounting with allow_other failed, retrying without");
+                    sys::mount(&cfg.mountpoint, &device, mode, false).map_err(FuseError::Mount)?;
+                    false
+                }
+            },
+        };
+
+        let shared = Shared::new(&cfg, attachment, allow_other, rt);
+        let export = FuseExport {
+            mountpoint: cfg.mountpoint,
+            shared: Arc::clone(&shared),
+            reservation: Some(reservation),
+            done: false,
+        };
+        // From here on, dropping `export` detaches the mount and releases the node.
+        let mut config = Config::default();
+        config.n_threads = Some(READER_THREADS);
+        config.clone_fd = true;
+        config.acl = if allow_other {
+            SessionACL::All
+        } else {
+            SessionACL::Owner
+        };
+        let acl = config.acl;
+        let session = Session::from_fd(ExportFs::new(shared), OwnedFd::from(device), acl, config)
+            .map_err(FuseError::Session)?;
+        // The session thread runs until the kernel ends the connection, i.e. until the mount
+        // is detached and the last descriptor on it is closed; it is not joined.
+        session.spawn().map_err(FuseError::Session)?;
+        tracing::info!(mountpoint = %export.mountpoint.display(), allow_other, "FUSE export mounted");
+        Ok(export)
+    }
+
+    /// The path the export is mounted on, as given.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Whether the mount uses `allow_other` (with [`AllowOther::Auto`], whether that worked).
+    pub fn allow_other(&self) -> bool {
+        self.shared.allow_other()
+    }
+
+    /// The file's mode bits (0600 writable, 0400 read-only, or what `chmod` set).
+    pub fn mode(&self) -> u32 {
+        self.shared.mode()
+    }
+
+    /// Unmounts the export, as QSD's `block-export-del`.
+    ///
+    /// The mount is detached lazily (`MNT_DETACH`), so this succeeds at once even while
+    /// another process holds the file open: the path shows the file below again, and the
+    /// kernel releases the FUSE connection when the last descriptor is closed. Requests in
+    /// flight complete, then the node is flushed (no acknowledged write is lost) and the
+    /// attachment released; I/O on a descriptor still open fails with `ENOTCONN` from then on,
+    /// as with QSD.
+    ///
+    /// Blocks while requests finish and the node flushes. Call it from outside the runtime
+    /// given to [`mount`](Self::mount) if that runtime is a current-thread one.
+    pub fn unmount(mut self) -> Result<(), FuseError> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<(), FuseError> {
+        if self.done {
+            return Ok(());
+        }
+        self.done = true;
+        let detached = sys::detach(&self.mountpoint);
+        // The path may be exported again right away: a new mount stacks on the file below.
+        drop(self.reservation.take());
+        let closed = self.shared.close();
+        detached.and(closed)
+    }
+}
+
+impl Drop for FuseExport {
+    fn drop(&mut self) {
+        if let Err(err) = self.shutdown() {
+            tracing::error!(error = %err, mountpoint = %self.mountpoint.display(), "unmounting FUSE export");
+        }
+    }
+}
