@@ -1,1 +1,1687 @@
-//! QEMU keyval syntax (in progress).
+//! QEMU's `KEY=VALUE,...` ("keyval") command-line syntax.
+//!
+//! qemu-storage-daemon reads the arguments of `--blockdev`, `--export`, `--object` and
+//! `--nbd-server` with QEMU's `keyval_parse()` (`util/keyval.c`), or as JSON when the
+//! argument starts with `{`. This module reproduces both, error messages included, so
+//! that a command line written for QSD behaves the same here.
+//!
+//! # Grammar (from `util/keyval.c`)
+//!
+//! ```text
+//! key-vals     = [ key-val { ',' key-val } [ ',' ] ]
+//! key-val      = key '=' val | help
+//! key          = key-fragment { '.' key-fragment }
+//! key-fragment = qapi-name | index
+//! qapi-name    = [ '__' / [a-z0-9.-]+ / '_' ] / [A-Za-z][A-Za-z0-9_-]* /
+//! index        = / [0-9]+ /
+//! val          = { / [^,]+ / | ',,' }
+//! help         = 'help' | '?'
+//! ```
+//!
+//! With an implied key, the first element may be a bare value (`/[^=,]+/`, no `,,`
+//! escape) that stands for `implied-key=value`. The first fragment of a key must be a
+//! QAPI name, later ones may be list indexes; a fragment is 1 to 127 characters long.
+//!
+//! # Semantics
+//!
+//! The result is a JSON object whose leaves are all strings. Dotted keys make nested
+//! objects (`addr.type=unix` → `{"addr": {"type": "unix"}}`); an object whose keys are all
+//! indexes becomes an array, and the indexes must be exactly `0..n` (in any order, with
+//! leading zeros allowed). When several key-vals name the same leaf, the last one wins
+//! (`id=a,id=b` → `"b"`). A trailing comma is ignored. Typing happens later: see
+//! [`coerce`] and the `parse_*` helpers, which convert strings the way QEMU's keyval
+//! input visitor does.
+//!
+//! Where QEMU reports one of several errors depending on the iteration order of its
+//! hash table (`QDict`), this module iterates in the same order, so the same error is
+//! reported.
+//!
+//! # Example
+//!
+//! ```
+//! use blockexportd::keyval;
+//! use serde_json::json;
+//!
+//! let map = keyval::parse("nbd,id=e0,node-name=n,bitmaps.0=b0,bitmaps.1=b1", Some("type"))?;
+//! assert_eq!(
+//!     serde_json::Value::Object(map),
+//!     json!({"type": "nbd", "id": "e0", "node-name": "n", "bitmaps": ["b0", "b1"]})
+//! );
+//!
+//! let err = keyval::parse("addr.type=unix,addr=x", None).unwrap_err();
+//! assert_eq!(err.to_string(), "Parameters 'addr.*' used inconsistently");
+//! # Ok::<(), keyval::KeyvalError>(())
+//! ```
+
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Number, Value};
+
+/// A parsed argument: a JSON object.
+pub type Object = Map<String, Value>;
+
+/// Longest key fragment QEMU accepts (its buffer is 128 bytes with the NUL).
+const MAX_FRAGMENT_LEN: usize = 127;
+
+/// Deepest nesting accepted, in keyval keys and in JSON. QEMU's JSON parser has the
+/// same limit; its keyval parser has none, but real keys nest a handful of levels and
+/// a limit keeps recursion bounded for any input.
+const MAX_NESTING: usize = 1024;
+
+/// Number of buckets of QEMU's `QDict` hash table (`QDICT_BUCKET_MAX`).
+const QDICT_BUCKETS: u32 = 512;
+
+/// Everything that can go wrong in this module. Messages are QEMU's, word for word
+/// (QSD prints them as `qemu-storage-daemon: --blockdev ARG: MESSAGE`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyvalError {
+    /// A key, or one of its fragments, is not a QAPI name or list index.
+    #[error("Invalid parameter '{0}'")]
+    InvalidParameter(String),
+    /// A key made of a single fragment is longer than 127 characters.
+    #[error("Parameter '{0}' is too long")]
+    ParameterTooLong(String),
+    /// One fragment of a dotted key is longer than 127 characters.
+    #[error("Parameter fragment '{0}' is too long")]
+    FragmentTooLong(String),
+    /// An element without `=` where no implied key applies.
+    #[error("Expected '=' after parameter '{0}'")]
+    ExpectedEquals(String),
+    /// The same key prefix is used both as a scalar and as an object, or both as an
+    /// object and as a list. Holds the prefix, without the trailing `.*`.
+    #[error("Parameters '{0}.*' used inconsistently")]
+    Inconsistent(String),
+    /// A list index is missing (`a.1=x` without `a.0`). Holds the full key.
+    #[error("Parameter '{0}' missing")]
+    Missing(String),
+    /// `help` or `?` was given where the caller offers no help (see
+    /// [`parse_with_help`]).
+    #[error("Help is not available for this option")]
+    HelpNotAvailable,
+    /// A key nests deeper than this implementation supports (1024 levels; QEMU has no
+    /// such limit for keyval, no real option comes close).
+    #[error("Parameter '{0}' is nested too deeply")]
+    TooDeep(String),
+    /// Malformed JSON; holds the detail QEMU's JSON parser gives.
+    #[error("JSON parse error, {0}")]
+    Json(String),
+    /// Something follows the JSON object.
+    #[error("Expecting at most one JSON value")]
+    JsonTrailing,
+    /// A keyval string does not convert to the requested type. `expected` is QEMU's
+    /// wording: `integer`, `'on' or 'off'`, `a size`, `uint16_t`, ...
+    #[error("Parameter '{name}' expects {expected}")]
+    InvalidValue {
+        /// The parameter's name as QEMU prints it.
+        name: String,
+        /// What the parameter expects.
+        expected: &'static str,
+    },
+    /// [`coerce`] was asked for a scalar where the parsed tree has an object or list.
+    #[error("Parameters '{0}.*' are unexpected")]
+    UnexpectedNested(String),
+    /// [`coerce`] was given a value that keyval parsing cannot produce (a JSON number,
+    /// boolean or null).
+    #[error("Invalid parameter type for '{name}', expected: {expected}")]
+    InvalidType {
+        /// The parameter's full name.
+        name: String,
+        /// The QAPI type expected.
+        expected: &'static str,
+    },
+    /// [`render`] was given something keyval syntax cannot express: an invalid key, a
+    /// non-string scalar, or an empty nested object or list.
+    #[error("Parameter '{0}' cannot be expressed in keyval syntax")]
+    Unrepresentable(String),
+}
+
+// ---------------------------------------------------------------------------------------
+// Parsing
+// ---------------------------------------------------------------------------------------
+
+/// Parses `input` in keyval syntax. `implied_key` names the key of a first element
+/// given without `=` (QSD: `driver` for `--blockdev`, `type` for `--export`, `qom-type`
+/// for `--object`, none for `--nbd-server`).
+///
+/// `help` or `?` anywhere fails with [`KeyvalError::HelpNotAvailable`], as QEMU's
+/// `keyval_parse()` does when the caller does not ask for help; use
+/// [`parse_with_help`] to detect it instead.
+pub fn parse(input: &str, implied_key: Option<&str>) -> Result<Object, KeyvalError> {
+    let (root, help) = parse_elements(input, implied_key)?;
+    if help {
+        return Err(KeyvalError::HelpNotAvailable);
+    }
+    listify_root(root)
+}
+
+/// Like [`parse`], but reports a `help` or `?` element in the returned flag instead
+/// of failing (QEMU's `keyval_parse()` with a non-null `p_help`).
+pub fn parse_with_help(
+    input: &str,
+    implied_key: Option<&str>,
+) -> Result<(Object, bool), KeyvalError> {
+    let (root, help) = parse_elements(input, implied_key)?;
+    Ok((listify_root(root)?, help))
+}
+
+/// Parses a QSD option argument: JSON when it starts with `{` (values keep their JSON
+/// types), keyval syntax otherwise (all leaves are strings). This is QEMU's
+/// `qobject_input_visitor_new_str()`.
+pub fn parse_json_or_keyval(input: &str, implied_key: Option<&str>) -> Result<Object, KeyvalError> {
+    if input.starts_with('{') {
+        match json::parse(input)? {
+            Value::Object(map) => Ok(map),
+            // The input starts with '{', so the value is an object.
+            _ => Err(KeyvalError::Json("expecting value".to_owned())),
+        }
+    } else {
+        parse(input, implied_key)
+    }
+}
+
+/// A tree as built during parsing: strings and objects only, in insertion order.
+enum Node {
+    Str(String),
+    Dict(Dict),
+}
+
+/// An object that remembers insertion order, so that QEMU's hash order can be derived.
+#[derive(Default)]
+struct Dict {
+    entries: Vec<(String, Node)>,
+    index: HashMap<String, usize>,
+}
+
+impl Dict {
+    /// Ensures `key` maps to an object and returns it; `None` if it maps to a string.
+    fn put_dict(&mut self, key: &str) -> Option<&mut Dict> {
+        let i = match self.index.get(key) {
+            Some(&i) => i,
+            None => {
+                self.entries
+                    .push((key.to_owned(), Node::Dict(Dict::default())));
+                self.index.insert(key.to_owned(), self.entries.len() - 1);
+                self.entries.len() - 1
+            }
+        };
+        match self.entries.get_mut(i) {
+            Some((_, Node::Dict(d))) => Some(d),
+            _ => None,
+        }
+    }
+
+    /// Maps `key` to the string `value`, replacing an earlier string; `false` if
+    /// `key` maps to an object.
+    fn put_str(&mut self, key: &str, value: String) -> bool {
+        match self.index.get(key) {
+            Some(&i) => match self.entries.get_mut(i) {
+                Some((_, node @ Node::Str(_))) => {
+                    *node = Node::Str(value);
+                    true
+                }
+                _ => false,
+            },
+            None => {
+                self.entries.push((key.to_owned(), Node::Str(value)));
+                self.index.insert(key.to_owned(), self.entries.len() - 1);
+                true
+            }
+        }
+    }
+
+    /// The order in which QEMU's `qdict_first()`/`qdict_next()` visit the entries:
+    /// by bucket, and within a bucket the most recently inserted first.
+    fn qemu_order(&self) -> Vec<usize> {
+        let mut order: Vec<(u32, usize)> = self
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, (k, _))| (tdb_hash(k.as_bytes()) % QDICT_BUCKETS, i))
+            .collect();
+        order.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        order.into_iter().map(|(_, i)| i).collect()
+    }
+}
+
+/// QEMU's `tdb_hash()` (from gdbm via tdb), used by `QDict`.
+fn tdb_hash(name: &[u8]) -> u32 {
+    // strlen() is a size_t; the product is truncated to unsigned int.
+    let mut value = 0x238F_13AF_u32.wrapping_mul(name.len() as u32);
+    for (i, &c) in name.iter().enumerate() {
+        value = value.wrapping_add(u32::from(c) << ((i * 5) % 24));
+    }
+    1_103_515_243_u32.wrapping_mul(value).wrapping_add(12345)
+}
+
+fn lossy(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Length of the QAPI name at the start of `s` (QEMU's `parse_qapi_name(s, false)`),
+/// 0 if there is none.
+fn qapi_name_len(s: &[u8]) -> usize {
+    let mut p = 0;
+    if s.first() == Some(&b'_') {
+        // Downstream extension prefix __RFQDN_
+        if s.get(1) != Some(&b'_') {
+            return 0;
+        }
+        p = 2;
+        while s
+            .get(p)
+            .is_some_and(|&c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.')
+        {
+            p += 1;
+        }
+        if s.get(p) != Some(&b'_') {
+            return 0;
+        }
+        p += 1;
+    }
+    if !s.get(p).is_some_and(u8::is_ascii_alphabetic) {
+        return 0;
+    }
+    p += 1;
+    while s
+        .get(p)
+        .is_some_and(|&c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+    {
+        p += 1;
+    }
+    p
+}
+
+/// QEMU's `key_to_index(key, NULL)`: the list index a whole key denotes (capped at
+/// `INT_MAX`), or `None` if the key is not all digits.
+fn key_to_index(key: &str) -> Option<u64> {
+    if key.is_empty() || !key.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let mut index: u64 = 0;
+    for c in key.bytes() {
+        index = index * 10 + u64::from(c - b'0');
+        if index > i32::MAX as u64 {
+            return Some(i32::MAX as u64);
+        }
+    }
+    Some(index)
+}
+
+/// Splits `input` into its elements and builds the tree (QEMU's loop over
+/// `keyval_parse_one()`). Returns the tree and whether help was requested.
+fn parse_elements(input: &str, implied_key: Option<&str>) -> Result<(Dict, bool), KeyvalError> {
+    let bytes = input.as_bytes();
+    let mut root = Dict::default();
+    let mut help = false;
+    let mut pos = 0;
+    let mut implied_key = implied_key;
+    while pos < bytes.len() {
+        pos = parse_one(&mut root, bytes, pos, implied_key, &mut help)?;
+        implied_key = None;
+    }
+    Ok((root, help))
+}
+
+/// Parses one `key=value` (or implied value, or help) starting at `pos`; returns the
+/// position of the next element.
+fn parse_one(
+    root: &mut Dict,
+    input: &[u8],
+    pos: usize,
+    implied_key: Option<&str>,
+    help: &mut bool,
+) -> Result<usize, KeyvalError> {
+    let params = input.get(pos..).unwrap_or_default();
+    let len = params
+        .iter()
+        .position(|&c| c == b'=' || c == b',')
+        .unwrap_or(params.len());
+    let after_key = params.get(len).copied();
+
+    // Where an implied value ends, if this element is one.
+    let mut implied_value_end = None;
+    let mut key: &[u8] = params.get(..len).unwrap_or_default();
+    if len > 0 && after_key != Some(b'=') {
+        if key == b"help" || key == b"?" {
+            *help = true;
+            let next = pos + len;
+            return Ok(if after_key == Some(b',') {
+                next + 1
+            } else {
+                next
+            });
+        }
+        if let Some(implied) = implied_key {
+            implied_value_end = Some(len);
+            key = implied.as_bytes();
+        }
+    }
+    let key_end = key.len();
+
+    // Walk the fragments; `prev` is the previous one, `cur` the object it applies to.
+    let mut cur = root;
+    let mut s = 0;
+    let mut prev: &[u8] = &[];
+    let mut depth = 0;
+    loop {
+        let rest = key.get(s..).unwrap_or_default();
+        let flen = if s != 0 && rest.first().is_some_and(u8::is_ascii_digit) {
+            rest.iter().take_while(|c| c.is_ascii_digit()).count()
+        } else {
+            qapi_name_len(rest)
+        };
+        if flen == 0 || (s + flen < key_end && key.get(s + flen) != Some(&b'.')) {
+            return Err(KeyvalError::InvalidParameter(lossy(key)));
+        }
+        let fragment = rest.get(..flen).unwrap_or_default();
+        if flen > MAX_FRAGMENT_LEN {
+            return Err(if s != 0 || s + flen != key_end {
+                KeyvalError::FragmentTooLong(lossy(fragment))
+            } else {
+                KeyvalError::ParameterTooLong(lossy(fragment))
+            });
+        }
+        if s != 0 {
+            depth += 1;
+            if depth >= MAX_NESTING {
+                return Err(KeyvalError::TooDeep(lossy(key)));
+            }
+            let prefix = key.get(..s - 1).unwrap_or_default();
+            cur = cur
+                .put_dict(&lossy(prev))
+                .ok_or_else(|| KeyvalError::Inconsistent(lossy(prefix)))?;
+        }
+        prev = fragment;
+        s += flen;
+        if key.get(s) != Some(&b'.') {
+            break;
+        }
+        s += 1;
+    }
+
+    let (value, next) = match implied_value_end {
+        Some(end) => {
+            let value = lossy(params.get(..end).unwrap_or_default());
+            let next = pos + end;
+            (
+                value,
+                if input.get(next) == Some(&b',') {
+                    next + 1
+                } else {
+                    next
+                },
+            )
+        }
+        None => {
+            if after_key != Some(b'=') {
+                return Err(KeyvalError::ExpectedEquals(lossy(key)));
+            }
+            let mut i = pos + len + 1;
+            let mut value = Vec::new();
+            // A value ends at a single ','; ",," stands for one comma.
+            while let Some(&c) = input.get(i) {
+                if c == b',' {
+                    i += 1;
+                    if input.get(i) != Some(&b',') {
+                        break;
+                    }
+                }
+                value.push(c);
+                i += 1;
+            }
+            (lossy(&value), i)
+        }
+    };
+
+    if !cur.put_str(&lossy(prev), value) {
+        return Err(KeyvalError::Inconsistent(lossy(key)));
+    }
+    Ok(next)
+}
+
+fn listify_root(root: Dict) -> Result<Object, KeyvalError> {
+    match listify(root, &mut Vec::new())? {
+        Value::Object(map) => Ok(map),
+        // The root's keys are QAPI names, never indexes, so it stays an object.
+        _ => Err(KeyvalError::Inconsistent(String::new())),
+    }
+}
+
+/// QEMU's `keyval_listify()`: turns objects whose keys are all indexes into arrays,
+/// recursively, visiting entries in QEMU's order so that the same error wins.
+fn listify(dict: Dict, path: &mut Vec<String>) -> Result<Value, KeyvalError> {
+    let order = dict.qemu_order();
+    let mut slots: Vec<Option<(String, Node)>> = dict.entries.into_iter().map(Some).collect();
+    let mut has_index = false;
+    let mut has_member = false;
+    let mut done: Vec<(String, Value)> = Vec::with_capacity(slots.len());
+    for i in order {
+        let Some((key, node)) = slots.get_mut(i).and_then(Option::take) else {
+            continue;
+        };
+        if key_to_index(&key).is_some() {
+            has_index = true;
+        } else {
+            has_member = true;
+        }
+        let value = match node {
+            Node::Str(s) => Value::String(s),
+            Node::Dict(d) => {
+                path.push(key.clone());
+                let v = listify(d, path);
+                path.pop();
+                v?
+            }
+        };
+        done.push((key, value));
+    }
+
+    if has_index && has_member {
+        return Err(KeyvalError::Inconsistent(path.join(".")));
+    }
+    if !has_index {
+        return Ok(Value::Object(done.into_iter().collect()));
+    }
+
+    // One slot more than entries: an index beyond that means a gap.
+    let nelt = done.len() + 1;
+    let mut elt: Vec<Option<Value>> = vec![None; nelt];
+    let mut max_index: u64 = 0;
+    for (key, value) in done {
+        let index = key_to_index(&key).unwrap_or(0);
+        max_index = max_index.max(index);
+        if let Some(slot) = usize::try_from(index)
+            .ok()
+            .filter(|&i| i < nelt - 1)
+            .and_then(|i| elt.get_mut(i))
+        {
+            // Several keys may denote one index ("1", "01"): the one visited last wins.
+            *slot = Some(value);
+        }
+    }
+    let count = usize::try_from(max_index + 1).map_or(nelt, |m| m.min(nelt));
+    let mut list = Vec::with_capacity(count);
+    for (i, slot) in elt.into_iter().take(count).enumerate() {
+        match slot {
+            Some(v) => list.push(v),
+            None => return Err(KeyvalError::Missing(format!("{}.{i}", path.join(".")))),
+        }
+    }
+    Ok(Value::Array(list))
+}
+
+// ---------------------------------------------------------------------------------------
+// Rendering
+// ---------------------------------------------------------------------------------------
+
+/// Renders an object in keyval syntax, the inverse of [`parse`]: commas in values are
+/// doubled, nested objects and arrays become dotted keys. Fails for what keyval cannot
+/// express: keys that are not QAPI names, non-string scalars, empty nested objects or
+/// arrays.
+pub fn render(map: &Object) -> Result<String, KeyvalError> {
+    let mut out = String::new();
+    let mut path = Vec::new();
+    render_object(map, &mut path, &mut out)?;
+    Ok(out)
+}
+
+fn render_object(
+    map: &Object,
+    path: &mut Vec<String>,
+    out: &mut String,
+) -> Result<(), KeyvalError> {
+    for (key, value) in map {
+        if key.len() > MAX_FRAGMENT_LEN || qapi_name_len(key.as_bytes()) != key.len() {
+            path.push(key.clone());
+            return Err(KeyvalError::Unrepresentable(path.join(".")));
+        }
+        path.push(key.clone());
+        render_value(value, path, out)?;
+        path.pop();
+    }
+    Ok(())
+}
+
+fn render_value(
+    value: &Value,
+    path: &mut Vec<String>,
+    out: &mut String,
+) -> Result<(), KeyvalError> {
+    match value {
+        Value::String(s) => {
+            if !out.is_empty() {
+                out.push(',');
+            }
+            out.push_str(&path.join("."));
+            out.push('=');
+            out.push_str(&s.replace(',', ",,"));
+            Ok(())
+        }
+        Value::Object(map) if !map.is_empty() => render_object(map, path, out),
+        Value::Array(list) if !list.is_empty() => {
+            for (i, v) in list.iter().enumerate() {
+                path.push(i.to_string());
+                render_value(v, path, out)?;
+                path.pop();
+            }
+            Ok(())
+        }
+        _ => Err(KeyvalError::Unrepresentable(path.join("."))),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Typing
+// ---------------------------------------------------------------------------------------
+
+/// The QAPI scalar types a keyval string can be converted to, as QEMU's keyval input
+/// visitor (`qobject_input_visitor_new_keyval()`) converts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `str` and enums: the string as is.
+    Str,
+    /// `bool`: exactly `on` or `off`.
+    Bool,
+    /// `int`/`int64`: C `strtoll()` with base 0 (decimal, `0x` hex, `0` octal).
+    Int64,
+    /// `uint64`: C `strtoull()` with base 0; negative numbers wrap around.
+    Uint64,
+    /// `int8`, range checked after [`Kind::Int64`] conversion.
+    Int8,
+    /// `int16`, range checked.
+    Int16,
+    /// `int32`, range checked.
+    Int32,
+    /// `uint8`, range checked after [`Kind::Uint64`] conversion.
+    Uint8,
+    /// `uint16`, range checked.
+    Uint16,
+    /// `uint32`, range checked.
+    Uint32,
+    /// `size`: QEMU's `qemu_strtosz()` (`4096`, `64k`, `1.5G`, `0x1000`).
+    Size,
+    /// `number`: a finite decimal floating-point number.
+    Number,
+}
+
+/// Converts the keyval value `value` of the parameter `name` (its full dotted name,
+/// e.g. `addr.port`) to `kind`, with QEMU's error messages.
+///
+/// Only for values [`parse`] produced: a JSON argument's values already carry their
+/// types, and QEMU checks them strictly instead (`"size": "1"` is an error there).
+pub fn coerce(name: &str, value: &Value, kind: Kind) -> Result<Value, KeyvalError> {
+    let s = match value {
+        Value::String(s) => s.as_str(),
+        Value::Object(_) | Value::Array(_) => {
+            return Err(KeyvalError::UnexpectedNested(name.to_owned()))
+        }
+        _ => {
+            return Err(KeyvalError::InvalidType {
+                name: name.to_owned(),
+                expected: "string",
+            })
+        }
+    };
+    let invalid = |expected: &'static str| KeyvalError::InvalidValue {
+        name: name.to_owned(),
+        expected,
+    };
+    // QEMU's range check of the narrower integers names the member, not the full path,
+    // and a list element has no name at all ("null").
+    let narrow = |expected: &'static str| {
+        let last = name.rsplit('.').next().unwrap_or(name);
+        KeyvalError::InvalidValue {
+            name: if key_to_index(last).is_some() {
+                "null".to_owned()
+            } else {
+                last.to_owned()
+            },
+            expected,
+        }
+    };
+    let signed = |min: i64, max: i64, ty: &'static str| -> Result<Value, KeyvalError> {
+        let v = parse_int64(s).ok_or_else(|| invalid("integer"))?;
+        if v < min || v > max {
+            return Err(narrow(ty));
+        }
+        Ok(Value::from(v))
+    };
+    let unsigned = |max: u64, ty: &'static str| -> Result<Value, KeyvalError> {
+        let v = parse_uint64(s).ok_or_else(|| invalid("integer"))?;
+        if v > max {
+            return Err(narrow(ty));
+        }
+        Ok(Value::from(v))
+    };
+    match kind {
+        Kind::Str => Ok(Value::String(s.to_owned())),
+        Kind::Bool => parse_bool(s)
+            .map(Value::Bool)
+            .ok_or_else(|| invalid("'on' or 'off'")),
+        Kind::Int64 => signed(i64::MIN, i64::MAX, "int64_t"),
+        Kind::Int8 => signed(i8::MIN.into(), i8::MAX.into(), "int8_t"),
+        Kind::Int16 => signed(i16::MIN.into(), i16::MAX.into(), "int16_t"),
+        Kind::Int32 => signed(i32::MIN.into(), i32::MAX.into(), "int32_t"),
+        Kind::Uint64 => unsigned(u64::MAX, "uint64_t"),
+        Kind::Uint8 => unsigned(u8::MAX.into(), "uint8_t"),
+        Kind::Uint16 => unsigned(u16::MAX.into(), "uint16_t"),
+        Kind::Uint32 => unsigned(u32::MAX.into(), "uint32_t"),
+        Kind::Size => parse_size(s)
+            .map(Value::from)
+            .ok_or_else(|| invalid("a size")),
+        Kind::Number => parse_number(s)
+            .and_then(Number::from_f64)
+            .map(Value::Number)
+            .ok_or_else(|| KeyvalError::InvalidType {
+                name: name.to_owned(),
+                expected: "number",
+            }),
+    }
+}
+
+/// A keyval boolean: `on` or `off`, nothing else (QEMU's
+/// `qobject_input_type_bool_keyval()`).
+pub fn parse_bool(s: &str) -> Option<bool> {
+    match s {
+        "on" => Some(true),
+        "off" => Some(false),
+        _ => None,
+    }
+}
+
+/// C's `isspace()` in the C locale.
+fn is_c_space(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')
+}
+
+/// The core of C's `strtoull()`/`strtoll()` with base 0 on the whole string: returns
+/// whether a '-' was seen and the magnitude (`None` on overflow of `u64`), or `None`
+/// when the string is not entirely a number.
+fn strto_base0(s: &str) -> Option<(bool, Option<u64>)> {
+    let b = s.as_bytes();
+    let mut i = b.iter().take_while(|&&c| is_c_space(c)).count();
+    let negative = match b.get(i) {
+        Some(b'-') => {
+            i += 1;
+            true
+        }
+        Some(b'+') => {
+            i += 1;
+            false
+        }
+        _ => false,
+    };
+    let rest = b.get(i..).unwrap_or_default();
+    let (radix, digits) = match rest {
+        [b'0', b'x' | b'X', c, ..] if c.is_ascii_hexdigit() => (16, rest.get(2..)?),
+        [b'0', ..] => (8, rest),
+        _ => (10, rest),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let mut magnitude: Option<u64> = Some(0);
+    for &c in digits {
+        let d = char::from(c).to_digit(radix)?;
+        magnitude = magnitude
+            .and_then(|m| m.checked_mul(u64::from(radix)))
+            .and_then(|m| m.checked_add(u64::from(d)));
+    }
+    Some((negative, magnitude))
+}
+
+/// A keyval `int`: C `strtoll()` with base 0, the whole string (QEMU's
+/// `qemu_strtoi64(str, NULL, 0, ...)`): optional leading white space and sign, then
+/// decimal, `0x` hexadecimal or `0` octal digits.
+pub fn parse_int64(s: &str) -> Option<i64> {
+    let (negative, magnitude) = strto_base0(s)?;
+    let magnitude = magnitude?;
+    if negative {
+        0_i64.checked_sub_unsigned(magnitude)
+    } else {
+        i64::try_from(magnitude).ok()
+    }
+}
+
+/// A keyval `uint64`: C `strtoull()` with base 0, the whole string (QEMU's
+/// `qemu_strtou64(str, NULL, 0, ...)`). Like C, `-1` is accepted and wraps to
+/// `u64::MAX`.
+pub fn parse_uint64(s: &str) -> Option<u64> {
+    let (negative, magnitude) = strto_base0(s)?;
+    let magnitude = magnitude?;
+    Some(if negative {
+        magnitude.wrapping_neg()
+    } else {
+        magnitude
+    })
+}
+
+/// The multiplier of a size suffix (`qemu_strtosz()`'s `suffix_mul()`, unit 1024).
+fn suffix_mul(c: u8) -> Option<u64> {
+    Some(match c.to_ascii_uppercase() {
+        b'B' => 1,
+        b'K' => 1 << 10,
+        b'M' => 1 << 20,
+        b'G' => 1 << 30,
+        b'T' => 1 << 40,
+        b'P' => 1 << 50,
+        b'E' => 1 << 60,
+        _ => return None,
+    })
+}
+
+/// A keyval `size` (QEMU's `qemu_strtosz(str, NULL, ...)`, QEMU 8.1 and later):
+///
+/// - `12345`, `12345B`: bytes; `12345k`, `12345M`, ... up to `E`: times 1024^n,
+///   suffixes in either case;
+/// - `1.5G`, `.5k`, `1.k`: a fraction needs a suffix other than `B`, and the result
+///   is rounded to the nearest byte;
+/// - `0x1000`: hexadecimal, without fraction or suffix;
+/// - leading white space and a `+` are accepted; negative values, exponents, trailing
+///   characters and values beyond `u64::MAX` are not.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    let ws = b.iter().take_while(|&&c| is_c_space(c)).count();
+    let signed = b.get(ws..).unwrap_or_default();
+    if signed.first() == Some(&b'-') {
+        return None;
+    }
+    let unsigned = match signed.first() {
+        Some(b'+') => signed.get(1..).unwrap_or_default(),
+        _ => signed,
+    };
+    let int_len = unsigned.iter().take_while(|c| c.is_ascii_digit()).count();
+    let int_digits = unsigned.get(..int_len).unwrap_or_default();
+    let mut rest = unsigned.get(int_len..).unwrap_or_default();
+
+    // The integral part, as decimal (even with leading zeros).
+    let mut val: u64 = 0;
+    for &c in int_digits {
+        val = val.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+    }
+
+    if int_len > 0 && val == 0 && matches!(rest.first(), Some(b'x' | b'X')) {
+        // Hexadecimal: the whole input must be 0x followed by hex digits, with no
+        // fraction and no suffix.
+        if int_len != 1 {
+            return None;
+        }
+        let hex = rest.get(1..).unwrap_or_default();
+        if hex.is_empty() || !hex.iter().all(u8::is_ascii_hexdigit) {
+            return None;
+        }
+        let mut v: u64 = 0;
+        for &c in hex {
+            v = v
+                .checked_mul(16)?
+                .checked_add(u64::from(char::from(c).to_digit(16)?))?;
+        }
+        return Some(v);
+    }
+
+    // A fraction, as a 64-bit binary fixed-point number.
+    let mut frac: u64 = 0;
+    if rest.first() == Some(&b'.') {
+        let fdigits = rest
+            .get(1..)
+            .unwrap_or_default()
+            .iter()
+            .take_while(|c| c.is_ascii_digit())
+            .count();
+        if int_len == 0 && fdigits == 0 {
+            return None;
+        }
+        if fdigits > 0 {
+            let text = std::str::from_utf8(rest.get(..=fdigits)?).ok()?;
+            let f: f64 = format!("0{text}").parse().ok()?;
+            if f >= 1.0 {
+                val = val.checked_add(1)?;
+            } else {
+                // Any non-zero fraction leaves a non-zero trace.
+                frac = (f * 18_446_744_073_709_551_616.0) as u64;
+                if frac == 0 && text.bytes().any(|c| (b'1'..=b'9').contains(&c)) {
+                    frac = 1;
+                }
+            }
+        }
+        rest = rest.get(1 + fdigits..).unwrap_or_default();
+    } else if int_len == 0 {
+        return None;
+    }
+
+    let mul = match rest.first().and_then(|&c| suffix_mul(c)) {
+        Some(m) => {
+            rest = rest.get(1..).unwrap_or_default();
+            m
+        }
+        None => 1,
+    };
+    if !rest.is_empty() {
+        return None;
+    }
+    if mul == 1 {
+        return if frac != 0 { None } else { Some(val) };
+    }
+    // val * mul + frac * mul / 2^64, rounding half up.
+    let whole = u64::try_from(u128::from(val) * u128::from(mul)).ok()?;
+    let exact = (u128::from(whole) << 64) + u128::from(frac) * u128::from(mul);
+    let rounded = (exact >> 64) + ((exact >> 63) & 1);
+    u64::try_from(rounded).ok()
+}
+
+/// A keyval `number`: a finite decimal floating-point number, the whole string
+/// (QEMU's `qemu_strtod_finite()`; C's hexadecimal floats are not supported here).
+pub fn parse_number(s: &str) -> Option<f64> {
+    let t = s.trim_start_matches(|c: char| c.is_ascii() && is_c_space(c as u8));
+    let body = t.strip_prefix(['+', '-']).unwrap_or(t);
+    // Only the decimal form: Rust would also accept "inf" and "nan", C hex floats.
+    if !body.starts_with(|c: char| c.is_ascii_digit() || c == '.')
+        || !body
+            .bytes()
+            .all(|c| c.is_ascii_digit() || matches!(c, b'.' | b'e' | b'E' | b'+' | b'-'))
+    {
+        return None;
+    }
+    let v: f64 = t.parse().ok()?;
+    if !v.is_finite() {
+        return None;
+    }
+    // C reports underflow (ERANGE), which QEMU rejects.
+    let mantissa = body.split(['e', 'E']).next().unwrap_or_default();
+    if (v == 0.0 && mantissa.bytes().any(|c| (b'1'..=b'9').contains(&c))) || v.is_subnormal() {
+        return None;
+    }
+    Some(v)
+}
+
+// ---------------------------------------------------------------------------------------
+// JSON
+// ---------------------------------------------------------------------------------------
+
+/// A JSON parser with QEMU's extensions and error messages (`qobject/json-*.c`):
+/// strings may also be single-quoted (with `\'` as an escape), duplicate keys are an
+/// error, nesting is limited to 1024 levels.
+mod json {
+    use super::{KeyvalError, Map, Number, Value, MAX_NESTING};
+
+    pub(super) fn parse(input: &str) -> Result<Value, KeyvalError> {
+        let mut p = Parser {
+            s: input.as_bytes(),
+            text: input,
+            pos: 0,
+            depth: 0,
+        };
+        let value = p.value()?;
+        p.skip_ws();
+        if p.pos < p.s.len() {
+            return Err(KeyvalError::JsonTrailing);
+        }
+        Ok(value)
+    }
+
+    struct Parser<'a> {
+        s: &'a [u8],
+        text: &'a str,
+        pos: usize,
+        depth: usize,
+    }
+
+    fn err(msg: impl Into<String>) -> KeyvalError {
+        KeyvalError::Json(msg.into())
+    }
+
+    impl Parser<'_> {
+        fn skip_ws(&mut self) {
+            while self
+                .s
+                .get(self.pos)
+                .is_some_and(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
+            {
+                self.pos += 1;
+            }
+        }
+
+        fn peek(&mut self) -> Option<u8> {
+            self.skip_ws();
+            self.s.get(self.pos).copied()
+        }
+
+        /// "stray '...'": QEMU's lexer reports the token read so far, up to and
+        /// including the character that does not fit.
+        fn stray(&self, start: usize, end: usize) -> KeyvalError {
+            let end = end.min(self.s.len());
+            let mut end_char = end;
+            while !self.text.is_char_boundary(end_char) {
+                end_char += 1;
+            }
+            err(format!(
+                "stray '{}'",
+                self.text.get(start..end_char).unwrap_or_default()
+            ))
+        }
+
+        fn value(&mut self) -> Result<Value, KeyvalError> {
+            match self.peek() {
+                None => Err(err("premature EOI")),
+                Some(b'{') => self.nested(Self::object),
+                Some(b'[') => self.nested(Self::array),
+                Some(q @ (b'"' | b'\'')) => self.string(q).map(Value::String),
+                Some(b'-' | b'0'..=b'9') => self.number(),
+                Some(c) if c.is_ascii_alphabetic() => self.keyword(),
+                Some(b':' | b',' | b'}' | b']') => Err(err("expecting value")),
+                Some(_) => Err(self.stray(self.pos, self.pos + 1)),
+            }
+        }
+
+        fn nested(
+            &mut self,
+            f: fn(&mut Self) -> Result<Value, KeyvalError>,
+        ) -> Result<Value, KeyvalError> {
+            self.depth += 1;
+            if self.depth > MAX_NESTING {
+                return Err(err("nesting too deep"));
+            }
+            let v = f(self);
+            self.depth -= 1;
+            v
+        }
+
+        fn object(&mut self) -> Result<Value, KeyvalError> {
+            self.pos += 1; // '{'
+            let mut map = Map::new();
+            match self.peek() {
+                None => return Err(err("premature EOI")),
+                Some(b'}') => {
+                    self.pos += 1;
+                    return Ok(Value::Object(map));
+                }
+                Some(_) => {}
+            }
+            loop {
+                // The first error wins, as in QEMU.
+                let key = match self.value()? {
+                    Value::String(k) => k,
+                    _ => return Err(err("key is not a string in object")),
+                };
+                match self.peek() {
+                    None => return Err(err("premature EOI")),
+                    Some(b':') => self.pos += 1,
+                    Some(_) => return Err(err("missing : in object pair")),
+                }
+                let value = self.value()?;
+                if map.contains_key(&key) {
+                    return Err(err("duplicate key"));
+                }
+                map.insert(key, value);
+                match self.peek() {
+                    None => return Err(err("premature EOI")),
+                    Some(b',') => self.pos += 1,
+                    Some(b'}') => {
+                        self.pos += 1;
+                        return Ok(Value::Object(map));
+                    }
+                    Some(_) => return Err(err("expected separator in dict")),
+                }
+            }
+        }
+
+        fn array(&mut self) -> Result<Value, KeyvalError> {
+            self.pos += 1; // '['
+            let mut list = Vec::new();
+            match self.peek() {
+                None => return Err(err("premature EOI")),
+                Some(b']') => {
+                    self.pos += 1;
+                    return Ok(Value::Array(list));
+                }
+                Some(_) => {}
+            }
+            loop {
+                list.push(self.value()?);
+                match self.peek() {
+                    None => return Err(err("premature EOI")),
+                    Some(b',') => self.pos += 1,
+                    Some(b']') => {
+                        self.pos += 1;
+                        return Ok(Value::Array(list));
+                    }
+                    Some(_) => return Err(err("expected separator in list")),
+                }
+            }
+        }
+
+        fn keyword(&mut self) -> Result<Value, KeyvalError> {
+            let start = self.pos;
+            while self.s.get(self.pos).is_some_and(u8::is_ascii_alphabetic) {
+                self.pos += 1;
+            }
+            match self.text.get(start..self.pos).unwrap_or_default() {
+                "true" => Ok(Value::Bool(true)),
+                "false" => Ok(Value::Bool(false)),
+                "null" => Ok(Value::Null),
+                other => Err(err(format!("invalid keyword '{other}'"))),
+            }
+        }
+
+        fn number(&mut self) -> Result<Value, KeyvalError> {
+            let start = self.pos;
+            let digits = |p: &mut Self| {
+                let n = p.s.get(p.pos..).unwrap_or_default();
+                let k = n.iter().take_while(|c| c.is_ascii_digit()).count();
+                p.pos += k;
+                k
+            };
+            if self.s.get(self.pos) == Some(&b'-') {
+                self.pos += 1;
+            }
+            let int_start = self.pos;
+            let n = digits(self);
+            if n == 0 {
+                return Err(self.stray(start, self.pos + 1));
+            }
+            if n > 1 && self.s.get(int_start) == Some(&b'0') {
+                return Err(self.stray(start, int_start + 2));
+            }
+            let mut float = false;
+            if self.s.get(self.pos) == Some(&b'.') {
+                float = true;
+                self.pos += 1;
+                if digits(self) == 0 {
+                    return Err(self.stray(start, self.pos + 1));
+                }
+            }
+            if matches!(self.s.get(self.pos), Some(b'e' | b'E')) {
+                float = true;
+                self.pos += 1;
+                if matches!(self.s.get(self.pos), Some(b'+' | b'-')) {
+                    self.pos += 1;
+                }
+                if digits(self) == 0 {
+                    return Err(self.stray(start, self.pos + 1));
+                }
+            }
+            let text = self.text.get(start..self.pos).unwrap_or_default();
+            if !float {
+                if let Ok(v) = text.parse::<i64>() {
+                    return Ok(Value::from(v));
+                }
+                if let Ok(v) = text.parse::<u64>() {
+                    return Ok(Value::from(v));
+                }
+            }
+            text.parse::<f64>()
+                .ok()
+                .and_then(Number::from_f64)
+                .map(Value::Number)
+                .ok_or_else(|| self.stray(start, self.pos))
+        }
+
+        fn string(&mut self, quote: u8) -> Result<String, KeyvalError> {
+            let start = self.pos;
+            self.pos += 1;
+            let mut out = String::new();
+            loop {
+                let Some(&c) = self.s.get(self.pos) else {
+                    return Err(err("premature EOI"));
+                };
+                if c == quote {
+                    self.pos += 1;
+                    return Ok(out);
+                }
+                if c < 0x20 {
+                    return Err(self.stray(start, self.pos + 1));
+                }
+                if c != b'\\' {
+                    // Copy one whole UTF-8 character.
+                    let ch = self
+                        .text
+                        .get(self.pos..)
+                        .and_then(|t| t.chars().next())
+                        .unwrap_or('\u{fffd}');
+                    out.push(ch);
+                    self.pos += ch.len_utf8().max(1);
+                    continue;
+                }
+                let esc = self.pos;
+                self.pos += 1;
+                let Some(&e) = self.s.get(self.pos) else {
+                    return Err(err("premature EOI"));
+                };
+                self.pos += 1;
+                match e {
+                    b'"' => out.push('"'),
+                    b'\'' => out.push('\''),
+                    b'\\' => out.push('\\'),
+                    b'/' => out.push('/'),
+                    b'b' => out.push('\u{8}'),
+                    b'f' => out.push('\u{c}'),
+                    b'n' => out.push('\n'),
+                    b'r' => out.push('\r'),
+                    b't' => out.push('\t'),
+                    b'u' => out.push(self.unicode_escape(esc, quote)?),
+                    _ => return Err(err("invalid escape sequence in string")),
+                }
+            }
+        }
+
+        fn hex4(&mut self) -> Option<u32> {
+            let h = self.s.get(self.pos..self.pos + 4)?;
+            let mut v = 0;
+            for &c in h {
+                v = v * 16 + char::from(c).to_digit(16)?;
+            }
+            self.pos += 4;
+            Some(v)
+        }
+
+        /// `\uXXXX` (after the `u`), with surrogate pairs; `esc` is where the `\` is, `quote`
+        /// the string's quote character.
+        fn unicode_escape(&mut self, esc: usize, quote: u8) -> Result<char, KeyvalError> {
+            // QEMU prints the escape up to 6 characters, but not past the end of
+            // the string token (its closing quote).
+            let quote_end = self
+                .s
+                .iter()
+                .enumerate()
+                .skip(esc + 2)
+                .find(|&(_, &c)| c == quote)
+                .map_or(self.s.len(), |(i, _)| i + 1);
+            let invalid = |p: &Self, at: usize| {
+                let mut end = (at + 6).min(quote_end).min(p.s.len());
+                while !p.text.is_char_boundary(end) {
+                    end += 1;
+                }
+                err(format!(
+                    "{} is not a valid Unicode character",
+                    p.text.get(at..end).unwrap_or_default()
+                ))
+            };
+            let hi = self.hex4().ok_or_else(|| invalid(self, esc))?;
+            let cp = if (0xD800..0xDC00).contains(&hi) {
+                let lo_at = self.pos;
+                let lo = if self.s.get(self.pos..self.pos + 2) == Some(b"\\u") {
+                    self.pos += 2;
+                    self.hex4()
+                } else {
+                    None
+                };
+                match lo {
+                    Some(lo) if (0xDC00..0xE000).contains(&lo) => {
+                        0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)
+                    }
+                    _ => {
+                        self.pos = lo_at;
+                        return Err(invalid(self, esc));
+                    }
+                }
+            } else {
+                hi
+            };
+            char::from_u32(cp).ok_or_else(|| invalid(self, esc))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ok(input: &str, implied: Option<&str>) -> Value {
+        match parse(input, implied) {
+            Ok(m) => Value::Object(m),
+            Err(e) => panic!("{input:?} failed: {e}"),
+        }
+    }
+
+    fn fails(input: &str, implied: Option<&str>) -> String {
+        match parse(input, implied) {
+            Ok(m) => panic!("{input:?} parsed as {m:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    // Cases from QEMU's tests/unit/test-keyval.c, test_keyval_parse().
+    #[test]
+    fn qemu_basic_cases() {
+        assert_eq!(ok("", None), json!({}));
+        assert_eq!(fails("=val", None), "Invalid parameter ''");
+        assert_eq!(fails(".", None), "Invalid parameter '.'");
+        assert_eq!(fails("key.", None), "Invalid parameter 'key.'");
+        assert_eq!(fails("7up=val", None), "Invalid parameter '7up'");
+        assert_eq!(fails("key[0]=val", None), "Invalid parameter 'key[0]'");
+        assert_eq!(ok("a=1,b=2,,x,a=3", None), json!({"a": "3", "b": "2,x"}));
+        assert_eq!(ok("id=foo,id=bar", None), json!({"id": "bar"}));
+        assert_eq!(
+            ok("a.b.c=1,a.b.c=2,d=3", None),
+            json!({"a": {"b": {"c": "2"}}, "d": "3"})
+        );
+        assert_eq!(
+            fails("a.b=1,a=2", None),
+            "Parameters 'a.*' used inconsistently"
+        );
+        assert_eq!(
+            fails("a.b=1,a.b.c=2", None),
+            "Parameters 'a.b.*' used inconsistently"
+        );
+        assert_eq!(
+            fails("a=2,a.b=1", None),
+            "Parameters 'a.*' used inconsistently"
+        );
+        assert_eq!(ok("x=y,", None), json!({"x": "y"}));
+        assert_eq!(fails(",", None), "Invalid parameter ''");
+        assert_eq!(ok("x=,,id=bar", None), json!({"x": ",id=bar"}));
+        assert_eq!(ok("id=666", None), json!({"id": "666"}));
+        assert_eq!(
+            fails("an,noaus,noaus=", None),
+            "Expected '=' after parameter 'an'"
+        );
+        assert_eq!(fails("no", None), "Expected '=' after parameter 'no'");
+    }
+
+    #[test]
+    fn qemu_long_keys() {
+        let long = format!("{}z", "a".repeat(127));
+        assert_eq!(
+            fails(&format!("{long}=v"), None),
+            format!("Parameter '{long}' is too long")
+        );
+        assert_eq!(
+            fails(&format!("k.{long}=v"), None),
+            format!("Parameter fragment '{long}' is too long")
+        );
+        let fits = &long[1..];
+        assert_eq!(ok(&format!("{fits}=v"), None), json!({ fits: "v" }));
+        assert_eq!(
+            ok(&format!("k.{fits}=v"), None),
+            json!({"k": { fits: "v" }})
+        );
+    }
+
+    #[test]
+    fn qemu_implied_key() {
+        assert_eq!(
+            ok("an,aus=off,noaus=", Some("implied")),
+            json!({"implied": "an", "aus": "off", "noaus": ""})
+        );
+        assert_eq!(
+            ok("val", Some("eins.zwei")),
+            json!({"eins": {"zwei": "val"}})
+        );
+        assert_eq!(fails(",", Some("implied")), "Invalid parameter ''");
+        assert_eq!(fails(",,,a=1", Some("implied")), "Invalid parameter ''");
+        assert_eq!(fails("val,,ue", Some("implied")), "Invalid parameter ''");
+        assert_eq!(fails("=val", Some("implied")), "Invalid parameter ''");
+        // Only the first element can use the implied key.
+        assert_eq!(
+            fails("a,b", Some("driver")),
+            "Expected '=' after parameter 'b'"
+        );
+        assert_eq!(fails("unix", None), "Expected '=' after parameter 'unix'");
+    }
+
+    #[test]
+    fn qemu_help() {
+        assert_eq!(parse_with_help("help", None), Ok((Map::new(), true)));
+        assert_eq!(
+            parse_with_help("help", Some("implied")),
+            Ok((Map::new(), true))
+        );
+        assert_eq!(parse_with_help("?", None), Ok((Map::new(), true)));
+        assert_eq!(fails("help", None), "Help is not available for this option");
+        assert_eq!(
+            fails("help", Some("implied")),
+            "Help is not available for this option"
+        );
+        assert_eq!(
+            parse_with_help("help=on", None),
+            Ok((
+                json!({"help": "on"})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
+                false
+            ))
+        );
+        assert_eq!(
+            parse_with_help("help.abc", None),
+            Err(KeyvalError::ExpectedEquals("help.abc".into()))
+        );
+        assert_eq!(
+            ok("help.abc", Some("implied")),
+            json!({"implied": "help.abc"})
+        );
+        let (m, help) = parse_with_help("number=42,help,foo=bar", None).expect("parses");
+        assert!(help);
+        assert_eq!(Value::Object(m), json!({"number": "42", "foo": "bar"}));
+        let (m, help) = parse_with_help("val,help,foo=bar", Some("implied")).expect("parses");
+        assert!(help);
+        assert_eq!(Value::Object(m), json!({"implied": "val", "foo": "bar"}));
+        assert_eq!(
+            fails("addr.type=unix,help", None),
+            "Help is not available for this option"
+        );
+    }
+
+    // test_keyval_parse_list()
+    #[test]
+    fn qemu_lists() {
+        assert_eq!(fails("0=1", None), "Invalid parameter '0'");
+        assert_eq!(
+            ok("list.0=null,list.2=zwei,list.1=eins", None),
+            json!({"list": ["null", "eins", "zwei"]})
+        );
+        assert_eq!(
+            ok("list.1=goner,list.0=null,list.01=eins,list.2=zwei", None),
+            json!({"list": ["null", "eins", "zwei"]})
+        );
+        assert_eq!(
+            ok("a.list.1=eins,a.list.00=null,a.list.2=zwei", None),
+            json!({"a": {"list": ["null", "eins", "zwei"]}})
+        );
+        assert_eq!(
+            fails("a.b.c=1,a.b.0=2", None),
+            "Parameters 'a.b.*' used inconsistently"
+        );
+        assert_eq!(
+            fails("a.0.c=1,a.b.c=2", None),
+            "Parameters 'a.*' used inconsistently"
+        );
+        assert_eq!(fails("list.1=lonely", None), "Parameter 'list.0' missing");
+        assert_eq!(
+            fails("list.0=null,list.2=eins,list.02=zwei", None),
+            "Parameter 'list.1' missing"
+        );
+        assert_eq!(
+            fails("a.99999999999999999999=x", None),
+            "Parameter 'a.0' missing"
+        );
+        assert_eq!(
+            ok("rules.0.match=a,rules.1.match=b,rules.1.policy=deny", None),
+            json!({"rules": [{"match": "a"}, {"match": "b", "policy": "deny"}]})
+        );
+    }
+
+    // Observed with qemu-storage-daemon 10.0.
+    #[test]
+    fn qsd_observed() {
+        assert_eq!(
+            fails("a.0=1,a.b=2", None),
+            "Parameters 'a.*' used inconsistently"
+        );
+        assert_eq!(fails("a.1=1,a.2=2", None), "Parameter 'a.0' missing");
+        assert_eq!(
+            fails("a,b=1,c", Some("driver")),
+            "Expected '=' after parameter 'c'"
+        );
+        assert_eq!(fails("a..b=1", None), "Invalid parameter 'a..b'");
+        assert_eq!(fails(".a=1", None), "Invalid parameter '.a'");
+        assert_eq!(fails("a.0x=1", None), "Invalid parameter 'a.0x'");
+        assert_eq!(fails("é=1", None), "Invalid parameter 'é'");
+        assert_eq!(fails("null-co,,x", Some("driver")), "Invalid parameter ''");
+        assert_eq!(fails("a.1=x,b.1=y", None), "Parameter 'a.0' missing");
+        assert_eq!(fails("b.1=y,a.1=x", None), "Parameter 'a.0' missing");
+        assert_eq!(ok("driver=file,,x", None), json!({"driver": "file,x"}));
+        assert_eq!(
+            ok("a.__com.redhat_x=1,__org.example_y-z=2", None),
+            json!({"a": {"__com.redhat_x": "1"}, "__org.example_y-z": "2"})
+        );
+    }
+
+    #[test]
+    fn tdb_hash_matches_qemu_order_for_duplicate_indexes() {
+        // "1" and "01" both denote index 1; QEMU visits "01" last (its bucket comes
+        // later), so "01" wins whatever the input order.
+        assert_eq!(ok("l.01=a,l.1=b,l.0=z", None), json!({"l": ["z", "a"]}));
+    }
+
+    #[test]
+    fn too_deep() {
+        let deep = format!("{}=x", vec!["a"; MAX_NESTING + 1].join("."));
+        assert!(matches!(parse(&deep, None), Err(KeyvalError::TooDeep(_))));
+        let ok_depth = format!("{}=x", vec!["a"; 100].join("."));
+        assert!(parse(&ok_depth, None).is_ok());
+    }
+
+    #[test]
+    fn render_round_trip_and_errors() {
+        let v = json!({"a": {"b": ["x,y", "", "=,,"]}, "c": "d"});
+        let map = v.as_object().cloned().unwrap_or_default();
+        let text = render(&map).expect("renders");
+        assert_eq!(text, "a.b.0=x,,y,a.b.1=,a.b.2==,,,,,c=d");
+        assert_eq!(parse(&text, None), Ok(map));
+        for bad in [
+            json!({"a": {}}),
+            json!({"a": []}),
+            json!({"a": 1}),
+            json!({"1a": "x"}),
+            json!({"a.b": "x"}),
+        ] {
+            let map = bad.as_object().cloned().unwrap_or_default();
+            assert!(
+                matches!(render(&map), Err(KeyvalError::Unrepresentable(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn json_or_keyval() {
+        assert_eq!(
+            parse_json_or_keyval(
+                r#"{"driver": "null-co", "size": 1, "ro": true}"#,
+                Some("driver")
+            ),
+            Ok(json!({"driver": "null-co", "size": 1, "ro": true})
+                .as_object()
+                .cloned()
+                .unwrap_or_default())
+        );
+        assert_eq!(
+            parse_json_or_keyval("{'a': 'it\\'s', \"b\": [1, -2, 1.5, null]}", None)
+                .map(Value::Object),
+            Ok(json!({"a": "it's", "b": [1, -2, 1.5, null]}))
+        );
+        assert_eq!(
+            parse_json_or_keyval("null-co,node-name=x", Some("driver")).map(Value::Object),
+            Ok(json!({"driver": "null-co", "node-name": "x"}))
+        );
+        let cases = [
+            ("{\"driver\":1", "JSON parse error, premature EOI"),
+            ("{", "JSON parse error, premature EOI"),
+            (
+                "{\"driver\":\"null-co\"} x",
+                "Expecting at most one JSON value",
+            ),
+            (
+                "{\"driver\":\"null-co\"}}",
+                "Expecting at most one JSON value",
+            ),
+            (
+                "{\"driver\":\"null-co\",}",
+                "JSON parse error, expecting value",
+            ),
+            ("{\"a\":1, \"a\":2}", "JSON parse error, duplicate key"),
+            (
+                "{\"x\": [1,2}",
+                "JSON parse error, expected separator in list",
+            ),
+            ("{\"x\": tru}", "JSON parse error, invalid keyword 'tru'"),
+            (
+                "{\"d\": \"n\" \"x\": 1}",
+                "JSON parse error, expected separator in dict",
+            ),
+            (
+                "{\"d\": \"n\", 1: 1}",
+                "JSON parse error, key is not a string in object",
+            ),
+            ("{\"x\" 1}", "JSON parse error, missing : in object pair"),
+            (
+                "{\"x\": \"\\q\"}",
+                "JSON parse error, invalid escape sequence in string",
+            ),
+            (
+                "{\"x\": \"\\u12\"}",
+                "JSON parse error, \\u12\" is not a valid Unicode character",
+            ),
+            (
+                "{\"x\": \"\\ud800\"}",
+                "JSON parse error, \\ud800 is not a valid Unicode character",
+            ),
+            ("{\"x\": 01}", "JSON parse error, stray '01'"),
+            ("{\"x\": @}", "JSON parse error, stray '@'"),
+            ("{\"x\": 1.}", "JSON parse error, stray '1.}'"),
+            ("{\"x\": 1e}", "JSON parse error, stray '1e}'"),
+            ("{\"x\": [1,]}", "JSON parse error, expecting value"),
+        ];
+        for (input, msg) in cases {
+            match parse_json_or_keyval(input, None) {
+                Ok(v) => panic!("{input:?} parsed as {v:?}"),
+                Err(e) => assert_eq!(e.to_string(), msg, "{input:?}"),
+            }
+        }
+        assert_eq!(
+            parse_json_or_keyval("{\"x\": \"\\ud83d\\ude00\\u00e9\"}", None).map(Value::Object),
+            Ok(json!({"x": "😀é"}))
+        );
+    }
+
+    #[test]
+    fn bools() {
+        assert_eq!(parse_bool("on"), Some(true));
+        assert_eq!(parse_bool("off"), Some(false));
+        for s in ["yes", "true", "offer", "", "ON"] {
+            assert_eq!(parse_bool(s), None, "{s}");
+        }
+        assert_eq!(
+            coerce("cache.direct", &json!("maybe"), Kind::Bool).map_err(|e| e.to_string()),
+            Err("Parameter 'cache.direct' expects 'on' or 'off'".to_owned())
+        );
+    }
+
+    // test_keyval_visit_number()
+    #[test]
+    fn integers() {
+        assert_eq!(parse_uint64("0"), Some(0));
+        assert_eq!(parse_uint64("18446744073709551615"), Some(u64::MAX));
+        assert_eq!(parse_uint64("-1"), Some(u64::MAX));
+        assert_eq!(parse_uint64("18446744073709551616"), None);
+        assert_eq!(parse_uint64("-18446744073709551616"), None);
+        assert_eq!(parse_uint64("0x2a"), Some(42));
+        assert_eq!(parse_uint64("052"), Some(42));
+        assert_eq!(parse_uint64("3.14"), None);
+        assert_eq!(parse_uint64("08"), None);
+        assert_eq!(parse_int64(" -0x10"), Some(-16));
+        assert_eq!(parse_int64("-9223372036854775808"), Some(i64::MIN));
+        assert_eq!(parse_int64("9223372036854775808"), None);
+        assert_eq!(parse_int64("+7"), Some(7));
+        for s in ["", "-", "0x", "1 ", "x", "1x", "0xg"] {
+            assert_eq!(parse_int64(s), None, "{s:?}");
+        }
+        assert_eq!(parse_int64("0"), Some(0));
+        assert_eq!(
+            coerce("max-connections", &json!("4294967296"), Kind::Uint32)
+                .map_err(|e| e.to_string()),
+            Err("Parameter 'max-connections' expects uint32_t".to_owned())
+        );
+        assert_eq!(
+            coerce("max-connections", &json!("-1"), Kind::Uint32).map_err(|e| e.to_string()),
+            Err("Parameter 'max-connections' expects uint32_t".to_owned())
+        );
+        assert_eq!(
+            coerce("max-connections", &json!("x"), Kind::Uint32).map_err(|e| e.to_string()),
+            Err("Parameter 'max-connections' expects integer".to_owned())
+        );
+        assert_eq!(
+            coerce("addr.port", &json!("70000"), Kind::Uint16).map_err(|e| e.to_string()),
+            Err("Parameter 'port' expects uint16_t".to_owned())
+        );
+        assert_eq!(coerce("n", &json!("0x10"), Kind::Int32), Ok(json!(16)));
+        assert_eq!(coerce("n", &json!("-1"), Kind::Uint64), Ok(json!(u64::MAX)));
+        assert_eq!(
+            coerce("size", &json!("1x"), Kind::Int64).map_err(|e| e.to_string()),
+            Err("Parameter 'size' expects integer".to_owned())
+        );
+        assert_eq!(
+            coerce("addr.path", &json!({"x": "1"}), Kind::Str).map_err(|e| e.to_string()),
+            Err("Parameters 'addr.path.*' are unexpected".to_owned())
+        );
+    }
+
+    // test_keyval_visit_size() and qemu-img's acceptance of size strings.
+    #[test]
+    fn sizes() {
+        let cases: &[(&str, Option<u64>)] = &[
+            ("0", Some(0)),
+            ("9007199254740991", Some(9007199254740991)),
+            ("9007199254740993", Some(9007199254740993)),
+            ("18446744073709550591", Some(18446744073709550591)),
+            ("18446744073709551615", Some(u64::MAX)),
+            ("18446744073709551616", None),
+            ("8P", Some(8 << 50)),
+            ("16E", None),
+            ("15E", Some(15 << 60)),
+            ("1.0005k", Some(1025)),
+            ("1.0015k", Some(1026)),
+            ("0.5k", Some(512)),
+            (".5k", Some(512)),
+            ("+.5k", Some(512)),
+            (" 1k", Some(1024)),
+            ("1.k", Some(1024)),
+            ("1.", Some(1)),
+            ("1.5", None),
+            ("1.5b", None),
+            ("0x10", Some(16)),
+            ("0x1b", Some(27)),
+            ("0x20M", None),
+            ("0x1p3", None),
+            ("0x1.8", None),
+            ("0x", None),
+            ("1e3", None),
+            ("1E", Some(1 << 60)),
+            ("1.5E", Some(3 << 59)),
+            ("08", Some(8)),
+            ("1k ", None),
+            ("1b", Some(1)),
+            ("1B", Some(1)),
+            ("64k", Some(65536)),
+            ("1G", Some(1 << 30)),
+            ("-0", None),
+            ("-1", None),
+            ("", None),
+            (".", None),
+            (".k", None),
+            ("k", None),
+            (
+                "15.9999999999999999999999999999999999999999999999999999E",
+                None,
+            ),
+            ("1.5e1k", None),
+        ];
+        for &(s, want) in cases {
+            assert_eq!(parse_size(s), want, "{s:?}");
+        }
+        assert_eq!(
+            coerce("logical-block-size", &json!("4x"), Kind::Size).map_err(|e| e.to_string()),
+            Err("Parameter 'logical-block-size' expects a size".to_owned())
+        );
+        assert_eq!(coerce("s", &json!("4k"), Kind::Size), Ok(json!(4096)));
+    }
+
+    #[test]
+    fn numbers() {
+        assert_eq!(parse_number("1.5"), Some(1.5));
+        assert_eq!(parse_number(" -2e3"), Some(-2000.0));
+        assert_eq!(parse_number(".5"), Some(0.5));
+        for s in ["inf", "nan", "1e999", "1e-400", "", "1.5x", "0x10", "+-1"] {
+            assert_eq!(parse_number(s), None, "{s:?}");
+        }
+        assert_eq!(
+            coerce("x", &json!("abc"), Kind::Number).map_err(|e| e.to_string()),
+            Err("Invalid parameter type for 'x', expected: number".to_owned())
+        );
+    }
+}
