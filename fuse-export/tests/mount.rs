@@ -11,6 +11,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
 
 const MIB: u64 = 1 << 20;
 
@@ -58,6 +59,64 @@ fn dd_reads_and_writes_the_node() {
     std::fs::write(&expected, &want).unwrap();
     run(Command::new("cmp").arg(&mp).arg(&expected));
     assert_eq!(std::fs::metadata(&mp).unwrap().len(), 4 * MIB);
+    assert_eq!(fx.driver.fua_writes.load(Ordering::SeqCst), 0);
+
+    // Large writes arrive in requests of 1 MiB (max_write).
+    run(Command::new("dd")
+        .arg(format!("if={}", expected.display()))
+        .arg(format!("of={}", mp.display()))
+        .args(["bs=4M", "count=1", "conv=notrunc"]));
+    assert_eq!(fx.driver.max_write.load(Ordering::SeqCst), MIB);
+}
+
+#[test]
+fn writethrough_and_o_dsync_writes_are_fua() {
+    if !fuse_usable() || !have_tool("dd") {
+        return;
+    }
+    let fx = Fixture::mount_with(MemDriver::new(MIB), true, false, true);
+    run(Command::new("dd")
+        .args(["if=/dev/zero", "bs=4096", "count=3", "conv=notrunc"])
+        .arg(format!("of={}", fx.path().display())));
+    assert_eq!(fx.driver.fua_writes.load(Ordering::SeqCst), 3);
+
+    let fx = Fixture::mount(MemDriver::new(MIB), true, false);
+    run(Command::new("dd")
+        .args([
+            "if=/dev/zero",
+            "bs=4096",
+            "count=2",
+            "conv=notrunc",
+            "oflag=dsync",
+        ])
+        .arg(format!("of={}", fx.path().display())));
+    assert_eq!(fx.driver.fua_writes.load(Ordering::SeqCst), 2);
+    run(Command::new("dd")
+        .args(["if=/dev/zero", "bs=4096", "count=2", "conv=notrunc"])
+        .arg(format!("of={}", fx.path().display())));
+    assert_eq!(fx.driver.fua_writes.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn fio_verifies_with_many_requests_in_flight() {
+    if !fuse_usable() || !have_tool("fio") {
+        return;
+    }
+    let fx = Fixture::mount(MemDriver::new(8 * MIB), true, false);
+    run(Command::new("fio")
+        .args([
+            "--name=verify",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=8M",
+            "--ioengine=libaio",
+            "--iodepth=32",
+            "--direct=1",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--numjobs=1",
+        ])
+        .arg(format!("--filename={}", fx.path().display())));
 }
 
 #[test]
@@ -129,6 +188,17 @@ fn fallocate_punches_and_zeroes() {
         .args(["-z", "-n", "-o", "1056768", "-l", "8192"])
         .arg(&mp));
     assert_eq!(fx.node.size(), MIB + 8192);
+
+    // A node that cannot deallocate refuses to punch holes rather than write zeroes.
+    fx.driver.slow_zeroes.store(true, Ordering::SeqCst);
+    let err = run_failing(
+        Command::new("fallocate")
+            .args(["-p", "-o", "0", "-l", "4096"])
+            .arg(&mp),
+    );
+    // util-linux words EOPNOTSUPP with --keep-size (implied by -p) this way.
+    assert!(err.contains("keep size mode is unsupported"), "{err}");
+    assert_eq!(fx.driver.contents()[0], pattern(1, 3)[0]);
 
     // Collapse range is not something a disk image can do.
     let err = run_failing(

@@ -50,6 +50,12 @@ pub struct MemDriver {
     image: Mutex<Image>,
     read_only: bool,
     pub flushes: AtomicU64,
+    /// Writes that came with FUA.
+    pub fua_writes: AtomicU64,
+    /// The largest write request seen.
+    pub max_write: AtomicU64,
+    /// Refuse fast zeroing (as a driver that cannot deallocate).
+    pub slow_zeroes: std::sync::atomic::AtomicBool,
     read_barrier: Mutex<Option<Arc<tokio::sync::Barrier>>>,
 }
 
@@ -71,6 +77,9 @@ impl MemDriver {
             image: Mutex::new(image),
             read_only,
             flushes: AtomicU64::new(0),
+            fua_writes: AtomicU64::new(0),
+            max_write: AtomicU64::new(0),
+            slow_zeroes: std::sync::atomic::AtomicBool::new(false),
             read_barrier: Mutex::new(None),
         })
     }
@@ -127,7 +136,11 @@ impl BlockDriver for MemDriver {
         Ok(())
     }
 
-    async fn write(&self, offset: u64, buf: &[u8], _flags: WriteFlags) -> block_core::Result<()> {
+    async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> block_core::Result<()> {
+        if flags.fua {
+            self.fua_writes.fetch_add(1, Ordering::SeqCst);
+        }
+        self.max_write.fetch_max(buf.len() as u64, Ordering::SeqCst);
         let mut image = self.image.lock().unwrap();
         image.bytes[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
         image.allocate(offset, buf.len() as u64);
@@ -145,6 +158,9 @@ impl BlockDriver for MemDriver {
         len: u64,
         flags: ZeroFlags,
     ) -> block_core::Result<()> {
+        if flags.fast && self.slow_zeroes.load(Ordering::SeqCst) {
+            return Err(BlockError::NotFast);
+        }
         let mut image = self.image.lock().unwrap();
         image.bytes[offset as usize..(offset + len) as usize].fill(0);
         if flags.may_unmap {
@@ -245,7 +261,11 @@ pub fn run(cmd: &mut Command) -> String {
 /// Runs a command that must fail, returning its stderr.
 pub fn run_failing(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(!out.status.success(), "{cmd:?} succeeded unexpectedly");
+    assert!(
+        !out.status.success(),
+        "{cmd:?} succeeded unexpectedly: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
@@ -260,6 +280,15 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn mount(driver: Arc<MemDriver>, writable: bool, growable: bool) -> Fixture {
+        Self::mount_with(driver, writable, growable, false)
+    }
+
+    pub fn mount_with(
+        driver: Arc<MemDriver>,
+        writable: bool,
+        growable: bool,
+        writethrough: bool,
+    ) -> Fixture {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -274,7 +303,7 @@ impl Fixture {
             mountpoint,
             growable,
             writable,
-            writethrough: false,
+            writethrough,
             allow_other: AllowOther::Auto,
         };
         let export = FuseExport::mount(cfg, attachment, rt.handle().clone()).unwrap();
