@@ -133,7 +133,11 @@ impl FuseExport {
         let detached = sys::detach(&self.mountpoint);
         // The path may be exported again right away: a new mount stacks on the file below.
         drop(self.reservation.take());
-        let closed = self.shared.close();
+        self.shared.close();
+        let closed = match self.shared.take_close_error() {
+            Some(err) => Err(err),
+            None => Ok(()),
+        };
         detached.and(closed)
     }
 }

@@ -45,12 +45,24 @@ struct Owner {
     gid: u32,
 }
 
+/// Where the export is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Serving requests.
+    Open,
+    /// No new requests; waiting for those in flight, then flushing.
+    Closing,
+    /// Flushed (or failed to) and the attachment released.
+    Closed,
+}
+
 /// The gate's state: the attachment while the export serves, and the requests in flight.
 #[derive(Debug)]
 struct GateState {
     attachment: Option<Attachment>,
-    closing: bool,
+    phase: Phase,
     in_flight: usize,
+    close_error: Option<FuseError>,
 }
 
 /// The state the reader threads and the I/O tasks share with the [`FuseExport`](crate::FuseExport).
@@ -63,7 +75,8 @@ pub(crate) struct Shared {
     allow_other: bool,
     rt: Handle,
     gate: Mutex<GateState>,
-    drained: Condvar,
+    /// Signalled when the last request in flight ends and when closing is done.
+    changed: Condvar,
     owner: Mutex<Owner>,
     /// Serialises size changes, so that two growing writes never shrink the node.
     resize: tokio::sync::Mutex<()>,
@@ -80,7 +93,7 @@ impl Drop for Permit {
         let mut gate = self.shared.lock_gate();
         gate.in_flight -= 1;
         if gate.in_flight == 0 {
-            self.shared.drained.notify_all();
+            self.shared.changed.notify_all();
         }
     }
 }
@@ -106,10 +119,11 @@ impl Shared {
             rt,
             gate: Mutex::new(GateState {
                 attachment: Some(attachment),
-                closing: false,
+                phase: Phase::Open,
                 in_flight: 0,
+                close_error: None,
             }),
-            drained: Condvar::new(),
+            changed: Condvar::new(),
             owner: Mutex::new(Owner {
                 mode,
                 uid: nix::unistd::getuid().as_raw(),
@@ -135,7 +149,7 @@ impl Shared {
 
     fn enter(self: &Arc<Self>) -> Option<Permit> {
         let mut gate = self.lock_gate();
-        if gate.closing {
+        if gate.phase != Phase::Open {
             return None;
         }
         let node = Arc::clone(gate.attachment.as_ref()?.node());
@@ -147,45 +161,72 @@ impl Shared {
     }
 
     /// Stops taking requests, waits for those in flight, flushes the node and releases the
-    /// attachment. Only the first call does anything.
+    /// attachment.
+    ///
+    /// The first call does the work; a call made meanwhile (the kernel ending the connection
+    /// while [`FuseExport::unmount`](crate::FuseExport::unmount) runs, say) waits until it is
+    /// done, so that nobody returns before the node is flushed. A failure is kept for
+    /// [`take_close_error`](Self::take_close_error).
     ///
     /// Blocks; inside a multi-threaded tokio runtime it tells the runtime so
     /// (`block_in_place`). It must not be called from a current-thread runtime that is also
     /// the export's runtime, since the requests in flight need that thread to finish.
-    pub(crate) fn close(&self) -> Result<(), FuseError> {
-        let node = {
+    pub(crate) fn close(&self) {
+        block_outside_runtime(|| {
+            let node = {
+                let mut gate = self.lock_gate();
+                match gate.phase {
+                    Phase::Open => {}
+                    Phase::Closing => {
+                        while gate.phase != Phase::Closed {
+                            gate = self.changed.wait(gate).unwrap_or_else(|e| e.into_inner());
+                        }
+                        return;
+                    }
+                    Phase::Closed => return,
+                }
+                gate.phase = Phase::Closing;
+                gate.attachment.as_ref().map(|a| Arc::clone(a.node()))
+            };
+            let result = match node {
+                Some(node) => self.drain_and_flush(node),
+                None => Ok(()),
+            };
             let mut gate = self.lock_gate();
-            if gate.closing {
-                return Ok(());
-            }
-            gate.closing = true;
-            match gate.attachment.as_ref() {
-                Some(attachment) => Arc::clone(attachment.node()),
-                None => return Ok(()),
-            }
-        };
-        let result = block_outside_runtime(|| {
-            let mut gate = self.lock_gate();
-            while gate.in_flight > 0 {
-                gate = self.drained.wait(gate).unwrap_or_else(|e| e.into_inner());
+            let attachment = gate.attachment.take();
+            gate.phase = Phase::Closed;
+            if let Err(err) = result {
+                gate.close_error = Some(err);
             }
             drop(gate);
-            let (tx, rx) = std::sync::mpsc::channel();
-            self.rt.spawn(async move {
-                let _ = tx.send(node.flush().await);
-            });
-            match rx.recv() {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(source)) => Err(FuseError::Flush {
-                    node: self.node_name.clone(),
-                    source,
-                }),
-                Err(_) => Err(FuseError::RuntimeGone),
-            }
+            drop(attachment);
+            self.changed.notify_all();
+        })
+    }
+
+    /// Why closing failed, if it did (taken once).
+    pub(crate) fn take_close_error(&self) -> Option<FuseError> {
+        self.lock_gate().close_error.take()
+    }
+
+    fn drain_and_flush(&self, node: Arc<Node>) -> Result<(), FuseError> {
+        let mut gate = self.lock_gate();
+        while gate.in_flight > 0 {
+            gate = self.changed.wait(gate).unwrap_or_else(|e| e.into_inner());
+        }
+        drop(gate);
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.rt.spawn(async move {
+            let _ = tx.send(node.flush().await);
         });
-        let attachment = self.lock_gate().attachment.take();
-        drop(attachment);
-        result
+        match rx.recv() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(source)) => Err(FuseError::Flush {
+                node: self.node_name.clone(),
+                source,
+            }),
+            Err(_) => Err(FuseError::RuntimeGone),
+        }
     }
 
     fn attr(&self, size: u64, blksize: u32) -> FileAttr {
@@ -335,7 +376,8 @@ impl Filesystem for ExportFs {
     fn destroy(&mut self) {
         // The kernel ended the connection (the last descriptor closed after a lazy unmount,
         // or someone unmounted the file from outside): make sure the node is flushed.
-        if let Err(err) = self.shared.close() {
+        self.shared.close();
+        if let Some(err) = self.shared.lock_gate().close_error.as_ref() {
             tracing::error!(error = %err, "closing FUSE export");
         }
     }

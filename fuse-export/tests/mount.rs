@@ -484,16 +484,31 @@ fn reads_are_in_flight_together() {
 
 #[test]
 fn unmount_while_another_process_holds_the_file() {
-    if !fuse_usable() || !have_tool("sh") {
+    if !fuse_usable() || !have_tool("python3") {
         return;
     }
     let mut fx = Fixture::mount(MemDriver::new(MIB), true, false);
     let mp = fx.path();
     // Another process opens the file read-write, writes through it, and then waits.
-    let mut child = Command::new("sh")
+    let holder = r#"
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+os.pwrite(fd, b"before", 0)
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    os.pwrite(fd, b"after", 0)
+    print("after-ok")
+except OSError as e:
+    print("after-failed", e.errno)
+try:
+    os.close(fd)
+except OSError as e:
+    print("close-failed", e.errno)
+"#;
+    let mut child = Command::new("python3")
         .arg("-c")
-        .arg(r#"exec 3<>"$1"; printf 'before' >&3 || exit 1; echo ready; read line; printf 'after' >&3 && echo after-ok || echo after-failed"#)
-        .arg("sh")
+        .arg(holder)
         .arg(&mp)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -519,7 +534,10 @@ fn unmount_while_another_process_holds_the_file() {
     writeln!(child.stdin.take().unwrap()).unwrap();
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
-    assert_eq!(rest, "after-failed\n");
+    assert_eq!(
+        rest.lines().next(),
+        Some(format!("after-failed {}", libc::ENOTCONN).as_str())
+    );
     assert!(child.wait().unwrap().success());
     assert_eq!(&fx.driver.contents()[..6], b"before");
 }
@@ -555,4 +573,34 @@ fn allow_other_off_and_drop_unmounts() {
     drop(export);
     assert!(!is_mounted(&file));
     assert!(node.users().is_empty());
+}
+
+#[test]
+fn unmount_from_a_runtime_task_and_mmap() {
+    if !fuse_usable() || !have_tool("python3") {
+        return;
+    }
+    let driver = MemDriver::new(MIB);
+    driver.fill(0, &pattern(MIB as usize, 42));
+    let mut fx = Fixture::mount(driver, true, false);
+    // mmap works on a direct-I/O file (FUSE_DIRECT_IO_ALLOW_MMAP), reading the node's bytes.
+    let out = run(Command::new("python3")
+        .arg("-c")
+        .arg("import mmap,sys\nf=open(sys.argv[1],'rb')\nm=mmap.mmap(f.fileno(),0,prot=mmap.PROT_READ)\nsys.stdout.write(m[4096:4104].hex())")
+        .arg(fx.path()));
+    let want: String = pattern(MIB as usize, 42)[4096..4104]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(out, want);
+
+    // The binary calls unmount from its QMP handlers, i.e. on a runtime worker.
+    let export = fx.export.take().unwrap();
+    let path = fx.path();
+    fx.rt
+        .block_on(async move { tokio::spawn(async move { export.unmount() }).await })
+        .unwrap()
+        .unwrap();
+    assert!(!is_mounted(&path));
+    assert!(fx.node.users().is_empty(), "{:?}", fx.node.users());
 }
