@@ -1,1 +1,40 @@
-//! Work in progress.
+//! An NBD (Network Block Device) server that serves any [`block_core`] node.
+//!
+//! - Fixed newstyle handshake with `NBD_OPT_INFO`/`GO`, `LIST`, `STRUCTURED_REPLY`,
+//!   `EXTENDED_HEADERS`, `LIST_META_CONTEXT`/`SET_META_CONTEXT` (`base:allocation`), and
+//!   `NBD_REP_ERR_UNSUP` for anything else, the connection living on.
+//! - Transmission with many requests in flight per connection, replies out of order;
+//!   simple, structured (sparse reads, error chunks with messages) and extended replies.
+//! - Errors as the spec maps them ([`proto::NbdErrno::from_errno`]).
+//! - Connection limit, handshake deadline, safe and hard export removal.
+//!
+//! The wire format lives in [`proto`]; the handshake is a state machine without I/O
+//! ([`handshake`]); transports are generic over `AsyncRead + AsyncWrite`, so that TLS can
+//! wrap the stream after `NBD_OPT_STARTTLS` (refused with `NBD_REP_ERR_POLICY` for now).
+//!
+//! ```no_run
+//! # async fn run(node: std::sync::Arc<block_core::Node>) -> Result<(), Box<dyn std::error::Error>> {
+//! use nbd_server::{ExportConfig, NbdServer, ServerConfig};
+//! let server = NbdServer::new(ServerConfig::default());
+//! server.add_export(ExportConfig {
+//!     name: "disk".into(),
+//!     description: None,
+//!     attachment: node.attach("export 'disk'", true)?,
+//!     writethrough: false,
+//! })?;
+//! let listener = tokio::net::UnixListener::bind("/tmp/nbd.sock")?;
+//! server.serve_unix(listener).await; // until server.stop()
+//! # Ok(()) }
+//! ```
+
+#![forbid(unsafe_code)]
+
+mod export;
+pub mod handshake;
+pub mod meta;
+pub mod proto;
+mod server;
+pub mod transmission;
+
+pub use export::{ExportConfig, ExportGone, RemoveMode};
+pub use server::{NbdError, NbdServer, ServerConfig};

@@ -1,0 +1,169 @@
+//! Exports: a named node with its NBD settings, and the count of clients using it.
+
+use crate::proto::transmission_flags as tf;
+use block_core::Attachment;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::sync::watch;
+
+/// What [`NbdServer::add_export`](crate::NbdServer::add_export) needs to export a node.
+#[derive(Debug)]
+pub struct ExportConfig {
+    /// The export name clients ask for (at most 4096 bytes, unique on the server).
+    pub name: String,
+    /// A free-form description shown by `NBD_OPT_LIST` and `NBD_INFO_DESCRIPTION` (at most
+    /// 4096 bytes).
+    pub description: Option<String>,
+    /// The node and whether this export may write to it.
+    pub attachment: Attachment,
+    /// Every write is done with FUA, as QEMU's `writethrough` export option.
+    pub writethrough: bool,
+}
+
+/// How [`NbdServer::remove_export`](crate::NbdServer::remove_export) treats connected clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoveMode {
+    /// Refuse to remove an export while clients are connected to it.
+    Safe,
+    /// Disconnect the export's clients (after their in-flight requests complete).
+    Hard,
+}
+
+/// A future that resolves when a removed export's last client has disconnected and its last
+/// request is done; the node's attachment is released by then.
+pub struct ExportGone {
+    inner: Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
+impl std::fmt::Debug for ExportGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportGone").finish_non_exhaustive()
+    }
+}
+
+impl Future for ExportGone {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+/// A running export.
+#[derive(Debug)]
+pub(crate) struct Export {
+    pub(crate) name: String,
+    pub(crate) description: Option<String>,
+    pub(crate) attachment: Attachment,
+    pub(crate) writethrough: bool,
+    multi_conn: bool,
+    /// Number of connections in transmission phase on this export.
+    clients: watch::Sender<usize>,
+    /// Set when the export is removed in hard mode (or the server stops): its connections end.
+    closed: watch::Sender<bool>,
+}
+
+impl Export {
+    pub(crate) fn new(cfg: ExportConfig, multi_conn: bool) -> Arc<Export> {
+        Arc::new(Export {
+            name: cfg.name,
+            description: cfg.description,
+            attachment: cfg.attachment,
+            writethrough: cfg.writethrough,
+            multi_conn,
+            clients: watch::channel(0).0,
+            closed: watch::channel(false).0,
+        })
+    }
+
+    /// Whether clients may write.
+    pub(crate) fn writable(&self) -> bool {
+        self.attachment.writable() && !self.attachment.node().read_only()
+    }
+
+    /// The size clients see: the node's size rounded down to 512 bytes, as QEMU exports it.
+    pub(crate) fn size(&self) -> u64 {
+        self.attachment.node().size() & !511
+    }
+
+    /// The request alignment of the node (the minimum block size).
+    pub(crate) fn alignment(&self) -> u32 {
+        self.attachment
+            .node()
+            .driver()
+            .request_alignment()
+            .clamp(1, 1 << 16)
+    }
+
+    /// The transmission flags, as QEMU 10 sets them: flush, FUA and cache always;
+    /// multi-conn unless the server allows a single connection; trim, write-zeroes and
+    /// fast-zero when writable, else read-only; DF once structured replies are on;
+    /// block-status payload with extended headers when contexts were selected.
+    pub(crate) fn transmission_flags(&self, structured: bool, extended_with_contexts: bool) -> u16 {
+        let mut flags = tf::HAS_FLAGS | tf::SEND_FLUSH | tf::SEND_FUA | tf::SEND_CACHE;
+        if self.multi_conn {
+            flags |= tf::CAN_MULTI_CONN;
+        }
+        if self.writable() {
+            flags |= tf::SEND_TRIM | tf::SEND_WRITE_ZEROES | tf::SEND_FAST_ZERO;
+        } else {
+            flags |= tf::READ_ONLY;
+        }
+        if structured {
+            flags |= tf::SEND_DF;
+        }
+        if extended_with_contexts {
+            flags |= tf::BLOCK_STAT_PAYLOAD;
+        }
+        flags
+    }
+
+    /// Registers a client; the returned lease unregisters it when dropped.
+    pub(crate) fn lease(self: &Arc<Self>) -> ExportLease {
+        self.clients.send_modify(|n| *n += 1);
+        ExportLease {
+            export: Arc::clone(self),
+        }
+    }
+
+    pub(crate) fn client_count(&self) -> usize {
+        *self.clients.borrow()
+    }
+
+    pub(crate) fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    pub(crate) fn closed_receiver(&self) -> watch::Receiver<bool> {
+        self.closed.subscribe()
+    }
+
+    /// A future resolving once the export itself is dropped: no connection holds it any
+    /// more and its attachment (declared before `clients`, so dropped first) is released.
+    /// The caller must not keep an `Arc` of the export.
+    pub(crate) fn gone(&self) -> ExportGone {
+        let mut rx = self.clients.subscribe();
+        ExportGone {
+            inner: Box::pin(async move {
+                // `changed` fails once the sender, a field of the export, is dropped.
+                while rx.changed().await.is_ok() {}
+            }),
+        }
+    }
+}
+
+/// A connection's hold on an export.
+#[derive(Debug)]
+pub(crate) struct ExportLease {
+    pub(crate) export: Arc<Export>,
+}
+
+impl Drop for ExportLease {
+    fn drop(&mut self) {
+        self.export
+            .clients
+            .send_modify(|n| *n = n.saturating_sub(1));
+    }
+}

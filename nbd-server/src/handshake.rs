@@ -1,0 +1,602 @@
+//! The handshake phase: fixed newstyle negotiation and option haggling.
+//!
+//! ```text
+//!  server greeting ──> client flags ──> option* ──┬─> NBD_OPT_GO ack ─────────> transmission
+//!                                                 ├─> NBD_OPT_EXPORT_NAME ok ─> transmission
+//!                                                 ├─> NBD_OPT_ABORT ──────────> closed
+//!                                                 └─> protocol violation ─────> hard disconnect
+//! ```
+//!
+//! [`Negotiator`] is the state machine: it takes one decoded option at a time, appends the
+//! bytes of its replies to an output buffer and says what happens next. It does no I/O;
+//! [`negotiate`] drives it over a stream. TLS will slot in as a state of the negotiator
+//! (`NBD_OPT_STARTTLS` answered with `NBD_REP_ACK`, then the driver wraps the stream and
+//! the negotiator forgets every earlier option, as the spec requires); today `STARTTLS` is
+//! refused with `NBD_REP_ERR_POLICY`, as QEMU does without `tls-creds`.
+
+use crate::export::Export;
+use crate::meta::{self, MetaContext, QueryMode};
+use crate::proto::{
+    self, client_flags, encode_option_reply, handshake_flags, InfoRequest, InfoType,
+    MetaContextRequest, OptionCode, OptionHeader, ReplyType, MAX_PAYLOAD, MAX_STRING_SIZE,
+};
+use std::io;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Option data longer than this is drained rather than buffered, and refused with
+/// `NBD_REP_ERR_TOO_BIG` (any valid option of this server is far smaller).
+pub const OPTION_DATA_LIMIT: u32 = 64 * 1024;
+
+/// Option data longer than this ends the connection, as QEMU does ("len is larger than max
+/// len"): draining it would let a client keep the server busy for nothing.
+pub const OPTION_LENGTH_MAX: u32 = MAX_PAYLOAD;
+
+/// Why a handshake ended without entering transmission.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// Reading from or writing to the client failed (or it closed the connection).
+    #[error("I/O error during the handshake")]
+    Io(#[source] io::Error),
+    /// The client set a client flag the server does not know: "the server MUST drop the TCP
+    /// connection if the client sets an unknown flag".
+    #[error("unknown client flags 0x{0:x}")]
+    UnknownClientFlags(u32),
+    /// An option did not start with `IHAVEOPT`.
+    #[error("bad option magic")]
+    BadMagic(#[source] proto::DecodeError),
+    /// An option's data is longer than [`OPTION_LENGTH_MAX`].
+    #[error("option {option} data length {length} is larger than the maximum")]
+    OptionTooLong {
+        /// The option.
+        option: OptionCode,
+        /// Its data length.
+        length: u32,
+    },
+    /// A client without fixed newstyle sent an option other than `NBD_OPT_EXPORT_NAME`.
+    #[error("option {0} without fixed newstyle negotiation")]
+    NotFixedNewstyle(OptionCode),
+    /// `NBD_OPT_EXPORT_NAME` could not be honoured; it cannot return an error, so "the
+    /// server MUST terminate the session".
+    #[error("NBD_OPT_EXPORT_NAME refused: {0}")]
+    ExportNameRefused(String),
+    /// The client sent `NBD_OPT_ABORT`.
+    #[error("the client aborted the negotiation")]
+    Aborted,
+    /// The handshake did not complete within the server's deadline.
+    #[error("the handshake did not complete in time")]
+    Timeout,
+    /// The server is stopping or the export was removed.
+    #[error("the server is shutting down")]
+    Shutdown,
+}
+
+/// What kind of headers the transmission phase uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Mode {
+    /// Old newstyle client (no `NBD_FLAG_C_FIXED_NEWSTYLE`): only `NBD_OPT_EXPORT_NAME`.
+    ExportName,
+    /// Fixed newstyle, simple replies only.
+    Simple,
+    /// Structured replies negotiated.
+    Structured,
+    /// Extended headers negotiated.
+    Extended,
+}
+
+/// The outcome of a successful handshake.
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub(crate) export: Arc<Export>,
+    pub(crate) mode: Mode,
+    /// The selected metadata contexts (empty if none or for another export).
+    pub(crate) contexts: Vec<MetaContext>,
+    /// The export size announced.
+    pub(crate) size: u64,
+    /// The transmission flags announced.
+    pub(crate) flags: u16,
+}
+
+/// The data of one option, as the driver hands it to the negotiator.
+#[derive(Debug)]
+pub(crate) enum OptionData<'a> {
+    /// The whole data.
+    Read(&'a [u8]),
+    /// The data was too long (or the option unknown) and has been drained unread.
+    Drained,
+}
+
+/// What the driver does after an option.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// Send the replies and read the next option.
+    Continue,
+    /// Send the replies and enter transmission.
+    Go(Session),
+    /// Send the replies and close the connection (client abort).
+    Abort,
+    /// Close the connection without sending anything more.
+    Disconnect(HandshakeError),
+}
+
+/// Where the negotiator finds exports.
+pub(crate) trait ExportSource {
+    /// The export named `name`, if it exists and is not being removed.
+    fn find(&self, name: &str) -> Option<Arc<Export>>;
+    /// Every export, in name order.
+    fn all(&self) -> Vec<Arc<Export>>;
+}
+
+/// The option-haggling state machine.
+#[derive(Debug)]
+pub(crate) struct Negotiator {
+    fixed_newstyle: bool,
+    no_zeroes: bool,
+    mode: Mode,
+    /// The export named by the last `NBD_OPT_SET_META_CONTEXT` and the contexts it selected.
+    contexts: Option<(String, Vec<MetaContext>)>,
+}
+
+impl Negotiator {
+    /// The handshake flags the server sends.
+    pub(crate) const HANDSHAKE_FLAGS: u16 =
+        handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES;
+
+    /// Starts a negotiation from the client flags.
+    pub(crate) fn new(client: u32) -> Result<Self, HandshakeError> {
+        let known = client_flags::FIXED_NEWSTYLE | client_flags::NO_ZEROES;
+        // "the server MUST drop the TCP connection if the client sets an unknown flag, or a
+        // flag that does not match something advertised by the server."
+        if client & !known != 0 {
+            return Err(HandshakeError::UnknownClientFlags(client));
+        }
+        let fixed_newstyle = client & client_flags::FIXED_NEWSTYLE != 0;
+        Ok(Negotiator {
+            fixed_newstyle,
+            no_zeroes: client & client_flags::NO_ZEROES != 0,
+            mode: if fixed_newstyle {
+                Mode::Simple
+            } else {
+                Mode::ExportName
+            },
+            contexts: None,
+        })
+    }
+
+    /// Handles one option, appending its replies to `out`.
+    pub(crate) fn on_option(
+        &mut self,
+        option: OptionCode,
+        data: OptionData<'_>,
+        exports: &(dyn ExportSource + Sync),
+        out: &mut Vec<u8>,
+    ) -> Step {
+        if !self.fixed_newstyle && option != OptionCode::EXPORT_NAME {
+            // Non-fixed newstyle: "the server would immediately close the connection".
+            return Step::Disconnect(HandshakeError::NotFixedNewstyle(option));
+        }
+        let data = match data {
+            OptionData::Read(d) => d,
+            OptionData::Drained => return self.on_drained(option, out),
+        };
+        match option {
+            OptionCode::EXPORT_NAME => self.export_name(data, exports, out),
+            OptionCode::ABORT => {
+                // "The server MUST reply with NBD_REP_ACK" (data is ignored, as the spec
+                // asks: "a server SHOULD ignore any data sent by the client").
+                encode_option_reply(out, option, ReplyType::ACK, &[]);
+                Step::Abort
+            }
+            OptionCode::LIST => {
+                if !data.is_empty() {
+                    return reject_length(option, out);
+                }
+                for export in exports.all() {
+                    let mut d = Vec::new();
+                    d.extend_from_slice(&(export.name.len() as u32).to_be_bytes());
+                    d.extend_from_slice(export.name.as_bytes());
+                    if let Some(desc) = &export.description {
+                        d.extend_from_slice(desc.as_bytes());
+                    }
+                    encode_option_reply(out, option, ReplyType::SERVER, &d);
+                }
+                encode_option_reply(out, option, ReplyType::ACK, &[]);
+                Step::Continue
+            }
+            OptionCode::STARTTLS => {
+                if !data.is_empty() {
+                    return reject_length(option, out);
+                }
+                // NOTLS mode: "If the server receives NBD_OPT_STARTTLS it MUST respond with
+                // NBD_REP_ERR_POLICY (if it does not support TLS for policy reasons)".
+                error_reply(out, option, ReplyType::ERR_POLICY, "TLS not configured");
+                Step::Continue
+            }
+            OptionCode::INFO | OptionCode::GO => self.info(option, data, exports, out),
+            OptionCode::STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    return reject_length(option, out);
+                }
+                if self.mode >= Mode::Extended {
+                    error_reply(
+                        out,
+                        option,
+                        ReplyType::ERR_EXT_HEADER_REQD,
+                        "extended headers already negotiated",
+                    );
+                } else if self.mode >= Mode::Structured {
+                    error_reply(
+                        out,
+                        option,
+                        ReplyType::ERR_INVALID,
+                        "structured reply already negotiated",
+                    );
+                } else {
+                    self.mode = Mode::Structured;
+                    encode_option_reply(out, option, ReplyType::ACK, &[]);
+                }
+                Step::Continue
+            }
+            OptionCode::EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    return reject_length(option, out);
+                }
+                if self.mode >= Mode::Extended {
+                    error_reply(
+                        out,
+                        option,
+                        ReplyType::ERR_INVALID,
+                        "extended headers already negotiated",
+                    );
+                } else {
+                    self.mode = Mode::Extended;
+                    encode_option_reply(out, option, ReplyType::ACK, &[]);
+                }
+                Step::Continue
+            }
+            OptionCode::LIST_META_CONTEXT | OptionCode::SET_META_CONTEXT => {
+                self.meta_context(option, data, exports, out)
+            }
+            _ => {
+                // "NBD_REP_ERR_UNSUP ... The option sent by the client is unknown by this
+                // server implementation"; the connection lives on.
+                error_reply(
+                    out,
+                    option,
+                    ReplyType::ERR_UNSUP,
+                    &format!("Unsupported option {}", option.0),
+                );
+                Step::Continue
+            }
+        }
+    }
+
+    fn on_drained(&mut self, option: OptionCode, out: &mut Vec<u8>) -> Step {
+        match option {
+            OptionCode::EXPORT_NAME => Step::Disconnect(HandshakeError::ExportNameRefused(
+                "export name too long".into(),
+            )),
+            OptionCode::ABORT => {
+                encode_option_reply(out, option, ReplyType::ACK, &[]);
+                Step::Abort
+            }
+            OptionCode::SET_META_CONTEXT => {
+                // "Issuing this command replaces all previously-set metadata contexts
+                // (including when this command fails)".
+                self.contexts = None;
+                error_reply(out, option, ReplyType::ERR_TOO_BIG, "option data too long");
+                Step::Continue
+            }
+            _ if option.name().is_none() => {
+                error_reply(
+                    out,
+                    option,
+                    ReplyType::ERR_UNSUP,
+                    &format!("Unsupported option {}", option.0),
+                );
+                Step::Continue
+            }
+            _ => {
+                error_reply(out, option, ReplyType::ERR_TOO_BIG, "option data too long");
+                Step::Continue
+            }
+        }
+    }
+
+    /// The contexts selected for `export`, if the last `SET_META_CONTEXT` named it.
+    fn contexts_for(&self, export: &str) -> Vec<MetaContext> {
+        match &self.contexts {
+            Some((name, list)) if name == export => list.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn session(&self, export: Arc<Export>) -> Session {
+        let contexts = self.contexts_for(&export.name);
+        let flags = export.transmission_flags(
+            self.mode >= Mode::Structured,
+            self.mode >= Mode::Extended && !contexts.is_empty(),
+        );
+        Session {
+            size: export.size(),
+            flags,
+            export,
+            mode: self.mode,
+            contexts,
+        }
+    }
+
+    fn export_name(&mut self, data: &[u8], exports: &dyn ExportSource, out: &mut Vec<u8>) -> Step {
+        // "a client that has used NBD_OPT_EXTENDED_HEADERS to negotiate extended headers
+        // MUST NOT use this option."
+        if self.mode >= Mode::Extended {
+            return Step::Disconnect(HandshakeError::ExportNameRefused(
+                "NBD_OPT_EXPORT_NAME after extended headers".into(),
+            ));
+        }
+        let name = match proto::to_string(data) {
+            Ok(name) => name,
+            Err(e) => return Step::Disconnect(HandshakeError::ExportNameRefused(e.to_string())),
+        };
+        let Some(export) = exports.find(&name) else {
+            return Step::Disconnect(HandshakeError::ExportNameRefused(format!(
+                "export '{}' not present",
+                sanitize(&name)
+            )));
+        };
+        let session = self.session(export);
+        out.extend_from_slice(&session.size.to_be_bytes());
+        out.extend_from_slice(&session.flags.to_be_bytes());
+        if !self.no_zeroes {
+            out.extend_from_slice(&[0u8; 124]);
+        }
+        Step::Go(session)
+    }
+
+    fn info(
+        &mut self,
+        option: OptionCode,
+        data: &[u8],
+        exports: &(dyn ExportSource + Sync),
+        out: &mut Vec<u8>,
+    ) -> Step {
+        let request = match InfoRequest::decode(data) {
+            Ok(r) => r,
+            Err(e) => {
+                error_reply(out, option, ReplyType::ERR_INVALID, &e.to_string());
+                return Step::Continue;
+            }
+        };
+        let Some(export) = exports.find(&request.name) else {
+            error_reply(
+                out,
+                option,
+                ReplyType::ERR_UNKNOWN,
+                &format!("export '{}' not present", sanitize(&request.name)),
+            );
+            return Step::Continue;
+        };
+        let wants = |t: InfoType| request.requests.contains(&t);
+        let block_size_requested = wants(InfoType::BLOCK_SIZE);
+        if wants(InfoType::NAME) {
+            let mut d = InfoType::NAME.0.to_be_bytes().to_vec();
+            d.extend_from_slice(export.name.as_bytes());
+            encode_option_reply(out, option, ReplyType::INFO, &d);
+        }
+        if let (true, Some(desc)) = (wants(InfoType::DESCRIPTION), &export.description) {
+            let mut d = InfoType::DESCRIPTION.0.to_be_bytes().to_vec();
+            d.extend_from_slice(desc.as_bytes());
+            encode_option_reply(out, option, ReplyType::INFO, &d);
+        }
+        // Block sizes as QEMU's nbd_negotiate_handle_info computes them: the real minimum
+        // only if the client will obey it (it asked, or this is NBD_OPT_INFO), else 1 for
+        // compatibility; preferred max(4096, minimum); maximum 32 MiB.
+        let alignment = export.alignment();
+        let minimum = if option == OptionCode::INFO || block_size_requested {
+            alignment
+        } else {
+            1
+        };
+        let mut d = InfoType::BLOCK_SIZE.0.to_be_bytes().to_vec();
+        d.extend_from_slice(&minimum.to_be_bytes());
+        d.extend_from_slice(&minimum.max(4096).to_be_bytes());
+        d.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
+        encode_option_reply(out, option, ReplyType::INFO, &d);
+
+        let session = self.session(export);
+        let mut d = InfoType::EXPORT.0.to_be_bytes().to_vec();
+        d.extend_from_slice(&session.size.to_be_bytes());
+        d.extend_from_slice(&session.flags.to_be_bytes());
+        encode_option_reply(out, option, ReplyType::INFO, &d);
+
+        // "A server ... MAY refuse to go into transmission phase with a client ... which
+        // uses NBD_OPT_GO without requesting NBD_INFO_BLOCK_SIZE"; QEMU only refuses
+        // NBD_OPT_INFO, and tolerates every client on NBD_OPT_GO.
+        if option == OptionCode::INFO && !block_size_requested && alignment > 1 {
+            error_reply(
+                out,
+                option,
+                ReplyType::ERR_BLOCK_SIZE_REQD,
+                "request NBD_INFO_BLOCK_SIZE to use this export",
+            );
+            return Step::Continue;
+        }
+        encode_option_reply(out, option, ReplyType::ACK, &[]);
+        if option == OptionCode::GO {
+            Step::Go(session)
+        } else {
+            Step::Continue
+        }
+    }
+
+    fn meta_context(
+        &mut self,
+        option: OptionCode,
+        data: &[u8],
+        exports: &(dyn ExportSource + Sync),
+        out: &mut Vec<u8>,
+    ) -> Step {
+        let set = option == OptionCode::SET_META_CONTEXT;
+        if set {
+            // "Issuing this command replaces all previously-set metadata contexts
+            // (including when this command fails)".
+            self.contexts = None;
+            // "This option MUST NOT be requested unless structured replies or extended
+            // headers have been negotiated first. If a client attempts to do so, a server
+            // SHOULD send NBD_REP_ERR_INVALID".
+            if self.mode < Mode::Structured {
+                error_reply(
+                    out,
+                    option,
+                    ReplyType::ERR_INVALID,
+                    "request option 'NBD_OPT_SET_META_CONTEXT' when structured reply is not negotiated",
+                );
+                return Step::Continue;
+            }
+        }
+        let request = match MetaContextRequest::decode(data) {
+            Ok(r) => r,
+            Err(e) => {
+                error_reply(out, option, ReplyType::ERR_INVALID, &e.to_string());
+                return Step::Continue;
+            }
+        };
+        let Some(export) = exports.find(&request.name) else {
+            error_reply(
+                out,
+                option,
+                ReplyType::ERR_UNKNOWN,
+                &format!("export '{}' not present", sanitize(&request.name)),
+            );
+            return Step::Continue;
+        };
+        let mode = if set { QueryMode::Set } else { QueryMode::List };
+        let selected = meta::select(&meta::available(), &request.queries, mode);
+        for ctx in &selected {
+            // "The metadata context ID in these replies is reserved and SHOULD be set to
+            // zero" when listing.
+            let id = if set { ctx.id() } else { 0 };
+            let mut d = id.to_be_bytes().to_vec();
+            d.extend_from_slice(ctx.name().as_bytes());
+            encode_option_reply(out, option, ReplyType::META_CONTEXT, &d);
+        }
+        encode_option_reply(out, option, ReplyType::ACK, &[]);
+        if set {
+            self.contexts = Some((export.name.clone(), selected));
+        }
+        Step::Continue
+    }
+}
+
+fn error_reply(out: &mut Vec<u8>, option: OptionCode, ty: ReplyType, message: &str) {
+    let mut msg = message.as_bytes();
+    if msg.len() > MAX_STRING_SIZE {
+        msg = &msg[..MAX_STRING_SIZE];
+    }
+    encode_option_reply(out, option, ty, msg);
+}
+
+/// "the server SHOULD reject a request that includes data with NBD_REP_ERR_INVALID".
+fn reject_length(option: OptionCode, out: &mut Vec<u8>) -> Step {
+    error_reply(
+        out,
+        option,
+        ReplyType::ERR_INVALID,
+        &format!("option '{option}' has unexpected length"),
+    );
+    Step::Continue
+}
+
+/// A name safe to echo in a message: at most 80 characters, control characters escaped.
+fn sanitize(name: &str) -> String {
+    let mut s: String = name
+        .chars()
+        .take(80)
+        .flat_map(char::escape_default)
+        .collect();
+    if name.chars().count() > 80 {
+        s.push_str("...");
+    }
+    s
+}
+
+/// Runs the handshake on `stream` until the client enters transmission.
+pub(crate) async fn negotiate<S>(
+    stream: &mut S,
+    exports: &(dyn ExportSource + Sync),
+) -> Result<Session, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut greeting = Vec::with_capacity(18);
+    greeting.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
+    greeting.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+    greeting.extend_from_slice(&Negotiator::HANDSHAKE_FLAGS.to_be_bytes());
+    stream
+        .write_all(&greeting)
+        .await
+        .map_err(HandshakeError::Io)?;
+    let client = stream.read_u32().await.map_err(HandshakeError::Io)?;
+    let mut negotiator = Negotiator::new(client)?;
+    let mut data = Vec::new();
+    let mut out = Vec::new();
+    loop {
+        let mut header = [0u8; OptionHeader::SIZE];
+        stream
+            .read_exact(&mut header)
+            .await
+            .map_err(HandshakeError::Io)?;
+        let header = OptionHeader::decode(&header).map_err(HandshakeError::BadMagic)?;
+        if header.length > OPTION_LENGTH_MAX {
+            return Err(HandshakeError::OptionTooLong {
+                option: header.option,
+                length: header.length,
+            });
+        }
+        let drain = header.length > OPTION_DATA_LIMIT || header.option.name().is_none();
+        let option_data = if drain {
+            drain_exact(stream, header.length.into()).await?;
+            OptionData::Drained
+        } else {
+            data.clear();
+            data.resize(header.length as usize, 0);
+            stream
+                .read_exact(&mut data)
+                .await
+                .map_err(HandshakeError::Io)?;
+            OptionData::Read(&data)
+        };
+        out.clear();
+        let step = negotiator.on_option(header.option, option_data, exports, &mut out);
+        if !out.is_empty() {
+            let written = stream.write_all(&out).await;
+            if !matches!(step, Step::Abort) {
+                written.map_err(HandshakeError::Io)?;
+            }
+        }
+        match step {
+            Step::Continue => {}
+            Step::Go(session) => {
+                stream.flush().await.map_err(HandshakeError::Io)?;
+                return Ok(session);
+            }
+            Step::Abort => {
+                // "the client SHOULD gracefully handle the server closing the connection".
+                let _ = stream.flush().await;
+                return Err(HandshakeError::Aborted);
+            }
+            Step::Disconnect(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads and discards `len` bytes without buffering them.
+async fn drain_exact<S: AsyncRead + Unpin>(stream: &mut S, len: u64) -> Result<(), HandshakeError> {
+    let copied = tokio::io::copy(&mut (&mut *stream).take(len), &mut tokio::io::sink())
+        .await
+        .map_err(HandshakeError::Io)?;
+    if copied < len {
+        return Err(HandshakeError::Io(io::ErrorKind::UnexpectedEof.into()));
+    }
+    Ok(())
+}

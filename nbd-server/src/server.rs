@@ -1,0 +1,295 @@
+//! The server: exports by name, listeners, connection limits, handshake deadline, stop.
+
+use crate::export::{Export, ExportConfig, ExportGone, RemoveMode};
+use crate::handshake::{self, ExportSource, HandshakeError};
+use crate::proto::MAX_STRING_SIZE;
+use crate::transmission;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+
+/// Errors of the export and server management API. Messages follow QEMU's.
+#[derive(Debug, thiserror::Error)]
+pub enum NbdError {
+    /// An export with this name already exists.
+    #[error("NBD server already has export named '{0}'")]
+    ExportExists(String),
+    /// The export name is longer than 4096 bytes.
+    #[error("export name '{0}' too long")]
+    NameTooLong(String),
+    /// The description is longer than 4096 bytes.
+    #[error("description '{0}' too long")]
+    DescriptionTooLong(String),
+    /// No export has this name.
+    #[error("Export '{0}' is not found")]
+    NoSuchExport(String),
+    /// A safe removal was asked while clients are connected.
+    #[error("export '{0}' still in use")]
+    InUse(String),
+}
+
+/// Settings of an [`NbdServer`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Most clients connected at once, 0 for no limit. At the limit the server stops
+    /// accepting until a client leaves (as QEMU does); 1 also clears
+    /// `NBD_FLAG_CAN_MULTI_CONN` on exports added afterwards.
+    pub max_connections: u32,
+    /// A client that has not finished the handshake within this time is dropped
+    /// (`handshake-max-seconds`; `None` for no limit).
+    pub handshake_max: Option<Duration>,
+}
+
+impl Default for ServerConfig {
+    /// QEMU 10's defaults: at most 100 connections, a 10 second handshake deadline.
+    fn default() -> Self {
+        ServerConfig {
+            max_connections: 100,
+            handshake_max: Some(Duration::from_secs(10)),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: ServerConfig,
+    exports: Mutex<BTreeMap<String, Arc<Export>>>,
+    stop: watch::Sender<bool>,
+    slots: Option<Arc<Semaphore>>,
+}
+
+impl ExportSource for Inner {
+    fn find(&self, name: &str) -> Option<Arc<Export>> {
+        self.lock().get(name).cloned()
+    }
+
+    fn all(&self) -> Vec<Arc<Export>> {
+        self.lock().values().cloned().collect()
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Export>>> {
+        self.exports.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// An NBD server: a set of named exports served on any number of listeners.
+///
+/// Cheap to clone (an `Arc` inside); every clone is the same server.
+#[derive(Debug, Clone)]
+pub struct NbdServer {
+    inner: Arc<Inner>,
+}
+
+/// A listening socket the server can accept clients from.
+trait Listener {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept_stream(&self) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+}
+
+impl Listener for UnixListener {
+    type Stream = UnixStream;
+    async fn accept_stream(&self) -> io::Result<UnixStream> {
+        Ok(self.accept().await?.0)
+    }
+}
+
+impl Listener for TcpListener {
+    type Stream = TcpStream;
+    async fn accept_stream(&self) -> io::Result<TcpStream> {
+        let (stream, _) = self.accept().await?;
+        // Small replies must leave at once: no Nagle delay.
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+impl NbdServer {
+    /// A server with no export and no listener yet.
+    pub fn new(config: ServerConfig) -> Self {
+        let slots = match config.max_connections {
+            0 => None,
+            n => Some(Arc::new(Semaphore::new(n as usize))),
+        };
+        NbdServer {
+            inner: Arc::new(Inner {
+                config,
+                exports: Mutex::new(BTreeMap::new()),
+                stop: watch::channel(false).0,
+                slots,
+            }),
+        }
+    }
+
+    /// The server's settings.
+    pub fn config(&self) -> &ServerConfig {
+        &self.inner.config
+    }
+
+    /// Accepts clients on a unix socket until [`stop`](Self::stop).
+    pub async fn serve_unix(&self, listener: UnixListener) {
+        self.accept_loop(listener).await
+    }
+
+    /// Accepts clients on a TCP socket until [`stop`](Self::stop); sets `TCP_NODELAY`.
+    pub async fn serve_tcp(&self, listener: TcpListener) {
+        self.accept_loop(listener).await
+    }
+
+    async fn accept_loop<L: Listener>(&self, listener: L) {
+        let mut stop = self.inner.stop.subscribe();
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            // At the connection limit, stop accepting until a slot frees.
+            let permit = match &self.inner.slots {
+                None => None,
+                Some(slots) => tokio::select! {
+                    p = Arc::clone(slots).acquire_owned() => match p {
+                        Ok(p) => Some(p),
+                        Err(_) => return,
+                    },
+                    _ = stop.changed() => continue,
+                },
+            };
+            let stream = tokio::select! {
+                s = listener.accept_stream() => s,
+                _ = stop.changed() => continue,
+            };
+            match stream {
+                Ok(stream) => {
+                    let server = self.clone();
+                    tokio::spawn(async move { server.run_client(stream, permit).await });
+                }
+                Err(e) => {
+                    // E.g. EMFILE: do not spin; accept again a little later.
+                    tracing::warn!(error = %e, "NBD accept failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        _ = stop.changed() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Serves one already-connected client (any byte stream: a socket from an inherited fd,
+    /// or later a TLS stream) until it disconnects or the server stops. Such a client is not
+    /// counted against `max_connections`.
+    pub async fn serve_connection<S>(&self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.run_client(stream, None).await
+    }
+
+    async fn run_client<S>(&self, mut stream: S, permit: Option<OwnedSemaphorePermit>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let _permit = permit;
+        let mut stop = self.inner.stop.subscribe();
+        if *stop.borrow() {
+            return;
+        }
+        let handshake = async {
+            let negotiation = handshake::negotiate(&mut stream, &*self.inner);
+            match self.inner.config.handshake_max {
+                Some(limit) => tokio::time::timeout(limit, negotiation)
+                    .await
+                    .unwrap_or(Err(HandshakeError::Timeout)),
+                None => negotiation.await,
+            }
+        };
+        let session = tokio::select! {
+            r = handshake => r,
+            _ = stop.changed() => Err(HandshakeError::Shutdown),
+        };
+        let session = match session {
+            Ok(s) => s,
+            Err(HandshakeError::Aborted) => return,
+            Err(e) => {
+                tracing::info!(error = %e, "NBD handshake failed");
+                return;
+            }
+        };
+        let _lease = session.export.lease();
+        let name = session.export.name.clone();
+        if let Err(e) = transmission::run(stream, session, stop).await {
+            tracing::info!(export = %name, error = %e, "NBD client disconnected");
+        }
+    }
+
+    /// Adds an export. Its name must be unique and at most 4096 bytes long, as must its
+    /// description.
+    pub fn add_export(&self, cfg: ExportConfig) -> Result<(), NbdError> {
+        if cfg.name.len() > MAX_STRING_SIZE {
+            return Err(NbdError::NameTooLong(cfg.name));
+        }
+        if let Some(desc) = &cfg.description {
+            if desc.len() > MAX_STRING_SIZE {
+                return Err(NbdError::DescriptionTooLong(desc.clone()));
+            }
+        }
+        let mut exports = self.inner.lock();
+        if exports.contains_key(&cfg.name) {
+            return Err(NbdError::ExportExists(cfg.name));
+        }
+        let multi_conn = self.inner.config.max_connections != 1;
+        let name = cfg.name.clone();
+        exports.insert(name, Export::new(cfg, multi_conn));
+        Ok(())
+    }
+
+    /// Removes an export: new clients no longer see it. [`RemoveMode::Safe`] fails while
+    /// clients are connected; [`RemoveMode::Hard`] disconnects them once their requests in
+    /// flight are done. The returned future resolves when the last of them is gone and the
+    /// export's attachment is released.
+    pub fn remove_export(&self, name: &str, mode: RemoveMode) -> Result<ExportGone, NbdError> {
+        let export = {
+            let mut exports = self.inner.lock();
+            let Some(export) = exports.get(name) else {
+                return Err(NbdError::NoSuchExport(name.to_string()));
+            };
+            if mode == RemoveMode::Safe && export.client_count() > 0 {
+                return Err(NbdError::InUse(name.to_string()));
+            }
+            exports
+                .remove(name)
+                .ok_or_else(|| NbdError::NoSuchExport(name.to_string()))?
+        };
+        if mode == RemoveMode::Hard {
+            export.close();
+        }
+        Ok(export.gone())
+    }
+
+    /// The names of the exports, sorted.
+    pub fn export_names(&self) -> Vec<String> {
+        self.inner.lock().keys().cloned().collect()
+    }
+
+    /// How many clients are in the transmission phase on the export (0 if it does not
+    /// exist).
+    pub fn client_count(&self, export: &str) -> usize {
+        self.inner
+            .lock()
+            .get(export)
+            .map_or(0, |e| e.client_count())
+    }
+
+    /// Stops the server: every listener stops accepting, clients in the handshake are
+    /// dropped, and clients in transmission are disconnected once their requests in flight
+    /// are done. Exports stay registered (remove them to release their nodes). A stopped
+    /// server does not start again.
+    pub fn stop(&self) {
+        self.inner.stop.send_replace(true);
+    }
+}

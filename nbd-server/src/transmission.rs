@@ -1,0 +1,1049 @@
+//! The transmission phase: requests in, replies out, many in flight.
+//!
+//! One task per connection drives three things with `select!`: a cancel-safe reader that
+//! decodes the next request from a buffer, up to [`MAX_IN_FLIGHT`] request futures in a
+//! `FuturesUnordered` (no task spawn per request), and a writer that sends whatever replies
+//! are ready in one `write` call (replies complete out of order, as the spec allows).
+//!
+//! Every request is checked here before the node sees it; [`validate`] is pure and quotes
+//! the spec for each error. A bad request ends that request with an error reply; only a
+//! request whose payload cannot be consumed (larger than the 32 MiB maximum: "either the
+//! server or the client MAY initiate a hard disconnect if a payload length ... would be large
+//! enough to be deemed a denial of service attack") or a header with a bad magic ends the
+//! connection.
+
+use crate::export::Export;
+use crate::handshake::{Mode, Session};
+use crate::meta::MetaContext;
+use crate::proto::{
+    cmd_flags, encode_chunk_header, encode_simple_reply, state, BlockStatusPayload, ChunkType,
+    Command, NbdErrno, RequestHeader, COMPACT_REQUEST_SIZE, EXTENDED_REQUEST_SIZE, MAX_PAYLOAD,
+    MAX_STRING_SIZE, REPLY_FLAG_DONE,
+};
+use block_core::{Node, WriteFlags, ZeroFlags};
+use bytes::{Buf, BytesMut};
+use futures::stream::{FuturesUnordered, StreamExt};
+use std::io;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+
+/// Requests executed at once on one connection.
+pub const MAX_IN_FLIGHT: usize = 128;
+/// No new request is read while the data of requests in flight exceeds this many bytes.
+const IN_FLIGHT_BYTES: usize = 64 << 20;
+/// No new request is read while this many reply bytes wait to be sent.
+const OUT_HIGH_WATER: usize = 8 << 20;
+/// Reads at least this long are answered sparsely (holes as `OFFSET_HOLE` chunks, found by
+/// block status); shorter reads skip the block status lookup and send one data chunk.
+pub const SPARSE_READ_MIN: u64 = 64 * 1024;
+/// Most extents in one block status chunk (the spec: "SHOULD NOT send more than 2^20").
+const MAX_EXTENTS: usize = 1 << 20;
+
+/// Why a connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// Reading or writing the socket failed.
+    #[error("I/O error on the connection")]
+    Io(#[source] io::Error),
+    /// A request header did not have the negotiated magic.
+    #[error("invalid request magic 0x{0:x}")]
+    BadMagic(u32),
+    /// The client closed the connection in the middle of a request.
+    #[error("connection closed in the middle of a request")]
+    Truncated,
+    /// A payload was larger than the server accepts; the connection was ended after the
+    /// error reply.
+    #[error("request payload of {0} bytes is larger than the 32 MiB maximum")]
+    PayloadTooLarge(u64),
+}
+
+/// A decoded request ready to execute.
+#[derive(Debug)]
+pub(crate) enum Op {
+    Read {
+        offset: u64,
+        len: u64,
+        fua: bool,
+        df: bool,
+    },
+    Write {
+        offset: u64,
+        data: BytesMut,
+        fua: bool,
+    },
+    Flush,
+    Trim {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    Cache,
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    },
+    BlockStatus {
+        offset: u64,
+        len: u64,
+        req_one: bool,
+        contexts: Vec<MetaContext>,
+    },
+}
+
+/// A request refused before execution: its error value and a message for the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub(crate) errno: NbdErrno,
+    pub(crate) message: String,
+}
+
+fn refuse(errno: NbdErrno, message: impl Into<String>) -> Refusal {
+    Refusal {
+        errno,
+        message: message.into(),
+    }
+}
+
+/// What the connection knows about its export, fixed at the end of the handshake.
+#[derive(Debug)]
+pub(crate) struct Params {
+    pub(crate) mode: Mode,
+    pub(crate) size: u64,
+    pub(crate) writable: bool,
+    pub(crate) alignment: u32,
+    pub(crate) contexts: Vec<MetaContext>,
+}
+
+/// Checks a request against the negotiated parameters (pure; `payload` is the consumed
+/// payload, if the request carried one).
+pub(crate) fn validate(
+    p: &Params,
+    h: &RequestHeader,
+    payload: Option<BytesMut>,
+) -> Result<Op, Refusal> {
+    let extended = p.mode >= Mode::Extended;
+    let structured = p.mode >= Mode::Structured;
+    // "NBD_CMD_FLAG_FUA ... This flag is valid for all commands, provided NBD_FLAG_SEND_FUA
+    // has been negotiated, in which case the server MUST accept all commands with this bit
+    // set" (we always advertise SEND_FUA).
+    let mut valid = cmd_flags::FUA;
+    match h.command {
+        Command::READ if structured => valid |= cmd_flags::DF,
+        Command::WRITE if extended => valid |= cmd_flags::PAYLOAD_LEN,
+        Command::WRITE_ZEROES => valid |= cmd_flags::NO_HOLE | cmd_flags::FAST_ZERO,
+        Command::BLOCK_STATUS => {
+            valid |= cmd_flags::REQ_ONE;
+            if extended && !p.contexts.is_empty() {
+                valid |= cmd_flags::PAYLOAD_LEN;
+            }
+        }
+        Command::READ
+        | Command::WRITE
+        | Command::FLUSH
+        | Command::TRIM
+        | Command::CACHE
+        | Command::DISC => {}
+        other => {
+            // "The server SHOULD return NBD_EINVAL if it receives an unknown command."
+            return Err(refuse(
+                NbdErrno::EINVAL,
+                format!("invalid request type ({}) received", other.0),
+            ));
+        }
+    }
+    // "The server SHOULD return NBD_EINVAL if it receives an unknown command flag. It also
+    // SHOULD return NBD_EINVAL if it receives a request with a flag not explicitly
+    // documented as applicable to the given request."
+    if h.flags & !valid != 0 {
+        return Err(refuse(
+            NbdErrno::EINVAL,
+            format!(
+                "unsupported flags for command {} (got 0x{:x})",
+                h.command, h.flags
+            ),
+        ));
+    }
+    let fua = h.flags & cmd_flags::FUA != 0;
+    let writes = matches!(
+        h.command,
+        Command::WRITE | Command::TRIM | Command::WRITE_ZEROES
+    );
+    // "it SHOULD return NBD_EPERM if it receives a write or trim request on a read-only
+    // export."
+    if writes && !p.writable {
+        return Err(refuse(NbdErrno::EPERM, "Export is read-only"));
+    }
+    // Block status in payload form: the effect length is in the payload.
+    let mut bs_ids: Option<Vec<u32>> = None;
+    let effect_len = match (&payload, h.command) {
+        (Some(data), Command::WRITE) => data.len() as u64,
+        (Some(data), Command::BLOCK_STATUS) => {
+            let decoded = BlockStatusPayload::decode(data).map_err(|e| {
+                refuse(
+                    NbdErrno::EINVAL,
+                    format!("invalid block status payload: {e}"),
+                )
+            })?;
+            bs_ids = Some(decoded.ids);
+            decoded.effect_length
+        }
+        _ => h.length,
+    };
+    if h.command == Command::READ && effect_len > MAX_PAYLOAD.into() {
+        // With simple replies the client "MUST NOT request a length larger than the maximum
+        // payload size"; with structured replies "the server is also permitted to reject
+        // large read requests up front with NBD_EOVERFLOW".
+        let errno = if structured {
+            NbdErrno::EOVERFLOW
+        } else {
+            NbdErrno::EINVAL
+        };
+        return Err(refuse(
+            errno,
+            format!("len ({effect_len}) is larger than max len ({MAX_PAYLOAD})"),
+        ));
+    }
+    let checks_range = !matches!(h.command, Command::FLUSH | Command::DISC);
+    if checks_range && (h.offset > p.size || effect_len > p.size - h.offset) {
+        // "The server SHOULD return NBD_ENOSPC if it receives a write request including one
+        // or more sectors beyond the size of the device" (likewise for write zeroes); "It
+        // SHOULD return NBD_EINVAL if it receives a read or trim request including one or
+        // more sectors beyond the size of the device".
+        let errno = if matches!(h.command, Command::WRITE | Command::WRITE_ZEROES) {
+            NbdErrno::ENOSPC
+        } else {
+            NbdErrno::EINVAL
+        };
+        return Err(refuse(
+            errno,
+            format!(
+                "operation past EOF; From: {}, Len: {}, Size: {}",
+                h.offset, effect_len, p.size
+            ),
+        ));
+    }
+    let aligned_cmd = matches!(
+        h.command,
+        Command::READ | Command::WRITE | Command::TRIM | Command::WRITE_ZEROES | Command::CACHE
+    );
+    let align = u64::from(p.alignment);
+    if aligned_cmd && align > 1 && ((h.offset | effect_len) % align != 0) {
+        // "It SHOULD return NBD_EINVAL ... if a read or write request is not aligned to
+        // advertised minimum block sizes." The node cannot do read-modify-write.
+        return Err(refuse(
+            NbdErrno::EINVAL,
+            format!("request is not aligned to {align} bytes"),
+        ));
+    }
+    Ok(match h.command {
+        Command::READ => Op::Read {
+            offset: h.offset,
+            len: effect_len,
+            fua,
+            df: h.flags & cmd_flags::DF != 0,
+        },
+        Command::WRITE => Op::Write {
+            offset: h.offset,
+            data: payload.unwrap_or_default(),
+            fua,
+        },
+        Command::FLUSH => Op::Flush,
+        Command::TRIM => Op::Trim {
+            offset: h.offset,
+            len: effect_len,
+            fua,
+        },
+        Command::CACHE => Op::Cache,
+        Command::WRITE_ZEROES => Op::WriteZeroes {
+            offset: h.offset,
+            len: effect_len,
+            flags: ZeroFlags {
+                fua,
+                may_unmap: h.flags & cmd_flags::NO_HOLE == 0,
+                fast: h.flags & cmd_flags::FAST_ZERO != 0,
+            },
+        },
+        Command::BLOCK_STATUS => {
+            // "A client MUST NOT send NBD_CMD_BLOCK_STATUS unless within the negotiation
+            // phase it sent NBD_OPT_SET_META_CONTEXT ... Servers SHOULD reply with
+            // NBD_EINVAL to clients sending NBD_CMD_BLOCK_STATUS without selecting at least
+            // one metadata context."
+            if p.contexts.is_empty() {
+                return Err(refuse(NbdErrno::EINVAL, "CMD_BLOCK_STATUS not negotiated"));
+            }
+            if effect_len == 0 {
+                return Err(refuse(NbdErrno::EINVAL, "need non-zero length"));
+            }
+            let contexts = match bs_ids {
+                None => p.contexts.clone(),
+                Some(ids) => {
+                    // "or detects duplicate or unknown metacontext ids in the client's
+                    // payload, the server MUST gracefully consume the client's payload
+                    // before failing with NBD_EINVAL."
+                    let mut chosen: Vec<MetaContext> = Vec::new();
+                    for id in ids {
+                        let Some(ctx) = p.contexts.iter().find(|c| c.id() == id) else {
+                            return Err(refuse(
+                                NbdErrno::EINVAL,
+                                format!("unknown metadata context id {id}"),
+                            ));
+                        };
+                        if chosen.contains(ctx) {
+                            return Err(refuse(
+                                NbdErrno::EINVAL,
+                                format!("duplicate metadata context id {id}"),
+                            ));
+                        }
+                        chosen.push(ctx.clone());
+                    }
+                    if chosen.is_empty() {
+                        return Err(refuse(NbdErrno::EINVAL, "no metadata context id"));
+                    }
+                    chosen
+                }
+            };
+            Op::BlockStatus {
+                offset: h.offset,
+                len: effect_len,
+                req_one: h.flags & cmd_flags::REQ_ONE != 0,
+                contexts,
+            }
+        }
+        // DISC is handled by the reader; unknown commands were refused above.
+        _ => return Err(refuse(NbdErrno::EINVAL, "unexpected command")),
+    })
+}
+
+/// What the reader produced.
+#[derive(Debug)]
+enum Incoming {
+    /// A request with its payload (if any).
+    Request {
+        header: RequestHeader,
+        payload: Option<BytesMut>,
+    },
+    /// A request whose payload is too large to consume: refused, then the connection ends.
+    Oversized { header: RequestHeader, len: u64 },
+    /// `NBD_CMD_DISC`.
+    Disconnect,
+    /// The client closed the connection between requests.
+    Eof,
+}
+
+/// Decodes requests from a buffer; `next` is cancel-safe (all state lives in the struct).
+struct RequestReader<R> {
+    rd: R,
+    buf: BytesMut,
+    extended: bool,
+}
+
+impl<R: AsyncRead + Unpin> RequestReader<R> {
+    fn header_len(&self) -> usize {
+        if self.extended {
+            EXTENDED_REQUEST_SIZE
+        } else {
+            COMPACT_REQUEST_SIZE
+        }
+    }
+
+    /// Parses one request out of the buffer if it is complete. `Ok(None)`: read more, after
+    /// making room for `need` bytes in total.
+    fn try_parse(&mut self) -> Result<Result<Incoming, usize>, ConnError> {
+        let hlen = self.header_len();
+        if self.buf.len() < hlen {
+            return Ok(Err(hlen));
+        }
+        let header = match RequestHeader::decode(&self.buf[..hlen], self.extended) {
+            Ok(h) => h,
+            Err(_) => {
+                let magic =
+                    u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
+                return Err(ConnError::BadMagic(magic));
+            }
+        };
+        if header.command == Command::DISC {
+            // "A client MUST NOT send anything to the server after sending an NBD_CMD_DISC
+            // command."
+            self.buf.advance(hlen);
+            return Ok(Ok(Incoming::Disconnect));
+        }
+        let payload_len = if self.extended {
+            // "With extended headers, the meaning of the length field depends on whether
+            // flags contains NBD_CMD_FLAG_PAYLOAD_LEN". A write without the flag is
+            // non-compliant; like QEMU, treat its length as the payload anyway.
+            if header.flags & cmd_flags::PAYLOAD_LEN != 0 || header.command == Command::WRITE {
+                header.length
+            } else {
+                0
+            }
+        } else if header.command == Command::WRITE {
+            header.length
+        } else {
+            0
+        };
+        if payload_len > MAX_PAYLOAD.into() {
+            // Checked before allocating: refuse, then end the connection ("A server SHOULD
+            // initiate hard disconnect if a client sets the NBD_CMD_FLAG_PAYLOAD_LEN flag and
+            // uses a length larger than a server's advertised or default maximum payload
+            // length").
+            self.buf.advance(hlen);
+            return Ok(Ok(Incoming::Oversized {
+                header,
+                len: payload_len,
+            }));
+        }
+        let total = hlen + payload_len as usize;
+        if self.buf.len() < total {
+            return Ok(Err(total));
+        }
+        self.buf.advance(hlen);
+        let payload = if payload_len > 0 || header.command == Command::WRITE {
+            Some(self.buf.split_to(payload_len as usize))
+        } else {
+            None
+        };
+        Ok(Ok(Incoming::Request { header, payload }))
+    }
+
+    async fn next(&mut self) -> Result<Incoming, ConnError> {
+        loop {
+            let need = match self.try_parse()? {
+                Ok(incoming) => return Ok(incoming),
+                Err(need) => need,
+            };
+            let want = need.max(self.buf.len() + 4096);
+            if self.buf.capacity() < want {
+                self.buf.reserve(want.max(64 * 1024) - self.buf.len());
+            }
+            let n = self
+                .rd
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(ConnError::Io)?;
+            if n == 0 {
+                return if self.buf.is_empty() {
+                    Ok(Incoming::Eof)
+                } else {
+                    Err(ConnError::Truncated)
+                };
+            }
+        }
+    }
+}
+
+/// The per-connection state shared by request futures.
+struct Conn {
+    export: Arc<Export>,
+    node: Arc<Node>,
+    params: Params,
+}
+
+impl Conn {
+    fn extended(&self) -> bool {
+        self.params.mode >= Mode::Extended
+    }
+
+    fn structured(&self) -> bool {
+        self.params.mode >= Mode::Structured
+    }
+
+    /// A reply without payload for a successful request: a simple reply, unless extended
+    /// headers forbid it ("If extended headers have been negotiated, a simple reply MUST NOT
+    /// be used").
+    fn ok_reply(&self, out: &mut Vec<u8>, cookie: u64, offset: u64) {
+        if self.extended() {
+            encode_chunk_header(
+                out,
+                true,
+                REPLY_FLAG_DONE,
+                ChunkType::NONE,
+                cookie,
+                offset,
+                0,
+            );
+        } else {
+            encode_simple_reply(out, NbdErrno(0), cookie);
+        }
+    }
+
+    /// An error reply: an error chunk with a message once structured replies are on ("The
+    /// server SHOULD prefer sending errors via a structured reply"), else a simple reply.
+    fn error_reply(&self, out: &mut Vec<u8>, cookie: u64, offset: u64, refusal: &Refusal) {
+        if self.structured() {
+            let mut msg = refusal.message.as_bytes();
+            if msg.len() > MAX_STRING_SIZE {
+                msg = &msg[..MAX_STRING_SIZE];
+            }
+            encode_chunk_header(
+                out,
+                self.extended(),
+                REPLY_FLAG_DONE,
+                ChunkType::ERROR,
+                cookie,
+                offset,
+                6 + msg.len() as u32,
+            );
+            out.extend_from_slice(&refusal.errno.0.to_be_bytes());
+            out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+            out.extend_from_slice(msg);
+        } else {
+            encode_simple_reply(out, refusal.errno, cookie);
+        }
+    }
+
+    fn block_error(&self, what: &str, e: &block_core::BlockError) -> Refusal {
+        refuse(NbdErrno::from_errno(e.errno()), format!("{what}: {e}"))
+    }
+
+    /// Runs one request and returns the encoded reply.
+    async fn execute(&self, h: RequestHeader, op: Op) -> Vec<u8> {
+        let mut out = Vec::new();
+        let result = match op {
+            Op::Read {
+                offset,
+                len,
+                fua,
+                df,
+            } => {
+                if fua {
+                    // QEMU flushes before a read with FUA.
+                    if let Err(e) = self.node.flush().await {
+                        let r = self.block_error("flush failed", &e);
+                        self.error_reply(&mut out, h.cookie, h.offset, &r);
+                        return out;
+                    }
+                }
+                return self.read(h, offset, len, df).await;
+            }
+            Op::Write { offset, data, fua } => {
+                let flags = WriteFlags {
+                    fua: fua || self.export.writethrough,
+                };
+                self.node
+                    .write(offset, &data, flags)
+                    .await
+                    .map_err(|e| self.block_error("writing to file failed", &e))
+            }
+            Op::Flush => self
+                .node
+                .flush()
+                .await
+                .map_err(|e| self.block_error("flush failed", &e)),
+            Op::Trim { offset, len, fua } => {
+                let mut r = self.node.discard(offset, len).await;
+                if r.is_ok() && (fua || self.export.writethrough) {
+                    r = self.node.flush().await;
+                }
+                r.map_err(|e| self.block_error("discard failed", &e))
+            }
+            // A hint: "The server MAY use this information to speed up further access";
+            // block-core has no prefetch, so a checked request succeeds without effect.
+            Op::Cache => Ok(()),
+            Op::WriteZeroes {
+                offset,
+                len,
+                mut flags,
+            } => {
+                flags.fua |= self.export.writethrough;
+                self.node
+                    .write_zeroes(offset, len, flags)
+                    .await
+                    .map_err(|e| self.block_error("writing to file failed", &e))
+            }
+            Op::BlockStatus {
+                offset,
+                len,
+                req_one,
+                contexts,
+            } => return self.block_status(h, offset, len, req_one, &contexts).await,
+        };
+        match result {
+            Ok(()) => self.ok_reply(&mut out, h.cookie, h.offset),
+            Err(r) => self.error_reply(&mut out, h.cookie, h.offset, &r),
+        }
+        out
+    }
+
+    async fn read(&self, h: RequestHeader, offset: u64, len: u64, df: bool) -> Vec<u8> {
+        let len_usize = len as usize; // <= 32 MiB, checked by validate()
+        let mut out = Vec::new();
+        if !self.structured() {
+            // Simple reply: header then data; on error no payload ("If it chooses not to
+            // [disconnect], it MUST NOT send any payload for this request").
+            out.reserve(16 + len_usize);
+            encode_simple_reply(&mut out, NbdErrno(0), h.cookie);
+            out.resize(16 + len_usize, 0);
+            if let Err(e) = self.node.read(offset, &mut out[16..]).await {
+                out.clear();
+                let r = self.block_error("reading from file failed", &e);
+                self.error_reply(&mut out, h.cookie, h.offset, &r);
+            }
+            return out;
+        }
+        if len == 0 {
+            self.ok_reply_chunk(&mut out, h);
+            return out;
+        }
+        let ext = self.extended();
+        if df || len < SPARSE_READ_MIN {
+            let hdr = if ext { 32 } else { 20 };
+            out.reserve(hdr + 8 + len_usize);
+            encode_chunk_header(
+                &mut out,
+                ext,
+                REPLY_FLAG_DONE,
+                ChunkType::OFFSET_DATA,
+                h.cookie,
+                h.offset,
+                8 + len as u32,
+            );
+            out.extend_from_slice(&offset.to_be_bytes());
+            let start = out.len();
+            out.resize(start + len_usize, 0);
+            if let Err(e) = self.node.read(offset, &mut out[start..]).await {
+                out.clear();
+                let r = self.block_error("reading from file failed", &e);
+                self.error_reply(&mut out, h.cookie, h.offset, &r);
+            }
+            return out;
+        }
+        // Sparse read: one content chunk per extent; the reply is sent only once complete,
+        // so an error replaces all content chunks with one error chunk.
+        match self.sparse_read(&mut out, h, offset, len).await {
+            Ok(()) => out,
+            Err(e) => {
+                out.clear();
+                let r = self.block_error("reading from file failed", &e);
+                self.error_reply(&mut out, h.cookie, h.offset, &r);
+                out
+            }
+        }
+    }
+
+    fn ok_reply_chunk(&self, out: &mut Vec<u8>, h: RequestHeader) {
+        encode_chunk_header(
+            out,
+            self.extended(),
+            REPLY_FLAG_DONE,
+            ChunkType::NONE,
+            h.cookie,
+            h.offset,
+            0,
+        );
+    }
+
+    async fn sparse_read(
+        &self,
+        out: &mut Vec<u8>,
+        h: RequestHeader,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), block_core::BlockError> {
+        let ext = self.extended();
+        let mut pos = offset;
+        let end = offset + len;
+        let mut last_flags_at = 0;
+        while pos < end {
+            let extent = self.node.block_status(pos, end - pos).await?;
+            let n = extent.len.min(end - pos);
+            last_flags_at = out.len() + 4;
+            if extent.zero {
+                encode_chunk_header(out, ext, 0, ChunkType::OFFSET_HOLE, h.cookie, h.offset, 12);
+                out.extend_from_slice(&pos.to_be_bytes());
+                out.extend_from_slice(&(n as u32).to_be_bytes());
+            } else {
+                encode_chunk_header(
+                    out,
+                    ext,
+                    0,
+                    ChunkType::OFFSET_DATA,
+                    h.cookie,
+                    h.offset,
+                    8 + n as u32,
+                );
+                out.extend_from_slice(&pos.to_be_bytes());
+                let start = out.len();
+                out.resize(start + n as usize, 0);
+                self.node.read(pos, &mut out[start..]).await?;
+            }
+            pos += n;
+        }
+        // The last chunk carries NBD_REPLY_FLAG_DONE ("the server MAY use a content or error
+        // chunk as the final chunk by setting the NBD_REPLY_FLAG_DONE flag").
+        out[last_flags_at..last_flags_at + 2].copy_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+        Ok(())
+    }
+
+    async fn block_status(
+        &self,
+        h: RequestHeader,
+        offset: u64,
+        len: u64,
+        req_one: bool,
+        contexts: &[MetaContext],
+    ) -> Vec<u8> {
+        let mut out = Vec::new();
+        let ext = self.extended();
+        // Compact replies carry 32-bit extent lengths: never describe more than that.
+        let len = if ext {
+            len
+        } else {
+            len.min(u32::MAX as u64 & !511)
+        };
+        let max = if req_one { 1 } else { MAX_EXTENTS };
+        for (i, ctx) in contexts.iter().enumerate() {
+            let extents = match ctx {
+                MetaContext::BaseAllocation => self.allocation_extents(offset, len, max).await,
+            };
+            let extents = match extents {
+                Ok(e) => e,
+                Err(e) => {
+                    out.clear();
+                    let r = self.block_error("block status failed", &e);
+                    self.error_reply(&mut out, h.cookie, h.offset, &r);
+                    return out;
+                }
+            };
+            let done = if i + 1 == contexts.len() {
+                REPLY_FLAG_DONE
+            } else {
+                0
+            };
+            if ext {
+                let payload = 8 + 16 * extents.len();
+                encode_chunk_header(
+                    &mut out,
+                    true,
+                    done,
+                    ChunkType::BLOCK_STATUS_EXT,
+                    h.cookie,
+                    h.offset,
+                    payload as u32,
+                );
+                out.extend_from_slice(&ctx.id().to_be_bytes());
+                out.extend_from_slice(&(extents.len() as u32).to_be_bytes());
+                for (l, f) in &extents {
+                    out.extend_from_slice(&l.to_be_bytes());
+                    out.extend_from_slice(&u64::from(*f).to_be_bytes());
+                }
+            } else {
+                let payload = 4 + 8 * extents.len();
+                encode_chunk_header(
+                    &mut out,
+                    false,
+                    done,
+                    ChunkType::BLOCK_STATUS,
+                    h.cookie,
+                    h.offset,
+                    payload as u32,
+                );
+                out.extend_from_slice(&ctx.id().to_be_bytes());
+                for (l, f) in &extents {
+                    out.extend_from_slice(&(*l as u32).to_be_bytes());
+                    out.extend_from_slice(&f.to_be_bytes());
+                }
+            }
+        }
+        out
+    }
+
+    /// `base:allocation` extents over `[offset, offset+len)`, consecutive equal statuses
+    /// merged, at most `max` of them.
+    async fn allocation_extents(
+        &self,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, u32)>, block_core::BlockError> {
+        let mut extents: Vec<(u64, u32)> = Vec::new();
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let e = self.node.block_status(pos, end - pos).await?;
+            let n = e.len.min(end - pos);
+            let mut flags = 0;
+            if !e.data {
+                flags |= state::HOLE;
+            }
+            if e.zero {
+                flags |= state::ZERO;
+            }
+            match extents.last_mut() {
+                Some((l, f)) if *f == flags => *l += n,
+                _ => {
+                    if extents.len() == max {
+                        break;
+                    }
+                    extents.push((n, flags));
+                }
+            }
+            pos += n;
+        }
+        Ok(extents)
+    }
+}
+
+/// Serves the transmission phase of one connection until the client disconnects, the export
+/// is closed or the server stops. In-flight requests always complete and their replies are
+/// sent before the connection closes ("the server SHOULD wait for inflight requests to be
+/// serviced prior to initiating a hard disconnect").
+pub(crate) async fn run<S>(
+    stream: S,
+    session: Session,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let export = Arc::clone(&session.export);
+    let conn = Conn {
+        node: Arc::clone(export.attachment.node()),
+        params: Params {
+            mode: session.mode,
+            size: session.size,
+            writable: export.writable(),
+            alignment: export.alignment(),
+            contexts: session.contexts,
+        },
+        export,
+    };
+    let mut closed = conn.export.closed_receiver();
+    let (rd, mut wr) = tokio::io::split(stream);
+    let mut reader = RequestReader {
+        rd,
+        buf: BytesMut::with_capacity(64 * 1024),
+        extended: conn.extended(),
+    };
+    let mut inflight = FuturesUnordered::new();
+    let mut inflight_bytes = 0usize;
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    let mut reading = !*stop.borrow() && !*closed.borrow();
+    let mut outcome: Result<(), ConnError> = Ok(());
+    loop {
+        if !reading && inflight.is_empty() && out.is_empty() {
+            break;
+        }
+        let can_read = reading
+            && inflight.len() < MAX_IN_FLIGHT
+            && inflight_bytes < IN_FLIGHT_BYTES
+            && out.len() < OUT_HIGH_WATER;
+        tokio::select! {
+            biased;
+            r = stop.changed(), if reading => {
+                if r.is_err() || *stop.borrow() {
+                    reading = false;
+                }
+            }
+            r = closed.changed(), if reading => {
+                if r.is_err() || *closed.borrow() {
+                    reading = false;
+                }
+            }
+            Some((reply, cost)) = inflight.next(), if !inflight.is_empty() => {
+                let reply: Vec<u8> = reply;
+                inflight_bytes -= cost;
+                out.extend_from_slice(&reply);
+            }
+            written = wr.write(&out), if !out.is_empty() => {
+                match written {
+                    Ok(0) => return Err(ConnError::Io(io::ErrorKind::WriteZero.into())),
+                    Ok(n) => out.advance(n),
+                    Err(e) => return Err(ConnError::Io(e)),
+                }
+            }
+            incoming = reader.next(), if can_read => {
+                match incoming {
+                    Ok(Incoming::Request { header, payload }) => {
+                        match validate(&conn.params, &header, payload) {
+                            Ok(op) => {
+                                let cost = match &op {
+                                    Op::Read { len, .. } => *len as usize,
+                                    Op::Write { data, .. } => data.len(),
+                                    _ => 0,
+                                };
+                                inflight_bytes += cost;
+                                let conn = &conn;
+                                inflight.push(async move {
+                                    (conn.execute(header, op).await, cost)
+                                });
+                            }
+                            Err(refusal) => {
+                                let mut reply = Vec::new();
+                                conn.error_reply(&mut reply, header.cookie, header.offset, &refusal);
+                                out.extend_from_slice(&reply);
+                            }
+                        }
+                    }
+                    Ok(Incoming::Oversized { header, len }) => {
+                        let refusal = refuse(
+                            NbdErrno::EINVAL,
+                            format!("len ({len}) is larger than max len ({MAX_PAYLOAD})"),
+                        );
+                        let mut reply = Vec::new();
+                        conn.error_reply(&mut reply, header.cookie, header.offset, &refusal);
+                        out.extend_from_slice(&reply);
+                        reading = false;
+                        outcome = Err(ConnError::PayloadTooLarge(len));
+                    }
+                    Ok(Incoming::Disconnect) | Ok(Incoming::Eof) => reading = false,
+                    Err(e) => {
+                        reading = false;
+                        outcome = Err(e);
+                    }
+                }
+            }
+        }
+    }
+    wr.flush().await.map_err(ConnError::Io)?;
+    let _ = wr.shutdown().await;
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Command;
+
+    fn params(mode: Mode) -> Params {
+        Params {
+            mode,
+            size: 1 << 20,
+            writable: true,
+            alignment: 1,
+            contexts: vec![MetaContext::BaseAllocation],
+        }
+    }
+
+    fn hdr(command: Command, flags: u16, offset: u64, length: u64) -> RequestHeader {
+        RequestHeader {
+            flags,
+            command,
+            cookie: 7,
+            offset,
+            length,
+        }
+    }
+
+    fn errno(r: Result<Op, Refusal>) -> NbdErrno {
+        r.expect_err("request should be refused").errno
+    }
+
+    #[test]
+    fn validation_errors() {
+        let p = params(Mode::Structured);
+        let size = p.size;
+        assert_eq!(
+            errno(validate(&p, &hdr(Command(42), 0, 0, 0), None)),
+            NbdErrno::EINVAL
+        );
+        assert_eq!(
+            errno(validate(&p, &hdr(Command::READ, 1 << 9, 0, 512), None)),
+            NbdErrno::EINVAL
+        );
+        assert_eq!(
+            errno(validate(&p, &hdr(Command::READ, 0, size - 256, 512), None)),
+            NbdErrno::EINVAL
+        );
+        let payload = BytesMut::from(&[0u8; 512][..]);
+        assert_eq!(
+            errno(validate(
+                &p,
+                &hdr(Command::WRITE, 0, size - 256, 512),
+                Some(payload)
+            )),
+            NbdErrno::ENOSPC
+        );
+        assert_eq!(
+            errno(validate(&p, &hdr(Command::WRITE_ZEROES, 0, size, 1), None)),
+            NbdErrno::ENOSPC
+        );
+        assert_eq!(
+            errno(validate(&p, &hdr(Command::TRIM, 0, size, 1), None)),
+            NbdErrno::EINVAL
+        );
+        assert_eq!(
+            errno(validate(&p, &hdr(Command::READ, 0, 0, 33 << 20), None)),
+            NbdErrno::EOVERFLOW
+        );
+        assert_eq!(
+            errno(validate(
+                &params(Mode::Simple),
+                &hdr(Command::READ, 0, 0, 33 << 20),
+                None
+            )),
+            NbdErrno::EINVAL
+        );
+        // DF is only valid once structured replies are negotiated.
+        assert!(validate(&p, &hdr(Command::READ, cmd_flags::DF, 0, 512), None).is_ok());
+        assert_eq!(
+            errno(validate(
+                &params(Mode::Simple),
+                &hdr(Command::READ, cmd_flags::DF, 0, 512),
+                None
+            )),
+            NbdErrno::EINVAL
+        );
+        // FUA is accepted on every command.
+        assert!(validate(&p, &hdr(Command::FLUSH, cmd_flags::FUA, 0, 0), None).is_ok());
+        assert_eq!(
+            errno(validate(&p, &hdr(Command::BLOCK_STATUS, 0, 0, 0), None)),
+            NbdErrno::EINVAL
+        );
+        let mut no_ctx = params(Mode::Structured);
+        no_ctx.contexts.clear();
+        assert_eq!(
+            errno(validate(
+                &no_ctx,
+                &hdr(Command::BLOCK_STATUS, 0, 0, 512),
+                None
+            )),
+            NbdErrno::EINVAL
+        );
+        let mut ro = params(Mode::Structured);
+        ro.writable = false;
+        assert_eq!(
+            errno(validate(&ro, &hdr(Command::TRIM, 0, 0, 512), None)),
+            NbdErrno::EPERM
+        );
+        let mut aligned = params(Mode::Structured);
+        aligned.alignment = 512;
+        assert_eq!(
+            errno(validate(&aligned, &hdr(Command::READ, 0, 1, 512), None)),
+            NbdErrno::EINVAL
+        );
+        assert!(validate(&aligned, &hdr(Command::READ, 0, 512, 512), None).is_ok());
+    }
+
+    #[test]
+    fn block_status_payload_form() {
+        let p = params(Mode::Extended);
+        let mut data = Vec::new();
+        data.extend_from_slice(&4096u64.to_be_bytes());
+        data.extend_from_slice(&0u32.to_be_bytes());
+        let h = hdr(
+            Command::BLOCK_STATUS,
+            cmd_flags::PAYLOAD_LEN,
+            0,
+            data.len() as u64,
+        );
+        match validate(&p, &h, Some(BytesMut::from(&data[..]))) {
+            Ok(Op::BlockStatus { len, contexts, .. }) => {
+                assert_eq!(len, 4096);
+                assert_eq!(contexts, vec![MetaContext::BaseAllocation]);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        data.extend_from_slice(&0u32.to_be_bytes());
+        assert_eq!(
+            errno(validate(&p, &h, Some(BytesMut::from(&data[..])))),
+            NbdErrno::EINVAL
+        );
+        // Without extended headers the flag is invalid.
+        assert_eq!(
+            errno(validate(&params(Mode::Structured), &h, None)),
+            NbdErrno::EINVAL
+        );
+    }
+}
