@@ -3,7 +3,7 @@
 use crate::config::{AllowOther, FuseExportConfig};
 use crate::error::FuseError;
 use crate::fs::{ExportFs, Shared};
-use crate::sys::{self, Reservation};
+use crate::sys::{self, MountKind, Reservation};
 use block_core::Attachment;
 use fuser::{Config, Session, SessionACL};
 use std::os::fd::OwnedFd;
@@ -22,6 +22,7 @@ const READER_THREADS: usize = 4;
 pub struct FuseExport {
     mountpoint: PathBuf,
     shared: Arc<Shared>,
+    kind: MountKind,
     reservation: Option<Reservation>,
     done: bool,
 }
@@ -34,7 +35,9 @@ impl FuseExport {
     /// `cfg.allow_other` says; `auto` retries without it), negotiates the protocol with the
     /// kernel and starts the reader threads. The block-layer I/O runs on `rt`.
     ///
-    /// Mounting needs `CAP_SYS_ADMIN` (root); this crate does not go through `fusermount3`.
+    /// With `CAP_SYS_ADMIN` (root) it calls `mount(2)` itself; otherwise it goes through the
+    /// setuid `fusermount3` of fuse3, as libfuse does (`allow_other` then needs
+    /// `user_allow_other` in `/etc/fuse.conf`).
     pub fn mount(
         cfg: FuseExportConfig,
         attachment: Attachment,
@@ -49,22 +52,21 @@ impl FuseExport {
         sys::check_regular_file(&cfg.mountpoint)?;
 
         let mode = if cfg.writable { 0o600 } else { 0o400 };
-        let device = sys::open_fuse_device()?;
-        let allow_other = match cfg.allow_other {
+        let (device, kind, allow_other) = match cfg.allow_other {
             AllowOther::Off => {
-                sys::mount(&cfg.mountpoint, &device, mode, false).map_err(FuseError::Mount)?;
-                false
+                let (device, kind) = sys::mount(&cfg.mountpoint, mode, false)?;
+                (device, kind, false)
             }
             AllowOther::On => {
-                sys::mount(&cfg.mountpoint, &device, mode, true).map_err(FuseError::Mount)?;
-                true
+                let (device, kind) = sys::mount(&cfg.mountpoint, mode, true)?;
+                (device, kind, true)
             }
-            AllowOther::Auto => match sys::mount(&cfg.mountpoint, &device, mode, true) {
-                Ok(()) => true,
+            AllowOther::Auto => match sys::mount(&cfg.mountpoint, mode, true) {
+                Ok((device, kind)) => (device, kind, true),
                 Err(first) => {
                     tracing::debug!(error = %first, "mounting with allow_other failed, retrying without");
-                    sys::mount(&cfg.mountpoint, &device, mode, false).map_err(FuseError::Mount)?;
-                    false
+                    let (device, kind) = sys::mount(&cfg.mountpoint, mode, false)?;
+                    (device, kind, false)
                 }
             },
         };
@@ -73,6 +75,7 @@ impl FuseExport {
         let export = FuseExport {
             mountpoint: cfg.mountpoint,
             shared: Arc::clone(&shared),
+            kind,
             reservation: Some(reservation),
             done: false,
         };
@@ -130,7 +133,7 @@ impl FuseExport {
             return Ok(());
         }
         self.done = true;
-        let detached = sys::detach(&self.mountpoint);
+        let detached = sys::detach(&self.mountpoint, self.kind);
         // The path may be exported again right away: a new mount stacks on the file below.
         drop(self.reservation.take());
         self.shared.close();

@@ -604,3 +604,67 @@ fn unmount_from_a_runtime_task_and_mmap() {
     assert!(!is_mounted(&path));
     assert!(fx.node.users().is_empty(), "{:?}", fx.node.users());
 }
+
+/// Run by `unprivileged_export_through_fusermount3` as user `nobody`; not on its own.
+#[test]
+#[ignore = "run as an unprivileged user by unprivileged_export_through_fusermount3"]
+fn unprivileged_child() {
+    assert!(!nix::unistd::geteuid().is_root(), "must run unprivileged");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("disk.raw");
+    std::fs::write(&file, b"").unwrap();
+    let driver = MemDriver::new(MIB);
+    let node = block_core::Node::new("mem0", driver.clone(), vec![]);
+    let mut cfg = FuseExportConfig::new(&file);
+    cfg.writable = true;
+    let export = FuseExport::mount(
+        cfg,
+        node.attach("export", true).unwrap(),
+        rt.handle().clone(),
+    )
+    .unwrap();
+    assert!(is_mounted(&file));
+    println!("allow_other={}", export.allow_other());
+    let handle = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&file)
+        .unwrap();
+    handle.write_all_at(b"unprivileged", 4096).unwrap();
+    assert_eq!(&driver.contents()[4096..4108], b"unprivileged");
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), MIB);
+    drop(handle);
+    export.unmount().unwrap();
+    assert!(!is_mounted(&file));
+    assert!(node.users().is_empty());
+}
+
+#[test]
+fn unprivileged_export_through_fusermount3() {
+    if !fuse_usable() || !have_tool("setpriv") || !have_tool("fusermount3") {
+        return;
+    }
+    // fusermount3 opens /dev/fuse with the user's rights: a host that keeps the device to
+    // root (mode 0600) allows no unprivileged FUSE at all, QSD's included.
+    let mode = std::fs::metadata("/dev/fuse").unwrap().permissions().mode();
+    if mode & 0o006 != 0o006 {
+        eprintln!("skipping: /dev/fuse (mode {mode:o}) is not usable by unprivileged users here");
+        return;
+    }
+    // The test binary itself, as nobody, running only the child test above.
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(exe)
+        .args(["--ignored", "--exact", "unprivileged_child", "--nocapture"])
+        .env("TMPDIR", "/tmp")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("test unprivileged_child ... ok"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
