@@ -1684,4 +1684,92 @@ mod tests {
             Err("Invalid parameter type for 'x', expected: number".to_owned())
         );
     }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn arb_key() -> impl Strategy<Value = String> {
+            prop_oneof![
+                4 => "[a-zA-Z][a-zA-Z0-9_-]{0,6}",
+                1 => "__[a-z0-9.-]{1,4}_[a-z][a-z0-9_-]{0,3}",
+            ]
+        }
+
+        fn arb_value() -> impl Strategy<Value = Value> {
+            any::<String>()
+                .prop_map(Value::String)
+                .prop_recursive(4, 48, 4, |inner| {
+                    prop_oneof![
+                        prop::collection::btree_map(arb_key(), inner.clone(), 1..4)
+                            .prop_map(|m| Value::Object(m.into_iter().collect())),
+                        prop::collection::vec(inner, 1..4).prop_map(Value::Array),
+                    ]
+                })
+        }
+
+        fn arb_object() -> impl Strategy<Value = Object> {
+            prop::collection::btree_map(arb_key(), arb_value(), 0..5)
+                .prop_map(|m| m.into_iter().collect())
+        }
+
+        /// Strings made mostly of keyval's own syntax, so that many of them parse.
+        fn keyval_like() -> impl Strategy<Value = String> {
+            "[ab0-2_.,=?x-]{0,24}"
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn any_string_ok_or_err(input in any::<String>(), implied in proptest::option::of("[a-z.]{0,6}")) {
+                let _ = parse(&input, implied.as_deref());
+                let _ = parse_with_help(&input, implied.as_deref());
+                let _ = parse_json_or_keyval(&input, implied.as_deref());
+                let _ = parse_size(&input);
+                let _ = parse_int64(&input);
+                let _ = parse_uint64(&input);
+                let _ = parse_number(&input);
+            }
+
+            #[test]
+            fn json_like_ok_or_err(input in "\\{[\"'a-z0-9:,{}\\[\\] .eE+\\\\u-]{0,30}") {
+                let _ = parse_json_or_keyval(&input, None);
+            }
+
+            #[test]
+            fn generated_maps_round_trip(map in arb_object()) {
+                let text = render(&map).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(parse(&text, None), Ok(map));
+            }
+
+            #[test]
+            fn parsed_maps_round_trip(input in keyval_like(), implied in proptest::option::of("[a-z]{1,3}")) {
+                if let Ok(map) = parse(&input, implied.as_deref()) {
+                    let text = render(&map).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    prop_assert_eq!(parse(&text, None), Ok(map));
+                }
+            }
+
+            #[test]
+            fn json_text_of_generated_maps_parses_back(map in arb_object()) {
+                let text = serde_json::to_string(&map).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(parse_json_or_keyval(&text, None), Ok(map));
+            }
+
+            #[test]
+            fn sizes_with_suffix(v in 0u64..(1 << 40), s in 0usize..5) {
+                let suffix = ["", "k", "M", "G", "T"][s];
+                let text = format!("{v}{suffix}");
+                prop_assert_eq!(parse_size(&text), v.checked_mul(1 << (10 * s)));
+            }
+
+            #[test]
+            fn integers_round_trip(v in any::<i64>()) {
+                prop_assert_eq!(parse_int64(&v.to_string()), Some(v));
+                prop_assert_eq!(parse_int64(&format!("{:#x}", v.unsigned_abs())).map(i128::from),
+                    i64::try_from(v.unsigned_abs()).ok().map(i128::from));
+            }
+        }
+    }
 }
