@@ -1,0 +1,758 @@
+//! Authorization objects: `authz-simple`, `authz-list` and `authz-listfile`, as QEMU's
+//! `authz/*.c` define them (`qapi/authz.json`), and [`authorize`], the check an NBD server runs
+//! on a TLS client's certificate when `tls-authz` names one of them.
+//!
+//! For TLS clients the identity is the x509 distinguished name of the client's certificate,
+//! as [`crate::tls::distinguished_name`] formats it, e.g. `C=GB,O=Example,CN=client`.
+//!
+//! `glob` rules match as GLib's `g_pattern_match_simple`, which QEMU 10.0 uses: `*` matches
+//! any text (also empty, also `/`), `?` exactly one character; every other character,
+//! `[` and `\` included, matches itself.
+//!
+//! `authz-listfile` with `refresh` (the default) reads its file again at each check (a small
+//! file, read once per client connection) and reparses it when its contents changed, so an
+//! edit, or an editor's rename over it, takes effect for the next client without a restart;
+//! QEMU uses inotify to the same effect. A file that fails to load denies
+//! everyone until it loads again, as in QEMU; a file that disappears keeps the rules it had.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use serde_json::{Map, Value};
+use thiserror::Error;
+
+use crate::tls::props::{PropertyError, Props};
+
+/// An error creating or consulting an authorization object. Use
+/// [`AuthzError::qemu_message`] for the full text with its cause.
+#[derive(Debug, Error)]
+pub enum AuthzError {
+    /// A property is missing, unexpected or has a bad value.
+    #[error(transparent)]
+    Property(#[from] PropertyError),
+    /// The rules file cannot be read.
+    #[error("Unable to read '{}'", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The rules file is not JSON.
+    #[error("JSON parse error in '{}'", path.display())]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The rules file holds JSON that is not an object.
+    #[error("File '{}' must contain a JSON object", path.display())]
+    NotObject {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A relative `filename` without a directory, with `refresh` on.
+    #[error("Filename must be an absolute path")]
+    RelativePath,
+    /// A `filename` ending in `.`, with `refresh` on.
+    #[error("Path has no trailing filename component")]
+    NoFilename,
+    /// A QOM type that is not an authorization object this daemon provides.
+    #[error("Object type '{0}' is not supported by this version of blockexportd")]
+    UnsupportedType(String),
+}
+
+impl AuthzError {
+    /// The message as QEMU prints it, cause included (see [`crate::tls::TlsError::qemu_message`]).
+    pub fn qemu_message(&self) -> String {
+        crate::tls::error_chain(self)
+    }
+}
+
+/// An authorization object: decides whether an identity may connect.
+pub trait Authz: Send + Sync + fmt::Debug {
+    /// Whether `identity` is allowed.
+    fn is_allowed(&self, identity: &str) -> Result<bool, AuthzError>;
+    /// The object's id.
+    fn id(&self) -> &str;
+    /// The QOM type name (`authz-simple`, ...).
+    fn qom_type(&self) -> &'static str;
+}
+
+/// Whether `qom_type` names an authorization object type.
+pub fn is_authz_type(qom_type: &str) -> bool {
+    matches!(
+        qom_type,
+        "authz-simple" | "authz-list" | "authz-listfile" | "authz-pam"
+    )
+}
+
+/// Creates the authorization object of type `qom_type` from `object-add`/`--object`
+/// properties (`id` included, `qom-type` not). Values may be JSON-typed or keyval strings;
+/// `rules` is a list of objects (keyval `rules.0.match=...` arrives as such a list).
+pub fn create(qom_type: &str, props: &Map<String, Value>) -> Result<Arc<dyn Authz>, AuthzError> {
+    Ok(match qom_type {
+        "authz-simple" => Arc::new(AuthzSimple::from_props(props)?),
+        "authz-list" => Arc::new(AuthzList::from_props(props)?),
+        "authz-listfile" => Arc::new(AuthzListFile::from_props(props)?),
+        _ => return Err(AuthzError::UnsupportedType(qom_type.to_string())),
+    })
+}
+
+/// `authz-simple`: allows exactly one identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthzSimple {
+    id: String,
+    identity: String,
+}
+
+impl AuthzSimple {
+    /// Allows `identity` only.
+    pub fn new(id: impl Into<String>, identity: impl Into<String>) -> Self {
+        AuthzSimple {
+            id: id.into(),
+            identity: identity.into(),
+        }
+    }
+
+    /// From properties `id` and `identity` (both required).
+    pub fn from_props(props: &Map<String, Value>) -> Result<Self, AuthzError> {
+        let mut p = Props::new(props);
+        let id = p.required_str("id")?;
+        let identity = p.required_str("identity")?;
+        p.finish()?;
+        Ok(AuthzSimple::new(id, identity))
+    }
+
+    /// The allowed identity.
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+}
+
+impl Authz for AuthzSimple {
+    fn is_allowed(&self, identity: &str) -> Result<bool, AuthzError> {
+        Ok(identity == self.identity)
+    }
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn qom_type(&self) -> &'static str {
+        "authz-simple"
+    }
+}
+
+/// `QAuthZListPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Policy {
+    /// Deny access (the default policy of a list).
+    #[default]
+    Deny,
+    /// Allow access.
+    Allow,
+}
+
+impl Policy {
+    fn parse(p: &mut Props<'_>, key: &'static str) -> Result<Option<Policy>, PropertyError> {
+        Ok(p.opt_enum(key, &["deny", "allow"])?.map(|s| {
+            if s == "allow" {
+                Policy::Allow
+            } else {
+                Policy::Deny
+            }
+        }))
+    }
+}
+
+/// `QAuthZListFormat`: how a rule's `match` is compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// The identity must equal `match` (the default).
+    #[default]
+    Exact,
+    /// `match` is a glob with `*` and `?` (see the module doc).
+    Glob,
+}
+
+/// `QAuthZListRule`: one rule of a list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// The identity or glob to match.
+    pub matches: String,
+    /// The result when the rule matches.
+    pub policy: Policy,
+    /// How `matches` is compared.
+    pub format: Format,
+}
+
+impl Rule {
+    /// Whether the rule matches `identity`.
+    pub fn is_match(&self, identity: &str) -> bool {
+        match self.format {
+            Format::Exact => self.matches == identity,
+            Format::Glob => glob_match(&self.matches, identity),
+        }
+    }
+}
+
+/// The rules of a list, read from the properties `policy` and `rules`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RuleSet {
+    /// The result when no rule matches.
+    pub policy: Policy,
+    /// The rules, first match wins.
+    pub rules: Vec<Rule>,
+}
+
+impl RuleSet {
+    /// The first matching rule's policy, else the default policy.
+    pub fn is_allowed(&self, identity: &str) -> bool {
+        let policy = self
+            .rules
+            .iter()
+            .find(|r| r.is_match(identity))
+            .map_or(self.policy, |r| r.policy);
+        policy == Policy::Allow
+    }
+
+    /// Reads `policy` and `rules` from `p` (the caller finishes `p`).
+    fn read<'a>(p: &mut Props<'a>) -> Result<RuleSet, PropertyError> {
+        let policy = Policy::parse(p, "policy")?.unwrap_or_default();
+        let mut rules = Vec::new();
+        match p.get("rules") {
+            None => {}
+            Some(Value::Array(items)) => {
+                for (i, item) in items.iter().enumerate() {
+                    let Value::Object(obj) = item else {
+                        return Err(PropertyError::Type {
+                            name: format!("rules[{i}]"),
+                            expected: "object",
+                        });
+                    };
+                    let prefix = format!("rules[{i}].");
+                    let mut rp = Props::with_prefix(obj, &prefix);
+                    let matches = rp.required_str("match")?;
+                    let policy = Policy::parse(&mut rp, "policy")?
+                        .ok_or_else(|| PropertyError::Missing(format!("{prefix}policy")))?;
+                    let format = match rp.opt_enum("format", &["exact", "glob"])? {
+                        Some("glob") => Format::Glob,
+                        _ => Format::Exact,
+                    };
+                    rp.finish()?;
+                    rules.push(Rule {
+                        matches,
+                        policy,
+                        format,
+                    });
+                }
+            }
+            Some(_) => {
+                return Err(PropertyError::Type {
+                    name: "rules".into(),
+                    expected: "array",
+                })
+            }
+        }
+        Ok(RuleSet { policy, rules })
+    }
+}
+
+/// `authz-list`: an ordered list of rules and a default policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthzList {
+    id: String,
+    rules: RuleSet,
+}
+
+impl AuthzList {
+    /// A list with these rules.
+    pub fn new(id: impl Into<String>, rules: RuleSet) -> Self {
+        AuthzList {
+            id: id.into(),
+            rules,
+        }
+    }
+
+    /// From properties `id` (required), `policy` (default `deny`) and `rules` (default none).
+    pub fn from_props(props: &Map<String, Value>) -> Result<Self, AuthzError> {
+        let mut p = Props::new(props);
+        let id = p.required_str("id")?;
+        let rules = RuleSet::read(&mut p)?;
+        p.finish()?;
+        Ok(AuthzList::new(id, rules))
+    }
+
+    /// The rules.
+    pub fn rules(&self) -> &RuleSet {
+        &self.rules
+    }
+}
+
+impl Authz for AuthzList {
+    fn is_allowed(&self, identity: &str) -> Result<bool, AuthzError> {
+        Ok(self.rules.is_allowed(identity))
+    }
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn qom_type(&self) -> &'static str {
+        "authz-list"
+    }
+}
+
+#[derive(Debug)]
+struct FileState {
+    /// The file's contents when last read; `None` while it is missing.
+    contents: Option<Vec<u8>>,
+    /// `None` after a failed reload: everyone is denied until the file loads again.
+    rules: Option<RuleSet>,
+}
+
+/// `authz-listfile`: an `authz-list` whose `policy` and `rules` come from a JSON file
+/// (`{"policy": "deny", "rules": [{"match": "...", "policy": "allow", "format": "glob"}]}`).
+#[derive(Debug)]
+pub struct AuthzListFile {
+    id: String,
+    filename: PathBuf,
+    refresh: bool,
+    state: Mutex<FileState>,
+}
+
+impl AuthzListFile {
+    /// Loads `filename`; with `refresh`, later edits of the file take effect at the next check.
+    pub fn new(
+        id: impl Into<String>,
+        filename: impl Into<PathBuf>,
+        refresh: bool,
+    ) -> Result<Self, AuthzError> {
+        let filename = filename.into();
+        let contents = read_rules_file(&filename)?;
+        let rules = parse_rules(&filename, &contents)?;
+        if refresh {
+            // QEMU's checks on the watched path, made after the first load as QEMU does.
+            let dir = match filename.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            if dir == Path::new(".") {
+                return Err(AuthzError::RelativePath);
+            }
+            let text = filename.to_string_lossy();
+            if text.ends_with("/.") {
+                return Err(AuthzError::NoFilename);
+            }
+        }
+        Ok(AuthzListFile {
+            id: id.into(),
+            filename,
+            refresh,
+            state: Mutex::new(FileState {
+                contents: Some(contents),
+                rules: Some(rules),
+            }),
+        })
+    }
+
+    /// From properties `id`, `filename` (both required) and `refresh` (default true).
+    pub fn from_props(props: &Map<String, Value>) -> Result<Self, AuthzError> {
+        let mut p = Props::new(props);
+        let id = p.required_str("id")?;
+        let filename = p.required_str("filename")?;
+        let refresh = p.opt_bool("refresh")?.unwrap_or(true);
+        p.finish()?;
+        AuthzListFile::new(id, filename, refresh)
+    }
+
+    /// The rules file.
+    pub fn filename(&self) -> &Path {
+        &self.filename
+    }
+
+    /// Reloads the rules if the file's contents changed since they were last read.
+    fn refresh(&self, state: &mut FileState) {
+        let Ok(contents) = std::fs::read(&self.filename) else {
+            // Gone (or unreadable): keep the rules until the file can be read again, as
+            // QEMU, which reloads on modification or creation only.
+            state.contents = None;
+            return;
+        };
+        if state.contents.as_deref() == Some(contents.as_slice()) {
+            return;
+        }
+        let parsed = parse_rules(&self.filename, &contents);
+        state.contents = Some(contents);
+        match parsed {
+            Ok(rules) => {
+                tracing::debug!(id = %self.id, file = %self.filename.display(), "authz rules reloaded");
+                state.rules = Some(rules);
+            }
+            Err(e) => {
+                tracing::error!(
+                    id = %self.id,
+                    "{}; denying every client until the file loads again",
+                    e.qemu_message()
+                );
+                state.rules = None;
+            }
+        }
+    }
+}
+
+impl Authz for AuthzListFile {
+    fn is_allowed(&self, identity: &str) -> Result<bool, AuthzError> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.refresh {
+            self.refresh(&mut state);
+        }
+        Ok(state
+            .rules
+            .as_ref()
+            .is_some_and(|rules| rules.is_allowed(identity)))
+    }
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn qom_type(&self) -> &'static str {
+        "authz-listfile"
+    }
+}
+
+fn read_rules_file(path: &Path) -> Result<Vec<u8>, AuthzError> {
+    std::fs::read(path).map_err(|source| AuthzError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Parses a rules file as QEMU's `qauthz_list_file_load` does.
+fn parse_rules(path: &Path, text: &[u8]) -> Result<RuleSet, AuthzError> {
+    let value: Value = serde_json::from_slice(text).map_err(|source| AuthzError::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let Value::Object(map) = value else {
+        return Err(AuthzError::NotObject {
+            path: path.to_path_buf(),
+        });
+    };
+    let mut p = Props::new(&map);
+    let rules = RuleSet::read(&mut p)?;
+    p.finish()?;
+    Ok(rules)
+}
+
+/// GLib's `g_pattern_match_simple`: `*` matches any run of characters (also none), `?` any
+/// one character, anything else itself.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0usize, 0usize);
+    // Where the last `*` was, and the text position it is currently made to cover up to.
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        match p.get(pi) {
+            Some('*') => {
+                star = Some((pi, ti));
+                pi += 1;
+            }
+            Some(&c) if c == '?' || c == t[ti] => {
+                pi += 1;
+                ti += 1;
+            }
+            _ => match star {
+                // Let the last `*` take one more character and try again.
+                Some((sp, st)) => {
+                    pi = sp + 1;
+                    ti = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// Checks a TLS client after its handshake, as QEMU's TLS session does when the server's
+/// credentials verify peers and `tls-authz` is set: takes the client's certificate (the
+/// first of its chain), formats its distinguished name and asks `authz`.
+///
+/// `authz` is `None` when `tls-authz` names no existing object: access is denied ("If
+/// missing, it will default to denying access"). Returns the DN when allowed, and otherwise
+/// the reason in QEMU's words (e.g. `TLS x509 authz check for C=GB,CN=x is denied`), for
+/// the server to log.
+pub fn authorize(
+    authz: Option<&dyn Authz>,
+    peer_cert_der: Option<&[u8]>,
+) -> Result<String, String> {
+    let cert = peer_cert_der.ok_or_else(|| "No certificate peers".to_string())?;
+    let dn = crate::tls::distinguished_name(cert)
+        .map_err(|e| format!("Cannot get client distinguished name: {e}"))?;
+    let allowed = match authz {
+        Some(a) => a.is_allowed(&dn).map_err(|e| e.qemu_message())?,
+        None => false,
+    };
+    if allowed {
+        Ok(dn)
+    } else {
+        Err(format!("TLS x509 authz check for {dn} is denied"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::tests::{have_tool, make_pki, props, KeyKind, TempDir, CLIENT_DN};
+
+    #[test]
+    fn glob_is_glib_pattern_match_simple() {
+        let cases: &[(&str, &str, bool)] = &[
+            ("", "", true),
+            ("", "a", false),
+            ("*", "", true),
+            ("*", "anything, at/all", true),
+            ("?", "", false),
+            ("?", "a", true),
+            ("?", "\u{e9}", true), // one character, two bytes
+            ("??", "\u{e9}", false),
+            ("a*b", "ab", true),
+            ("a*b", "axxb", true),
+            ("a*b", "axxbc", false),
+            ("a*b*c", "abbbcbc", true),
+            ("*a", "bbba", true),
+            ("*a", "bbab", false),
+            ("C=GB,*,CN=*", "C=GB,O=Example,CN=client", true),
+            ("C=GB,*,CN=*", "C=FR,O=Example,CN=client", false),
+            // No bracket classes and no escapes: QEMU 10.0 refused `[C]=GB*` for `C=GB,...`.
+            ("[C]=GB*", "C=GB,O=x", false),
+            ("[C]=GB*", "[C]=GB,O=x", true),
+            ("a\\*", "a\\bc", true),
+            ("a\\*", "a*", false),
+            ("**a**", "a", true),
+        ];
+        for (p, t, want) in cases {
+            assert_eq!(glob_match(p, t), *want, "pattern {p:?} text {t:?}");
+        }
+    }
+
+    fn list(json: &str) -> AuthzList {
+        let v: Value = serde_json::from_str(json).unwrap();
+        let Value::Object(m) = v else { panic!() };
+        AuthzList::from_props(&m).unwrap()
+    }
+
+    #[test]
+    fn list_first_matching_rule_wins_then_default_policy() {
+        let l = list(
+            r#"{"id": "a", "rules": [
+                {"match": "CN=bad", "policy": "deny"},
+                {"match": "CN=*", "policy": "allow", "format": "glob"},
+                {"match": "CN=good", "policy": "deny"}
+            ]}"#,
+        );
+        assert!(!l.is_allowed("CN=bad").unwrap());
+        assert!(l.is_allowed("CN=good").unwrap());
+        assert!(l.is_allowed("CN=other").unwrap());
+        // No rule matches: the default policy, deny.
+        assert!(!l.is_allowed("O=x").unwrap());
+        // An exact rule does not glob.
+        let l = list(
+            r#"{"id": "a", "policy": "allow", "rules": [{"match": "CN=*", "policy": "deny"}]}"#,
+        );
+        assert!(!l.is_allowed("CN=*").unwrap());
+        assert!(l.is_allowed("CN=x").unwrap());
+        assert_eq!(l.id(), "a");
+        assert_eq!(l.qom_type(), "authz-list");
+    }
+
+    #[test]
+    fn keyval_strings_and_qemu_errors() {
+        // As the command line's keyval parser delivers `rules.0.match=...`.
+        let mut m = props(&[("id", "a"), ("policy", "allow")]);
+        m.insert(
+            "rules".into(),
+            serde_json::json!([{"match": "C=GB,*", "policy": "deny", "format": "glob"}]),
+        );
+        let l = create("authz-list", &m).unwrap();
+        assert!(!l.is_allowed("C=GB,CN=x").unwrap());
+        assert!(l.is_allowed("C=FR,CN=x").unwrap());
+
+        let err = |t: &str, m: Map<String, Value>| create(t, &m).unwrap_err().qemu_message();
+        assert_eq!(
+            err("authz-simple", props(&[("id", "a")])),
+            "Parameter 'identity' is missing"
+        );
+        assert_eq!(
+            err("authz-list", props(&[("id", "a"), ("policy", "foo")])),
+            "Parameter 'policy' does not accept value 'foo'"
+        );
+        let mut m = props(&[("id", "a")]);
+        m.insert("rules".into(), serde_json::json!([{"match": "x"}]));
+        assert_eq!(
+            err("authz-list", m),
+            "Parameter 'rules[0].policy' is missing"
+        );
+        let mut m = props(&[("id", "a")]);
+        m.insert(
+            "rules".into(),
+            serde_json::json!([{"match": "x", "policy": "allow", "format": "regex"}]),
+        );
+        assert_eq!(
+            err("authz-list", m),
+            "Parameter 'rules[0].format' does not accept value 'regex'"
+        );
+        assert_eq!(
+            err("authz-listfile", props(&[("id", "a")])),
+            "Parameter 'filename' is missing"
+        );
+        assert_eq!(
+            err(
+                "authz-simple",
+                props(&[("id", "a"), ("identity", "x"), ("foo", "1")])
+            ),
+            "Parameter 'foo' is unexpected"
+        );
+        assert!(err("authz-pam", props(&[("id", "a"), ("service", "x")])).contains("not supported"));
+        assert!(is_authz_type("authz-pam") && !is_authz_type("iothread"));
+
+        let s = create(
+            "authz-simple",
+            &props(&[("id", "s"), ("identity", "C=GB,O=Example,CN=client")]),
+        )
+        .unwrap();
+        assert!(s.is_allowed("C=GB,O=Example,CN=client").unwrap());
+        assert!(!s.is_allowed("C=GB,O=Example,CN=client2").unwrap());
+        assert!(!s.is_allowed("CN=client,O=Example,C=GB").unwrap());
+    }
+
+    #[test]
+    fn listfile_errors_at_creation() {
+        let tmp = TempDir::new();
+        let f = tmp.path().join("acl.json");
+        let fs = f.display().to_string();
+        let err = |p: &[(&str, &str)]| {
+            create("authz-listfile", &props(p))
+                .unwrap_err()
+                .qemu_message()
+        };
+        assert_eq!(
+            err(&[("id", "a"), ("filename", &fs)]),
+            format!("Unable to read '{fs}': No such file or directory")
+        );
+        std::fs::write(&f, "{\"policy\": ").unwrap();
+        assert!(err(&[("id", "a"), ("filename", &fs)])
+            .starts_with(&format!("JSON parse error in '{fs}': ")));
+        std::fs::write(&f, "[]").unwrap();
+        assert_eq!(
+            err(&[("id", "a"), ("filename", &fs)]),
+            format!("File '{fs}' must contain a JSON object")
+        );
+        std::fs::write(&f, r#"{"policy": "allow", "bogus": 1}"#).unwrap();
+        assert_eq!(
+            err(&[("id", "a"), ("filename", &fs)]),
+            "Parameter 'bogus' is unexpected"
+        );
+        // A relative name is refused when the file is watched (QEMU's check), not otherwise.
+        let cwd_file = format!("blockexportd-authz-test-{}.json", std::process::id());
+        std::fs::write(&cwd_file, r#"{"policy": "allow"}"#).unwrap();
+        let watched = err(&[("id", "a"), ("filename", &cwd_file)]);
+        let unwatched = create(
+            "authz-listfile",
+            &props(&[("id", "a"), ("filename", &cwd_file), ("refresh", "off")]),
+        );
+        let _ = std::fs::remove_file(&cwd_file);
+        assert_eq!(watched, "Filename must be an absolute path");
+        assert!(unwatched.unwrap().is_allowed("x").unwrap());
+    }
+
+    #[test]
+    fn listfile_reloads_after_an_edit_and_denies_while_broken() {
+        let tmp = TempDir::new();
+        let f = tmp.path().join("acl.json");
+        let fs = f.display().to_string();
+        std::fs::write(
+            &f,
+            r#"{"policy": "deny", "rules": [{"match": "CN=alice", "policy": "allow"}]}"#,
+        )
+        .unwrap();
+        let a = create("authz-listfile", &props(&[("id", "a"), ("filename", &fs)])).unwrap();
+        let frozen = create(
+            "authz-listfile",
+            &props(&[("id", "b"), ("filename", &fs), ("refresh", "no")]),
+        )
+        .unwrap();
+        assert!(a.is_allowed("CN=alice").unwrap());
+        assert!(!a.is_allowed("CN=bob").unwrap());
+
+        // An edit in place, of the same size.
+        std::fs::write(
+            &f,
+            r#"{"policy": "deny", "rules": [{"match": "CN=bob??", "policy": "allow"}]}"#,
+        )
+        .unwrap();
+        assert!(!a.is_allowed("CN=alice").unwrap());
+        assert!(a.is_allowed("CN=bob").unwrap() == glob_match("CN=bob??", "CN=bob"));
+        assert!(a.is_allowed("CN=bob??").unwrap());
+
+        // An editor's write-and-rename.
+        let tmpf = tmp.path().join("acl.json.new");
+        std::fs::write(&tmpf, r#"{"policy": "allow", "rules": [{"match": "CN=e*", "policy": "deny", "format": "glob"}]}"#).unwrap();
+        std::fs::rename(&tmpf, &f).unwrap();
+        assert!(!a.is_allowed("CN=eve").unwrap());
+        assert!(a.is_allowed("CN=bob??").unwrap());
+
+        // A broken file denies everyone until it is fixed.
+        std::fs::write(&f, "{not json").unwrap();
+        assert!(!a.is_allowed("CN=bob??").unwrap());
+        std::fs::write(&f, r#"{"policy": "allow"}"#).unwrap();
+        assert!(a.is_allowed("CN=anyone").unwrap());
+
+        // Without refresh, the rules read at creation stay.
+        assert!(frozen.is_allowed("CN=alice").unwrap());
+        assert!(!frozen.is_allowed("CN=anyone").unwrap());
+    }
+
+    #[test]
+    fn authorize_checks_the_dn_of_the_peer_certificate() {
+        if !have_tool("certtool") || !have_tool("openssl") {
+            return;
+        }
+        let pki = make_pki(KeyKind::RsaPkcs1);
+        use rustls::pki_types::{pem::PemObject, CertificateDer};
+        let cert = CertificateDer::from_pem_file(pki.client_dir.join("client-cert.pem")).unwrap();
+
+        let ok = AuthzSimple::new("a", CLIENT_DN);
+        assert_eq!(authorize(Some(&ok), Some(&cert)), Ok(CLIENT_DN.to_string()));
+
+        let other = AuthzSimple::new("a", "CN=someone else");
+        assert_eq!(
+            authorize(Some(&other), Some(&cert)),
+            Err(format!("TLS x509 authz check for {CLIENT_DN} is denied"))
+        );
+        // tls-authz names no object: denied.
+        assert_eq!(
+            authorize(None, Some(&cert)),
+            Err(format!("TLS x509 authz check for {CLIENT_DN} is denied"))
+        );
+        // No certificate at all.
+        assert_eq!(
+            authorize(Some(&ok), None),
+            Err("No certificate peers".to_string())
+        );
+        // A glob over the DN.
+        let l = list(
+            r#"{"id": "l", "rules": [{"match": "C=GB,*,O=Example\\, Inc.,*", "policy": "allow", "format": "glob"}]}"#,
+        );
+        assert!(authorize(Some(&l), Some(&cert)).is_ok());
+    }
+}

@@ -1,0 +1,2487 @@
+//! TLS credentials objects: `tls-creds-x509` (and a clear refusal of `tls-creds-psk` and
+//! `tls-creds-anon`), as qemu-storage-daemon creates them with `--object`/`object-add`.
+//!
+//! A `tls-creds-x509` object reads its PEM files from the directory `dir` at creation, checks
+//! them as QEMU's `crypto/tlscredsx509.c` does (`sanity-check`), and keeps a ready
+//! [`rustls::ServerConfig`] (endpoint `server`) or [`rustls::ClientConfig`] (endpoint
+//! `client`). Files, by endpoint:
+//!
+//! | endpoint | required | optional |
+//! |---|---|---|
+//! | `server` | `ca-cert.pem`, `server-cert.pem`, `server-key.pem` | `ca-crl.pem`, `dh-params.pem` (ignored: rustls only does ECDHE) |
+//! | `client` | `ca-cert.pem` | `client-cert.pem` + `client-key.pem` |
+//!
+//! Keys may be PKCS#1 (`RSA PRIVATE KEY`), PKCS#8 (`PRIVATE KEY`) or SEC1 (`EC PRIVATE KEY`)
+//! PEM, RSA or ECDSA. Encrypted keys (`passwordid`) are refused.
+//!
+//! Differences from QEMU, which uses GnuTLS:
+//! - `priority` is accepted and ignored: rustls has no GnuTLS priority strings; it always
+//!   offers TLS 1.3 and TLS 1.2 with its safe defaults (ECDHE, AEAD ciphers only).
+//! - A server with `verify-peer=on` refuses a client without a certificate signed by the CA
+//!   during the handshake; QEMU completes the handshake and then drops the client. Either
+//!   way the client is refused before any NBD data. With `verify-peer=off` the server asks
+//!   for no certificate (QEMU asks, but never looks at the answer).
+//!
+//! The client's identity for `tls-authz` is [`distinguished_name`] of its certificate, in
+//! GnuTLS's legacy order (as `gnutls_x509_crt_get_dn` gives it to QEMU), e.g.
+//! `C=GB,O=Example,CN=client`.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
+};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig};
+use serde_json::{Map, Value};
+use thiserror::Error;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::prelude::FromDer;
+
+pub use dn::{distinguished_name, DnError};
+pub use props::PropertyError;
+
+/// File names inside `dir`, as QEMU names them (`crypto/tlscredsx509.h`).
+pub mod files {
+    /// The CA certificate(s) that sign the peers' certificates.
+    pub const CA_CERT: &str = "ca-cert.pem";
+    /// An optional certificate revocation list (server endpoint).
+    pub const CA_CRL: &str = "ca-crl.pem";
+    /// The server's certificate (chain).
+    pub const SERVER_CERT: &str = "server-cert.pem";
+    /// The server's private key.
+    pub const SERVER_KEY: &str = "server-key.pem";
+    /// The client's certificate (chain).
+    pub const CLIENT_CERT: &str = "client-cert.pem";
+    /// The client's private key.
+    pub const CLIENT_KEY: &str = "client-key.pem";
+    /// Diffie-Hellman parameters: checked for access, otherwise ignored.
+    pub const DH_PARAMS: &str = "dh-params.pem";
+}
+
+/// An error creating or using TLS credentials. Messages are QEMU's where QEMU has one; use
+/// [`TlsError::qemu_message`] for the full text QEMU would print (cause included).
+#[derive(Debug, Error)]
+pub enum TlsError {
+    /// A property is missing, unexpected or has a bad value.
+    #[error(transparent)]
+    Property(#[from] PropertyError),
+    /// No `dir` property.
+    #[error("Missing 'dir' property value")]
+    MissingDir,
+    /// A credentials file cannot be stat'ed (required, or present but inaccessible).
+    #[error("Unable to access credentials {}", path.display())]
+    Access {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A file could not be read.
+    #[error("Cannot read {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The CA file holds no usable certificate.
+    #[error("Unable to import CA certificate list {}", path.display())]
+    CaList {
+        /// The file.
+        path: PathBuf,
+        /// Why, if known.
+        #[source]
+        source: Option<PemError>,
+    },
+    /// A CA certificate that rustls does not accept as a trust anchor.
+    #[error("Cannot load CA certificate '{}'", path.display())]
+    CaCert {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: rustls::Error,
+    },
+    /// Our own certificate cannot be parsed.
+    #[error("Unable to import {} certificate {}", if *server { "server" } else { "client" }, path.display())]
+    CertImport {
+        /// Whether it is a server certificate.
+        server: bool,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: PemError,
+    },
+    /// A certificate failed QEMU's sanity checks (`sanity-check=on`).
+    #[error("{0}")]
+    Sanity(String),
+    /// The certificate and key cannot be used together.
+    #[error("Cannot load certificate '{}' & key '{}'", cert.display(), key.display())]
+    CertKey {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+        /// Why.
+        #[source]
+        source: CertKeyError,
+    },
+    /// The CRL file could not be used.
+    #[error("Cannot load CRL '{}'", path.display())]
+    Crl {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: CertKeyError,
+    },
+    /// `passwordid` (an encrypted private key) is not supported.
+    #[error("tls-creds-x509 property 'passwordid' is not supported: encrypted private keys cannot be loaded, store '{}' decrypted", key.display())]
+    PasswordUnsupported {
+        /// The key file.
+        key: PathBuf,
+    },
+    /// A credentials type that rustls cannot provide.
+    #[error("{qom_type} is not supported: {why}; use tls-creds-x509")]
+    UnsupportedType {
+        /// The QOM type.
+        qom_type: String,
+        /// Why.
+        why: &'static str,
+    },
+    /// The credentials are for the other endpoint (QEMU's `qcrypto_tls_creds_check_endpoint`).
+    #[error("Expected TLS credentials for a {expected} endpoint")]
+    WrongEndpoint {
+        /// The endpoint the caller needs.
+        expected: Endpoint,
+    },
+    /// A host name that is neither a DNS name nor an IP address.
+    #[error("Invalid TLS hostname '{0}'")]
+    BadHostname(String),
+    /// rustls refused to build a configuration.
+    #[error("Cannot set up TLS")]
+    Config(#[source] rustls::Error),
+}
+
+impl TlsError {
+    /// The message as QEMU prints it: this error's text, then its causes, joined by `": "`,
+    /// with operating-system errors worded as `strerror` words them (no "(os error N)").
+    pub fn qemu_message(&self) -> String {
+        error_chain(self)
+    }
+}
+
+/// Renders an error and its causes as `msg: cause: cause`, OS errors without "(os error N)".
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(cause) = cur {
+        let text = match cause.downcast_ref::<io::Error>() {
+            Some(io_err) => strerror(io_err),
+            None => cause.to_string(),
+        };
+        out.push_str(": ");
+        out.push_str(&text);
+        cur = cause.source();
+    }
+    out
+}
+
+/// `strerror`-like text of an I/O error: Rust's text without its " (os error N)" suffix.
+pub(crate) fn strerror(err: &io::Error) -> String {
+    let text = err.to_string();
+    match (err.raw_os_error(), text.rfind(" (os error ")) {
+        (Some(_), Some(pos)) => text[..pos].to_string(),
+        _ => text,
+    }
+}
+
+/// A PEM file's contents could not be used.
+#[derive(Debug, Error)]
+pub enum PemError {
+    /// Malformed PEM.
+    #[error("{0}")]
+    Pem(String),
+    /// No section of the expected kind.
+    #[error("No certificate was found")]
+    NoCertificate,
+    /// No private key section.
+    #[error("No private key was found")]
+    NoKey,
+    /// The key is encrypted.
+    #[error("The private key is encrypted (passwordid is not supported)")]
+    EncryptedKey,
+    /// The certificate is not valid X.509 DER.
+    #[error("{0}")]
+    X509(String),
+}
+
+impl From<rustls::Error> for CertKeyError {
+    fn from(e: rustls::Error) -> Self {
+        match e {
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                CertKeyError::KeyMismatch
+            }
+            e => CertKeyError::Rustls(e),
+        }
+    }
+}
+
+impl From<pem::Error> for PemError {
+    fn from(e: pem::Error) -> Self {
+        PemError::Pem(format!("{e:?}"))
+    }
+}
+
+/// Why a certificate and key (or a CRL) could not be used.
+#[derive(Debug, Error)]
+pub enum CertKeyError {
+    /// The PEM files are unusable.
+    #[error(transparent)]
+    Pem(#[from] PemError),
+    /// The key is not the certificate's (GnuTLS's wording).
+    #[error("The certificate and the given key do not match.")]
+    KeyMismatch,
+    /// rustls refused them.
+    #[error("{0}")]
+    Rustls(rustls::Error),
+    /// The verifier could not be built.
+    #[error("{0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
+/// Which side of a TLS connection the credentials are for (`QCryptoTLSCredsEndpoint`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Endpoint {
+    /// A TLS server (default).
+    #[default]
+    Server,
+    /// A TLS client.
+    Client,
+}
+
+impl Endpoint {
+    /// The QAPI name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::Server => "server",
+            Endpoint::Client => "client",
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The properties of a `tls-creds-x509` object (`TlsCredsX509Properties` in QAPI).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsCredsX509Options {
+    /// The object's id.
+    pub id: String,
+    /// The directory holding the PEM files (required to load anything).
+    pub dir: Option<PathBuf>,
+    /// Server or client credentials.
+    pub endpoint: Endpoint,
+    /// Whether to verify the peer's certificate (default true).
+    pub verify_peer: bool,
+    /// A GnuTLS priority string: accepted and ignored.
+    pub priority: Option<String>,
+    /// Whether to run QEMU's checks on the certificates at creation (default true).
+    pub sanity_check: bool,
+    /// Id of a secret holding the key's password: refused.
+    pub passwordid: Option<String>,
+}
+
+impl TlsCredsX509Options {
+    /// Defaults for object `id` (endpoint server, verify-peer and sanity-check on).
+    pub fn new(id: impl Into<String>) -> Self {
+        TlsCredsX509Options {
+            id: id.into(),
+            dir: None,
+            endpoint: Endpoint::Server,
+            verify_peer: true,
+            priority: None,
+            sanity_check: true,
+            passwordid: None,
+        }
+    }
+
+    /// Reads the properties of `object-add`/`--object` (without `qom-type`). Values may be
+    /// JSON-typed (QMP) or strings (command line keyval: `on`/`off` for booleans).
+    pub fn from_props(props: &Map<String, Value>) -> Result<Self, TlsError> {
+        let mut p = props::Props::new(props);
+        let id = p.required_str("id")?;
+        let mut o = TlsCredsX509Options::new(id);
+        o.dir = p.opt_str("dir")?.map(PathBuf::from);
+        if let Some(e) = p.opt_enum("endpoint", &["server", "client"])? {
+            o.endpoint = if e == "client" {
+                Endpoint::Client
+            } else {
+                Endpoint::Server
+            };
+        }
+        if let Some(v) = p.opt_bool("verify-peer")? {
+            o.verify_peer = v;
+        }
+        o.priority = p.opt_str("priority")?;
+        if let Some(v) = p.opt_bool("sanity-check")? {
+            o.sanity_check = v;
+        }
+        o.passwordid = p.opt_str("passwordid")?;
+        // `loaded` is a read-only property in QEMU; QAPI still accepts it (and ignores it).
+        let _ = p.opt_bool("loaded")?;
+        p.finish()?;
+        Ok(o)
+    }
+}
+
+/// Refuses the TLS credentials types rustls cannot provide; `Ok` for `tls-creds-x509`.
+pub fn check_creds_type(qom_type: &str) -> Result<(), TlsError> {
+    let why = match qom_type {
+        "tls-creds-psk" => "the TLS library (rustls) has no support for external pre-shared keys",
+        "tls-creds-anon" => {
+            "the TLS library (rustls) has no anonymous (certificate-less) cipher suites"
+        }
+        _ => return Ok(()),
+    };
+    Err(TlsError::UnsupportedType {
+        qom_type: qom_type.to_string(),
+        why,
+    })
+}
+
+/// A loaded `tls-creds-x509` object.
+pub struct TlsCredsX509 {
+    options: TlsCredsX509Options,
+    server: Option<Arc<ServerConfig>>,
+    client: Option<Arc<ClientConfig>>,
+}
+
+impl fmt::Debug for TlsCredsX509 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsCredsX509")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The files of one endpoint, after QEMU's path checks.
+struct Paths {
+    ca_cert: PathBuf,
+    ca_crl: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+/// QEMU's `qcrypto_tls_creds_get_path`: `dir/name`, which must exist if `required`; an
+/// optional file that is absent is `None`, one that exists but cannot be stat'ed is an error.
+fn creds_path(dir: &Path, name: &str, required: bool) -> Result<Option<PathBuf>, TlsError> {
+    let path = PathBuf::from(format!("{}/{}", dir.display(), name));
+    match std::fs::metadata(&path) {
+        Ok(_) => Ok(Some(path)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !required => Ok(None),
+        Err(source) => Err(TlsError::Access { path, source }),
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn parse_certs(pem_data: &[u8]) -> Result<Vec<CertificateDer<'static>>, PemError> {
+    let mut certs = Vec::new();
+    for item in CertificateDer::pem_slice_iter(pem_data) {
+        certs.push(item?);
+    }
+    if certs.is_empty() {
+        return Err(PemError::NoCertificate);
+    }
+    Ok(certs)
+}
+
+fn parse_key(pem_data: &[u8]) -> Result<PrivateKeyDer<'static>, PemError> {
+    match PrivateKeyDer::from_pem_slice(pem_data) {
+        Ok(key) => Ok(key),
+        Err(pem::Error::NoItemsFound) => {
+            // `ENCRYPTED PRIVATE KEY` (PKCS#8) or `Proc-Type: 4,ENCRYPTED` (legacy PEM).
+            let encrypted = String::from_utf8_lossy(pem_data).contains("ENCRYPTED");
+            Err(if encrypted {
+                PemError::EncryptedKey
+            } else {
+                PemError::NoKey
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl TlsCredsX509 {
+    /// Loads and checks the credentials as QEMU does at object creation.
+    pub fn new(options: TlsCredsX509Options) -> Result<TlsCredsX509, TlsError> {
+        let dir = options.dir.as_deref().ok_or(TlsError::MissingDir)?;
+        let server = options.endpoint == Endpoint::Server;
+        let paths = if server {
+            let ca_cert = creds_path(dir, files::CA_CERT, true)?;
+            let ca_crl = creds_path(dir, files::CA_CRL, false)?;
+            let cert = creds_path(dir, files::SERVER_CERT, true)?;
+            let key = creds_path(dir, files::SERVER_KEY, true)?;
+            creds_path(dir, files::DH_PARAMS, false)?;
+            Paths {
+                ca_cert: ca_cert.unwrap_or_default(),
+                ca_crl,
+                cert,
+                key,
+            }
+        } else {
+            let ca_cert = creds_path(dir, files::CA_CERT, true)?;
+            let cert = creds_path(dir, files::CLIENT_CERT, false)?;
+            let key = creds_path(dir, files::CLIENT_KEY, false)?;
+            Paths {
+                ca_cert: ca_cert.unwrap_or_default(),
+                ca_crl: None,
+                cert,
+                key,
+            }
+        };
+        if options.passwordid.is_some() {
+            return Err(TlsError::PasswordUnsupported {
+                key: paths
+                    .key
+                    .clone()
+                    .unwrap_or_else(|| dir.join(files::SERVER_KEY)),
+            });
+        }
+        if !options.verify_peer && !server {
+            tracing::warn!(
+                id = %options.id,
+                "tls-creds-x509 with verify-peer=off: the server's certificate is not checked"
+            );
+        }
+
+        let provider = provider();
+        let ca_pem = read_file(&paths.ca_cert)?;
+        let ca_certs = parse_certs(&ca_pem).map_err(|e| TlsError::CaList {
+            path: paths.ca_cert.clone(),
+            source: Some(e),
+        })?;
+        let mut roots = RootCertStore::empty();
+        for c in &ca_certs {
+            roots.add(c.clone()).map_err(|source| TlsError::CaCert {
+                path: paths.ca_cert.clone(),
+                source,
+            })?;
+        }
+        let roots = Arc::new(roots);
+
+        // The own certificate and key, if both exist (always on a server).
+        let own = match (&paths.cert, &paths.key) {
+            (Some(cert_path), Some(key_path)) => {
+                let cert_pem = read_file(cert_path)?;
+                let chain = parse_certs(&cert_pem).map_err(|source| TlsError::CertImport {
+                    server,
+                    path: cert_path.clone(),
+                    source,
+                })?;
+                Some((cert_path.clone(), key_path.clone(), chain))
+            }
+            _ => None,
+        };
+
+        if options.sanity_check {
+            sanity::check(
+                server,
+                &paths.ca_cert,
+                &ca_certs,
+                own.as_ref()
+                    .map(|(p, _, chain)| (p.as_path(), chain.as_slice())),
+                &roots,
+                &provider,
+            )?;
+        }
+
+        let cert_key = match own {
+            Some((cert_path, key_path, chain)) => {
+                let key_pem = read_file(&key_path)?;
+                let key = parse_key(&key_pem).map_err(|e| TlsError::CertKey {
+                    cert: cert_path.clone(),
+                    key: key_path.clone(),
+                    source: e.into(),
+                })?;
+                Some((cert_path, key_path, chain, key))
+            }
+            None => None,
+        };
+
+        let versions = rustls::DEFAULT_VERSIONS;
+        let (server_cfg, client_cfg) = if server {
+            let Some((cert_path, key_path, chain, key)) = cert_key else {
+                // Unreachable: a server's certificate and key are required files.
+                return Err(TlsError::Config(rustls::Error::General(
+                    "no server certificate".into(),
+                )));
+            };
+            let builder = ServerConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(versions)
+                .map_err(TlsError::Config)?;
+            let builder = if options.verify_peer {
+                let verifier = client_verifier(&roots, paths.ca_crl.as_deref(), &provider)?;
+                builder.with_client_cert_verifier(verifier)
+            } else {
+                builder.with_no_client_auth()
+            };
+            let cfg = builder
+                .with_single_cert(chain, key)
+                .map_err(|e| TlsError::CertKey {
+                    cert: cert_path,
+                    key: key_path,
+                    source: e.into(),
+                })?;
+            (Some(Arc::new(cfg)), None)
+        } else {
+            let builder = ClientConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(versions)
+                .map_err(TlsError::Config)?;
+            let builder = if options.verify_peer {
+                builder.with_root_certificates(roots.clone())
+            } else {
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(NoServerVerification(
+                        provider.clone(),
+                    )))
+            };
+            let cfg = match cert_key {
+                Some((cert_path, key_path, chain, key)) => builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| TlsError::CertKey {
+                        cert: cert_path,
+                        key: key_path,
+                        source: e.into(),
+                    })?,
+                None => builder.with_no_client_auth(),
+            };
+            (None, Some(Arc::new(cfg)))
+        };
+        Ok(TlsCredsX509 {
+            options,
+            server: server_cfg,
+            client: client_cfg,
+        })
+    }
+
+    /// Reads the properties (see [`TlsCredsX509Options::from_props`]) and loads.
+    pub fn from_props(props: &Map<String, Value>) -> Result<TlsCredsX509, TlsError> {
+        TlsCredsX509::new(TlsCredsX509Options::from_props(props)?)
+    }
+
+    /// The object's id.
+    pub fn id(&self) -> &str {
+        &self.options.id
+    }
+
+    /// The properties it was created with.
+    pub fn options(&self) -> &TlsCredsX509Options {
+        &self.options
+    }
+
+    /// Server or client credentials.
+    pub fn endpoint(&self) -> Endpoint {
+        self.options.endpoint
+    }
+
+    /// Whether the peer's certificate is verified. A server with `verify-peer=off` must not
+    /// run `tls-authz` either: QEMU only checks authorization when it verifies the peer.
+    pub fn verify_peer(&self) -> bool {
+        self.options.verify_peer
+    }
+
+    /// The configuration of a TLS server (for `tokio_rustls::TlsAcceptor`); fails with
+    /// QEMU's message if these are client credentials.
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        self.server.clone().ok_or(TlsError::WrongEndpoint {
+            expected: Endpoint::Server,
+        })
+    }
+
+    /// The configuration of a TLS client (for `tokio_rustls::TlsConnector`); fails with
+    /// QEMU's message if these are server credentials. Connect with [`server_name`].
+    pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
+        self.client.clone().ok_or(TlsError::WrongEndpoint {
+            expected: Endpoint::Client,
+        })
+    }
+}
+
+/// The name a client checks the server's certificate against (`tls-hostname`): a DNS name
+/// or an IP address.
+pub fn server_name(host: &str) -> Result<ServerName<'static>, TlsError> {
+    ServerName::try_from(host.to_string()).map_err(|_| TlsError::BadHostname(host.to_string()))
+}
+
+fn client_verifier(
+    roots: &Arc<RootCertStore>,
+    crl: Option<&Path>,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let mut builder = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone());
+    if let Some(path) = crl {
+        let data = read_file(path)?;
+        let mut crls = Vec::new();
+        for item in CertificateRevocationListDer::pem_slice_iter(&data) {
+            crls.push(item.map_err(|e| TlsError::Crl {
+                path: path.to_path_buf(),
+                source: PemError::from(e).into(),
+            })?);
+        }
+        builder = builder.with_crls(crls);
+    }
+    builder.build().map_err(|e| TlsError::Crl {
+        path: crl.map(Path::to_path_buf).unwrap_or_default(),
+        source: e.into(),
+    })
+}
+
+/// A client with `verify-peer=off`: any server certificate is accepted (QEMU skips the check
+/// entirely); handshake signatures are still verified, so the peer holds the certificate's key.
+#[derive(Debug)]
+struct NoServerVerification(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for NoServerVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// QEMU's `qcrypto_tls_creds_x509_sanity_check`, message for message.
+mod sanity {
+    use super::*;
+    use x509_parser::oid_registry::{
+        OID_X509_EXT_BASIC_CONSTRAINTS, OID_X509_EXT_EXTENDED_KEY_USAGE, OID_X509_EXT_KEY_USAGE,
+    };
+
+    fn fail(msg: String) -> TlsError {
+        TlsError::Sanity(msg)
+    }
+
+    fn parse<'a>(
+        der: &'a [u8],
+        path: &Path,
+        server: bool,
+    ) -> Result<X509Certificate<'a>, TlsError> {
+        X509Certificate::from_der(der)
+            .map(|(_, c)| c)
+            .map_err(|e| TlsError::CertImport {
+                server,
+                path: path.to_path_buf(),
+                source: PemError::X509(e.to_string()),
+            })
+    }
+
+    pub(super) fn check(
+        server: bool,
+        ca_path: &Path,
+        ca_certs: &[CertificateDer<'static>],
+        own: Option<(&Path, &[CertificateDer<'static>])>,
+        roots: &Arc<RootCertStore>,
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<(), TlsError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        if let Some((path, chain)) = own {
+            if let Some(leaf) = chain.first() {
+                let cert = parse(leaf, path, server)?;
+                check_cert(&cert, path, server, false, now)?;
+            }
+        }
+        for der in ca_certs {
+            let cert = X509Certificate::from_der(der)
+                .map(|(_, c)| c)
+                .map_err(|e| TlsError::CaList {
+                    path: ca_path.to_path_buf(),
+                    source: Some(PemError::X509(e.to_string())),
+                })?;
+            check_cert(&cert, ca_path, server, true, now)?;
+        }
+        if let Some((path, chain)) = own {
+            check_pair(server, path, chain, ca_path, roots, provider)?;
+        }
+        Ok(())
+    }
+
+    fn check_cert(
+        cert: &X509Certificate<'_>,
+        file: &Path,
+        server: bool,
+        ca: bool,
+        now: i64,
+    ) -> Result<(), TlsError> {
+        let file = file.display();
+        let what = if ca {
+            "CA"
+        } else if server {
+            "server"
+        } else {
+            "client"
+        };
+        let role = if server { "server" } else { "client" };
+        // Times.
+        if cert.validity().not_after.timestamp() < now {
+            return Err(fail(format!("The {what} certificate {file} has expired")));
+        }
+        if cert.validity().not_before.timestamp() > now {
+            return Err(fail(format!(
+                "The {what} certificate {file} is not yet active"
+            )));
+        }
+        // Basic constraints.
+        let bc = cert
+            .get_extension_unique(&OID_X509_EXT_BASIC_CONSTRAINTS)
+            .map_err(|e| {
+                fail(format!(
+                    "Unable to query certificate {file} basic constraints: {e}"
+                ))
+            })?;
+        match bc.map(|ext| ext.parsed_extension()) {
+            Some(x509_parser::extensions::ParsedExtension::BasicConstraints(b)) => {
+                if b.ca && !ca {
+                    return Err(fail(format!(
+                        "The certificate {file} basic constraints show a CA, but we need one for a {role}"
+                    )));
+                }
+                if !b.ca && ca {
+                    return Err(fail(format!(
+                        "The certificate {file} basic constraints do not show a CA"
+                    )));
+                }
+            }
+            Some(_) => {
+                return Err(fail(format!(
+                    "Unable to query certificate {file} basic constraints: invalid extension"
+                )))
+            }
+            None if ca => {
+                return Err(fail(format!(
+                    "The certificate {file} is missing basic constraints for a CA"
+                )))
+            }
+            None => {}
+        }
+        // Key usage.
+        let ku = cert
+            .get_extension_unique(&OID_X509_EXT_KEY_USAGE)
+            .map_err(|e| fail(format!("Unable to query certificate {file} key usage: {e}")))?;
+        if let Some(ext) = ku {
+            let critical = ext.critical;
+            let x509_parser::extensions::ParsedExtension::KeyUsage(usage) = ext.parsed_extension()
+            else {
+                return Err(fail(format!(
+                    "Unable to query certificate {file} key usage: invalid extension"
+                )));
+            };
+            if ca {
+                if !usage.key_cert_sign() && critical {
+                    return Err(fail(format!(
+                        "Certificate {file} usage does not permit certificate signing"
+                    )));
+                }
+            } else {
+                if !usage.digital_signature() && critical {
+                    return Err(fail(format!(
+                        "Certificate {file} usage does not permit digital signature"
+                    )));
+                }
+                if !usage.key_encipherment() && critical {
+                    return Err(fail(format!(
+                        "Certificate {file} usage does not permit key encipherment"
+                    )));
+                }
+            }
+        }
+        // Key purpose (not for CAs).
+        if !ca {
+            let eku = cert
+                .get_extension_unique(&OID_X509_EXT_EXTENDED_KEY_USAGE)
+                .map_err(|e| {
+                    fail(format!(
+                        "Unable to query certificate {file} key purpose: {e}"
+                    ))
+                })?;
+            if let Some(ext) = eku {
+                let critical = ext.critical;
+                let x509_parser::extensions::ParsedExtension::ExtendedKeyUsage(p) =
+                    ext.parsed_extension()
+                else {
+                    return Err(fail(format!(
+                        "Unable to query certificate {file} key purpose: invalid extension"
+                    )));
+                };
+                let allow_server = p.server_auth || p.any;
+                let allow_client = p.client_auth || p.any;
+                if server && !allow_server && critical {
+                    return Err(fail(format!(
+                        "Certificate {file} purpose does not allow use with a TLS server"
+                    )));
+                }
+                if !server && !allow_client && critical {
+                    return Err(fail(format!(
+                        "Certificate {file} purpose does not allow use with a TLS client"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_pair(
+        server: bool,
+        path: &Path,
+        chain: &[CertificateDer<'static>],
+        ca_path: &Path,
+        roots: &Arc<RootCertStore>,
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<(), TlsError> {
+        let Some((leaf, intermediates)) = chain.split_first() else {
+            return Ok(());
+        };
+        let now = UnixTime::now();
+        let result = if server {
+            let verifier =
+                WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+                    .build()
+                    .map_err(|e| TlsError::Config(rustls::Error::General(e.to_string())))?;
+            // Only the chain is checked here, not the name: any name does.
+            let name = server_name("name.invalid")?;
+            verifier
+                .verify_server_cert(leaf, intermediates, &name, &[], now)
+                .map(|_| ())
+        } else {
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                    .build()
+                    .map_err(|e| TlsError::Config(rustls::Error::General(e.to_string())))?;
+            verifier
+                .verify_client_cert(leaf, intermediates, now)
+                .map(|_| ())
+        };
+        let reason = match result {
+            Ok(()) => return Ok(()),
+            Err(rustls::Error::InvalidCertificate(e)) => match e {
+                // Name and purpose are not part of QEMU's pair check.
+                CertificateError::NotValidForName
+                | CertificateError::NotValidForNameContext { .. }
+                | CertificateError::InvalidPurpose
+                | CertificateError::InvalidPurposeContext { .. } => return Ok(()),
+                CertificateError::UnknownIssuer => "The certificate hasn't got a known issuer",
+                CertificateError::BadSignature => "The certificate is not trusted",
+                CertificateError::Revoked => "The certificate has been revoked",
+                CertificateError::UnsupportedSignatureAlgorithmContext { .. }
+                | CertificateError::UnsupportedSignatureAlgorithmForPublicKeyContext { .. } => {
+                    "The certificate uses an insecure algorithm"
+                }
+                _ => "Invalid certificate",
+            },
+            Err(_) => "Invalid certificate",
+        };
+        Err(fail(format!(
+            "Our own certificate {} failed validation against {}: {reason}",
+            path.display(),
+            ca_path.display()
+        )))
+    }
+}
+
+/// Reading QAPI object properties from a JSON map, with QEMU's messages.
+pub mod props {
+    use serde_json::{Map, Value};
+    use std::collections::BTreeSet;
+    use thiserror::Error;
+
+    /// A property error, worded as QEMU's QAPI input visitors word it.
+    #[derive(Debug, Clone, PartialEq, Eq, Error)]
+    pub enum PropertyError {
+        /// A required property is absent.
+        #[error("Parameter '{0}' is missing")]
+        Missing(String),
+        /// A property the type does not have.
+        #[error("Parameter '{0}' is unexpected")]
+        Unexpected(String),
+        /// A value of the wrong JSON type.
+        #[error("Invalid parameter type for '{name}', expected: {expected}")]
+        Type {
+            /// The property.
+            name: String,
+            /// The expected QAPI type.
+            expected: &'static str,
+        },
+        /// An enum value that is not one of the allowed names.
+        #[error("Parameter '{name}' does not accept value '{value}'")]
+        Enum {
+            /// The property.
+            name: String,
+            /// The value given.
+            value: String,
+        },
+        /// A keyval boolean that is not on/off.
+        #[error("Parameter '{0}' expects 'on' or 'off'")]
+        Bool(String),
+    }
+
+    /// A property map being read; [`Props::finish`] refuses what was not read.
+    pub struct Props<'a> {
+        map: &'a Map<String, Value>,
+        prefix: String,
+        used: BTreeSet<&'a str>,
+    }
+
+    impl<'a> Props<'a> {
+        /// Starts reading `map`.
+        pub fn new(map: &'a Map<String, Value>) -> Self {
+            Self::with_prefix(map, "")
+        }
+
+        /// Starts reading a nested struct; error messages name `prefix` + key.
+        pub fn with_prefix(map: &'a Map<String, Value>, prefix: &str) -> Self {
+            Props {
+                map,
+                prefix: prefix.to_string(),
+                used: BTreeSet::new(),
+            }
+        }
+
+        fn name(&self, key: &str) -> String {
+            format!("{}{}", self.prefix, key)
+        }
+
+        /// The raw value of `key`, marking it read.
+        pub fn get(&mut self, key: &'a str) -> Option<&'a Value> {
+            let v = self.map.get(key)?;
+            self.used.insert(key);
+            Some(v)
+        }
+
+        /// An optional string.
+        pub fn opt_str(&mut self, key: &'a str) -> Result<Option<String>, PropertyError> {
+            match self.get(key) {
+                None => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                Some(_) => Err(PropertyError::Type {
+                    name: self.name(key),
+                    expected: "string",
+                }),
+            }
+        }
+
+        /// A required string.
+        pub fn required_str(&mut self, key: &'a str) -> Result<String, PropertyError> {
+            self.opt_str(key)?
+                .ok_or_else(|| PropertyError::Missing(self.name(key)))
+        }
+
+        /// An optional boolean: JSON `true`/`false`, or keyval `on`/`off` (also `yes`/`no`,
+        /// `true`/`false`, `y`/`n`, any case, as QEMU's `qapi_bool_parse`).
+        pub fn opt_bool(&mut self, key: &'a str) -> Result<Option<bool>, PropertyError> {
+            match self.get(key) {
+                None => Ok(None),
+                Some(Value::Bool(b)) => Ok(Some(*b)),
+                Some(Value::String(s)) => match s.to_ascii_lowercase().as_str() {
+                    "on" | "yes" | "true" | "y" => Ok(Some(true)),
+                    "off" | "no" | "false" | "n" => Ok(Some(false)),
+                    _ => Err(PropertyError::Bool(self.name(key))),
+                },
+                Some(_) => Err(PropertyError::Type {
+                    name: self.name(key),
+                    expected: "boolean",
+                }),
+            }
+        }
+
+        /// An optional enum given as one of `allowed`.
+        pub fn opt_enum(
+            &mut self,
+            key: &'a str,
+            allowed: &[&'static str],
+        ) -> Result<Option<&'static str>, PropertyError> {
+            let Some(s) = self.opt_str(key)? else {
+                return Ok(None);
+            };
+            match allowed.iter().find(|a| **a == s) {
+                Some(a) => Ok(Some(a)),
+                None => Err(PropertyError::Enum {
+                    name: self.name(key),
+                    value: s,
+                }),
+            }
+        }
+
+        /// Refuses any key that was not read.
+        pub fn finish(self) -> Result<(), PropertyError> {
+            match self.map.keys().find(|k| !self.used.contains(k.as_str())) {
+                Some(k) => Err(PropertyError::Unexpected(self.name(k))),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+/// The subject DN of a certificate as GnuTLS's `gnutls_x509_crt_get_dn` formats it.
+pub mod dn {
+    use thiserror::Error;
+    use x509_parser::certificate::X509Certificate;
+    use x509_parser::prelude::FromDer;
+
+    /// Why a DN cannot be formatted.
+    #[derive(Debug, Error, Clone, PartialEq, Eq)]
+    pub enum DnError {
+        /// The certificate is not valid X.509.
+        #[error("Cannot import certificate: {0}")]
+        Certificate(String),
+        /// The subject is not valid DER.
+        #[error("ASN1 parser: Error in DER parsing.")]
+        Der,
+        /// The subject has no RDN (GnuTLS: requested data not available).
+        #[error("The requested data were not available.")]
+        Empty,
+        /// A DirectoryString value is empty, or a value cannot be escaped (GnuTLS refuses both).
+        #[error("ASN1 parser: Value is not valid.")]
+        InvalidValue,
+    }
+
+    /// One DER element: tag byte(s), contents, and the whole encoding.
+    struct Tlv<'a> {
+        tag: u32,
+        content: &'a [u8],
+        whole: &'a [u8],
+    }
+
+    /// Reads one DER element from the front of `buf`; returns it and the rest.
+    fn read_tlv(buf: &[u8]) -> Result<(Tlv<'_>, &[u8]), DnError> {
+        let first = *buf.first().ok_or(DnError::Der)?;
+        let mut pos = 1;
+        let mut tag = u32::from(first);
+        if first & 0x1f == 0x1f {
+            // High tag number: base-128 continuation bytes.
+            let mut number: u32 = 0;
+            loop {
+                let b = *buf.get(pos).ok_or(DnError::Der)?;
+                pos += 1;
+                number = number
+                    .checked_mul(128)
+                    .and_then(|n| n.checked_add(u32::from(b & 0x7f)))
+                    .ok_or(DnError::Der)?;
+                if b & 0x80 == 0 {
+                    break;
+                }
+            }
+            tag = (u32::from(first) << 24) | number;
+        }
+        let len_byte = *buf.get(pos).ok_or(DnError::Der)?;
+        pos += 1;
+        let len = if len_byte < 0x80 {
+            usize::from(len_byte)
+        } else {
+            let n = usize::from(len_byte & 0x7f);
+            // 0x80 is BER's indefinite length: not DER.
+            if n == 0 || n > 4 {
+                return Err(DnError::Der);
+            }
+            let mut len = 0usize;
+            for _ in 0..n {
+                let b = *buf.get(pos).ok_or(DnError::Der)?;
+                pos += 1;
+                len = (len << 8) | usize::from(b);
+            }
+            len
+        };
+        let end = pos.checked_add(len).ok_or(DnError::Der)?;
+        if end > buf.len() {
+            return Err(DnError::Der);
+        }
+        Ok((
+            Tlv {
+                tag,
+                content: &buf[pos..end],
+                whole: &buf[..end],
+            },
+            &buf[end..],
+        ))
+    }
+
+    /// The elements of a constructed value's contents.
+    fn children(mut content: &[u8]) -> Result<Vec<Tlv<'_>>, DnError> {
+        let mut out = Vec::new();
+        while !content.is_empty() {
+            let (tlv, rest) = read_tlv(content)?;
+            out.push(tlv);
+            content = rest;
+        }
+        Ok(out)
+    }
+
+    /// Dotted-decimal text of an OID's contents.
+    fn oid_string(content: &[u8]) -> Result<String, DnError> {
+        let mut arcs: Vec<u128> = Vec::new();
+        let mut cur: u128 = 0;
+        for (i, &b) in content.iter().enumerate() {
+            cur = cur
+                .checked_mul(128)
+                .map(|c| c | u128::from(b & 0x7f))
+                .ok_or(DnError::Der)?;
+            if b & 0x80 == 0 {
+                arcs.push(cur);
+                cur = 0;
+            } else if i + 1 == content.len() {
+                return Err(DnError::Der);
+            }
+        }
+        let first = *arcs.first().ok_or(DnError::Der)?;
+        let (a, b) = match first {
+            0..=39 => (0, first),
+            40..=79 => (1, first - 40),
+            _ => (2, first - 80),
+        };
+        let mut s = format!("{a}.{b}");
+        for arc in &arcs[1..] {
+            s.push('.');
+            s.push_str(&arc.to_string());
+        }
+        Ok(s)
+    }
+
+    /// How GnuTLS decodes the value of a known attribute.
+    #[derive(Clone, Copy)]
+    enum Kind {
+        /// `DirectoryString` CHOICE (may not be empty).
+        Directory,
+        /// `pkcs-9-challengePassword` CHOICE of PrintableString / UTF8String.
+        ChallengePassword,
+        /// One universal string type, by tag.
+        Simple(u8),
+    }
+
+    const PRINTABLE: u8 = 0x13;
+    const IA5: u8 = 0x16;
+    const UTF8: u8 = 0x0c;
+    const NUMERIC: u8 = 0x12;
+    const BMP: u8 = 0x1e;
+    const OCTET: u8 = 0x04;
+    const TELETEX: u8 = 0x14;
+    const UNIVERSAL: u8 = 0x1c;
+
+    /// GnuTLS's table of DN attributes (`_oid2str` in `lib/x509/common.c`): OID, the name it
+    /// prints (the OID itself where it has none), and the value's type.
+    fn known(oid: &str) -> Option<(Option<&'static str>, Kind)> {
+        use Kind::*;
+        Some(match oid {
+            "1.3.6.1.5.5.7.9.2" => (Some("placeOfBirth"), Directory),
+            "1.3.6.1.5.5.7.9.3" => (Some("gender"), Simple(PRINTABLE)),
+            "1.3.6.1.5.5.7.9.4" => (Some("countryOfCitizenship"), Simple(PRINTABLE)),
+            "1.3.6.1.5.5.7.9.5" => (Some("countryOfResidence"), Simple(PRINTABLE)),
+            "2.5.4.6" => (Some("C"), Simple(PRINTABLE)),
+            "2.5.4.9" => (Some("street"), Directory),
+            "2.5.4.12" => (Some("title"), Directory),
+            "2.5.4.10" => (Some("O"), Directory),
+            "2.5.4.11" => (Some("OU"), Directory),
+            "2.5.4.3" => (Some("CN"), Directory),
+            "2.5.4.7" => (Some("L"), Directory),
+            "2.5.4.8" => (Some("ST"), Directory),
+            "2.5.4.13" => (Some("description"), Directory),
+            "2.5.4.5" => (Some("serialNumber"), Simple(PRINTABLE)),
+            "2.5.4.20" => (Some("telephoneNumber"), Simple(PRINTABLE)),
+            "2.5.4.4" => (Some("surName"), Directory),
+            "2.5.4.43" => (Some("initials"), Directory),
+            "2.5.4.44" => (Some("generationQualifier"), Directory),
+            "2.5.4.42" => (Some("givenName"), Directory),
+            "2.5.4.65" => (Some("pseudonym"), Directory),
+            "2.5.4.46" => (Some("dnQualifier"), Simple(PRINTABLE)),
+            "2.5.4.17" => (Some("postalCode"), Directory),
+            "2.5.4.41" => (Some("name"), Directory),
+            "2.5.4.15" => (Some("businessCategory"), Directory),
+            "0.9.2342.19200300.100.1.25" => (Some("DC"), Simple(IA5)),
+            "0.9.2342.19200300.100.1.1" => (Some("UID"), Directory),
+            "1.2.840.113556.1.4.656" => (Some("userPrincipalName"), Directory),
+            "1.3.6.1.4.1.311.60.2.1.1" => {
+                (Some("jurisdictionOfIncorporationLocalityName"), Directory)
+            }
+            "1.3.6.1.4.1.311.60.2.1.2" => (
+                Some("jurisdictionOfIncorporationStateOrProvinceName"),
+                Directory,
+            ),
+            "1.3.6.1.4.1.311.60.2.1.3" => (
+                Some("jurisdictionOfIncorporationCountryName"),
+                Simple(PRINTABLE),
+            ),
+            "1.2.840.113549.1.9.1" => (Some("EMAIL"), Simple(IA5)),
+            "1.2.840.113549.1.9.7" => (None, ChallengePassword),
+            "1.2.840.113549.1.9.20" => (None, Simple(BMP)),
+            "1.2.840.113549.1.9.21" => (None, Simple(OCTET)),
+            "1.2.840.113549.1.9.4" => (None, Simple(OCTET)),
+            "1.3.6.1.5.5.7.8.5" => (Some("XmppAddr"), Simple(UTF8)),
+            "1.2.643.100.1" => (Some("OGRN"), Simple(NUMERIC)),
+            "1.2.643.100.3" => (Some("SNILS"), Simple(NUMERIC)),
+            "1.2.643.100.5" => (Some("OGRNIP"), Simple(NUMERIC)),
+            "1.2.643.3.131.1.1" => (Some("INN"), Simple(NUMERIC)),
+            _ => return None,
+        })
+    }
+
+    /// `#` and lowercase hex, GnuTLS's `data2hex`.
+    fn hex(data: &[u8]) -> Vec<u8> {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = Vec::with_capacity(1 + 2 * data.len());
+        out.push(b'#');
+        for b in data {
+            out.push(DIGITS[usize::from(b >> 4)]);
+            out.push(DIGITS[usize::from(b & 0xf)]);
+        }
+        out
+    }
+
+    /// GnuTLS's `make_printable_string` for the types that need converting; `None` for the
+    /// types whose bytes are taken as they are.
+    fn make_printable(tag: u8, content: &[u8]) -> Option<Vec<u8>> {
+        if content.is_empty() {
+            return Some(Vec::new());
+        }
+        match tag {
+            BMP => {
+                if content.len() % 2 != 0 {
+                    return Some(hex(content));
+                }
+                let units = content
+                    .chunks_exact(2)
+                    .map(|c| u16::from_be_bytes([c[0], c[1]]));
+                match char::decode_utf16(units).collect::<Result<String, _>>() {
+                    Ok(s) => Some(s.into_bytes()),
+                    Err(_) => Some(hex(content)),
+                }
+            }
+            TELETEX => {
+                if content.iter().all(|b| (0x20..=0x7e).contains(b)) {
+                    Some(content.to_vec())
+                } else {
+                    Some(hex(content))
+                }
+            }
+            UNIVERSAL => Some(hex(content)),
+            _ => None,
+        }
+    }
+
+    /// Decodes a value; `Ok(None)` where GnuTLS falls back to the hex of the whole value.
+    fn decode_value(kind: Kind, value: &[u8]) -> Result<Option<Vec<u8>>, DnError> {
+        let Ok((tlv, rest)) = read_tlv(value) else {
+            return Ok(None);
+        };
+        if !rest.is_empty() || tlv.tag > 0xff {
+            return Ok(None);
+        }
+        let tag = tlv.tag as u8;
+        let text = match kind {
+            Kind::Directory | Kind::ChallengePassword => {
+                let allowed: &[u8] = if matches!(kind, Kind::Directory) {
+                    &[TELETEX, PRINTABLE, UNIVERSAL, UTF8, BMP]
+                } else {
+                    &[PRINTABLE, UTF8]
+                };
+                if !allowed.contains(&tag) {
+                    return Ok(None);
+                }
+                make_printable(tag, tlv.content).unwrap_or_else(|| tlv.content.to_vec())
+            }
+            Kind::Simple(expected) => {
+                if tag != expected {
+                    return Ok(None);
+                }
+                make_printable(tag, tlv.content).unwrap_or_else(|| tlv.content.to_vec())
+            }
+        };
+        // GnuTLS refuses strings with embedded NULs (and then prints the hex), except for
+        // OCTET STRINGs, whose NULs make the escaping fail below.
+        if text.contains(&0) && !matches!(kind, Kind::Simple(OCTET)) {
+            return Ok(None);
+        }
+        Ok(Some(text))
+    }
+
+    /// RFC 4514 escaping as GnuTLS's `str_escape` does it.
+    fn escape(s: &[u8], out: &mut Vec<u8>) -> Result<(), DnError> {
+        let last = s.len().saturating_sub(1);
+        for (i, &c) in s.iter().enumerate() {
+            if c == 0 {
+                return Err(DnError::InvalidValue);
+            }
+            let special = matches!(c, b',' | b'+' | b'"' | b'\\' | b'<' | b'>' | b';')
+                || (i == 0 && (c == b'#' || c == b' '))
+                || (i == last && c == b' ');
+            if special {
+                out.push(b'\\');
+            }
+            out.push(c);
+        }
+        Ok(())
+    }
+
+    /// Formats a DER `Name` (SEQUENCE OF RelativeDistinguishedName) in GnuTLS's legacy
+    /// (`GNUTLS_X509_DN_FLAG_COMPAT`) order: RDNs in encoding order, separated by `,`;
+    /// the attributes of a multi-valued RDN in encoding order, separated by `+`.
+    pub fn format_name(name_der: &[u8]) -> Result<String, DnError> {
+        let (name, rest) = read_tlv(name_der)?;
+        if name.tag != 0x30 || !rest.is_empty() {
+            return Err(DnError::Der);
+        }
+        let rdns = children(name.content)?;
+        if rdns.is_empty() {
+            return Err(DnError::Empty);
+        }
+        let mut out: Vec<u8> = Vec::new();
+        for (i, rdn) in rdns.iter().enumerate() {
+            if rdn.tag != 0x31 {
+                return Err(DnError::Der);
+            }
+            if i > 0 {
+                out.push(b',');
+            }
+            for (j, atv) in children(rdn.content)?.iter().enumerate() {
+                if atv.tag != 0x30 {
+                    return Err(DnError::Der);
+                }
+                let parts = children(atv.content)?;
+                let [oid, value] = parts.as_slice() else {
+                    return Err(DnError::Der);
+                };
+                if oid.tag != 0x06 {
+                    return Err(DnError::Der);
+                }
+                if j > 0 {
+                    out.push(b'+');
+                }
+                let oid = oid_string(oid.content)?;
+                let entry = known(&oid);
+                let label = entry.and_then(|(n, _)| n).unwrap_or(oid.as_str());
+                out.extend_from_slice(label.as_bytes());
+                out.push(b'=');
+                let Some((_, kind)) = entry else {
+                    out.extend_from_slice(&hex(value.whole));
+                    continue;
+                };
+                // "DirectoryString by definition in RFC 5280 cannot be empty."
+                if matches!(kind, Kind::Directory) && value.whole.get(1) == Some(&0) {
+                    return Err(DnError::InvalidValue);
+                }
+                match decode_value(kind, value.whole)? {
+                    Some(text) => escape(&text, &mut out)?,
+                    None => out.extend_from_slice(&hex(value.whole)),
+                }
+            }
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// The subject DN of a DER certificate, exactly as QEMU's TLS session gets it from
+    /// `gnutls_x509_crt_get_dn` and hands it to `tls-authz`: most significant RDN first,
+    /// e.g. `C=GB,O=Example,CN=client` (the reverse of the `Subject:` line of `certtool -i`).
+    /// Values are escaped as RFC 4514 says (`,+"\<>;` always, `#` and space at the start,
+    /// space at the end); unknown attributes print as `1.2.3.4=#<hex of the DER value>`.
+    /// Bytes that are not UTF-8 (possible in a TeletexString-free but malformed UTF8String)
+    /// become U+FFFD.
+    pub fn distinguished_name(cert_der: &[u8]) -> Result<String, DnError> {
+        let (_, cert) =
+            X509Certificate::from_der(cert_der).map_err(|e| DnError::Certificate(e.to_string()))?;
+        format_name(cert.subject().as_raw())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::process::{Command, Stdio};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Whether an external tool is here. Missing under `CI=true` fails the test; otherwise
+    /// the test is skipped with a message.
+    pub(crate) fn have_tool(name: &str) -> bool {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {name}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{name} is required under CI=true (apt-get install gnutls-bin openssl)"
+            );
+            eprintln!("skipping: {name} is not installed");
+        }
+        found
+    }
+
+    /// A directory removed at drop.
+    pub(crate) struct TempDir(PathBuf);
+
+    impl TempDir {
+        pub(crate) fn new() -> TempDir {
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "blockexportd-tls-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+
+        pub(crate) fn path(&self) -> &Path {
+            &self.0
+        }
+
+        pub(crate) fn sub(&self, name: &str) -> PathBuf {
+            let p = self.0.join(name);
+            std::fs::create_dir_all(&p).unwrap();
+            p
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    pub(crate) fn run(cmd: &mut Command) -> String {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Key types and PEM formats.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) enum KeyKind {
+        /// RSA, PKCS#1 (`RSA PRIVATE KEY`), by certtool.
+        RsaPkcs1,
+        /// RSA, PKCS#8, by openssl (certtool's PKCS#8 is always encrypted).
+        RsaPkcs8,
+        /// ECDSA P-256, SEC1 (`EC PRIVATE KEY`), by openssl.
+        EcSec1,
+        /// ECDSA P-256, PKCS#8, by openssl.
+        EcPkcs8,
+    }
+
+    pub(crate) fn gen_key(path: &Path, kind: KeyKind) {
+        match kind {
+            KeyKind::RsaPkcs1 => {
+                // certtool writes `RSA PRIVATE KEY` after a text description.
+                run(Command::new("certtool")
+                    .args(["--generate-privkey", "--bits", "2048", "--outfile"])
+                    .arg(path));
+            }
+            KeyKind::RsaPkcs8 => {
+                run(Command::new("openssl")
+                    .args([
+                        "genpkey",
+                        "-algorithm",
+                        "RSA",
+                        "-pkeyopt",
+                        "rsa_keygen_bits:2048",
+                        "-out",
+                    ])
+                    .arg(path));
+            }
+            KeyKind::EcSec1 => {
+                run(Command::new("openssl")
+                    .args([
+                        "ecparam",
+                        "-name",
+                        "prime256v1",
+                        "-genkey",
+                        "-noout",
+                        "-out",
+                    ])
+                    .arg(path));
+            }
+            KeyKind::EcPkcs8 => {
+                run(Command::new("openssl")
+                    .args([
+                        "genpkey",
+                        "-algorithm",
+                        "EC",
+                        "-pkeyopt",
+                        "ec_paramgen_curve:P-256",
+                        "-out",
+                    ])
+                    .arg(path));
+            }
+        }
+    }
+
+    /// A CA made by certtool: `dir/ca-key.pem`, `dir/ca-cert.pem`.
+    pub(crate) struct Ca {
+        pub(crate) key: PathBuf,
+        pub(crate) cert: PathBuf,
+    }
+
+    pub(crate) fn make_ca(dir: &Path, cn: &str) -> Ca {
+        let key = dir.join("ca-key.pem");
+        let cert = dir.join("ca-cert.pem");
+        let tmpl = dir.join("ca.info");
+        std::fs::write(
+            &tmpl,
+            format!("cn = \"{cn}\"\nca\ncert_signing_key\nexpiration_days = 30\n"),
+        )
+        .unwrap();
+        gen_key(&key, KeyKind::RsaPkcs1);
+        run(Command::new("certtool")
+            .arg("--generate-self-signed")
+            .arg("--load-privkey")
+            .arg(&key)
+            .arg("--template")
+            .arg(&tmpl)
+            .arg("--outfile")
+            .arg(&cert));
+        Ca { key, cert }
+    }
+
+    /// Issues `out` for `key` with certtool and the template text `tmpl`.
+    pub(crate) fn certtool_issue(ca: &Ca, key: &Path, tmpl: &str, out: &Path) {
+        let t = out.with_extension("info");
+        std::fs::write(&t, tmpl).unwrap();
+        run(Command::new("certtool")
+            .arg("--generate-certificate")
+            .arg("--load-privkey")
+            .arg(key)
+            .arg("--load-ca-certificate")
+            .arg(&ca.cert)
+            .arg("--load-ca-privkey")
+            .arg(&ca.key)
+            .arg("--template")
+            .arg(&t)
+            .arg("--outfile")
+            .arg(out));
+    }
+
+    /// Issues `out` for `key` with openssl, subject `subj` (openssl's `/A=b/C=d` form).
+    pub(crate) fn openssl_issue(ca: &Ca, key: &Path, subj: &str, client: bool, out: &Path) {
+        let csr = out.with_extension("csr");
+        let ext = out.with_extension("ext");
+        let (purpose, san) = if client {
+            ("clientAuth", "")
+        } else {
+            ("serverAuth", "subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        };
+        std::fs::write(
+            &ext,
+            format!(
+                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage={purpose}\n{san}"
+            ),
+        )
+        .unwrap();
+        run(Command::new("openssl")
+            .args(["req", "-new", "-utf8", "-key"])
+            .arg(key)
+            .args(["-subj", subj, "-out"])
+            .arg(&csr));
+        run(Command::new("openssl")
+            .args(["x509", "-req", "-days", "30", "-set_serial", "7", "-in"])
+            .arg(&csr)
+            .arg("-CA")
+            .arg(&ca.cert)
+            .arg("-CAkey")
+            .arg(&ca.key)
+            .arg("-extfile")
+            .arg(&ext)
+            .arg("-out")
+            .arg(out));
+    }
+
+    pub(crate) const SERVER_TMPL: &str = "organization = Example\ncn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\nencryption_key\nsigning_key\nexpiration_days = 30\n";
+    pub(crate) const CLIENT_TMPL: &str = "country = GB\nstate = London\nlocality = City Of London\norganization = \"Example, Inc.\"\nunit = Eng+Ops\ncn = \"client \\\"one\\\"\"\ntls_www_client\nencryption_key\nsigning_key\nexpiration_days = 30\n";
+    /// The DN of [`CLIENT_TMPL`], as qemu-storage-daemon 10.0 logs it when it refuses it.
+    pub(crate) const CLIENT_DN: &str =
+        "C=GB,ST=London,L=City Of London,O=Example\\, Inc.,OU=Eng\\+Ops,CN=client \\\"one\\\"";
+
+    /// A CA, a server directory and a client directory, as QEMU wants them.
+    pub(crate) struct Pki {
+        pub(crate) tmp: TempDir,
+        pub(crate) ca: Ca,
+        pub(crate) server_dir: PathBuf,
+        pub(crate) client_dir: PathBuf,
+    }
+
+    /// The subjects of [`SERVER_TMPL`] and [`CLIENT_TMPL`] in openssl's `-subj` form.
+    const SERVER_SUBJ: &str = "/O=Example/CN=localhost";
+    const CLIENT_SUBJ: &str =
+        "/C=GB/ST=London/L=City Of London/O=Example, Inc./OU=Eng\\+Ops/CN=client \"one\"";
+
+    /// Makes a PKI: a certtool CA, server and client keys of `kind`. RSA certificates are
+    /// issued by certtool; ECDSA ones by openssl, because certtool leaves key encipherment
+    /// out of an ECDSA certificate's critical key usage, which QEMU (and we) refuse.
+    pub(crate) fn make_pki(kind: KeyKind) -> Pki {
+        let tmp = TempDir::new();
+        let ca = make_ca(&tmp.sub("ca"), "Test CA");
+        let server_dir = tmp.sub("server");
+        let client_dir = tmp.sub("client");
+        std::fs::copy(&ca.cert, server_dir.join(files::CA_CERT)).unwrap();
+        std::fs::copy(&ca.cert, client_dir.join(files::CA_CERT)).unwrap();
+        let issue = |dir: &Path, key: &str, cert: &str, tmpl: &str, subj: &str, client: bool| {
+            gen_key(&dir.join(key), kind);
+            match kind {
+                KeyKind::RsaPkcs1 | KeyKind::RsaPkcs8 => {
+                    certtool_issue(&ca, &dir.join(key), tmpl, &dir.join(cert))
+                }
+                KeyKind::EcSec1 | KeyKind::EcPkcs8 => {
+                    openssl_issue(&ca, &dir.join(key), subj, client, &dir.join(cert))
+                }
+            }
+        };
+        issue(
+            &server_dir,
+            files::SERVER_KEY,
+            files::SERVER_CERT,
+            SERVER_TMPL,
+            SERVER_SUBJ,
+            false,
+        );
+        issue(
+            &client_dir,
+            files::CLIENT_KEY,
+            files::CLIENT_CERT,
+            CLIENT_TMPL,
+            CLIENT_SUBJ,
+            true,
+        );
+        Pki {
+            tmp,
+            ca,
+            server_dir,
+            client_dir,
+        }
+    }
+
+    pub(crate) fn props(pairs: &[(&str, &str)]) -> Map<String, Value> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+            .collect()
+    }
+
+    pub(crate) fn creds(
+        dir: &Path,
+        endpoint: &str,
+        extra: &[(&str, &str)],
+    ) -> Result<TlsCredsX509, TlsError> {
+        let dir = dir.to_string_lossy();
+        let mut p = props(&[("id", "tls0"), ("dir", &dir), ("endpoint", endpoint)]);
+        p.extend(props(extra));
+        TlsCredsX509::from_props(&p)
+    }
+
+    fn pem_cert(path: &Path) -> Vec<u8> {
+        CertificateDer::from_pem_file(path).unwrap().to_vec()
+    }
+
+    /// The `Subject:` line of `certtool -i`, RDNs reversed: GnuTLS's legacy order.
+    fn certtool_subject_reversed(cert: &Path) -> String {
+        let out = run(Command::new("certtool").arg("-i").arg("--infile").arg(cert));
+        let line = out
+            .lines()
+            .find_map(|l| l.trim_start().strip_prefix("Subject: "))
+            .unwrap()
+            .to_string();
+        // Split at commas that are not escaped.
+        let mut rdns = vec![String::new()];
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => {
+                    let last = rdns.last_mut().unwrap();
+                    last.push(c);
+                    if let Some(n) = chars.next() {
+                        last.push(n);
+                    }
+                }
+                ',' => rdns.push(String::new()),
+                c => rdns.last_mut().unwrap().push(c),
+            }
+        }
+        rdns.reverse();
+        rdns.join(",")
+    }
+
+    // ----- DN formatting -----
+
+    #[test]
+    fn dn_of_certtool_cert_is_what_qsd_logs() {
+        if !have_tool("certtool") || !have_tool("openssl") {
+            return;
+        }
+        let pki = make_pki(KeyKind::RsaPkcs1);
+        let cert = pki.client_dir.join(files::CLIENT_CERT);
+        let dn = distinguished_name(&pem_cert(&cert)).unwrap();
+        assert_eq!(dn, CLIENT_DN);
+        assert_eq!(dn, certtool_subject_reversed(&cert));
+    }
+
+    #[test]
+    fn dn_matches_certtool_for_special_values() {
+        if !have_tool("certtool") || !have_tool("openssl") {
+            return;
+        }
+        let tmp = TempDir::new();
+        let ca = make_ca(&tmp.sub("ca"), "Test CA");
+        let key = tmp.path().join("k.pem");
+        gen_key(&key, KeyKind::EcSec1);
+        // openssl keeps the order given, multi-valued RDNs (sorted as DER wants), escapes.
+        let cases: &[(&str, &str)] = &[
+            (
+                "/C=GB/title=Dr/O=\u{dc}n\u{ef}code Ltd/OU=\\ lead<>;trail\\ /emailAddress=a@b.c/DC=org/DC=example/UID=u1+CN=multi/CN=#hash  x",
+                "C=GB,title=Dr,O=\u{dc}n\u{ef}code Ltd,OU=\\ lead\\<\\>\\;trail\\ ,EMAIL=a@b.c,DC=org,DC=example,CN=multi+UID=u1,CN=\\#hash  x",
+            ),
+            (
+                "/serialNumber=42/street=1 Main St/postalCode=E1/GN=Ann/SN=Lee/CN=a\\,b\\+c\"d\\\\e",
+                "serialNumber=42,street=1 Main St,postalCode=E1,givenName=Ann,surName=Lee,CN=a\\,b\\+c\\\"d\\\\e",
+            ),
+            ("/CN= ", "CN=\\ "),
+        ];
+        for (i, (subj, want)) in cases.iter().enumerate() {
+            let cert = tmp.path().join(format!("c{i}.pem"));
+            openssl_issue(&ca, &key, subj, true, &cert);
+            let dn = distinguished_name(&pem_cert(&cert)).unwrap();
+            assert_eq!(&dn, want, "subject {subj}");
+            assert_eq!(dn, certtool_subject_reversed(&cert), "subject {subj}");
+        }
+    }
+
+    #[test]
+    fn dn_unknown_oid_is_dotted_with_hex_value_like_certtool() {
+        if !have_tool("certtool") || !have_tool("openssl") {
+            return;
+        }
+        let tmp = TempDir::new();
+        let ca = make_ca(&tmp.sub("ca"), "Test CA");
+        let key = tmp.path().join("k.pem");
+        gen_key(&key, KeyKind::EcPkcs8);
+        let cnf = tmp.path().join("oid.cnf");
+        std::fs::write(
+            &cnf,
+            "oid_section = new_oids\n[new_oids]\nmyAttr = 1.3.6.1.4.1.99999.1\n[req]\ndistinguished_name = dn\n[dn]\n",
+        )
+        .unwrap();
+        let csr = tmp.path().join("c.csr");
+        let cert = tmp.path().join("c.pem");
+        run(Command::new("openssl")
+            .args(["req", "-new", "-config"])
+            .arg(&cnf)
+            .arg("-key")
+            .arg(&key)
+            .args(["-subj", "/myAttr=abc/CN=x", "-out"])
+            .arg(&csr));
+        run(Command::new("openssl")
+            .args(["x509", "-req", "-days", "3", "-in"])
+            .arg(&csr)
+            .arg("-CA")
+            .arg(&ca.cert)
+            .arg("-CAkey")
+            .arg(&ca.key)
+            .args(["-set_serial", "9", "-out"])
+            .arg(&cert));
+        let dn = distinguished_name(&pem_cert(&cert)).unwrap();
+        // openssl encodes the value as UTF8String (0x0c), 3 bytes.
+        assert_eq!(dn, "1.3.6.1.4.1.99999.1=#0c03616263,CN=x");
+        assert_eq!(dn, certtool_subject_reversed(&cert));
+    }
+
+    /// DER of a Name from RDNs of (OID contents, value TLV).
+    fn name(rdns: &[&[(&[u8], &[u8])]]) -> Vec<u8> {
+        fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+            let mut v = vec![tag];
+            if content.len() < 0x80 {
+                v.push(content.len() as u8);
+            } else {
+                v.push(0x82);
+                v.extend_from_slice(&(content.len() as u16).to_be_bytes());
+            }
+            v.extend_from_slice(content);
+            v
+        }
+        let mut seq = Vec::new();
+        for rdn in rdns {
+            let mut set = Vec::new();
+            for (oid, value) in rdn.iter() {
+                let mut atv = tlv(0x06, oid);
+                atv.extend_from_slice(value);
+                set.extend(tlv(0x30, &atv));
+            }
+            seq.extend(tlv(0x31, &set));
+        }
+        tlv(0x30, &seq)
+    }
+
+    const CN: &[u8] = &[0x55, 0x04, 0x03]; // 2.5.4.3
+    const C: &[u8] = &[0x55, 0x04, 0x06]; // 2.5.4.6
+    const DC: &[u8] = &[0x09, 0x92, 0x26, 0x89, 0x93, 0xf2, 0x2c, 0x64, 0x01, 0x19];
+
+    #[test]
+    fn dn_value_types_as_gnutls_decodes_them() {
+        let f = |rdns: &[&[(&[u8], &[u8])]]| dn::format_name(&name(rdns));
+        // UTF8String and PrintableString as they are.
+        assert_eq!(f(&[&[(CN, b"\x0c\x02hi")]]).unwrap(), "CN=hi");
+        assert_eq!(f(&[&[(CN, b"\x13\x02hi")]]).unwrap(), "CN=hi");
+        // BMPString converted from UTF-16BE.
+        assert_eq!(
+            f(&[&[(CN, b"\x1e\x04\x00h\x00\xe9")]]).unwrap(),
+            "CN=h\u{e9}"
+        );
+        // TeletexString: ASCII kept, else hex of the contents, then escaped (`\#`).
+        assert_eq!(f(&[&[(CN, b"\x14\x02ab")]]).unwrap(), "CN=ab");
+        assert_eq!(f(&[&[(CN, b"\x14\x02a\xe9")]]).unwrap(), "CN=\\#61e9");
+        // UniversalString: hex of the contents, escaped.
+        assert_eq!(
+            f(&[&[(CN, b"\x1c\x04\x00\x00\x00a")]]).unwrap(),
+            "CN=\\#00000061"
+        );
+        // A type outside DirectoryString: hex of the whole value, not escaped.
+        assert_eq!(f(&[&[(CN, b"\x16\x02hi")]]).unwrap(), "CN=#16026869");
+        // C must be a PrintableString; a UTF8String C prints as hex.
+        assert_eq!(f(&[&[(C, b"\x13\x02GB")]]).unwrap(), "C=GB");
+        assert_eq!(f(&[&[(C, b"\x0c\x02GB")]]).unwrap(), "C=#0c024742");
+        // DC is an IA5String.
+        assert_eq!(f(&[&[(DC, b"\x16\x03org")]]).unwrap(), "DC=org");
+        // Embedded NUL: hex of the whole value.
+        assert_eq!(f(&[&[(CN, b"\x0c\x03a\x00b")]]).unwrap(), "CN=#0c03610062");
+        // Multi-valued RDN in encoding order, RDNs in encoding order.
+        assert_eq!(
+            f(&[
+                &[(C, b"\x13\x02GB")],
+                &[(CN, b"\x0c\x01b"), (CN, b"\x0c\x01a")]
+            ])
+            .unwrap(),
+            "C=GB,CN=b+CN=a"
+        );
+        // Unknown OID, with a large arc.
+        assert_eq!(
+            f(&[&[(&[0x2a, 0x03, 0x88, 0x37], b"\x02\x01\x05")]]).unwrap(),
+            "1.2.3.1079=#020105"
+        );
+        // Escapes: always `,+"\<>;`, `#` and space first, space last.
+        assert_eq!(
+            f(&[&[(CN, b"\x0c\x09# a,b+c; ")]]).unwrap(),
+            "CN=\\# a\\,b\\+c\\;\\ "
+        );
+        assert_eq!(f(&[&[(CN, b"\x0c\x03a#b")]]).unwrap(), "CN=a#b");
+    }
+
+    #[test]
+    fn dn_refuses_what_gnutls_refuses_and_never_panics() {
+        let f = |rdns: &[&[(&[u8], &[u8])]]| dn::format_name(&name(rdns));
+        assert_eq!(f(&[]), Err(DnError::Empty));
+        // An empty DirectoryString.
+        assert_eq!(f(&[&[(CN, b"\x0c\x00")]]), Err(DnError::InvalidValue));
+        // Truncations of a valid name are errors, not panics.
+        let good = name(&[&[(C, b"\x13\x02GB")], &[(CN, b"\x0c\x05hello")]]);
+        for n in 0..good.len() {
+            assert!(dn::format_name(&good[..n]).is_err(), "prefix {n}");
+        }
+        // Trailing bytes after the name.
+        let mut extra = good.clone();
+        extra.push(0);
+        assert_eq!(dn::format_name(&extra), Err(DnError::Der));
+        // Indefinite and oversized lengths.
+        assert_eq!(dn::format_name(&[0x30, 0x80, 0, 0]), Err(DnError::Der));
+        assert_eq!(
+            dn::format_name(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]),
+            Err(DnError::Der)
+        );
+        assert!(matches!(
+            distinguished_name(b"not a cert"),
+            Err(DnError::Certificate(_))
+        ));
+    }
+
+    // ----- creation errors -----
+
+    #[test]
+    fn property_errors_use_qemu_wording() {
+        let e = |p: &[(&str, &str)]| {
+            TlsCredsX509::from_props(&props(p))
+                .unwrap_err()
+                .qemu_message()
+        };
+        assert_eq!(
+            e(&[("id", "t"), ("endpoint", "server")]),
+            "Missing 'dir' property value"
+        );
+        assert_eq!(
+            e(&[("id", "t"), ("dir", "/x"), ("endpoint", "foo")]),
+            "Parameter 'endpoint' does not accept value 'foo'"
+        );
+        assert_eq!(
+            e(&[("id", "t"), ("dir", "/x"), ("foo", "bar")]),
+            "Parameter 'foo' is unexpected"
+        );
+        assert_eq!(
+            e(&[("id", "t"), ("dir", "/x"), ("verify-peer", "maybe")]),
+            "Parameter 'verify-peer' expects 'on' or 'off'"
+        );
+        assert_eq!(e(&[("dir", "/x")]), "Parameter 'id' is missing");
+        let mut typed = props(&[("id", "t")]);
+        typed.insert("dir".into(), Value::Bool(true));
+        assert_eq!(
+            TlsCredsX509::from_props(&typed).unwrap_err().qemu_message(),
+            "Invalid parameter type for 'dir', expected: string"
+        );
+        let o = TlsCredsX509Options::from_props(&props(&[
+            ("id", "t"),
+            ("dir", "/d"),
+            ("endpoint", "client"),
+            ("verify-peer", "off"),
+            ("sanity-check", "no"),
+            ("priority", "NORMAL:-VERS-TLS1.0"),
+        ]))
+        .unwrap();
+        assert_eq!(o.endpoint, Endpoint::Client);
+        assert!(!o.verify_peer && !o.sanity_check);
+        assert_eq!(o.priority.as_deref(), Some("NORMAL:-VERS-TLS1.0"));
+        let mut json = Map::new();
+        json.insert("id".into(), Value::from("t"));
+        json.insert("verify-peer".into(), Value::Bool(false));
+        let o = TlsCredsX509Options::from_props(&json).unwrap();
+        assert!(!o.verify_peer && o.sanity_check && o.endpoint == Endpoint::Server);
+    }
+
+    #[test]
+    fn missing_files_are_named_as_qemu_names_them() {
+        let e = |dir: &Path, ep: &str| creds(dir, ep, &[]).unwrap_err().qemu_message();
+        assert_eq!(
+            e(Path::new("/nonexistent"), "server"),
+            "Unable to access credentials /nonexistent/ca-cert.pem: No such file or directory"
+        );
+        assert_eq!(
+            e(Path::new("/nonexistent"), "client"),
+            "Unable to access credentials /nonexistent/ca-cert.pem: No such file or directory"
+        );
+        let tmp = TempDir::new();
+        std::fs::write(tmp.path().join(files::CA_CERT), "garbage\n").unwrap();
+        let d = tmp.path().display().to_string();
+        assert_eq!(
+            e(tmp.path(), "server"),
+            format!("Unable to access credentials {d}/server-cert.pem: No such file or directory")
+        );
+        std::fs::write(tmp.path().join(files::SERVER_CERT), "garbage\n").unwrap();
+        assert_eq!(
+            e(tmp.path(), "server"),
+            format!("Unable to access credentials {d}/server-key.pem: No such file or directory")
+        );
+        std::fs::write(tmp.path().join(files::SERVER_KEY), "garbage\n").unwrap();
+        // All there, the CA file holds no certificate (QEMU's message, then the cause).
+        assert!(e(tmp.path(), "server").starts_with(&format!(
+            "Unable to import CA certificate list {d}/ca-cert.pem"
+        )));
+        // A client needs only the CA certificate to get that far.
+        assert!(e(tmp.path(), "client").starts_with(&format!(
+            "Unable to import CA certificate list {d}/ca-cert.pem"
+        )));
+    }
+
+    #[test]
+    fn psk_and_anon_are_refused_clearly() {
+        let e = check_creds_type("tls-creds-psk").unwrap_err().to_string();
+        assert!(
+            e.contains("tls-creds-psk is not supported") && e.contains("pre-shared"),
+            "{e}"
+        );
+        assert!(check_creds_type("tls-creds-anon").is_err());
+        assert!(check_creds_type("tls-creds-x509").is_ok());
+    }
+
+    #[test]
+    fn all_key_formats_load_and_serve() {
+        if !have_tool("certtool") || !have_tool("openssl") {
+            return;
+        }
+        for kind in [
+            KeyKind::RsaPkcs1,
+            KeyKind::RsaPkcs8,
+            KeyKind::EcSec1,
+            KeyKind::EcPkcs8,
+        ] {
+            let pki = make_pki(kind);
+            let server = creds(&pki.server_dir, "server", &[])
+                .unwrap_or_else(|e| panic!("{kind:?}: {}", e.qemu_message()));
+            let client = creds(&pki.client_dir, "client", &[])
+                .unwrap_or_else(|e| panic!("{kind:?}: {}", e.qemu_message()));
+            assert_eq!(server.endpoint(), Endpoint::Server);
+            let dn = rustls_handshake(&server, &client).unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+            assert_eq!(dn.as_deref(), Some(CLIENT_DN), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn wrong_endpoint_is_refused_with_qemu_message() {
+        if !have_tool("certtool") || !have_tool("openssl") {
+            return;
+        }
+        let pki = make_pki(KeyKind::EcSec1);
+        let client = creds(&pki.client_dir, "client", &[]).unwrap();
+        assert_eq!(
+            client.server_config().unwrap_err().to_string(),
+            "Expected TLS credentials for a server endpoint"
+        );
+        let server = creds(&pki.server_dir, "server", &[]).unwrap();
+        assert_eq!(
+            server.client_config().unwrap_err().to_string(),
+            "Expected TLS credentials for a client endpoint"
+        );
+        // A client without its own certificate is fine (QEMU: optional files).
+        std::fs::remove_file(pki.client_dir.join(files::CLIENT_CERT)).unwrap();
+        assert!(creds(&pki.client_dir, "client", &[]).is_ok());
+    }
+
+    #[test]
+    fn sanity_checks_match_qemu() {
+        if !have_tool("certtool") || !have_tool("openssl") {
+            return;
+        }
+        let pki = make_pki(KeyKind::RsaPkcs1);
+        let dir = pki.tmp.sub("bad");
+        let d = dir.display().to_string();
+        let copy = |from: &Path, name: &str| std::fs::copy(from, dir.join(name)).unwrap();
+        copy(&pki.ca.cert, files::CA_CERT);
+
+        // A CA certificate as the server's.
+        copy(&pki.ca.cert, files::SERVER_CERT);
+        copy(&pki.ca.key, files::SERVER_KEY);
+        assert_eq!(
+            creds(&dir, "server", &[]).unwrap_err().qemu_message(),
+            format!("The certificate {d}/server-cert.pem basic constraints show a CA, but we need one for a server")
+        );
+
+        // A server certificate from another CA.
+        let other = make_ca(&pki.tmp.sub("other"), "Other CA");
+        copy(&pki.server_dir.join(files::SERVER_KEY), files::SERVER_KEY);
+        certtool_issue(
+            &other,
+            &dir.join(files::SERVER_KEY),
+            SERVER_TMPL,
+            &dir.join(files::SERVER_CERT),
+        );
+        assert_eq!(
+            creds(&dir, "server", &[]).unwrap_err().qemu_message(),
+            format!("Our own certificate {d}/server-cert.pem failed validation against {d}/ca-cert.pem: The certificate hasn't got a known issuer")
+        );
+        // Without sanity checks it loads (the clients will refuse it).
+        assert!(creds(&dir, "server", &[("sanity-check", "off")]).is_ok());
+
+        // A client certificate (critical purpose clientAuth) as the server's.
+        certtool_issue(
+            &pki.ca,
+            &dir.join(files::SERVER_KEY),
+            "cn = x\ntls_www_client\nencryption_key\nsigning_key\nexpiration_days = 3\n",
+            &dir.join(files::SERVER_CERT),
+        );
+        // certtool marks the purpose non-critical: QEMU accepts it, and so do we.
+        assert!(creds(&dir, "server", &[]).is_ok());
+
+        // certtool's ECDSA server certificate: critical key usage without key encipherment.
+        gen_key(&dir.join(files::SERVER_KEY), KeyKind::EcSec1);
+        certtool_issue(
+            &pki.ca,
+            &dir.join(files::SERVER_KEY),
+            SERVER_TMPL,
+            &dir.join(files::SERVER_CERT),
+        );
+        assert_eq!(
+            creds(&dir, "server", &[]).unwrap_err().qemu_message(),
+            format!("Certificate {d}/server-cert.pem usage does not permit key encipherment")
+        );
+        assert!(creds(&dir, "server", &[("sanity-check", "off")]).is_ok());
+
+        // A key that is not the certificate's, with or without sanity checks.
+        copy(&pki.server_dir.join(files::SERVER_CERT), files::SERVER_CERT);
+        copy(&pki.client_dir.join(files::CLIENT_KEY), files::SERVER_KEY);
+        for sanity in ["on", "off"] {
+            assert_eq!(
+                creds(&dir, "server", &[("sanity-check", sanity)]).unwrap_err().qemu_message(),
+                format!("Cannot load certificate '{d}/server-cert.pem' & key '{d}/server-key.pem': The certificate and the given key do not match.")
+            );
+        }
+
+        // An expired server certificate.
+        copy(&pki.server_dir.join(files::SERVER_KEY), files::SERVER_KEY);
+        certtool_issue(
+            &pki.ca,
+            &dir.join(files::SERVER_KEY),
+            "cn = x\ntls_www_server\nencryption_key\nsigning_key\nactivation_date = \"2001-01-01 00:00:00 UTC\"\nexpiration_date = \"2002-01-01 00:00:00 UTC\"\n",
+            &dir.join(files::SERVER_CERT),
+        );
+        assert_eq!(
+            creds(&dir, "server", &[]).unwrap_err().qemu_message(),
+            format!("The server certificate {d}/server-cert.pem has expired")
+        );
+
+        // An encrypted key (certtool's PKCS#8) is refused with a clear reason.
+        run(Command::new("certtool")
+            .args([
+                "--generate-privkey",
+                "--bits",
+                "2048",
+                "--pkcs8",
+                "--empty-password",
+                "--outfile",
+            ])
+            .arg(dir.join(files::SERVER_KEY)));
+        let e = creds(&dir, "server", &[("sanity-check", "off")])
+            .unwrap_err()
+            .qemu_message();
+        assert_eq!(e, format!("Cannot load certificate '{d}/server-cert.pem' & key '{d}/server-key.pem': The private key is encrypted (passwordid is not supported)"));
+
+        // passwordid is refused, naming the key.
+        copy(&pki.server_dir.join(files::SERVER_CERT), files::SERVER_CERT);
+        let e = creds(&dir, "server", &[("passwordid", "sec0")])
+            .unwrap_err()
+            .qemu_message();
+        assert!(
+            e.contains("'passwordid' is not supported") && e.contains("server-key.pem"),
+            "{e}"
+        );
+    }
+
+    // ----- handshakes -----
+
+    /// A TLS server on `listener` for one connection: on success, the client's DN (if it
+    /// sent a certificate), after writing "OK\n" and closing.
+    async fn serve_one<L, S>(
+        acceptor: tokio_rustls::TlsAcceptor,
+        accept: L,
+    ) -> Result<Option<String>, String>
+    where
+        L: std::future::Future<Output = std::io::Result<S>>,
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        use tokio::io::AsyncWriteExt;
+        let stream = accept.await.map_err(|e| e.to_string())?;
+        let mut tls = acceptor.accept(stream).await.map_err(|e| e.to_string())?;
+        let dn = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+            Some(cert) => Some(distinguished_name(cert).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        tls.write_all(b"OK\n").await.map_err(|e| e.to_string())?;
+        tls.shutdown().await.map_err(|e| e.to_string())?;
+        Ok(dn)
+    }
+
+    /// Our server against our client, in process.
+    fn rustls_handshake(
+        server: &TlsCredsX509,
+        client: &TlsCredsX509,
+    ) -> Result<Option<String>, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            use tokio::io::AsyncReadExt;
+            let (a, b) = tokio::io::duplex(64 * 1024);
+            let acceptor =
+                tokio_rustls::TlsAcceptor::from(server.server_config().map_err(|e| e.to_string())?);
+            let srv = tokio::spawn(serve_one(acceptor, async { Ok(a) }));
+            let connector = tokio_rustls::TlsConnector::from(
+                client.client_config().map_err(|e| e.to_string())?,
+            );
+            let mut c = connector
+                .connect(server_name("localhost").map_err(|e| e.to_string())?, b)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut buf = String::new();
+            let read = c.read_to_string(&mut buf).await;
+            let dn = srv.await.map_err(|e| e.to_string())??;
+            read.map_err(|e| e.to_string())?;
+            assert_eq!(buf, "OK\n");
+            Ok(dn)
+        })
+    }
+
+    /// Runs our server on a loopback TCP port for one connection from `client` (a command
+    /// to which the port is appended). Returns the server's result and the client's stdout.
+    fn serve_tcp_to(
+        creds: &TlsCredsX509,
+        client: impl FnOnce(u16) -> Command,
+    ) -> (Result<Option<String>, String>, String) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let acceptor = tokio_rustls::TlsAcceptor::from(creds.server_config().unwrap());
+            let srv = tokio::spawn(async move {
+                serve_one(acceptor, async { listener.accept().await.map(|(s, _)| s) }).await
+            });
+            let out = run_client(client(port)).await;
+            (srv.await.unwrap(), out)
+        })
+    }
+
+    /// Runs a TLS client program with its stdin open (so that it waits for the server),
+    /// returns its stdout once it exits. A client that hangs is killed after 60 s.
+    async fn run_client(mut cmd: Command) -> String {
+        let mut child = tokio::process::Command::from({
+            cmd.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            cmd
+        })
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+        let stdin = child.stdin.take();
+        let out =
+            tokio::time::timeout(std::time::Duration::from_secs(60), child.wait_with_output())
+                .await
+                .expect("TLS client program hung")
+                .unwrap();
+        drop(stdin);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn gnutls_cli(ca: &Path, cert_key: Option<(&Path, &Path)>) -> impl FnOnce(u16) -> Command {
+        let ca = ca.to_path_buf();
+        let ck = cert_key.map(|(c, k)| (c.to_path_buf(), k.to_path_buf()));
+        move |port| {
+            let mut c = Command::new("gnutls-cli");
+            c.arg("--x509cafile").arg(&ca);
+            if let Some((cert, key)) = &ck {
+                c.arg("--x509certfile")
+                    .arg(cert)
+                    .arg("--x509keyfile")
+                    .arg(key);
+            }
+            c.args(["-p", &port.to_string(), "127.0.0.1"]);
+            c
+        }
+    }
+
+    #[test]
+    fn gnutls_client_with_good_certificate_is_accepted() {
+        if !have_tool("certtool") || !have_tool("openssl") || !have_tool("gnutls-cli") {
+            return;
+        }
+        for kind in [KeyKind::RsaPkcs1, KeyKind::EcSec1] {
+            let pki = make_pki(kind);
+            let server = creds(&pki.server_dir, "server", &[]).unwrap();
+            let (res, out) = serve_tcp_to(
+                &server,
+                gnutls_cli(
+                    &pki.client_dir.join(files::CA_CERT),
+                    Some((
+                        &pki.client_dir.join(files::CLIENT_CERT),
+                        &pki.client_dir.join(files::CLIENT_KEY),
+                    )),
+                ),
+            );
+            assert_eq!(res, Ok(Some(CLIENT_DN.to_string())), "{kind:?}");
+            assert!(out.lines().any(|l| l == "OK"), "{kind:?}: {out}");
+        }
+    }
+
+    #[test]
+    fn gnutls_client_without_certificate_is_refused_under_verify_peer() {
+        if !have_tool("certtool") || !have_tool("openssl") || !have_tool("gnutls-cli") {
+            return;
+        }
+        let pki = make_pki(KeyKind::EcSec1);
+        let server = creds(&pki.server_dir, "server", &[]).unwrap();
+        let (res, out) = serve_tcp_to(
+            &server,
+            gnutls_cli(&pki.client_dir.join(files::CA_CERT), None),
+        );
+        let err = res.unwrap_err();
+        assert!(
+            err.contains("certificate") || err.contains("Certificate"),
+            "{err}"
+        );
+        assert!(!out.lines().any(|l| l == "OK"), "{out}");
+
+        // verify-peer=off: no certificate asked, the client gets in.
+        let server = creds(&pki.server_dir, "server", &[("verify-peer", "off")]).unwrap();
+        assert!(!server.verify_peer());
+        let (res, out) = serve_tcp_to(
+            &server,
+            gnutls_cli(&pki.client_dir.join(files::CA_CERT), None),
+        );
+        assert_eq!(res, Ok(None));
+        assert!(out.lines().any(|l| l == "OK"), "{out}");
+    }
+
+    #[test]
+    fn gnutls_client_with_certificate_of_another_ca_is_refused() {
+        if !have_tool("certtool") || !have_tool("openssl") || !have_tool("gnutls-cli") {
+            return;
+        }
+        let pki = make_pki(KeyKind::RsaPkcs8);
+        let other = make_ca(&pki.tmp.sub("other"), "Other CA");
+        let dir = pki.tmp.sub("rogue");
+        gen_key(&dir.join(files::CLIENT_KEY), KeyKind::EcSec1);
+        certtool_issue(
+            &other,
+            &dir.join(files::CLIENT_KEY),
+            CLIENT_TMPL,
+            &dir.join(files::CLIENT_CERT),
+        );
+        let server = creds(&pki.server_dir, "server", &[]).unwrap();
+        let (res, out) = serve_tcp_to(
+            &server,
+            gnutls_cli(
+                &pki.client_dir.join(files::CA_CERT),
+                Some((&dir.join(files::CLIENT_CERT), &dir.join(files::CLIENT_KEY))),
+            ),
+        );
+        let err = res.unwrap_err();
+        assert!(
+            err.contains("UnknownIssuer")
+                || err.contains("unknown issuer")
+                || err.contains("issuer"),
+            "{err}"
+        );
+        assert!(!out.lines().any(|l| l == "OK"), "{out}");
+    }
+
+    #[test]
+    fn openssl_client_over_unix_socket() {
+        if !have_tool("certtool") || !have_tool("openssl") {
+            return;
+        }
+        let pki = make_pki(KeyKind::EcPkcs8);
+        let server = creds(&pki.server_dir, "server", &[]).unwrap();
+        let sock = pki.tmp.path().join("tls.sock");
+        let attempt = |with_cert: bool| {
+            let _ = std::fs::remove_file(&sock);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+                let acceptor = tokio_rustls::TlsAcceptor::from(server.server_config().unwrap());
+                let srv = tokio::spawn(async move {
+                    serve_one(acceptor, async { listener.accept().await.map(|(s, _)| s) }).await
+                });
+                let mut cmd = Command::new("openssl");
+                cmd.args([
+                    "s_client",
+                    "-quiet",
+                    "-verify_return_error",
+                    "-verify_hostname",
+                    "localhost",
+                    "-unix",
+                ])
+                .arg(&sock)
+                .arg("-CAfile")
+                .arg(pki.client_dir.join(files::CA_CERT));
+                if with_cert {
+                    cmd.arg("-cert")
+                        .arg(pki.client_dir.join(files::CLIENT_CERT))
+                        .arg("-key")
+                        .arg(pki.client_dir.join(files::CLIENT_KEY));
+                }
+                let out = run_client(cmd).await;
+                (srv.await.unwrap(), out)
+            })
+        };
+        let (res, out) = attempt(true);
+        assert_eq!(res, Ok(Some(CLIENT_DN.to_string())));
+        assert!(out.lines().any(|l| l == "OK"), "{out}");
+        let (res, out) = attempt(false);
+        assert!(res.is_err());
+        assert!(!out.lines().any(|l| l == "OK"), "{out}");
+    }
+
+    #[test]
+    fn client_credentials_verify_the_server_unless_told_not_to() {
+        if !have_tool("certtool") || !have_tool("openssl") {
+            return;
+        }
+        let pki = make_pki(KeyKind::EcSec1);
+        let server = creds(&pki.server_dir, "server", &[("verify-peer", "off")]).unwrap();
+        // A client trusting another CA refuses the server...
+        let other = make_ca(&pki.tmp.sub("other"), "Other CA");
+        let dir = pki.tmp.sub("c2");
+        std::fs::copy(&other.cert, dir.join(files::CA_CERT)).unwrap();
+        let strict = creds(&dir, "client", &[]).unwrap();
+        let err = rustls_handshake(&server, &strict).unwrap_err();
+        assert!(
+            err.contains("UnknownIssuer") || err.contains("issuer"),
+            "{err}"
+        );
+        // ... unless verify-peer=off.
+        let lax = creds(&dir, "client", &[("verify-peer", "off")]).unwrap();
+        assert_eq!(rustls_handshake(&server, &lax), Ok(None));
+    }
+}
