@@ -1,7 +1,8 @@
 //! Persistent dirty bitmaps stored in a qcow2 image (the qcow2 "bitmaps extension").
 //!
-//! `imago`, the qcow2 library behind the `qcow2` driver, preserves the bitmaps autoclear bit
-//! but neither reads nor writes bitmaps: this module does, directly on the image file, with
+//! `imago`, the qcow2 library behind the `qcow2` driver, knows the bitmaps autoclear bit (and
+//! clears it when it opens an image writable) but neither reads nor writes bitmaps: this
+//! module does, directly on the image file, with
 //! QEMU's on-disk format and behaviour (`docs/interop/qcow2.rst`, "Bitmaps extension",
 //! "Bitmap directory", "Bitmap table"; `block/qcow2-bitmap.c`).
 //!
@@ -9,20 +10,25 @@
 //!
 //! The functions here read and write the image file themselves: the header, the header
 //! extensions, the refcount structures, and the bitmap clusters. They must only be called
-//! while nothing else writes the image:
+//! while nothing else writes the image, and the daemon must hold the image alone (no other
+//! process may open it writable meanwhile). The order for a writable qcow2 node:
 //!
-//! - at open: [`load`] (any time), then, for a writable image, [`mark_in_use`] *before* the
-//!   image is handed to imago for writing;
-//! - at clean close: [`store`] *after* imago has flushed everything and will not write any
-//!   more (its refcount and L2 caches written out, the image no longer in use by it).
+//! 1. before imago opens the image: [`load`] the bitmaps into memory ([`crate::bitmap`]),
+//!    then [`mark_in_use`], which returns the [`BitmapsLayout`] it marked;
+//! 2. imago opens the image writable. imago 0.2.6 clears *every* autoclear bit then,
+//!    which makes the bitmaps extension stale (QEMU would ignore it);
+//! 3. right after that open, before any I/O, [`restore_autoclear_bit`] with the layout sets
+//!    the bit again, so that a crash leaves the bitmaps visible as `in_use` (inconsistent),
+//!    as QEMU leaves them (optional: without it, a crash loses them and leaks their clusters);
+//! 4. at clean close, once imago has flushed and been dropped, [`store_replacing`] with the
+//!    layout writes the in-memory bitmaps and frees the old ones (it may free a stale
+//!    extension's clusters only because the layout proves they are the ones marked in 1.).
 //!
-//! The bitmaps live in memory between the two (see [`crate::bitmap`]); only `in_use` is
-//! written while the image is open, so that a crash leaves every bitmap marked
-//! inconsistent, as QEMU does.
+//! A read-only node only needs [`load`]: the image is not written at all.
 //!
 //! # Crash safety
 //!
-//! [`store`] writes the new bitmap clusters into free space, raises their refcounts (new
+//! [`store_replacing`] writes the new bitmap clusters into free space, raises their refcounts (new
 //! refcount blocks are written before the refcount table points at them), syncs, switches the
 //! header to the new bitmap directory, syncs, and only then drops the refcounts of the old
 //! bitmap clusters. A crash at any point leaves an image that `qemu-img check` accepts: at
@@ -301,7 +307,10 @@ pub fn check_constraints(
         name: name.to_owned(),
         reason,
     };
-    if !granularity.is_power_of_two() || granularity < MIN_GRANULARITY {
+    if !granularity.is_power_of_two() {
+        return Err(fail("Granularity must be a power of two".into()));
+    }
+    if granularity < MIN_GRANULARITY {
         return Err(fail(format!(
             "Granularity is under minimum ({MIN_GRANULARITY} bytes)"
         )));
@@ -393,8 +402,10 @@ enum BitmapsState {
     /// No extension.
     Absent,
     /// An extension without the autoclear bit: written by a program unaware of bitmaps, it
-    /// must be ignored (and is dropped on the next store). Its clusters may be reused already.
-    Stale,
+    /// must be ignored (and is dropped on the next store). Its clusters may be reused already,
+    /// unless it is the one [`mark_in_use`] saw (see [`BitmapsLayout`]). The fields are as
+    /// read, unchecked.
+    Stale(BitmapsExt),
     /// A valid extension.
     Valid(BitmapsExt),
 }
@@ -484,14 +495,18 @@ impl Header {
             if h.backing_file_offset < header_length as u64 {
                 return Err(invalid("backing file name overlaps the header"));
             }
-            if end <= cluster_size {
-                let start = h.backing_file_offset as usize;
-                h.backing_name = Some(first[start..end as usize].to_vec());
+            // QEMU always writes it there; elsewhere, rewriting the header could not keep it.
+            if end > cluster_size {
+                return Err(BitmapError::Unsupported(
+                    "backing file name outside the first cluster".into(),
+                ));
             }
+            let start = h.backing_file_offset as usize;
+            h.backing_name = Some(first[start..end as usize].to_vec());
         }
         // Extensions run from the header's end to the backing file name or the cluster's end.
         let ext_end = if h.backing_file_offset != 0 {
-            h.backing_file_offset.min(cluster_size) as usize
+            h.backing_file_offset as usize
         } else {
             cluster_size as usize
         };
@@ -551,16 +566,9 @@ impl Header {
         Ok(())
     }
 
-    fn valid_ext(&self) -> Option<BitmapsExt> {
-        match self.bitmaps {
-            BitmapsState::Valid(ext) => Some(ext),
-            _ => None,
-        }
-    }
-
-    /// Rewrites the first cluster: the header with `autoclear`, every other extension as it
-    /// was, the bitmaps extension `ext` (or none), the end marker and the backing file name.
-    fn write(&self, file: &File, ext: Option<BitmapsExt>, autoclear: u64) -> Result<()> {
+    /// The new first cluster: the header with `autoclear`, every other extension as it was,
+    /// the bitmaps extension `ext` (or none), the end marker and the backing file name.
+    fn encode(&self, ext: Option<BitmapsExt>, autoclear: u64) -> Result<Vec<u8>> {
         let cs = self.cluster_size as usize;
         let mut buf = self.raw.clone();
         buf[88..96].copy_from_slice(&autoclear.to_be_bytes());
@@ -594,7 +602,7 @@ impl Header {
             });
         }
         buf.resize(cs, 0);
-        write_at(file, 0, &buf, "writing the qcow2 header")
+        Ok(buf)
     }
 }
 
@@ -602,21 +610,17 @@ fn parse_bitmaps_ext(data: &[u8], autoclear: u64, cluster_size: u64) -> Result<B
     if data.len() != BITMAPS_EXT_LEN {
         return Err(invalid("bitmaps_ext: Invalid extension length"));
     }
-    if autoclear & AUTOCLEAR_BITMAPS == 0 {
-        tracing::warn!(
-            "a program lacking bitmap support modified this file, so all bitmaps are now \
-             considered inconsistent; some clusters may be leaked"
-        );
-        return Ok(BitmapsState::Stale);
-    }
-    if be32(data, 4) != 0 {
-        return Err(invalid("bitmaps_ext: Reserved field is not zero"));
-    }
     let ext = BitmapsExt {
         nb_bitmaps: be32(data, 0),
         directory_size: be64(data, 8),
         directory_offset: be64(data, 16),
     };
+    if autoclear & AUTOCLEAR_BITMAPS == 0 {
+        return Ok(BitmapsState::Stale(ext));
+    }
+    if be32(data, 4) != 0 {
+        return Err(invalid("bitmaps_ext: Reserved field is not zero"));
+    }
     if ext.nb_bitmaps as usize > MAX_BITMAPS {
         return Err(invalid(format!(
             "bitmaps_ext: Image has {} bitmaps, exceeding the QEMU supported maximum of {MAX_BITMAPS}",
@@ -815,10 +819,8 @@ struct Directory {
     entries: Vec<(usize, DirEntry)>,
 }
 
-fn read_directory(file: &File, h: &Header) -> Result<Option<Directory>> {
-    let Some(ext) = h.valid_ext() else {
-        return Ok(None);
-    };
+/// Reads and checks the directory `ext` points at (`ext` itself checked beforehand).
+fn read_directory(file: &File, h: &Header, ext: BitmapsExt) -> Result<Directory> {
     // parse_bitmaps_ext bounded directory_size by MAX_DIRECTORY_SIZE.
     let raw = read_at(
         file,
@@ -827,7 +829,14 @@ fn read_directory(file: &File, h: &Header) -> Result<Option<Directory>> {
         "reading the bitmap directory",
     )?;
     let entries = parse_directory(&raw, ext.nb_bitmaps, h.cluster_size, h.size)?;
-    Ok(Some(Directory { ext, raw, entries }))
+    Ok(Directory { ext, raw, entries })
+}
+
+fn warn_stale() {
+    tracing::warn!(
+        "a program lacking bitmap support modified this file, so all bitmaps are now \
+         considered inconsistent; some clusters may be leaked"
+    );
 }
 
 /// Reads every persistent bitmap of the image.
@@ -836,15 +845,21 @@ fn read_directory(file: &File, h: &Header) -> Result<Option<Directory>> {
 /// stale (the autoclear bit is clear: a program unaware of bitmaps wrote the image) have none.
 /// A bitmap flagged `in_use` is returned with `inconsistent: true` and all bits clear, as QEMU
 /// does not load its data. Malformed directories, unknown flags, types or extra data are
-/// refused, as QEMU refuses them.
+/// refused, as QEMU refuses them (QEMU then fails to open the image).
 pub fn load(file: &File) -> Result<Vec<StoredBitmap>> {
     let h = Header::read(file)?;
     if h.version < 3 {
         return Ok(Vec::new());
     }
-    let Some(dir) = read_directory(file, &h)? else {
-        return Ok(Vec::new());
+    let ext = match h.bitmaps {
+        BitmapsState::Absent => return Ok(Vec::new()),
+        BitmapsState::Stale(_) => {
+            warn_stale();
+            return Ok(Vec::new());
+        }
+        BitmapsState::Valid(ext) => ext,
     };
+    let dir = read_directory(file, &h, ext)?;
     let cs = h.cluster_size;
     let mut out = Vec::with_capacity(dir.entries.len());
     for (_, e) in &dir.entries {
@@ -896,22 +911,66 @@ pub fn load(file: &File) -> Result<Vec<StoredBitmap>> {
     Ok(out)
 }
 
+/// Where the bitmaps were when [`mark_in_use`] marked them: the bitmaps extension and the
+/// directory as written.
+///
+/// imago clears every autoclear bit when it opens an image writable, which makes the bitmaps
+/// extension stale; a stale extension's clusters may have been reused by whoever cleared the
+/// bit, so [`store`] must leak them. But when the extension and its directory are still
+/// exactly what [`mark_in_use`] left, nobody but the daemon (which held the image alone)
+/// wrote them: [`store_replacing`] and [`restore_autoclear_bit`] use this to free them, and
+/// to make them count again, safely.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapsLayout {
+    ext: BitmapsExt,
+    directory: Vec<u8>,
+}
+
+impl BitmapsLayout {
+    /// Whether the header's (possibly stale) extension and its directory are still these.
+    fn matches(&self, file: &File, h: &Header) -> Result<bool> {
+        let ext = match h.bitmaps {
+            BitmapsState::Valid(ext) | BitmapsState::Stale(ext) => ext,
+            BitmapsState::Absent => return Ok(false),
+        };
+        if ext != self.ext {
+            return Ok(false);
+        }
+        let raw = read_at(
+            file,
+            ext.directory_offset,
+            self.directory.len(),
+            "reading the bitmap directory",
+        )?;
+        Ok(raw == self.directory)
+    }
+}
+
 /// Sets `in_use` on every stored bitmap, in place, as QEMU does when it opens an image
 /// writable: a crash before [`store`] then leaves the bitmaps marked inconsistent.
 ///
 /// Follows QEMU's order: clear the autoclear bit (sync), rewrite the directory (sync), set the
-/// bit again (sync); a crash in between loses the bitmaps but corrupts nothing. A no-op when
-/// there are no bitmaps or all are in use already. Unknown autoclear bits are cleared, as the
-/// format asks of a writer.
-pub fn mark_in_use(file: &File) -> Result<()> {
+/// bit again (sync); a crash in between loses the bitmaps but corrupts nothing. Unknown
+/// autoclear bits are cleared, as the format asks of a writer.
+///
+/// Returns where the bitmaps are (`None` when the image has no valid bitmaps extension), to
+/// hand to [`restore_autoclear_bit`] once imago has opened the image, and to
+/// [`store_replacing`] at close.
+pub fn mark_in_use(file: &File) -> Result<Option<BitmapsLayout>> {
     let h = Header::read(file)?;
     if h.version < 3 {
-        return Ok(());
+        return Ok(None);
     }
     h.check_writable()?;
-    let Some(mut dir) = read_directory(file, &h)? else {
-        return Ok(());
+    let ext = match h.bitmaps {
+        BitmapsState::Valid(ext) => ext,
+        BitmapsState::Absent => return Ok(None),
+        BitmapsState::Stale(_) => {
+            warn_stale();
+            return Ok(None);
+        }
     };
+    let mut dir = read_directory(file, &h, ext)?;
     let mut changed = false;
     for (at, e) in &dir.entries {
         if !e.flags.contains(BitmapFlags::IN_USE) {
@@ -920,8 +979,12 @@ pub fn mark_in_use(file: &File) -> Result<()> {
             changed = true;
         }
     }
+    let layout = BitmapsLayout {
+        ext: dir.ext,
+        directory: dir.raw,
+    };
     if !changed {
-        return Ok(());
+        return Ok(Some(layout));
     }
     let autoclear = h.autoclear & AUTOCLEAR_KNOWN;
     write_at(
@@ -933,8 +996,8 @@ pub fn mark_in_use(file: &File) -> Result<()> {
     sync(file)?;
     write_at(
         file,
-        dir.ext.directory_offset,
-        &dir.raw,
+        layout.ext.directory_offset,
+        &layout.directory,
         "writing the bitmap directory",
     )?;
     sync(file)?;
@@ -944,7 +1007,34 @@ pub fn mark_in_use(file: &File) -> Result<()> {
         &(autoclear | AUTOCLEAR_BITMAPS).to_be_bytes(),
         "setting the bitmaps autoclear bit",
     )?;
-    sync(file)
+    sync(file)?;
+    Ok(Some(layout))
+}
+
+/// Sets the bitmaps autoclear bit again after imago (which clears every autoclear bit when it
+/// opens an image writable) has opened the image, if the extension and directory are still
+/// the ones [`mark_in_use`] left. Then a crash leaves the bitmaps visible to QEMU as `in_use`
+/// (inconsistent) instead of lost with leaked clusters.
+///
+/// Call it right after imago's open, before any I/O: it writes the 8-byte autoclear field of
+/// the header and syncs (imago writes its whole header only when it opens the image). Returns
+/// whether the bit was set.
+pub fn restore_autoclear_bit(file: &File, layout: &BitmapsLayout) -> Result<bool> {
+    let h = Header::read(file)?;
+    if h.version < 3 || h.autoclear & AUTOCLEAR_BITMAPS != 0 || !layout.matches(file, &h)? {
+        return Ok(false);
+    }
+    h.check_writable()?;
+    // The directory is the one checked at mark_in_use: every bitmap is in use.
+    let autoclear = (h.autoclear & AUTOCLEAR_KNOWN) | AUTOCLEAR_BITMAPS;
+    write_at(
+        file,
+        AUTOCLEAR_OFFSET,
+        &autoclear.to_be_bytes(),
+        "setting the bitmaps autoclear bit",
+    )?;
+    sync(file)?;
+    Ok(true)
 }
 
 /// The image's refcounts, loaded on demand, changed in memory and written by
@@ -1246,8 +1336,8 @@ fn validate(h: &Header, bitmaps: &[StoredBitmap]) -> Result<()> {
     Ok(())
 }
 
-/// Every cluster range the image's current (valid) bitmaps occupy: the directory, the tables
-/// and their data clusters. A table that cannot be read is left alone (leaked) with a warning.
+/// Every cluster range the given bitmaps occupy: the directory, the tables and their data
+/// clusters. A table that cannot be read is left alone (leaked) with a warning, as QEMU does.
 fn old_ranges(file: &File, h: &Header, dir: &Directory) -> Vec<(u64, u64)> {
     let mut ranges = vec![(dir.ext.directory_offset, dir.ext.directory_size)];
     for (_, e) in &dir.entries {
@@ -1275,12 +1365,28 @@ fn old_ranges(file: &File, h: &Header, dir: &Directory) -> Vec<(u64, u64)> {
 /// Writes `bitmaps` as the image's persistent bitmaps, replacing every bitmap stored before
 /// (call at clean close; see the module docs for the contract and the crash-safety order).
 ///
-/// Consistent bitmaps are written with `in_use` clear and `auto` as [`StoredBitmap::enabled`];
-/// inconsistent ones with `in_use` set and no data. A chunk range without a dirty bit gets no
-/// data cluster (table entry 0). An empty slice removes the extension. Nothing is written if
-/// a bitmap breaks a constraint ([`check_constraints`], size equal to the image's, `bits` of
-/// the right length, unique names).
+/// Same as [`store_replacing`] without a layout: the clusters of a stale extension are leaked,
+/// as QEMU leaks them. Use [`store_replacing`] for an image that imago had open.
 pub fn store(file: &File, bitmaps: &[StoredBitmap]) -> Result<()> {
+    store_replacing(file, bitmaps, None)
+}
+
+/// Writes `bitmaps` as the image's persistent bitmaps, replacing every bitmap stored before.
+///
+/// Consistent bitmaps are written with `in_use` clear and `auto` as [`StoredBitmap::enabled`];
+/// inconsistent ones with `in_use` set and no data (as QEMU keeps them). A cluster's worth of
+/// chunks without a dirty bit gets no data cluster (table entry 0). An empty slice removes the
+/// extension. Nothing is written when a bitmap breaks a constraint ([`check_constraints`], a
+/// size equal to the image's, `bits` of the right length, unique names), when the header would
+/// not fit, or when the current directory is malformed.
+///
+/// The old bitmaps' clusters are freed when the extension is valid, or stale but still
+/// `previous` (what [`mark_in_use`] returned at open); otherwise they are leaked.
+pub fn store_replacing(
+    file: &File,
+    bitmaps: &[StoredBitmap],
+    previous: Option<&BitmapsLayout>,
+) -> Result<()> {
     let h = Header::read(file)?;
     if h.version < 3 {
         return if bitmaps.is_empty() {
@@ -1297,13 +1403,24 @@ pub fn store(file: &File, bitmaps: &[StoredBitmap]) -> Result<()> {
     {
         return Ok(());
     }
-    let old_dir = match read_directory(file, &h) {
-        Ok(d) => d,
-        Err(err) => {
-            // An unreadable old directory is replaced all the same; its clusters leak.
-            tracing::warn!(error = %err, "replacing an unreadable bitmap directory");
-            None
-        }
+    // The header must fit with the new extension before anything is allocated.
+    let placeholder = (!bitmaps.is_empty()).then_some(BitmapsExt {
+        nb_bitmaps: 0,
+        directory_size: 0,
+        directory_offset: 0,
+    });
+    h.encode(placeholder, 0)?;
+
+    let old_dir = match h.bitmaps {
+        BitmapsState::Valid(ext) => Some(read_directory(file, &h, ext)?),
+        BitmapsState::Stale(ext) => match previous {
+            Some(layout) if layout.matches(file, &h)? => Some(read_directory(file, &h, ext)?),
+            _ => {
+                warn_stale();
+                None
+            }
+        },
+        BitmapsState::Absent => None,
     };
     let old = old_dir
         .as_ref()
@@ -1376,7 +1493,8 @@ pub fn store(file: &File, bitmaps: &[StoredBitmap]) -> Result<()> {
     } else {
         autoclear &= !AUTOCLEAR_BITMAPS;
     }
-    h.write(file, new_ext, autoclear)?;
+    let header = h.encode(new_ext, autoclear)?;
+    write_at(file, 0, &header, "writing the qcow2 header")?;
     sync(file)?;
 
     // Only now that nothing points at the old clusters may they be freed.
@@ -2035,6 +2153,142 @@ mod tests {
             load(&File::open(&raw).unwrap()),
             Err(BitmapError::NotQcow2)
         ));
+    }
+
+    /// Clears every autoclear bit, as imago 0.2.6 does when it opens an image writable.
+    fn clear_autoclear_like_imago(p: &Path) {
+        open_rw(p)
+            .write_all_at(&0u64.to_be_bytes(), AUTOCLEAR_OFFSET)
+            .unwrap();
+    }
+
+    #[test]
+    fn layout_lets_store_free_what_imago_made_stale() {
+        if !tools(&["qemu-img", "qemu-io"]) {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let size = 10 << 20;
+        let mk = |name: &str| {
+            let p = create(dir.path(), name, "10M", "");
+            let ps = p.to_str().unwrap();
+            qemu_img(&["bitmap", "--add", ps, "b0"]);
+            run(Command::new("qemu-io").args(["-c", "write 0 1M", ps]));
+            p
+        };
+        let mut next = StoredBitmap::new("b0", size, 65536, true);
+        next.set_dirty(3);
+
+        // Without the layout, the stale extension's clusters must leak (never be freed).
+        let p = mk("no-layout.qcow2");
+        mark_in_use(&open_rw(&p)).unwrap();
+        clear_autoclear_like_imago(&p);
+        store(&open_rw(&p), std::slice::from_ref(&next)).unwrap();
+        let (corruptions, leaks, errors) = check(&p);
+        assert_eq!((corruptions, errors), (0, 0));
+        assert!(leaks > 0, "the old bitmap's clusters are leaked");
+
+        // With it, they are freed: no leaks.
+        let p = mk("layout.qcow2");
+        let layout = mark_in_use(&open_rw(&p))
+            .unwrap()
+            .expect("a bitmap to mark");
+        clear_autoclear_like_imago(&p);
+        store_replacing(&open_rw(&p), std::slice::from_ref(&next), Some(&layout)).unwrap();
+        assert_clean(&p);
+        assert_eq!(load(&File::open(&p).unwrap()).unwrap(), vec![next.clone()]);
+
+        // A layout that no longer matches (the directory changed) frees nothing.
+        let p = mk("changed.qcow2");
+        let layout = mark_in_use(&open_rw(&p)).unwrap().unwrap();
+        qemu_img(&["bitmap", "--add", p.to_str().unwrap(), "other"]);
+        clear_autoclear_like_imago(&p);
+        store_replacing(&open_rw(&p), std::slice::from_ref(&next), Some(&layout)).unwrap();
+        let (corruptions, leaks, errors) = check(&p);
+        assert_eq!((corruptions, errors), (0, 0));
+        assert!(leaks > 0);
+
+        // restore_autoclear_bit makes the in-use bitmaps count again: after a "crash" here,
+        // QEMU sees them as in use and no cluster is leaked.
+        let p = mk("restored.qcow2");
+        let layout = mark_in_use(&open_rw(&p)).unwrap().unwrap();
+        clear_autoclear_like_imago(&p);
+        assert!(
+            info_bitmaps(&p).is_empty(),
+            "QEMU ignores a stale extension"
+        );
+        assert!(restore_autoclear_bit(&open_rw(&p), &layout).unwrap());
+        assert!(!restore_autoclear_bit(&open_rw(&p), &layout).unwrap());
+        assert_eq!(
+            info_bitmaps(&p),
+            vec![("b0".into(), 65536, vec!["in-use".into(), "auto".into()])]
+        );
+        assert_clean(&p);
+    }
+
+    /// The whole contract with the real imago: open, write through imago, close, store.
+    #[cfg(feature = "qcow2")]
+    #[test]
+    fn session_with_imago() {
+        if !tools(&["qemu-img", "qemu-io"]) {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = create(dir.path(), "im.qcow2", "10M", "");
+        let ps = p.to_str().unwrap();
+        qemu_img(&["bitmap", "--add", ps, "b0"]);
+        qemu_img(&["bitmap", "--add", "--disable", ps, "b1"]);
+        run(Command::new("qemu-io").args(["-c", "write 0 64k", ps]));
+
+        let file = open_rw(&p);
+        let mut bitmaps = load(&file).unwrap();
+        assert!(bitmaps[0].is_dirty(0));
+        let layout = mark_in_use(&file).unwrap().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut q = imago::qcow2::Qcow2::<imago::file::File>::open_path(&p, true)
+                .await
+                .unwrap();
+            q.open_implicit_dependencies().await.unwrap();
+            let q = imago::FormatAccess::new(q);
+            // imago cleared the autoclear bits on its writable open.
+            let mut autoclear = [0u8; 8];
+            file.read_exact_at(&mut autoclear, AUTOCLEAR_OFFSET)
+                .unwrap();
+            assert_eq!(u64::from_be_bytes(autoclear), 0);
+            assert!(restore_autoclear_bit(&file, &layout).unwrap());
+            // A write, recorded in the enabled bitmap as a node would.
+            let buf = vec![0xa5u8; 4096];
+            q.write(&buf[..], 5 << 20).await.unwrap();
+            bitmaps[0].set_dirty((5 << 20) / 65536);
+            q.flush().await.unwrap();
+            // Mid-session, QEMU sees in-use bitmaps and a consistent image.
+            assert_eq!(
+                info_bitmaps(&p),
+                vec![
+                    ("b0".into(), 65536, vec!["in-use".into(), "auto".into()]),
+                    ("b1".into(), 65536, vec!["in-use".into()]),
+                ]
+            );
+            assert_clean(&p);
+            drop(q);
+        });
+        store_replacing(&file, &bitmaps, Some(&layout)).unwrap();
+        drop(file);
+        assert_clean(&p);
+        assert_eq!(load(&File::open(&p).unwrap()).unwrap(), bitmaps);
+        assert_eq!(
+            info_bitmaps(&p),
+            vec![
+                ("b0".into(), 65536, vec!["auto".into()]),
+                ("b1".into(), 65536, vec![]),
+            ]
+        );
+        // The data imago wrote is intact.
+        run(Command::new("qemu-io").args(["-c", "read -P 0xa5 5M 4k", ps]));
     }
 
     mod prop {
