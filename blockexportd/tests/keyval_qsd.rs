@@ -1,0 +1,213 @@
+//! Differential test of `blockexportd::keyval` against the real `qemu-storage-daemon`.
+//!
+//! For each argument, QSD is run with `--blockdev ARG` (implied key `driver`),
+//! `--nbd-server ARG` (no implied key) or `--export ARG` (implied key `type`), followed
+//! by an option that always fails, so that QSD exits whatever ARG does. Then:
+//!
+//! - if our parser rejects ARG, QSD must print exactly our message;
+//! - if our parser accepts ARG, QSD must not fail with a parse error (it fails later,
+//!   in the visitor or at the trailing option).
+//!
+//! Requires `qemu-storage-daemon`: fails when it is missing and `CI=true`, skips
+//! with a message otherwise.
+
+use std::process::Command;
+
+use blockexportd::keyval;
+
+const QSD: &str = "qemu-storage-daemon";
+
+/// Whether QSD is installed; panics if it is not and `CI` is `true`.
+fn have_qsd() -> bool {
+    let found = Command::new(QSD).arg("--version").output().is_ok();
+    if !found {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{QSD} is required for this test (CI=true)");
+        }
+        eprintln!("skipping: {QSD} not found");
+    }
+    found
+}
+
+/// The message QSD prints for `option arg`, without its `qemu-storage-daemon: OPTION
+/// ARG: ` prefix, or `None` if it printed no error about this option.
+fn qsd_error(option: &str, arg: &str) -> Option<String> {
+    let out = Command::new(QSD)
+        .arg(option)
+        .arg(arg)
+        // Always fails, so QSD exits even when ARG is accepted.
+        .args(["--object", "no-such-object-type,id=keyval-test-end"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {QSD}: {e}"));
+    assert!(!out.status.success(), "{QSD} {option} {arg:?} did not fail");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let prefix = format!("qemu-storage-daemon: {option} {arg}: ");
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(str::to_owned)
+}
+
+/// Whether `msg` is one of the errors of QEMU's keyval or JSON parsing, as opposed to
+/// the errors of the visitor or of the object creation that follow.
+fn is_parse_error(msg: &str) -> bool {
+    msg.starts_with("Invalid parameter '")
+        || msg.starts_with("Expected '=' after parameter")
+        || msg.ends_with("used inconsistently")
+        || (msg.starts_with("Parameter '") && msg.ends_with("' missing"))
+        || msg.ends_with("is too long")
+        || msg == "Help is not available for this option"
+        || msg.starts_with("JSON parse error")
+        || msg == "Expecting at most one JSON value"
+}
+
+fn check(option: &str, implied: Option<&str>, arg: &str) {
+    let ours = keyval::parse_json_or_keyval(arg, implied);
+    let theirs = qsd_error(option, arg);
+    match ours {
+        Err(e) => assert_eq!(
+            theirs.as_deref(),
+            Some(e.to_string().as_str()),
+            "{option} {arg:?}: we reject it"
+        ),
+        Ok(map) => {
+            if let Some(msg) = theirs {
+                assert!(
+                    !is_parse_error(&msg),
+                    "{option} {arg:?}: we parse {map:?}, QSD says {msg:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn hand_picked_arguments_match_qsd() {
+    if !have_qsd() {
+        return;
+    }
+    let blockdev = [
+        "",
+        ",",
+        "=x",
+        "driver=file,,x",
+        "null-co,,x",
+        "a,b",
+        "a,b=1,c",
+        "a.b=1,a=2",
+        "a=2,a.b=1",
+        "a.0=1,a.b=2",
+        "a.1=1,a.2=2",
+        "x.1=a",
+        "a.1=x,b.1=y",
+        "b.1=y,a.1=x",
+        "a..b=1",
+        ".a=1",
+        "a.=1",
+        "0=1",
+        "a.0x=1",
+        "é=1",
+        "help",
+        "?",
+        "null-co,help",
+        "help.abc",
+        "driver=null-co,",
+        "driver=null-co,node-name=x,node-name=y,size=,,",
+        "a.__com.redhat_x=1",
+        "__com.redhat_x=1",
+        "a.00=1,a.0=2",
+        "l.01=a,l.1=b,l.0=z,l.3=q",
+        "a.99999999999999999999=x",
+        "list.0=null,list.2=eins,list.02=zwei",
+        &format!("{}=v", "k".repeat(128)),
+        &format!("k.{}=v", "k".repeat(128)),
+        &format!("{}=v", "k".repeat(127)),
+        "{\"driver\":1",
+        "{",
+        "{\"driver\":\"null-co\"} x",
+        "{\"driver\":\"null-co\"}}",
+        "{\"driver\":\"null-co\",}",
+        "{\"a\":1, \"a\":2}",
+        "{'driver':'nope'}",
+        "{\"x\": [1,2}",
+        "{\"x\": tru}",
+        "{\"d\": \"n\" \"x\": 1}",
+        "{\"d\": \"n\", 1: 1}",
+        "{\"x\" 1}",
+        "{\"x\": \"\\q\"}",
+        "{\"x\": \"\\u12\"}",
+        "{\"x\": \"\\ud800\"}",
+        "{\"x\": 01}",
+        "{\"x\": @}",
+        "{\"x\": 1.}",
+        "{\"x\": 1e}",
+        "{\"x\": [1,]}",
+    ];
+    for arg in blockdev {
+        check("--blockdev", Some("driver"), arg);
+    }
+    for arg in [
+        "unix",
+        "addr.type=unix,addr.type=inet",
+        "addr.type=unix,help",
+        "addr.type=unix,addr.path.x=1",
+        "addr,x=1",
+    ] {
+        check("--nbd-server", None, arg);
+    }
+    for arg in [
+        "nbd,id=e,bitmaps.1=b",
+        "nbd,,x",
+        "nbd,id=e,bitmaps.0=a,bitmaps.x=b",
+    ] {
+        check("--export", Some("type"), arg);
+    }
+}
+
+/// A small deterministic generator (64-bit LCG), so that failures reproduce.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, n: usize) -> usize {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 33) % n as u64) as usize
+    }
+}
+
+#[test]
+fn random_arguments_match_qsd() {
+    if !have_qsd() {
+        return;
+    }
+    // Token soup: mostly malformed arguments.
+    let tokens = [
+        "a", "b", "0", "1", "01", "2", ".", ".", ",", ",", ",,", "=", "=", "driver", "help", "?",
+        "x-y", "_", "__a.b_c", "é", "null-co",
+    ];
+    // Well-formed elements with colliding dotted keys: lists, gaps, conflicts.
+    let fragments = ["a", "b", "0", "1", "01", "2", "x-y", "__a.b_c"];
+    let values = ["", "v", ",,", "w,,=", "0"];
+    let mut rng = Lcg(0x6b65_7976_616c);
+    for round in 0..300 {
+        let len = 1 + rng.next(6);
+        let arg: String = if round % 2 == 0 {
+            (0..len).map(|_| tokens[rng.next(tokens.len())]).collect()
+        } else {
+            let elements: Vec<String> = (0..len)
+                .map(|_| {
+                    let depth = 1 + rng.next(3);
+                    let key: Vec<&str> = (0..depth)
+                        .map(|_| fragments[rng.next(fragments.len())])
+                        .collect();
+                    format!("{}={}", key.join("."), values[rng.next(values.len())])
+                })
+                .collect();
+            elements.join(",")
+        };
+        check("--blockdev", Some("driver"), &arg);
+        check("--nbd-server", None, &arg);
+    }
+}
