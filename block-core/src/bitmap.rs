@@ -164,7 +164,9 @@ impl DirtyBitmap {
         let g = u64::from(self.granularity);
         let dirty = self.is_dirty(offset);
         let mut end = (offset / g + 1) * g;
-        let limit = offset.saturating_add(len).min(self.bits().size.max(offset + 1));
+        let limit = offset
+            .saturating_add(len)
+            .min(self.bits().size.max(offset + 1));
         while end < limit && self.is_dirty(end) == dirty {
             end += g;
         }

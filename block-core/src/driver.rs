@@ -47,6 +47,23 @@ pub struct Extent {
     pub depth: u32,
 }
 
+/// Facts about a layer's image that `query-named-block-nodes` reports (QAPI `ImageInfo`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ImageDetails {
+    /// Bytes the image takes on the host (`actual-size`).
+    pub actual_size: Option<u64>,
+    /// `cluster-size` of a format with clusters.
+    pub cluster_size: Option<u64>,
+    /// The backing file name as written in the image (`backing-filename`).
+    pub backing_filename: Option<String>,
+    /// The backing format as written in the image (`backing-filename-format`).
+    pub backing_format: Option<String>,
+    /// `dirty-flag`, for formats that have one.
+    pub dirty_flag: Option<bool>,
+    /// `format-specific` (a QAPI `ImageInfoSpecific`), when the driver knows it.
+    pub format_specific: Option<serde_json::Value>,
+}
+
 /// One layer of a node graph: the operations a driver provides.
 ///
 /// Offsets and lengths have been checked against [`size`](Self::size) by the node before a
@@ -77,6 +94,11 @@ pub trait BlockDriver: Send + Sync + Debug {
     /// The file name this layer shows in `query-named-block-nodes`, if any.
     fn filename(&self) -> Option<String> {
         None
+    }
+
+    /// Facts about the image for `query-named-block-nodes`; nothing by default.
+    fn image_details(&self) -> ImageDetails {
+        ImageDetails::default()
     }
 
     /// Fills `buf` with the bytes at `offset`.

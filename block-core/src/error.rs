@@ -83,10 +83,7 @@ mod tests {
                 BlockError::io("x", io::Error::from_raw_os_error(libc::ENOSPC)),
                 libc::ENOSPC,
             ),
-            (
-                BlockError::io("x", io::Error::new(io::ErrorKind::Other, "no errno")),
-                libc::EIO,
-            ),
+            (BlockError::io("x", io::Error::other("no errno")), libc::EIO),
             (
                 BlockError::OutOfRange {
                     offset: 1,

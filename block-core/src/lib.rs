@@ -14,13 +14,15 @@
 
 pub mod bitmap;
 pub mod driver;
+pub mod drivers;
 pub mod error;
 pub mod graph;
 pub mod node;
 pub mod open;
+pub mod qapi;
 
 pub use bitmap::DirtyBitmap;
-pub use driver::{BlockDriver, Extent, WriteFlags, ZeroFlags};
+pub use driver::{BlockDriver, Extent, ImageDetails, WriteFlags, ZeroFlags};
 pub use error::{BlockError, Result};
 pub use graph::{GraphError, NodeGraph};
-pub use node::{Attachment, ChildRole, Node, UserInfo};
+pub use node::{Attachment, ChildRole, DetectZeroes, Node, NodeConfig, UserInfo};

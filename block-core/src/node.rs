@@ -30,6 +30,62 @@ impl ChildRole {
     }
 }
 
+/// The `detect-zeroes` option of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DetectZeroes {
+    /// Writes are passed on as they are.
+    #[default]
+    Off,
+    /// A write whose buffer is all zeroes becomes a write-zeroes request.
+    On,
+    /// As `On`, and the zeroes may be unmapped when the node has `discard=unmap`.
+    Unmap,
+}
+
+impl DetectZeroes {
+    /// The QAPI name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DetectZeroes::Off => "off",
+            DetectZeroes::On => "on",
+            DetectZeroes::Unmap => "unmap",
+        }
+    }
+}
+
+/// The generic options of a node (QAPI `BlockdevOptionsBase`) that the node itself applies.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeConfig {
+    /// `discard=unmap`: discard requests reach the driver and write-zeroes may unmap. With
+    /// `discard=ignore` (QEMU's default, and [`NodeConfig::default`]) discard requests
+    /// succeed without doing anything and write-zeroes never unmaps.
+    pub discard_unmap: bool,
+    /// `detect-zeroes`.
+    pub detect_zeroes: DetectZeroes,
+    /// `cache.direct` (reported by `query-named-block-nodes`).
+    pub cache_direct: bool,
+    /// `cache.no-flush` (reported by `query-named-block-nodes`).
+    pub cache_no_flush: bool,
+}
+
+impl NodeConfig {
+    /// The configuration of [`Node::new`]: every request is passed to the driver as it is
+    /// (discard included).
+    pub fn passthrough() -> NodeConfig {
+        NodeConfig {
+            discard_unmap: true,
+            ..NodeConfig::default()
+        }
+    }
+}
+
+fn is_zero(buf: &[u8]) -> bool {
+    // SAFETY: every bit pattern is a valid u64; `align_to` only reinterprets the aligned
+    // middle part of the slice.
+    let (head, words, tail) = unsafe { buf.align_to::<u64>() };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
 /// A user of a node: an export, or a parent node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserInfo {
@@ -49,6 +105,7 @@ pub struct Node {
     users: Mutex<Vec<UserInfo>>,
     next_user: AtomicU64,
     bitmaps: RwLock<Vec<Arc<DirtyBitmap>>>,
+    config: NodeConfig,
 }
 
 impl fmt::Debug for Node {
@@ -61,11 +118,22 @@ impl fmt::Debug for Node {
 }
 
 impl Node {
-    /// A node named `name` over `driver`, holding `children` (which it keeps in use).
+    /// A node named `name` over `driver`, holding `children` (which it keeps in use), with
+    /// [`NodeConfig::passthrough`].
     pub fn new(
         name: impl Into<String>,
         driver: Arc<dyn BlockDriver>,
         children: Vec<(ChildRole, Arc<Node>)>,
+    ) -> Arc<Node> {
+        Node::with_config(name, driver, children, NodeConfig::passthrough())
+    }
+
+    /// A node as [`Node::new`], with the generic options in `config`.
+    pub fn with_config(
+        name: impl Into<String>,
+        driver: Arc<dyn BlockDriver>,
+        children: Vec<(ChildRole, Arc<Node>)>,
+        config: NodeConfig,
     ) -> Arc<Node> {
         Arc::new(Node {
             name: name.into(),
@@ -74,7 +142,21 @@ impl Node {
             users: Mutex::new(Vec::new()),
             next_user: AtomicU64::new(1),
             bitmaps: RwLock::new(Vec::new()),
+            config,
         })
+    }
+
+    /// The generic options of the node.
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// The child in `role`, if the node has one.
+    pub fn child(&self, role: ChildRole) -> Option<&Arc<Node>> {
+        self.children
+            .iter()
+            .find(|(r, _)| *r == role)
+            .map(|(_, n)| n)
     }
 
     /// The node name.
@@ -216,6 +298,18 @@ impl Node {
             return Ok(());
         }
         self.mark_dirty(offset, buf.len() as u64);
+        if self.config.detect_zeroes != DetectZeroes::Off && is_zero(buf) {
+            let zero = ZeroFlags {
+                fua: flags.fua,
+                may_unmap: self.config.detect_zeroes == DetectZeroes::Unmap
+                    && self.config.discard_unmap,
+                fast: false,
+            };
+            return self
+                .driver
+                .write_zeroes(offset, buf.len() as u64, zero)
+                .await;
+        }
         self.driver.write(offset, buf, flags).await
     }
 
@@ -228,7 +322,7 @@ impl Node {
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, len)?;
-        if len == 0 {
+        if len == 0 || !self.config.discard_unmap {
             return Ok(());
         }
         self.mark_dirty(offset, len);
@@ -243,6 +337,10 @@ impl Node {
             return Ok(());
         }
         self.mark_dirty(offset, len);
+        let flags = ZeroFlags {
+            may_unmap: flags.may_unmap && self.config.discard_unmap,
+            ..flags
+        };
         self.driver.write_zeroes(offset, len, flags).await
     }
 

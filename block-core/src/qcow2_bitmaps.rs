@@ -363,11 +363,32 @@ fn read_at(file: &File, offset: u64, len: usize, context: &'static str) -> Resul
 }
 
 fn write_at(file: &File, offset: u64, buf: &[u8], context: &'static str) -> Result<()> {
+    crash_point().map_err(io_err(context))?;
     file.write_all_at(buf, offset).map_err(io_err(context))
 }
 
 fn sync(file: &File) -> Result<()> {
+    crash_point().map_err(io_err("syncing the image"))?;
     file.sync_data().map_err(io_err("syncing the image"))
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Test hook: how many more writes and syncs succeed before every one fails, as if the
+    /// process had died there (`None`: all succeed).
+    static IO_BUDGET: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
+}
+
+/// Fails when the test hook's budget is spent; always succeeds outside tests.
+fn crash_point() -> io::Result<()> {
+    #[cfg(test)]
+    if let Some(left) = IO_BUDGET.with(|b| b.get()) {
+        if left == 0 {
+            return Err(io::Error::other("injected crash"));
+        }
+        IO_BUDGET.with(|b| b.set(Some(left - 1)));
+    }
+    Ok(())
 }
 
 /// The bitmaps header extension.
@@ -1718,25 +1739,14 @@ mod tests {
             .args(["check", "--output=json", p.to_str().unwrap()])
             .output()
             .unwrap();
-        let s = String::from_utf8_lossy(&out.stdout);
-        let field = |k: &str| -> u64 {
-            s.find(&format!("\"{k}\":"))
-                .map(|i| {
-                    s[i + k.len() + 3..]
-                        .trim_start()
-                        .chars()
-                        .take_while(|c| c.is_ascii_digit())
-                        .collect::<String>()
-                        .parse()
-                        .unwrap()
-                })
-                .unwrap_or(0)
-        };
-        assert!(
-            s.contains("check-errors"),
-            "qemu-img check gave no JSON: {s} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "qemu-img check gave no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        let field = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+        assert!(v.get("check-errors").is_some(), "{v}");
         (field("corruptions"), field("leaks"), field("check-errors"))
     }
 
@@ -1746,34 +1756,35 @@ mod tests {
 
     /// The bitmaps `qemu-img info` lists: (name, granularity, flags), in its order.
     fn info_bitmaps(p: &Path) -> Vec<(String, u64, Vec<String>)> {
-        let s = qemu_img(&["info", "--output=json", p.to_str().unwrap()]);
-        // Minimal extraction from qemu-img's pretty JSON: each bitmap object lists "flags",
-        // "name" and "granularity".
-        let mut out = Vec::new();
-        let Some(start) = s.find("\"bitmaps\": [") else {
-            return out;
+        let s = qemu_img(&["info", "-U", "--output=json", p.to_str().unwrap()]);
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        let Some(list) = v["format-specific"]["data"]["bitmaps"].as_array() else {
+            return Vec::new();
         };
-        let body = &s[start..];
-        let body = &body[..body.find("\n            ]").unwrap_or(body.len())];
-        for obj in body.split('{').skip(1) {
-            let flags_part = &obj[obj.find('[').unwrap() + 1..obj.find(']').unwrap()];
-            let flags = flags_part
-                .split(',')
-                .map(|f| f.trim().trim_matches('"').to_string())
-                .filter(|f| !f.is_empty())
-                .collect();
-            let name_at = obj.find("\"name\": \"").unwrap() + 9;
-            let name = obj[name_at..name_at + obj[name_at..].find('"').unwrap()].to_string();
-            let g_at = obj.find("\"granularity\": ").unwrap() + 15;
-            let g = obj[g_at..]
-                .chars()
-                .take_while(|c| c.is_ascii_digit())
-                .collect::<String>()
-                .parse()
-                .unwrap();
-            out.push((name, g, flags));
+        list.iter()
+            .map(|b| {
+                let flags = b["flags"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|f| f.as_str().unwrap().to_owned())
+                    .collect();
+                (
+                    b["name"].as_str().unwrap().to_owned(),
+                    b["granularity"].as_u64().unwrap(),
+                    flags,
+                )
+            })
+            .collect()
+    }
+
+    /// Ends a daemonized qemu-storage-daemon when dropped.
+    struct Daemon(String);
+
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").arg(&self.0).status();
         }
-        out
     }
 
     /// Dirty extents `(offset, length)` of bitmap `name` as QSD exports it over NBD
@@ -1781,52 +1792,29 @@ mod tests {
     fn nbd_dirty_map(p: &Path, name: &str) -> Vec<(u64, u64)> {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("s");
-        let mut qsd = Command::new("qemu-storage-daemon")
-            .args([
-                "--blockdev",
-                &format!(
-                    "driver=file,filename={},node-name=f,read-only=on",
-                    p.display()
-                ),
-                "--blockdev",
-                "driver=qcow2,file=f,node-name=q,read-only=on",
-                "--nbd-server",
-                &format!("addr.type=unix,addr.path={}", sock.display()),
-                "--export",
-                &format!("type=nbd,id=e,node-name=q,bitmaps.0={name}"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Wait until the socket accepts (or QSD exits).
-        let mut connected = false;
-        for _ in 0..2000 {
-            if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
-                connected = true;
-                break;
-            }
-            if let Ok(Some(status)) = qsd.try_wait() {
-                panic!("qemu-storage-daemon exited: {status}");
-            }
-            std::thread::yield_now();
-            std::thread::park_timeout(std::time::Duration::from_millis(5));
-        }
-        assert!(connected, "qemu-storage-daemon never listened");
-        let out = Command::new("nbdinfo")
+        let pidfile = dir.path().join("pid");
+        // With --daemonize, QSD exits in the foreground only once its socket listens.
+        run(Command::new("qemu-storage-daemon").args([
+            "--blockdev",
+            &format!(
+                "driver=file,filename={},node-name=f,read-only=on",
+                p.display()
+            ),
+            "--blockdev",
+            "driver=qcow2,file=f,node-name=q,read-only=on",
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={}", sock.display()),
+            "--export",
+            &format!("type=nbd,id=e,node-name=q,bitmaps.0={name}"),
+            "--pidfile",
+            pidfile.to_str().unwrap(),
+            "--daemonize",
+        ]));
+        let _daemon = Daemon(std::fs::read_to_string(&pidfile).unwrap().trim().to_owned());
+        let out = run(Command::new("nbdinfo")
             .arg(format!("--map=qemu:dirty-bitmap:{name}"))
-            .arg(format!("nbd+unix:///q?socket={}", sock.display()))
-            .output()
-            .unwrap();
-        let _ = qsd.kill();
-        let _ = qsd.wait();
-        assert!(
-            out.status.success(),
-            "nbdinfo: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
+            .arg(format!("nbd+unix:///q?socket={}", sock.display())));
+        out.lines()
             .filter_map(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
                 (f.len() >= 3 && f[2] == "1")

@@ -1,0 +1,803 @@
+//! The `file` protocol driver (also registered as `host_device`): a host file or block device.
+//!
+//! # How I/O is done
+//! Buffered reads and writes are first tried inline with `preadv2`/`pwritev2` and `RWF_NOWAIT`:
+//! a page-cache hit completes on the calling task with no thread hop. When the kernel answers
+//! `EAGAIN` (the data is not cached, or the write would block) the rest of the request goes to
+//! tokio's blocking thread pool with an owned buffer. If the kernel refuses `RWF_NOWAIT`
+//! altogether (`EOPNOTSUPP`), the driver stops trying it for that kind of request.
+//!
+//! With `cache.direct=on` (`O_DIRECT`) every request goes through the pool via a bounce
+//! buffer aligned to [`BlockDriver::request_alignment`]; misaligned writes are done as
+//! read-modify-write under an exclusive lock so that they cannot race with other writes.
+//!
+//! Holes: `write_zeroes` uses `fallocate(ZERO_RANGE)`, or `PUNCH_HOLE` when unmapping is
+//! allowed; `discard` punches holes; `block_status` uses `SEEK_DATA`/`SEEK_HOLE`.
+
+mod lock;
+
+pub use lock::{LockError, Perms};
+
+use crate::driver::{BlockDriver, Extent, ImageDetails, WriteFlags, ZeroFlags};
+use crate::error::{BlockError, Result};
+use async_trait::async_trait;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// `RWF_DSYNC` from `linux/fs.h`: a per-write `O_DSYNC`.
+const RWF_DSYNC: libc::c_int = 0x02;
+/// `RWF_NOWAIT` from `linux/fs.h`: fail with `EAGAIN` instead of blocking.
+const RWF_NOWAIT: libc::c_int = 0x08;
+/// `BLKGETSIZE64` from `linux/fs.h`: `_IOR(0x12, 114, size_t)`.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+/// How the `locking` option was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Locking {
+    /// Always lock; fail when locks are not supported.
+    On,
+    /// Never lock.
+    Off,
+    /// Lock when the host supports it (the default).
+    #[default]
+    Auto,
+}
+
+/// The options of a `file` node.
+#[derive(Debug, Clone, Default)]
+pub struct FileOptions {
+    /// Path of the file or block device.
+    pub filename: PathBuf,
+    /// Open read-only.
+    pub read_only: bool,
+    /// When opening read-write fails for lack of permission, open read-only instead.
+    pub auto_read_only: bool,
+    /// `cache.direct`: bypass the host page cache (`O_DIRECT`).
+    pub direct: bool,
+    /// `cache.no-flush`: ignore flush requests.
+    pub no_flush: bool,
+    /// `locking`.
+    pub locking: Locking,
+    /// `force-share`: share every permission with other processes (read-only nodes only).
+    pub force_share: bool,
+}
+
+/// Why a file could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// `open(2)` failed.
+    #[error("Could not open '{path}'")]
+    Open {
+        /// The path as given.
+        path: String,
+        /// The host error.
+        #[source]
+        source: io::Error,
+    },
+    /// The size could not be found.
+    #[error("Could not get the size of '{path}'")]
+    Size {
+        /// The path as given.
+        path: String,
+        /// The host error.
+        #[source]
+        source: io::Error,
+    },
+    /// The image is in use by another process, or locking failed.
+    #[error(transparent)]
+    Lock(#[from] LockError),
+}
+
+/// The `file` driver.
+#[derive(Debug)]
+pub struct FileDriver {
+    file: Arc<File>,
+    path: String,
+    read_only: bool,
+    direct: bool,
+    no_flush: bool,
+    block_device: bool,
+    align: u32,
+    size: AtomicU64,
+    nowait_read: AtomicBool,
+    nowait_write: AtomicBool,
+    /// Taken shared by aligned `O_DIRECT` writes and exclusively by read-modify-write.
+    rmw: tokio::sync::RwLock<()>,
+}
+
+fn errno(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+impl FileDriver {
+    /// Opens the file, takes QEMU-compatible locks and finds its size.
+    pub fn open(opts: &FileOptions) -> std::result::Result<FileDriver, OpenError> {
+        let path = opts.filename.to_string_lossy().into_owned();
+        let open = |write: bool| {
+            let mut oo = OpenOptions::new();
+            oo.read(true).write(write);
+            let mut flags = libc::O_CLOEXEC;
+            if opts.direct {
+                flags |= libc::O_DIRECT;
+            }
+            oo.custom_flags(flags);
+            oo.open(&opts.filename)
+        };
+        let mut read_only = opts.read_only;
+        let file = if read_only {
+            open(false)
+        } else {
+            match open(true) {
+                Err(e)
+                    if opts.auto_read_only
+                        && matches!(
+                            e.raw_os_error(),
+                            Some(libc::EACCES | libc::EROFS | libc::EPERM)
+                        ) =>
+                {
+                    read_only = true;
+                    open(false)
+                }
+                other => other,
+            }
+        }
+        .map_err(|source| OpenError::Open {
+            path: path.clone(),
+            source,
+        })?;
+
+        let meta = file.metadata().map_err(|source| OpenError::Size {
+            path: path.clone(),
+            source,
+        })?;
+        let block_device = meta.file_type().is_block_device();
+        let size = if block_device {
+            device_size(&file).map_err(|source| OpenError::Size {
+                path: path.clone(),
+                source,
+            })?
+        } else {
+            meta.len()
+        };
+        let align = if opts.direct {
+            logical_block_size(&file).unwrap_or(512).max(512)
+        } else {
+            1
+        };
+
+        if opts.locking != Locking::Off {
+            let (perm, shared) = if read_only && opts.force_share {
+                (Perms::CONSISTENT_READ, Perms::ALL)
+            } else if read_only {
+                (
+                    Perms::CONSISTENT_READ,
+                    Perms::CONSISTENT_READ.with(Perms::WRITE_UNCHANGED),
+                )
+            } else {
+                (
+                    Perms::CONSISTENT_READ.with(Perms::WRITE),
+                    Perms::CONSISTENT_READ.with(Perms::WRITE_UNCHANGED),
+                )
+            };
+            match lock::lock(&file, perm, shared) {
+                Ok(()) => {}
+                Err(e) if opts.locking == Locking::Auto && e.unsupported() => {
+                    tracing::warn!(
+                        "{path}: file locking is not supported here; going on without it"
+                    );
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+
+        Ok(FileDriver {
+            file: Arc::new(file),
+            path,
+            read_only,
+            direct: opts.direct,
+            no_flush: opts.no_flush,
+            block_device,
+            align,
+            size: AtomicU64::new(size),
+            nowait_read: AtomicBool::new(!opts.direct),
+            nowait_write: AtomicBool::new(!opts.direct),
+            rmw: tokio::sync::RwLock::new(()),
+        })
+    }
+
+    /// Whether the node is a host block device.
+    pub fn is_block_device(&self) -> bool {
+        self.block_device
+    }
+
+    /// Whether `O_DIRECT` is in use.
+    pub fn direct(&self) -> bool {
+        self.direct
+    }
+
+    /// The number of bytes the file takes on the host (`actual-size`).
+    pub fn allocated_size(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().ok().map(|m| m.blocks() * 512)
+    }
+
+    fn io_err(&self, what: &str, e: io::Error) -> BlockError {
+        if errno(&e) == libc::ENOSPC {
+            return BlockError::NoSpace;
+        }
+        BlockError::io(format!("{what} {}", self.path), e)
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&File) -> io::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let file = Arc::clone(&self.file);
+        match tokio::task::spawn_blocking(move || f(&file)).await {
+            Ok(r) => r.map_err(|e| self.io_err(what, e)),
+            Err(e) => Err(BlockError::io(
+                format!("{what} {}", self.path),
+                io::Error::other(e.to_string()),
+            )),
+        }
+    }
+
+    /// One inline `preadv2(RWF_NOWAIT)`; `Ok(None)` when it would block.
+    fn try_read_nowait(&self, offset: u64, buf: &mut [u8]) -> Result<Option<usize>> {
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: `iov` describes `buf`, which is valid for writes of its length for the whole
+        // call; the fd is open while `self.file` lives.
+        let n = unsafe {
+            libc::preadv2(
+                self.file.as_raw_fd(),
+                &iov,
+                1,
+                offset as libc::off_t,
+                RWF_NOWAIT,
+            )
+        };
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        let e = io::Error::last_os_error();
+        match errno(&e) {
+            libc::EAGAIN => Ok(None),
+            libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS => {
+                self.nowait_read.store(false, Ordering::Relaxed);
+                Ok(None)
+            }
+            libc::EINTR => Ok(None),
+            _ => Err(self.io_err("reading", e)),
+        }
+    }
+
+    /// One inline `pwritev2(RWF_NOWAIT)`; `Ok(None)` when it would block.
+    fn try_write_nowait(&self, offset: u64, buf: &[u8]) -> Result<Option<usize>> {
+        let iov = libc::iovec {
+            iov_base: buf.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        // SAFETY: `iov` describes `buf`, valid for reads of its length during the call (the
+        // kernel does not write through it); the fd is open while `self.file` lives.
+        let n = unsafe {
+            libc::pwritev2(
+                self.file.as_raw_fd(),
+                &iov,
+                1,
+                offset as libc::off_t,
+                RWF_NOWAIT,
+            )
+        };
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        let e = io::Error::last_os_error();
+        match errno(&e) {
+            libc::EAGAIN | libc::EINTR => Ok(None),
+            libc::EOPNOTSUPP | libc::EINVAL | libc::ENOSYS => {
+                self.nowait_write.store(false, Ordering::Relaxed);
+                Ok(None)
+            }
+            _ => Err(self.io_err("writing", e)),
+        }
+    }
+
+    async fn read_direct(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let align = u64::from(self.align);
+        let start = offset / align * align;
+        let end = (offset + buf.len() as u64).div_ceil(align) * align;
+        let len = (end - start) as usize;
+        let bounce = self
+            .blocking("reading", move |f| {
+                let mut b = AlignedBuf::new(len, align as usize)?;
+                read_full(f, b.as_mut_slice(), start)?;
+                Ok(b)
+            })
+            .await?;
+        let skip = (offset - start) as usize;
+        buf.copy_from_slice(&bounce.as_slice()[skip..skip + buf.len()]);
+        Ok(())
+    }
+
+    async fn write_direct(&self, offset: u64, buf: &[u8], fua: bool) -> Result<()> {
+        let align = u64::from(self.align);
+        let start = offset / align * align;
+        let end = (offset + buf.len() as u64).div_ceil(align) * align;
+        let len = (end - start) as usize;
+        let aligned = start == offset && end == offset + buf.len() as u64;
+        let mut bounce = AlignedBuf::new(len, align as usize)
+            .map_err(|e| self.io_err("allocating a buffer for", e))?;
+        let skip = (offset - start) as usize;
+        if aligned {
+            bounce.as_mut_slice().copy_from_slice(buf);
+            let _shared = self.rmw.read().await;
+            self.blocking("writing", move |f| {
+                write_full(f, bounce.as_slice(), start, fua)
+            })
+            .await
+        } else {
+            let data = buf.to_vec();
+            let _exclusive = self.rmw.write().await;
+            self.blocking("writing", move |f| {
+                read_full(f, bounce.as_mut_slice(), start)?;
+                bounce.as_mut_slice()[skip..skip + data.len()].copy_from_slice(&data);
+                write_full(f, bounce.as_slice(), start, fua)
+            })
+            .await
+        }
+    }
+
+    async fn fallocate(&self, what: &str, mode: libc::c_int, offset: u64, len: u64) -> Result<()> {
+        self.blocking(what, move |f| {
+            // SAFETY: plain syscall on an fd that stays open while `f` lives.
+            let r = unsafe {
+                libc::fallocate(
+                    f.as_raw_fd(),
+                    mode,
+                    offset as libc::off_t,
+                    len as libc::off_t,
+                )
+            };
+            if r == -1 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    async fn write_zero_buffers(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeroes = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            self.write(offset + done, &zeroes[..n as usize], WriteFlags { fua })
+                .await?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn seek(&self, offset: u64, whence: libc::c_int) -> io::Result<u64> {
+        // SAFETY: plain syscall on an fd that stays open while `self.file` lives.
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, whence) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as u64)
+        }
+    }
+}
+
+fn device_size(file: &File) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at `size`.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) };
+    if r == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(size)
+    }
+}
+
+fn logical_block_size(file: &File) -> Option<u32> {
+    let mut size: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int through the pointer, which points at `size`.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET as _, &mut size as *mut _) };
+    (r == 0 && size > 0).then_some(size as u32)
+}
+
+/// Reads until `buf` is full; what lies beyond the end of the file reads as zeroes.
+fn read_full(f: &File, buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], offset) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                break;
+            }
+            Ok(n) => {
+                done += n;
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `buf`; with `fua`, each write is `RWF_DSYNC`.
+fn write_full(f: &File, buf: &[u8], mut offset: u64, fua: bool) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &buf[done..];
+        let iov = libc::iovec {
+            iov_base: rest.as_ptr() as *mut libc::c_void,
+            iov_len: rest.len(),
+        };
+        // SAFETY: `iov` describes `rest`, valid for reads during the call; the fd is open.
+        let n = unsafe {
+            libc::pwritev2(
+                f.as_raw_fd(),
+                &iov,
+                1,
+                offset as libc::off_t,
+                if fua { RWF_DSYNC } else { 0 },
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        done += n as usize;
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+/// A heap buffer aligned for `O_DIRECT`.
+struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: the buffer is uniquely owned heap memory; nothing else aliases it.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    fn new(len: usize, align: usize) -> io::Result<AlignedBuf> {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), align.max(1))
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = std::ptr::NonNull::new(ptr)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        Ok(AlignedBuf { ptr, layout })
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` points at `layout.size()` initialised (zeroed) bytes owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, and `&mut self` makes the access unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` was allocated with exactly this layout and is freed once.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+#[async_trait]
+impl BlockDriver for FileDriver {
+    fn driver_name(&self) -> &'static str {
+        if self.block_device {
+            "host_device"
+        } else {
+            "file"
+        }
+    }
+
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn request_alignment(&self) -> u32 {
+        self.align
+    }
+
+    fn filename(&self) -> Option<String> {
+        Some(self.path.clone())
+    }
+
+    fn image_details(&self) -> ImageDetails {
+        ImageDetails {
+            actual_size: self.allocated_size(),
+            dirty_flag: Some(false),
+            format_specific: Some(serde_json::json!({
+                "type": if self.block_device { "host_device" } else { "file" },
+                "data": {},
+            })),
+            ..ImageDetails::default()
+        }
+    }
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if self.direct {
+            return self.read_direct(offset, buf).await;
+        }
+        let mut done = 0;
+        if self.nowait_read.load(Ordering::Relaxed) {
+            while done < buf.len() {
+                match self.try_read_nowait(offset + done as u64, &mut buf[done..])? {
+                    Some(0) => {
+                        // Beyond the end of the file (it shrank behind our back): zeroes.
+                        buf[done..].fill(0);
+                        return Ok(());
+                    }
+                    Some(n) => done += n,
+                    None => break,
+                }
+            }
+            if done == buf.len() {
+                return Ok(());
+            }
+        }
+        let len = buf.len() - done;
+        let start = offset + done as u64;
+        let data = self
+            .blocking("reading", move |f| {
+                let mut v = vec![0u8; len];
+                read_full(f, &mut v, start)?;
+                Ok(v)
+            })
+            .await?;
+        buf[done..].copy_from_slice(&data);
+        Ok(())
+    }
+
+    async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+        if self.direct {
+            return self.write_direct(offset, buf, flags.fua).await;
+        }
+        let mut done = 0;
+        if !flags.fua && self.nowait_write.load(Ordering::Relaxed) {
+            while done < buf.len() {
+                match self.try_write_nowait(offset + done as u64, &buf[done..])? {
+                    Some(0) | None => break,
+                    Some(n) => done += n,
+                }
+            }
+            if done == buf.len() {
+                return Ok(());
+            }
+        }
+        let data = buf[done..].to_vec();
+        let start = offset + done as u64;
+        self.blocking("writing", move |f| write_full(f, &data, start, flags.fua))
+            .await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        if self.no_flush || self.read_only {
+            return Ok(());
+        }
+        self.blocking("flushing", |f| f.sync_data()).await
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        match self
+            .fallocate(
+                "discarding",
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+            .await
+        {
+            // Discard is advisory: a host that cannot punch holes ignores it.
+            Err(e) if matches!(e.errno(), libc::EOPNOTSUPP | libc::EINVAL | libc::ENOTTY) => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        let mode = if flags.may_unmap {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        // Aligned O_DIRECT writes must not overlap a read-modify-write in flight.
+        let _shared = if self.direct {
+            Some(self.rmw.read().await)
+        } else {
+            None
+        };
+        let mut result = self.fallocate("zeroing", mode, offset, len).await;
+        if flags.may_unmap && matches!(&result, Err(e) if e.errno() == libc::EOPNOTSUPP) {
+            result = self
+                .fallocate(
+                    "zeroing",
+                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset,
+                    len,
+                )
+                .await;
+        }
+        drop(_shared);
+        match result {
+            Ok(()) => {
+                if flags.fua {
+                    self.flush().await?;
+                }
+                Ok(())
+            }
+            Err(e) if matches!(e.errno(), libc::EOPNOTSUPP | libc::EINVAL | libc::ENOTTY) => {
+                if flags.fast {
+                    Err(BlockError::NotFast)
+                } else {
+                    self.write_zero_buffers(offset, len, flags.fua).await
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        let data = Extent {
+            len,
+            data: true,
+            zero: false,
+            depth: 1,
+        };
+        let hole = |n: u64| Extent {
+            len: n,
+            data: false,
+            zero: true,
+            depth: 0,
+        };
+        if self.block_device {
+            return Ok(data);
+        }
+        match self.seek(offset, libc::SEEK_DATA) {
+            Ok(d) if d > offset => Ok(hole((d - offset).min(len))),
+            Ok(_) => match self.seek(offset, libc::SEEK_HOLE) {
+                Ok(h) if h > offset => Ok(Extent {
+                    len: (h - offset).min(len),
+                    ..data
+                }),
+                _ => Ok(data),
+            },
+            // No data after `offset`: a hole up to the end of the file.
+            Err(e) if errno(&e) == libc::ENXIO => Ok(hole(len)),
+            // SEEK_DATA not supported: everything is data.
+            Err(_) => Ok(data),
+        }
+    }
+
+    async fn resize(&self, new_size: u64) -> Result<()> {
+        if self.block_device {
+            let size = self.size();
+            return match new_size.cmp(&size) {
+                std::cmp::Ordering::Equal => Ok(()),
+                std::cmp::Ordering::Greater => {
+                    Err(BlockError::Invalid("Cannot grow device files".into()))
+                }
+                std::cmp::Ordering::Less => {
+                    Err(BlockError::Invalid("Cannot shrink device files".into()))
+                }
+            };
+        }
+        self.blocking("resizing", move |f| f.set_len(new_size))
+            .await?;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(len: usize) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![0u8; len]).expect("create image");
+        (dir, path)
+    }
+
+    #[tokio::test]
+    async fn direct_io_bounces_misaligned_requests() {
+        let (_dir, path) = image(64 * 1024);
+        let opts = FileOptions {
+            filename: path.clone(),
+            direct: true,
+            locking: Locking::Off,
+            ..FileOptions::default()
+        };
+        let drv = match FileDriver::open(&opts) {
+            Ok(d) => d,
+            // tmpfs refuses O_DIRECT; nothing to test there.
+            Err(OpenError::Open { source, .. }) if errno(&source) == libc::EINVAL => {
+                eprintln!("O_DIRECT not supported on the temp dir: skipped");
+                return;
+            }
+            Err(e) => panic!("open: {e}"),
+        };
+        assert!(drv.request_alignment() >= 512);
+        drv.write(1000, &[0xcd; 3000], WriteFlags::default())
+            .await
+            .expect("misaligned write");
+        drv.write(4096, &[0xef; 4096], WriteFlags { fua: true })
+            .await
+            .expect("aligned write");
+        let mut buf = vec![0u8; 10_000];
+        drv.read(1, &mut buf).await.expect("misaligned read");
+        assert!(buf[..999].iter().all(|&b| b == 0));
+        assert!(buf[999..3999].iter().all(|&b| b == 0xcd));
+        assert!(buf[3999..4095].iter().all(|&b| b == 0));
+        assert!(buf[4095..8191].iter().all(|&b| b == 0xef));
+        let on_disk = std::fs::read(&path).expect("read back");
+        assert!(on_disk[1000..4000].iter().all(|&b| b == 0xcd));
+    }
+
+    #[tokio::test]
+    async fn block_device_resize_is_refused_and_files_resize() {
+        let (_dir, path) = image(4096);
+        let drv = FileDriver::open(&FileOptions {
+            filename: path.clone(),
+            ..FileOptions::default()
+        })
+        .expect("open");
+        assert!(!drv.is_block_device());
+        drv.resize(8192).await.expect("grow");
+        assert_eq!(drv.size(), 8192);
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), 8192);
+    }
+
+    #[tokio::test]
+    async fn missing_file_fails_and_read_only_opens() {
+        let (_dir, path) = image(4096);
+        let missing = path.with_file_name("missing");
+        let err = FileDriver::open(&FileOptions {
+            filename: missing,
+            ..FileOptions::default()
+        })
+        .expect_err("missing file");
+        assert!(err.to_string().starts_with("Could not open '"), "{err}");
+        let drv = FileDriver::open(&FileOptions {
+            filename: path,
+            read_only: true,
+            ..FileOptions::default()
+        })
+        .expect("read-only open");
+        assert!(drv.read_only());
+    }
+}

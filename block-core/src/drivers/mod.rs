@@ -1,0 +1,17 @@
+//! The drivers, each behind its cargo feature.
+//!
+//! | driver | feature | kind |
+//! |---|---|---|
+//! | [`file`] (`file`, `host_device`) | `file` | protocol: a host file or block device |
+//! | [`raw`] | `raw` | format: the child's bytes, optionally a window (`offset`, `size`) |
+//! | [`qcow2`] | `qcow2` | format: qcow2 through the `imago` crate, with backing chains |
+//! | [`null`] (`null-co`) | `null` | protocol: reads nothing, drops writes |
+
+#[cfg(feature = "file")]
+pub mod file;
+#[cfg(feature = "null")]
+pub mod null;
+#[cfg(feature = "qcow2")]
+pub mod qcow2;
+#[cfg(feature = "raw")]
+pub mod raw;

@@ -1,0 +1,659 @@
+//! The `qcow2` format driver, through the [`imago`] crate.
+//!
+//! The qcow2 file is read and written through our own `file` child node ([`NodeStorage`]
+//! implements imago's `Storage` over a [`Node`]), so that locking, `O_DIRECT`, dirty bitmaps
+//! and permissions stay ours. A backing image is another of our nodes, handed to imago as a
+//! `raw` layer over that node.
+//!
+//! # Threads
+//! imago's async functions return futures that are not `Send`, while every
+//! [`BlockDriver`] future must be. Each qcow2 node therefore owns one worker thread running
+//! a single-threaded tokio runtime with a `LocalSet`; every request is sent there with owned
+//! buffers and runs as a local task, so that many requests are in flight at once. The data
+//! itself still goes through the child node (whose `file` driver does its own I/O inline or
+//! on the blocking pool).
+
+use crate::driver::{BlockDriver, Extent, ImageDetails, WriteFlags, ZeroFlags};
+use crate::error::{BlockError, Result};
+use crate::node::Node;
+use async_trait::async_trait;
+use imago::io_buffers::{IoVector, IoVectorMut};
+use imago::qcow2::Qcow2;
+use imago::raw::Raw;
+use imago::storage::drivers::CommonStorageHelper;
+use imago::storage::PreallocateMode;
+use imago::{DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder, ShallowMapping, Storage};
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Why a qcow2 node could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum Qcow2Error {
+    /// imago refused the image.
+    #[error("Could not open qcow2 image on node '{node}'")]
+    Open {
+        /// The file node.
+        node: String,
+        /// What imago said.
+        #[source]
+        source: io::Error,
+    },
+    /// The worker thread could not be started.
+    #[error("Could not start the qcow2 worker thread")]
+    Worker(#[source] io::Error),
+    /// The image needs a feature this driver does not provide.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// imago's `Storage` over one of our nodes.
+///
+/// Writes beyond the end grow the node (a qcow2 file grows as clusters are allocated).
+#[derive(Debug)]
+pub struct NodeStorage {
+    node: Arc<Node>,
+    helper: CommonStorageHelper,
+    grow: tokio::sync::Mutex<()>,
+}
+
+impl NodeStorage {
+    /// A storage object reading and writing `node`.
+    pub fn new(node: Arc<Node>) -> NodeStorage {
+        NodeStorage {
+            node,
+            helper: CommonStorageHelper::default(),
+            grow: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    async fn ensure_size(&self, end: u64) -> io::Result<()> {
+        if end <= self.node.size() {
+            return Ok(());
+        }
+        let _guard = self.grow.lock().await;
+        if end > self.node.size() {
+            self.node.resize(end).await.map_err(to_io)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for NodeStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "node '{}'", self.node.name())
+    }
+}
+
+fn to_io(e: BlockError) -> io::Error {
+    match e {
+        BlockError::Io { source, .. } => source,
+        other => io::Error::from_raw_os_error(other.errno()),
+    }
+}
+
+impl Storage for NodeStorage {
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.node.size())
+    }
+
+    fn resolve_relative_path<P: AsRef<Path>>(&self, relative: P) -> io::Result<PathBuf> {
+        let relative = relative.as_ref();
+        if relative.is_absolute() {
+            return Ok(relative.to_path_buf());
+        }
+        let base = self
+            .get_filename()
+            .ok_or_else(|| io::Error::other("the image has no file name"))?;
+        let dir = base.parent().unwrap_or_else(|| Path::new("."));
+        Ok(dir.join(relative))
+    }
+
+    fn get_filename(&self) -> Option<PathBuf> {
+        self.node.driver().filename().map(PathBuf::from)
+    }
+
+    async unsafe fn pure_readv(&self, bufv: IoVectorMut<'_>, mut offset: u64) -> io::Result<()> {
+        let size = self.node.size();
+        for mut slice in bufv.into_inner() {
+            let buf: &mut [u8] = &mut slice;
+            let len = buf.len() as u64;
+            let inside = size.saturating_sub(offset).min(len) as usize;
+            self.node
+                .read(offset, &mut buf[..inside])
+                .await
+                .map_err(to_io)?;
+            buf[inside..].fill(0);
+            offset += len;
+        }
+        Ok(())
+    }
+
+    async unsafe fn pure_writev(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<()> {
+        self.ensure_size(offset + bufv.len()).await?;
+        let mut offset = offset;
+        for slice in bufv.into_inner() {
+            let buf: &[u8] = &slice;
+            self.node
+                .write(offset, buf, WriteFlags::default())
+                .await
+                .map_err(to_io)?;
+            offset += buf.len() as u64;
+        }
+        Ok(())
+    }
+
+    async unsafe fn pure_write_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.ensure_size(offset + length).await?;
+        let flags = ZeroFlags {
+            may_unmap: true,
+            ..ZeroFlags::default()
+        };
+        self.node
+            .write_zeroes(offset, length, flags)
+            .await
+            .map_err(to_io)
+    }
+
+    async unsafe fn pure_write_allocated_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.ensure_size(offset + length).await?;
+        self.node
+            .write_zeroes(offset, length, ZeroFlags::default())
+            .await
+            .map_err(to_io)
+    }
+
+    async unsafe fn pure_discard(&self, offset: u64, length: u64) -> io::Result<()> {
+        let size = self.node.size();
+        if offset >= size {
+            return Ok(());
+        }
+        let length = length.min(size - offset);
+        self.node.discard(offset, length).await.map_err(to_io)
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        // No buffers of our own: the node writes through.
+        Ok(())
+    }
+
+    async fn sync(&self) -> io::Result<()> {
+        self.node.flush().await.map_err(to_io)
+    }
+
+    async unsafe fn invalidate_cache(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn get_storage_helper(&self) -> &CommonStorageHelper {
+        &self.helper
+    }
+
+    async fn resize(&self, new_size: u64, _prealloc_mode: PreallocateMode) -> io::Result<()> {
+        self.node.resize(new_size).await.map_err(to_io)
+    }
+}
+
+type Job = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()>>> + Send>;
+
+/// A thread running non-`Send` futures on a single-threaded runtime.
+#[derive(Debug)]
+struct Worker {
+    tx: tokio::sync::mpsc::UnboundedSender<Job>,
+}
+
+fn worker_stopped() -> BlockError {
+    BlockError::io(
+        "qcow2 worker",
+        io::Error::new(io::ErrorKind::BrokenPipe, "the qcow2 worker thread stopped"),
+    )
+}
+
+impl Worker {
+    fn spawn(name: String) -> io::Result<Worker> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new().name(name).spawn(move || {
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, async move {
+                while let Some(job) = rx.recv().await {
+                    tokio::task::spawn_local(job());
+                }
+            });
+        })?;
+        Ok(Worker { tx })
+    }
+
+    async fn run<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = T> + 'static,
+        T: Send + 'static,
+    {
+        let (otx, orx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            Box::pin(async move {
+                let _ = otx.send(f().await);
+            })
+        });
+        self.tx.send(job).map_err(|_| worker_stopped())?;
+        orx.await.map_err(|_| worker_stopped())
+    }
+}
+
+type Access = FormatAccess<NodeStorage>;
+
+#[derive(Debug)]
+struct State {
+    /// Shared by ordinary requests; taken exclusively by discard and resize, which imago
+    /// requires to have no concurrent data mappings.
+    access: tokio::sync::RwLock<Access>,
+}
+
+/// A qcow2 image whose header is read, waiting for its backing node (see
+/// [`Qcow2Driver::open`]).
+pub struct Qcow2Opener {
+    worker: Worker,
+    qcow2: Qcow2<NodeStorage>,
+    file: Arc<Node>,
+    read_only: bool,
+    cluster_size: u64,
+}
+
+impl fmt::Debug for Qcow2Opener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Qcow2Opener")
+            .field("file", &self.file.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Qcow2Opener {
+    /// The backing file name in the image header, if any.
+    pub fn backing_file(&self) -> Option<String> {
+        self.qcow2.implicit_backing_file().cloned()
+    }
+
+    /// The backing format in the image header, if any.
+    pub fn backing_format(&self) -> Option<String> {
+        self.qcow2.implicit_backing_format().cloned()
+    }
+
+    /// The directory relative backing file names are resolved against.
+    pub fn base_dir(&self) -> Option<PathBuf> {
+        self.file
+            .driver()
+            .filename()
+            .and_then(|f| Path::new(&f).parent().map(Path::to_path_buf))
+    }
+
+    /// Finishes opening with `backing` as the backing node (or none).
+    pub async fn finish(self, backing: Option<Arc<Node>>) -> Result<Qcow2Driver, Qcow2Error> {
+        let Qcow2Opener {
+            worker,
+            mut qcow2,
+            file,
+            read_only,
+            cluster_size,
+        } = self;
+        let backing_layer = match &backing {
+            None => None,
+            Some(node) => {
+                let storage = NodeStorage::new(Arc::clone(node));
+                let raw = worker
+                    .run(move || async move {
+                        Raw::builder(storage)
+                            .write(false)
+                            .open(DenyImplicitOpenGate::default())
+                            .await
+                    })
+                    .await
+                    .map_err(|e| Qcow2Error::Worker(to_io(e)))?
+                    .map_err(|source| Qcow2Error::Open {
+                        node: node.name().to_string(),
+                        source,
+                    })?;
+                Some(FormatAccess::new(raw))
+            }
+        };
+        let backing_file = qcow2.implicit_backing_file().cloned();
+        let backing_format = qcow2.implicit_backing_format().cloned();
+        qcow2.set_backing(backing_layer);
+        let access = FormatAccess::new(qcow2);
+        let size = access.size();
+        Ok(Qcow2Driver {
+            worker,
+            state: Arc::new(State {
+                access: tokio::sync::RwLock::new(access),
+            }),
+            size: AtomicU64::new(size),
+            read_only,
+            file,
+            backing,
+            cluster_size,
+            backing_file,
+            backing_format,
+        })
+    }
+}
+
+/// The `qcow2` driver.
+#[derive(Debug)]
+pub struct Qcow2Driver {
+    worker: Worker,
+    state: Arc<State>,
+    size: AtomicU64,
+    read_only: bool,
+    file: Arc<Node>,
+    backing: Option<Arc<Node>>,
+    cluster_size: u64,
+    backing_file: Option<String>,
+    backing_format: Option<String>,
+}
+
+/// What one shallow mapping says, without imago's borrowed references.
+enum Mapped {
+    Data,
+    Zero { explicit: bool },
+    Backing { offset: u64 },
+    Eof,
+}
+
+impl Qcow2Driver {
+    /// Reads the qcow2 header from `file` (first step of opening; the caller then opens the
+    /// backing node the header or the options name and calls [`Qcow2Opener::finish`]).
+    pub async fn open(file: Arc<Node>, read_only: bool) -> Result<Qcow2Opener, Qcow2Error> {
+        let worker = Worker::spawn(format!("qcow2 {}", file.name())).map_err(Qcow2Error::Worker)?;
+        let mut header = [0u8; 24];
+        if file.size() >= 24 {
+            file.read(0, &mut header)
+                .await
+                .map_err(|e| Qcow2Error::Open {
+                    node: file.name().to_string(),
+                    source: to_io(e),
+                })?;
+        }
+        if &header[..4] != b"QFI\xfb" {
+            return Err(Qcow2Error::Unsupported(
+                "Image is not in qcow2 format".into(),
+            ));
+        }
+        let cluster_bits = u32::from_be_bytes([header[20], header[21], header[22], header[23]]);
+        let cluster_size = 1u64.checked_shl(cluster_bits).unwrap_or(0);
+        let storage = NodeStorage::new(Arc::clone(&file));
+        let qcow2 = worker
+            .run(move || async move {
+                Qcow2::<NodeStorage>::builder(storage)
+                    .write(!read_only)
+                    .backing(None)
+                    .data_file(None)
+                    .open(DenyImplicitOpenGate::default())
+                    .await
+            })
+            .await
+            .map_err(|e| Qcow2Error::Worker(to_io(e)))?
+            .map_err(|source| Qcow2Error::Open {
+                node: file.name().to_string(),
+                source,
+            })?;
+        if qcow2.requires_external_data_file() {
+            return Err(Qcow2Error::Unsupported(
+                "qcow2 images with an external data file are not supported".into(),
+            ));
+        }
+        Ok(Qcow2Opener {
+            worker,
+            qcow2,
+            file,
+            read_only,
+            cluster_size,
+        })
+    }
+
+    /// The cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster_size
+    }
+
+    /// The backing file name written in the image header.
+    pub fn backing_file(&self) -> Option<&str> {
+        self.backing_file.as_deref()
+    }
+
+    /// The backing format written in the image header.
+    pub fn backing_format(&self) -> Option<&str> {
+        self.backing_format.as_deref()
+    }
+
+    /// The backing node, if any.
+    pub fn backing(&self) -> Option<&Arc<Node>> {
+        self.backing.as_ref()
+    }
+
+    /// The file node.
+    pub fn file(&self) -> &Arc<Node> {
+        &self.file
+    }
+
+    fn err(what: &str, e: io::Error) -> BlockError {
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            return BlockError::NoSpace;
+        }
+        BlockError::io(what, e)
+    }
+
+    async fn flush_metadata(&self) -> Result<()> {
+        let st = Arc::clone(&self.state);
+        self.worker
+            .run(move || async move {
+                let acc = st.access.read().await;
+                acc.flush().await?;
+                acc.sync().await
+            })
+            .await?
+            .map_err(|e| Self::err("flushing qcow2", e))
+    }
+
+    async fn mapping(&self, offset: u64, len: u64) -> Result<(Mapped, u64)> {
+        let st = Arc::clone(&self.state);
+        self.worker
+            .run(move || async move {
+                let acc = st.access.read().await;
+                let (m, n) = acc.get_shallow_mapping(offset, len).await?;
+                let m = match m {
+                    ShallowMapping::Raw { .. } | ShallowMapping::Special { .. } => Mapped::Data,
+                    ShallowMapping::Indirect { offset, .. } => Mapped::Backing { offset },
+                    ShallowMapping::Zero { explicit, .. } => Mapped::Zero { explicit },
+                    ShallowMapping::Eof { .. } => Mapped::Eof,
+                    _ => Mapped::Data,
+                };
+                Ok::<_, io::Error>((m, n))
+            })
+            .await?
+            .map_err(|e| Self::err("reading qcow2 metadata", e))
+    }
+}
+
+#[async_trait]
+impl BlockDriver for Qcow2Driver {
+    fn driver_name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn preferred_alignment(&self) -> u32 {
+        u32::try_from(self.cluster_size).unwrap_or(u32::MAX)
+    }
+
+    fn filename(&self) -> Option<String> {
+        self.file.driver().filename()
+    }
+
+    fn image_details(&self) -> ImageDetails {
+        ImageDetails {
+            actual_size: self.file.driver().image_details().actual_size,
+            cluster_size: Some(self.cluster_size),
+            backing_filename: self.backing_file.clone(),
+            backing_format: self.backing_format.clone(),
+            dirty_flag: Some(false),
+            format_specific: None,
+        }
+    }
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let len = buf.len();
+        let st = Arc::clone(&self.state);
+        let data = self
+            .worker
+            .run(move || async move {
+                let mut v = vec![0u8; len];
+                let acc = st.access.read().await;
+                acc.read(&mut v[..], offset).await.map(|()| v)
+            })
+            .await?
+            .map_err(|e| Self::err("reading qcow2", e))?;
+        buf.copy_from_slice(&data);
+        Ok(())
+    }
+
+    async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+        let data = buf.to_vec();
+        let st = Arc::clone(&self.state);
+        self.worker
+            .run(move || async move {
+                let acc = st.access.read().await;
+                acc.write(&data[..], offset).await
+            })
+            .await?
+            .map_err(|e| Self::err("writing qcow2", e))?;
+        if flags.fua {
+            self.flush_metadata().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.flush_metadata().await
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        // As QEMU: only whole clusters are discarded; they then read as zeroes.
+        let cs = self.cluster_size.max(1);
+        let start = offset.div_ceil(cs) * cs;
+        let end = ((offset + len) / cs * cs).max(start);
+        let end = if offset + len == self.size() {
+            offset + len
+        } else {
+            end
+        };
+        if end <= start {
+            return Ok(());
+        }
+        let st = Arc::clone(&self.state);
+        self.worker
+            .run(move || async move {
+                let mut acc = st.access.write().await;
+                acc.discard_to_zero(start, end - start).await
+            })
+            .await?
+            .map_err(|e| Self::err("discarding qcow2", e))
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        let cs = self.cluster_size.max(1);
+        let end = offset + len;
+        let aligned = offset % cs == 0 && (end % cs == 0 || end == self.size());
+        if flags.fast && !aligned {
+            return Err(BlockError::NotFast);
+        }
+        let st = Arc::clone(&self.state);
+        let unmap = flags.may_unmap;
+        self.worker
+            .run(move || async move {
+                if unmap {
+                    let mut acc = st.access.write().await;
+                    acc.discard_to_zero(offset, len).await
+                } else {
+                    let acc = st.access.read().await;
+                    acc.write_zeroes(offset, len).await
+                }
+            })
+            .await?
+            .map_err(|e| Self::err("zeroing qcow2", e))?;
+        if flags.fua {
+            self.flush_metadata().await?;
+        }
+        Ok(())
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        let (m, n) = self.mapping(offset, len).await?;
+        let n = n.clamp(1, len);
+        Ok(match m {
+            Mapped::Data => Extent {
+                len: n,
+                data: true,
+                zero: false,
+                depth: 1,
+            },
+            Mapped::Zero { explicit } => Extent {
+                len: n,
+                data: false,
+                zero: true,
+                depth: u32::from(explicit),
+            },
+            Mapped::Eof => Extent {
+                len,
+                data: false,
+                zero: true,
+                depth: 0,
+            },
+            Mapped::Backing { offset: boff } => match &self.backing {
+                Some(backing) if boff < backing.size() => {
+                    let blen = n.min(backing.size() - boff);
+                    let e = backing.block_status(boff, blen).await?;
+                    Extent {
+                        depth: if e.depth == 0 { 0 } else { e.depth + 1 },
+                        ..e
+                    }
+                }
+                _ => Extent {
+                    len: n,
+                    data: false,
+                    zero: true,
+                    depth: 0,
+                },
+            },
+        })
+    }
+
+    async fn resize(&self, new_size: u64) -> Result<()> {
+        let st = Arc::clone(&self.state);
+        let size = self
+            .worker
+            .run(move || async move {
+                let mut acc = st.access.write().await;
+                acc.resize(new_size, imago::format::PreallocateMode::None)
+                    .await?;
+                acc.flush().await?;
+                Ok::<_, io::Error>(acc.size())
+            })
+            .await?
+            .map_err(|e| Self::err("resizing qcow2", e))?;
+        self.size.store(size, Ordering::Release);
+        Ok(())
+    }
+}
