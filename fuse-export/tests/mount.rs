@@ -121,7 +121,7 @@ fn fio_verifies_with_many_requests_in_flight() {
 
 #[test]
 fn truncate_resizes_the_node_and_mode_follows_writable() {
-    if !fuse_usable() || !have_tool("truncate") {
+    if !fuse_usable() || !have_tool("truncate") || !have_tool("touch") {
         return;
     }
     let fx = Fixture::mount(MemDriver::new(MIB), true, false);
@@ -144,6 +144,18 @@ fn truncate_resizes_the_node_and_mode_follows_writable() {
         0o640
     );
     assert_eq!(fx.export.as_ref().unwrap().mode(), 0o640);
+    // chown too (with allow_other, which root gets); root still reaches the file.
+    nix::unistd::chown(
+        &mp,
+        Some(nix::unistd::Uid::from_raw(1000)),
+        Some(nix::unistd::Gid::from_raw(1000)),
+    )
+    .unwrap();
+    let meta = std::fs::metadata(&mp).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (1000, 1000));
+    // Setting times is refused, as QSD does.
+    let err = run_failing(Command::new("touch").arg(&mp));
+    assert!(err.contains("Operation not supported"), "{err}");
 }
 
 #[test]
