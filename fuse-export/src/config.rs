@@ -25,6 +25,16 @@ impl AllowOther {
             AllowOther::Auto => "auto",
         }
     }
+
+    /// Parses the QAPI spelling (`off`, `on`, `auto`).
+    pub fn from_qapi(value: &str) -> Option<AllowOther> {
+        match value {
+            "off" => Some(AllowOther::Off),
+            "on" => Some(AllowOther::On),
+            "auto" => Some(AllowOther::Auto),
+            _ => None,
+        }
+    }
 }
 
 /// How to export a node through FUSE.
@@ -55,5 +65,33 @@ impl FuseExportConfig {
             writethrough: false,
             allow_other: AllowOther::Auto,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qapi_spellings_round_trip() {
+        for value in [AllowOther::Off, AllowOther::On, AllowOther::Auto] {
+            assert_eq!(AllowOther::from_qapi(value.as_str()), Some(value));
+        }
+        assert_eq!(AllowOther::from_qapi("yes"), None);
+        assert_eq!(AllowOther::default(), AllowOther::Auto);
+    }
+
+    #[test]
+    fn defaults_are_qsds() {
+        let cfg = FuseExportConfig::new("/tmp/x");
+        assert!(!cfg.writable && !cfg.growable && !cfg.writethrough);
+        assert_eq!(cfg.allow_other, AllowOther::Auto);
+    }
+
+    #[test]
+    fn the_export_can_be_shared_across_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<crate::FuseExport>();
+        send_sync::<crate::FuseError>();
     }
 }
