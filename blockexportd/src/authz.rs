@@ -92,13 +92,17 @@ pub fn is_authz_type(qom_type: &str) -> bool {
 }
 
 /// Creates the authorization object of type `qom_type` from `object-add`/`--object`
-/// properties (`id` included, `qom-type` not). Values may be JSON-typed or keyval strings;
-/// `rules` is a list of objects (keyval `rules.0.match=...` arrives as such a list).
-pub fn create(qom_type: &str, props: &Map<String, Value>) -> Result<Arc<dyn Authz>, AuthzError> {
+/// properties (`id` included, `qom-type` not): JSON-typed from QMP, or strings from the
+/// command line (`keyval`), where `rules.0.match=...` arrives as a list of objects.
+pub fn create(
+    qom_type: &str,
+    props: &Map<String, Value>,
+    keyval: bool,
+) -> Result<Arc<dyn Authz>, AuthzError> {
     Ok(match qom_type {
-        "authz-simple" => Arc::new(AuthzSimple::from_props(props)?),
-        "authz-list" => Arc::new(AuthzList::from_props(props)?),
-        "authz-listfile" => Arc::new(AuthzListFile::from_props(props)?),
+        "authz-simple" => Arc::new(AuthzSimple::from_props(props, keyval)?),
+        "authz-list" => Arc::new(AuthzList::from_props(props, keyval)?),
+        "authz-listfile" => Arc::new(AuthzListFile::from_props(props, keyval)?),
         _ => return Err(AuthzError::UnsupportedType(qom_type.to_string())),
     })
 }
@@ -120,8 +124,8 @@ impl AuthzSimple {
     }
 
     /// From properties `id` and `identity` (both required).
-    pub fn from_props(props: &Map<String, Value>) -> Result<Self, AuthzError> {
-        let mut p = Props::new(props);
+    pub fn from_props(props: &Map<String, Value>, keyval: bool) -> Result<Self, AuthzError> {
+        let mut p = Props::new(props, keyval);
         let id = p.required_str("id")?;
         let identity = p.required_str("identity")?;
         p.finish()?;
@@ -231,15 +235,15 @@ impl RuleSet {
                 for (i, item) in items.iter().enumerate() {
                     let Value::Object(obj) = item else {
                         return Err(PropertyError::Type {
-                            name: format!("rules[{i}]"),
+                            name: p.item_name("rules", i),
                             expected: "object",
                         });
                     };
-                    let prefix = format!("rules[{i}].");
-                    let mut rp = Props::with_prefix(obj, &prefix);
+                    let mut rp = p.item("rules", i, obj);
                     let matches = rp.required_str("match")?;
-                    let policy = Policy::parse(&mut rp, "policy")?
-                        .ok_or_else(|| PropertyError::Missing(format!("{prefix}policy")))?;
+                    let policy = Policy::parse(&mut rp, "policy")?.ok_or_else(|| {
+                        PropertyError::Missing(format!("{}.policy", p.item_name("rules", i)))
+                    })?;
                     let format = match rp.opt_enum("format", &["exact", "glob"])? {
                         Some("glob") => Format::Glob,
                         _ => Format::Exact,
@@ -280,8 +284,8 @@ impl AuthzList {
     }
 
     /// From properties `id` (required), `policy` (default `deny`) and `rules` (default none).
-    pub fn from_props(props: &Map<String, Value>) -> Result<Self, AuthzError> {
-        let mut p = Props::new(props);
+    pub fn from_props(props: &Map<String, Value>, keyval: bool) -> Result<Self, AuthzError> {
+        let mut p = Props::new(props, keyval);
         let id = p.required_str("id")?;
         let rules = RuleSet::read(&mut p)?;
         p.finish()?;
@@ -337,18 +341,8 @@ impl AuthzListFile {
         let contents = read_rules_file(&filename)?;
         let rules = parse_rules(&filename, &contents)?;
         if refresh {
-            // QEMU's checks on the watched path, made after the first load as QEMU does.
-            let dir = match filename.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d,
-                _ => Path::new("."),
-            };
-            if dir == Path::new(".") {
-                return Err(AuthzError::RelativePath);
-            }
-            let text = filename.to_string_lossy();
-            if text.ends_with("/.") {
-                return Err(AuthzError::NoFilename);
-            }
+            // After the first load, as QEMU does.
+            check_watch_path(&filename)?;
         }
         Ok(AuthzListFile {
             id: id.into(),
@@ -362,8 +356,8 @@ impl AuthzListFile {
     }
 
     /// From properties `id`, `filename` (both required) and `refresh` (default true).
-    pub fn from_props(props: &Map<String, Value>) -> Result<Self, AuthzError> {
-        let mut p = Props::new(props);
+    pub fn from_props(props: &Map<String, Value>, keyval: bool) -> Result<Self, AuthzError> {
+        let mut p = Props::new(props, keyval);
         let id = p.required_str("id")?;
         let filename = p.required_str("filename")?;
         let refresh = p.opt_bool("refresh")?.unwrap_or(true);
@@ -427,6 +421,21 @@ impl Authz for AuthzListFile {
     }
 }
 
+/// QEMU's checks on the name of a watched file: a directory must be given, and a file name.
+fn check_watch_path(filename: &Path) -> Result<(), AuthzError> {
+    let dir = match filename.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if dir == Path::new(".") {
+        return Err(AuthzError::RelativePath);
+    }
+    if filename.to_string_lossy().ends_with("/.") {
+        return Err(AuthzError::NoFilename);
+    }
+    Ok(())
+}
+
 fn read_rules_file(path: &Path) -> Result<Vec<u8>, AuthzError> {
     std::fs::read(path).map_err(|source| AuthzError::Read {
         path: path.to_path_buf(),
@@ -445,7 +454,7 @@ fn parse_rules(path: &Path, text: &[u8]) -> Result<RuleSet, AuthzError> {
             path: path.to_path_buf(),
         });
     };
-    let mut p = Props::new(&map);
+    let mut p = Props::new(&map, false);
     let rules = RuleSet::read(&mut p)?;
     p.finish()?;
     Ok(rules)
@@ -548,7 +557,7 @@ mod tests {
     fn list(json: &str) -> AuthzList {
         let v: Value = serde_json::from_str(json).unwrap();
         let Value::Object(m) = v else { panic!() };
-        AuthzList::from_props(&m).unwrap()
+        AuthzList::from_props(&m, false).unwrap()
     }
 
     #[test]
@@ -583,11 +592,11 @@ mod tests {
             "rules".into(),
             serde_json::json!([{"match": "C=GB,*", "policy": "deny", "format": "glob"}]),
         );
-        let l = create("authz-list", &m).unwrap();
+        let l = create("authz-list", &m, true).unwrap();
         assert!(!l.is_allowed("C=GB,CN=x").unwrap());
         assert!(l.is_allowed("C=FR,CN=x").unwrap());
 
-        let err = |t: &str, m: Map<String, Value>| create(t, &m).unwrap_err().qemu_message();
+        let err = |t: &str, m: Map<String, Value>| create(t, &m, true).unwrap_err().qemu_message();
         assert_eq!(
             err("authz-simple", props(&[("id", "a")])),
             "Parameter 'identity' is missing"
@@ -599,7 +608,12 @@ mod tests {
         let mut m = props(&[("id", "a")]);
         m.insert("rules".into(), serde_json::json!([{"match": "x"}]));
         assert_eq!(
-            err("authz-list", m),
+            err("authz-list", m.clone()),
+            "Parameter 'rules.0.policy' is missing"
+        );
+        // The same from QMP names the item as QEMU's QMP does.
+        assert_eq!(
+            create("authz-list", &m, false).unwrap_err().to_string(),
             "Parameter 'rules[0].policy' is missing"
         );
         let mut m = props(&[("id", "a")]);
@@ -609,7 +623,7 @@ mod tests {
         );
         assert_eq!(
             err("authz-list", m),
-            "Parameter 'rules[0].format' does not accept value 'regex'"
+            "Parameter 'rules.0.format' does not accept value 'regex'"
         );
         assert_eq!(
             err("authz-listfile", props(&[("id", "a")])),
@@ -628,6 +642,7 @@ mod tests {
         let s = create(
             "authz-simple",
             &props(&[("id", "s"), ("identity", "C=GB,O=Example,CN=client")]),
+            true,
         )
         .unwrap();
         assert!(s.is_allowed("C=GB,O=Example,CN=client").unwrap());
@@ -641,7 +656,7 @@ mod tests {
         let f = tmp.path().join("acl.json");
         let fs = f.display().to_string();
         let err = |p: &[(&str, &str)]| {
-            create("authz-listfile", &props(p))
+            create("authz-listfile", &props(p), true)
                 .unwrap_err()
                 .qemu_message()
         };
@@ -662,17 +677,21 @@ mod tests {
             err(&[("id", "a"), ("filename", &fs)]),
             "Parameter 'bogus' is unexpected"
         );
-        // A relative name is refused when the file is watched (QEMU's check), not otherwise.
-        let cwd_file = format!("blockexportd-authz-test-{}.json", std::process::id());
-        std::fs::write(&cwd_file, r#"{"policy": "allow"}"#).unwrap();
-        let watched = err(&[("id", "a"), ("filename", &cwd_file)]);
-        let unwatched = create(
-            "authz-listfile",
-            &props(&[("id", "a"), ("filename", &cwd_file), ("refresh", "off")]),
-        );
-        let _ = std::fs::remove_file(&cwd_file);
-        assert_eq!(watched, "Filename must be an absolute path");
-        assert!(unwatched.unwrap().is_allowed("x").unwrap());
+        // QEMU's checks of a watched name.
+        assert!(matches!(
+            check_watch_path(Path::new("acl.json")),
+            Err(AuthzError::RelativePath)
+        ));
+        assert!(matches!(
+            check_watch_path(Path::new("./acl.json")),
+            Err(AuthzError::RelativePath)
+        ));
+        assert!(matches!(
+            check_watch_path(Path::new("/etc/.")),
+            Err(AuthzError::NoFilename)
+        ));
+        assert!(check_watch_path(Path::new("dir/acl.json")).is_ok());
+        assert!(check_watch_path(&f).is_ok());
     }
 
     #[test]
@@ -685,10 +704,16 @@ mod tests {
             r#"{"policy": "deny", "rules": [{"match": "CN=alice", "policy": "allow"}]}"#,
         )
         .unwrap();
-        let a = create("authz-listfile", &props(&[("id", "a"), ("filename", &fs)])).unwrap();
+        let a = create(
+            "authz-listfile",
+            &props(&[("id", "a"), ("filename", &fs)]),
+            true,
+        )
+        .unwrap();
         let frozen = create(
             "authz-listfile",
             &props(&[("id", "b"), ("filename", &fs), ("refresh", "no")]),
+            true,
         )
         .unwrap();
         assert!(a.is_allowed("CN=alice").unwrap());
