@@ -43,7 +43,8 @@ pub struct Extent {
     pub zero: bool,
     /// Which layer of the backing chain allocates the range: 0 when no layer does, 1 for this
     /// node's own layer, 2 for its backing file, and so on. Protocol drivers report 1 for data
-    /// and 0 for holes.
+    /// and for holes alike, as QEMU does (`qemu-img map` shows a hole of a raw file as
+    /// "present" zeroes).
     pub depth: u32,
 }
 

@@ -45,6 +45,7 @@
 
 #![forbid(unsafe_code)]
 
+use crate::bitmap::DirtyBitmap;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::File;
 use std::io;
@@ -279,6 +280,50 @@ impl StoredBitmap {
         BitmapFlags(flags)
     }
 
+    /// The stored form of `bitmap`, a dirty bitmap of a node of `size` bytes (to [`store`] at
+    /// close): its name, granularity, enabled and inconsistent flags, and bits.
+    pub fn from_dirty_bitmap(bitmap: &DirtyBitmap, size: u64) -> StoredBitmap {
+        let mut out =
+            StoredBitmap::new(bitmap.name(), size, bitmap.granularity(), bitmap.enabled());
+        out.inconsistent = bitmap.inconsistent();
+        if out.inconsistent {
+            return out;
+        }
+        let g = u64::from(bitmap.granularity());
+        let mut offset = 0;
+        while offset < size {
+            let (len, dirty) = bitmap.extent(offset, size - offset);
+            if len == 0 {
+                break;
+            }
+            if dirty {
+                (offset / g..(offset + len).div_ceil(g)).for_each(|c| out.set_dirty(c));
+            }
+            offset += len;
+        }
+        out
+    }
+
+    /// The in-memory, persistent dirty bitmap for this stored one (at open, after [`load`]).
+    pub fn to_dirty_bitmap(&self) -> DirtyBitmap {
+        let bitmap = DirtyBitmap::new(self.name.clone(), self.size, self.granularity, true);
+        let g = u64::from(self.granularity);
+        let mut run: Option<u64> = None;
+        for c in 0..=self.chunks() {
+            match (self.is_dirty(c), run) {
+                (true, None) => run = Some(c),
+                (false, Some(first)) => {
+                    bitmap.set_range(first * g, (c - first) * g);
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        bitmap.set_enabled(self.enabled);
+        bitmap.set_inconsistent(self.inconsistent);
+        bitmap
+    }
+
     /// Word `i` with the bits past the last chunk cleared.
     fn masked_word(&self, i: usize) -> u64 {
         let w = self.bits.get(i).copied().unwrap_or(0);
@@ -355,40 +400,49 @@ fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(a)
 }
 
-fn read_at(file: &File, offset: u64, len: usize, context: &'static str) -> Result<Vec<u8>> {
+fn read_at(
+    file: &dyn ImageFile,
+    offset: u64,
+    len: usize,
+    context: &'static str,
+) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; len];
-    file.read_exact_at(&mut buf, offset)
-        .map_err(io_err(context))?;
+    file.image_read(&mut buf, offset).map_err(io_err(context))?;
     Ok(buf)
 }
 
-fn write_at(file: &File, offset: u64, buf: &[u8], context: &'static str) -> Result<()> {
-    crash_point().map_err(io_err(context))?;
-    file.write_all_at(buf, offset).map_err(io_err(context))
+fn write_at(file: &dyn ImageFile, offset: u64, buf: &[u8], context: &'static str) -> Result<()> {
+    file.image_write(buf, offset).map_err(io_err(context))
 }
 
-fn sync(file: &File) -> Result<()> {
-    crash_point().map_err(io_err("syncing the image"))?;
-    file.sync_data().map_err(io_err("syncing the image"))
+fn sync(file: &dyn ImageFile) -> Result<()> {
+    file.image_sync().map_err(io_err("syncing the image"))
 }
 
-#[cfg(test)]
-thread_local! {
-    /// Test hook: how many more writes and syncs succeed before every one fails, as if the
-    /// process had died there (`None`: all succeed).
-    static IO_BUDGET: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
+/// Positional access to the image file: a [`File`], or anything else that reaches the same
+/// bytes (e.g. a wrapper over the file node). Offsets and lengths are arbitrary (not aligned
+/// for `O_DIRECT`).
+pub trait ImageFile {
+    /// Reads exactly `buf.len()` bytes at `offset` (an error at the end of the file).
+    fn image_read(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, growing the file if needed.
+    fn image_write(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every write so far durable (`fdatasync`).
+    fn image_sync(&self) -> io::Result<()>;
 }
 
-/// Fails when the test hook's budget is spent; always succeeds outside tests.
-fn crash_point() -> io::Result<()> {
-    #[cfg(test)]
-    if let Some(left) = IO_BUDGET.with(|b| b.get()) {
-        if left == 0 {
-            return Err(io::Error::other("injected crash"));
-        }
-        IO_BUDGET.with(|b| b.set(Some(left - 1)));
+impl ImageFile for File {
+    fn image_read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_exact_at(buf, offset)
     }
-    Ok(())
+
+    fn image_write(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_all_at(buf, offset)
+    }
+
+    fn image_sync(&self) -> io::Result<()> {
+        self.sync_data()
+    }
 }
 
 /// The bitmaps header extension.
@@ -455,7 +509,7 @@ struct Header {
 }
 
 impl Header {
-    fn read(file: &File) -> Result<Header> {
+    fn read(file: &dyn ImageFile) -> Result<Header> {
         let fixed = read_at(file, 0, 72, "reading the qcow2 header").map_err(|e| match e {
             BitmapError::Io { source, .. } if source.kind() == io::ErrorKind::UnexpectedEof => {
                 BitmapError::NotQcow2
@@ -815,7 +869,7 @@ fn check_table_entry(entry: u64, cluster_size: u64) -> bool {
     offset == 0 || (entry & TABLE_ENTRY_ALL_ONES == 0 && offset % cluster_size == 0)
 }
 
-fn read_table(file: &File, entry: &DirEntry, cluster_size: u64) -> Result<Vec<u64>> {
+fn read_table(file: &dyn ImageFile, entry: &DirEntry, cluster_size: u64) -> Result<Vec<u64>> {
     // `check` bounded table_size * cluster_size by MAX_PHYS_SIZE before this allocation.
     let raw = read_at(
         file,
@@ -841,7 +895,7 @@ struct Directory {
 }
 
 /// Reads and checks the directory `ext` points at (`ext` itself checked beforehand).
-fn read_directory(file: &File, h: &Header, ext: BitmapsExt) -> Result<Directory> {
+fn read_directory(file: &dyn ImageFile, h: &Header, ext: BitmapsExt) -> Result<Directory> {
     // parse_bitmaps_ext bounded directory_size by MAX_DIRECTORY_SIZE.
     let raw = read_at(
         file,
@@ -867,7 +921,7 @@ fn warn_stale() {
 /// A bitmap flagged `in_use` is returned with `inconsistent: true` and all bits clear, as QEMU
 /// does not load its data. Malformed directories, unknown flags, types or extra data are
 /// refused, as QEMU refuses them (QEMU then fails to open the image).
-pub fn load(file: &File) -> Result<Vec<StoredBitmap>> {
+pub fn load(file: &dyn ImageFile) -> Result<Vec<StoredBitmap>> {
     let h = Header::read(file)?;
     if h.version < 3 {
         return Ok(Vec::new());
@@ -949,7 +1003,7 @@ pub struct BitmapsLayout {
 
 impl BitmapsLayout {
     /// Whether the header's (possibly stale) extension and its directory are still these.
-    fn matches(&self, file: &File, h: &Header) -> Result<bool> {
+    fn matches(&self, file: &dyn ImageFile, h: &Header) -> Result<bool> {
         let ext = match h.bitmaps {
             BitmapsState::Valid(ext) | BitmapsState::Stale(ext) => ext,
             BitmapsState::Absent => return Ok(false),
@@ -977,7 +1031,7 @@ impl BitmapsLayout {
 /// Returns where the bitmaps are (`None` when the image has no valid bitmaps extension), to
 /// hand to [`restore_autoclear_bit`] once imago has opened the image, and to
 /// [`store_replacing`] at close.
-pub fn mark_in_use(file: &File) -> Result<Option<BitmapsLayout>> {
+pub fn mark_in_use(file: &dyn ImageFile) -> Result<Option<BitmapsLayout>> {
     let h = Header::read(file)?;
     if h.version < 3 {
         return Ok(None);
@@ -1040,7 +1094,7 @@ pub fn mark_in_use(file: &File) -> Result<Option<BitmapsLayout>> {
 /// Call it right after imago's open, before any I/O: it writes the 8-byte autoclear field of
 /// the header and syncs (imago writes its whole header only when it opens the image). Returns
 /// whether the bit was set.
-pub fn restore_autoclear_bit(file: &File, layout: &BitmapsLayout) -> Result<bool> {
+pub fn restore_autoclear_bit(file: &dyn ImageFile, layout: &BitmapsLayout) -> Result<bool> {
     let h = Header::read(file)?;
     if h.version < 3 || h.autoclear & AUTOCLEAR_BITMAPS != 0 || !layout.matches(file, &h)? {
         return Ok(false);
@@ -1061,7 +1115,7 @@ pub fn restore_autoclear_bit(file: &File, layout: &BitmapsLayout) -> Result<bool
 /// The image's refcounts, loaded on demand, changed in memory and written by
 /// [`Refcounts::commit`].
 struct Refcounts<'f> {
-    file: &'f File,
+    file: &'f dyn ImageFile,
     cluster_size: u64,
     order: u32,
     table_offset: u64,
@@ -1079,7 +1133,7 @@ struct Refcounts<'f> {
 }
 
 impl<'f> Refcounts<'f> {
-    fn open(file: &'f File, h: &Header) -> Result<Self> {
+    fn open(file: &'f dyn ImageFile, h: &Header) -> Result<Self> {
         h.check_refcounts_clean()?;
         let cs = h.cluster_size;
         let bytes = u64::from(h.refcount_table_clusters) * cs;
@@ -1359,7 +1413,7 @@ fn validate(h: &Header, bitmaps: &[StoredBitmap]) -> Result<()> {
 
 /// Every cluster range the given bitmaps occupy: the directory, the tables and their data
 /// clusters. A table that cannot be read is left alone (leaked) with a warning, as QEMU does.
-fn old_ranges(file: &File, h: &Header, dir: &Directory) -> Vec<(u64, u64)> {
+fn old_ranges(file: &dyn ImageFile, h: &Header, dir: &Directory) -> Vec<(u64, u64)> {
     let mut ranges = vec![(dir.ext.directory_offset, dir.ext.directory_size)];
     for (_, e) in &dir.entries {
         match read_table(file, e, h.cluster_size) {
@@ -1388,7 +1442,7 @@ fn old_ranges(file: &File, h: &Header, dir: &Directory) -> Vec<(u64, u64)> {
 ///
 /// Same as [`store_replacing`] without a layout: the clusters of a stale extension are leaked,
 /// as QEMU leaks them. Use [`store_replacing`] for an image that imago had open.
-pub fn store(file: &File, bitmaps: &[StoredBitmap]) -> Result<()> {
+pub fn store(file: &dyn ImageFile, bitmaps: &[StoredBitmap]) -> Result<()> {
     store_replacing(file, bitmaps, None)
 }
 
@@ -1404,7 +1458,7 @@ pub fn store(file: &File, bitmaps: &[StoredBitmap]) -> Result<()> {
 /// The old bitmaps' clusters are freed when the extension is valid, or stale but still
 /// `previous` (what [`mark_in_use`] returned at open); otherwise they are leaked.
 pub fn store_replacing(
-    file: &File,
+    file: &dyn ImageFile,
     bitmaps: &[StoredBitmap],
     previous: Option<&BitmapsLayout>,
 ) -> Result<()> {
@@ -1679,6 +1733,38 @@ mod tests {
         bm.bits[2] = !0;
         assert_eq!(bm.masked_word(2), 0b111);
         assert_eq!(bm.flags(), BitmapFlags::AUTO);
+    }
+
+    #[test]
+    fn dirty_bitmap_conversions() {
+        let size = 1_000_000;
+        let node_bitmap = DirtyBitmap::new("d", size, 4096, true);
+        node_bitmap.set_range(0, 1);
+        node_bitmap.set_range(10_000, 20_000);
+        node_bitmap.set_range(size - 1, 1);
+        node_bitmap.set_enabled(false);
+        let stored = StoredBitmap::from_dirty_bitmap(&node_bitmap, size);
+        assert_eq!(stored.name, "d");
+        assert_eq!(stored.granularity, 4096);
+        assert!(!stored.enabled && !stored.inconsistent);
+        let dirty: Vec<u64> = (0..stored.chunks())
+            .filter(|&c| stored.is_dirty(c))
+            .collect();
+        // 10_000..30_000 touches chunks 2..=7; size - 1 is in chunk 244.
+        assert_eq!(dirty, vec![0, 2, 3, 4, 5, 6, 7, 244]);
+
+        let back = stored.to_dirty_bitmap();
+        assert_eq!(back.count(), node_bitmap.count());
+        assert!(back.persistent() && !back.enabled());
+        for c in 0..stored.chunks() {
+            assert_eq!(back.is_dirty(c * 4096), stored.is_dirty(c), "chunk {c}");
+        }
+
+        let mut bad = stored.clone();
+        bad.inconsistent = true;
+        let b = bad.to_dirty_bitmap();
+        assert!(b.inconsistent());
+        assert!(StoredBitmap::from_dirty_bitmap(&b, size).inconsistent);
     }
 
     // ---- tests against the real tools ----
@@ -2277,6 +2363,123 @@ mod tests {
         );
         // The data imago wrote is intact.
         run(Command::new("qemu-io").args(["-c", "read -P 0xa5 5M 4k", ps]));
+    }
+
+    /// The image file of a process that dies after `budget` more writes and syncs: every
+    /// later write or sync fails and changes nothing.
+    struct Crashing {
+        file: File,
+        budget: std::cell::Cell<u32>,
+    }
+
+    impl Crashing {
+        fn new(p: &Path, budget: u32) -> Self {
+            Crashing {
+                file: open_rw(p),
+                budget: std::cell::Cell::new(budget),
+            }
+        }
+
+        fn spend(&self) -> io::Result<()> {
+            match self.budget.get() {
+                0 => Err(io::Error::other("injected crash")),
+                n => {
+                    self.budget.set(n - 1);
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    impl ImageFile for Crashing {
+        fn image_read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.file.read_exact_at(buf, offset)
+        }
+
+        fn image_write(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            self.spend()?;
+            self.file.write_all_at(buf, offset)
+        }
+
+        fn image_sync(&self) -> io::Result<()> {
+            self.spend()?;
+            self.file.sync_data()
+        }
+    }
+
+    #[test]
+    fn a_crash_at_any_step_leaves_a_consistent_image() {
+        if !tools(&["qemu-img", "qemu-io"]) {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // 512-byte clusters with 64-bit refcounts: storing needs new refcount blocks too.
+        let base = create(
+            dir.path(),
+            "base.qcow2",
+            "4M",
+            "cluster_size=512,refcount_bits=64",
+        );
+        let bs = base.to_str().unwrap();
+        qemu_img(&["bitmap", "--add", "--granularity", "512", bs, "old"]);
+        run(Command::new("qemu-io").args(["-c", "write 0 1M", bs]));
+        let old = load(&File::open(&base).unwrap()).unwrap();
+        assert!(old[0].is_dirty(0));
+        let size = 4 << 20;
+        let new: Vec<StoredBitmap> = (0..3u64)
+            .map(|i| {
+                let mut bm = StoredBitmap::new(format!("n{i}"), size, 512, i != 1);
+                bm.bits
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(k, w)| *w = (k as u64 + i).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                bm
+            })
+            .collect();
+        let work = dir.path().join("work.qcow2");
+
+        let mut steps = 0;
+        loop {
+            std::fs::copy(&base, &work).unwrap();
+            let r = store(&Crashing::new(&work, steps), &new);
+            let (corruptions, _leaks, errors) = check(&work);
+            assert_eq!((corruptions, errors), (0, 0), "crash after {steps} steps");
+            let now = load(&File::open(&work).unwrap()).unwrap();
+            assert!(
+                now == old || now == new,
+                "crash after {steps} steps: {now:?}"
+            );
+            if r.is_ok() {
+                assert_eq!(now, new);
+                assert_clean(&work);
+                break;
+            }
+            steps += 1;
+            assert!(steps < 1000, "store never completes");
+        }
+        assert!(
+            steps > 5,
+            "the crash points cover the whole store ({steps})"
+        );
+
+        // mark_in_use: the bitmaps are consistent, in use, or (autoclear bit clear) ignored.
+        let mut in_use = old.clone();
+        in_use[0].inconsistent = true;
+        in_use[0].bits.iter_mut().for_each(|w| *w = 0);
+        for steps in 0.. {
+            std::fs::copy(&base, &work).unwrap();
+            let r = mark_in_use(&Crashing::new(&work, steps));
+            assert_eq!(check(&work).0, 0, "crash after {steps} steps");
+            let now = load(&File::open(&work).unwrap()).unwrap();
+            assert!(
+                now == old || now == in_use || now.is_empty(),
+                "crash after {steps} steps: {now:?}"
+            );
+            if r.is_ok() {
+                assert_eq!(now, in_use);
+                break;
+            }
+        }
     }
 
     mod prop {

@@ -677,11 +677,13 @@ impl BlockDriver for FileDriver {
             zero: false,
             depth: 1,
         };
+        // As QEMU (`qemu-img map` shows file holes as "present"): a hole is allocated in
+        // this layer and reads as zeroes.
         let hole = |n: u64| Extent {
             len: n,
             data: false,
             zero: true,
-            depth: 0,
+            depth: 1,
         };
         if self.block_device {
             return Ok(data);

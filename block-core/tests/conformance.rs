@@ -1,0 +1,703 @@
+//! One conformance suite over every stack, only the constructor differing:
+//! `file`; `raw` over `file` with an offset; `qcow2`; `qcow2` over a backing `qcow2`
+//! (opened from the header's backing file name); `null-co` (the subset that applies).
+//!
+//! Images are made, written and checked with the real `qemu-img` and `qemu-io`. Without
+//! them the tests print why and pass, unless `CI=true`, where they fail.
+
+use block_core::{open, BlockError, Extent, Node, NodeGraph, WriteFlags, ZeroFlags};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 4 * MIB;
+const RAW_OFFSET: u64 = MIB;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    File,
+    RawOffset,
+    Qcow2,
+    Qcow2Backing,
+    Null,
+}
+
+const IMAGE_KINDS: [Kind; 4] = [Kind::File, Kind::RawOffset, Kind::Qcow2, Kind::Qcow2Backing];
+const ALL_KINDS: [Kind; 5] = [
+    Kind::File,
+    Kind::RawOffset,
+    Kind::Qcow2,
+    Kind::Qcow2Backing,
+    Kind::Null,
+];
+
+/// Whether the QEMU tools are here; fails loudly under `CI=true` when they are not.
+fn have_tools() -> bool {
+    for tool in ["qemu-img", "qemu-io", "qemu-storage-daemon"] {
+        let found = Command::new(tool).arg("--version").output().is_ok();
+        if !found {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("{tool} is required for the conformance suite (CI=true)");
+            }
+            eprintln!("{tool} not found: skipping the conformance suite");
+            return false;
+        }
+    }
+    true
+}
+
+fn run(program: &str, args: &[&str]) -> Output {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// One stack's images on disk.
+struct Images {
+    kind: Kind,
+    dir: tempfile::TempDir,
+}
+
+impl Images {
+    fn create(kind: Kind) -> Images {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let images = Images { kind, dir };
+        let size = SIZE.to_string();
+        match kind {
+            Kind::File => {
+                run(
+                    "qemu-img",
+                    &["create", "-q", "-f", "raw", &images.top(), &size],
+                );
+            }
+            Kind::RawOffset => {
+                let total = (SIZE + 2 * RAW_OFFSET).to_string();
+                run(
+                    "qemu-img",
+                    &["create", "-q", "-f", "raw", &images.top(), &total],
+                );
+                // Bytes outside the window, which must never show through.
+                let img = images.top();
+                run(
+                    "qemu-io",
+                    &[
+                        "-f",
+                        "raw",
+                        "-c",
+                        "write -P 0xee 0 1M",
+                        "-c",
+                        "write -P 0xee 5M 1M",
+                        &img,
+                    ],
+                );
+            }
+            Kind::Qcow2 => {
+                run(
+                    "qemu-img",
+                    &["create", "-q", "-f", "qcow2", &images.top(), &size],
+                );
+            }
+            Kind::Qcow2Backing => {
+                let base = images.path("base.qcow2");
+                run("qemu-img", &["create", "-q", "-f", "qcow2", &base, &size]);
+                run(
+                    "qemu-io",
+                    &[
+                        "-f",
+                        "qcow2",
+                        "-c",
+                        "write -P 0x11 1M 1M",
+                        "-c",
+                        "write -z 2M 64k",
+                        &base,
+                    ],
+                );
+                run(
+                    "qemu-img",
+                    &[
+                        "create",
+                        "-q",
+                        "-f",
+                        "qcow2",
+                        "-b",
+                        "base.qcow2",
+                        "-F",
+                        "qcow2",
+                        &images.top(),
+                        &size,
+                    ],
+                );
+            }
+            Kind::Null => {}
+        }
+        images
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).to_string_lossy().into_owned()
+    }
+
+    fn top(&self) -> String {
+        self.path(match self.kind {
+            Kind::Qcow2 | Kind::Qcow2Backing => "top.qcow2",
+            _ => "top.raw",
+        })
+    }
+
+    /// The image as `qemu-io`/`qemu-img` should open it (`--image-opts` syntax).
+    fn image_opts(&self) -> String {
+        match self.kind {
+            Kind::File => format!("driver=raw,file.driver=file,file.filename={}", self.top()),
+            Kind::RawOffset => format!(
+                "driver=raw,offset={RAW_OFFSET},size={SIZE},file.driver=file,file.filename={}",
+                self.top()
+            ),
+            Kind::Qcow2 | Kind::Qcow2Backing => {
+                format!("driver=qcow2,file.driver=file,file.filename={}", self.top())
+            }
+            Kind::Null => unreachable!("null-co has no image"),
+        }
+    }
+
+    fn qemu_io(&self, commands: &[&str]) -> Output {
+        let mut args = vec!["--image-opts"];
+        for c in commands {
+            args.push("-c");
+            args.push(c);
+        }
+        let opts = self.image_opts();
+        args.push(&opts);
+        let out = run("qemu-io", &args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            !text.contains("Pattern verification failed") && !text.contains("failed:"),
+            "qemu-io {commands:?} on {:?}: {text}",
+            self.kind
+        );
+        out
+    }
+
+    fn options(&self, read_only: bool) -> Value {
+        let file = json!({"driver": "file", "filename": self.top()});
+        let mut v = match self.kind {
+            Kind::File => json!({"driver": "file", "filename": self.top()}),
+            Kind::RawOffset => {
+                json!({"driver": "raw", "offset": RAW_OFFSET, "size": SIZE, "file": file})
+            }
+            Kind::Qcow2 | Kind::Qcow2Backing => json!({"driver": "qcow2", "file": file}),
+            Kind::Null => json!({"driver": "null-co", "size": SIZE, "read-zeroes": true}),
+        };
+        let obj = v.as_object_mut().expect("object");
+        obj.insert("node-name".into(), json!("top"));
+        obj.insert("read-only".into(), json!(read_only));
+        obj.insert("discard".into(), json!("unmap"));
+        v
+    }
+
+    async fn open(&self, read_only: bool) -> Stack {
+        let graph = NodeGraph::new();
+        let node = open::blockdev_add(&graph, self.options(read_only))
+            .await
+            .unwrap_or_else(|e| panic!("opening {:?}: {e}", self.kind));
+        Stack { graph, node }
+    }
+}
+
+struct Stack {
+    graph: NodeGraph,
+    node: Arc<Node>,
+}
+
+impl Stack {
+    /// Flushes and closes every node (releasing the image locks).
+    async fn close(self) {
+        drop(self.node);
+        for node in self.graph.drain() {
+            node.driver().close().await.expect("close");
+        }
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[tokio::test]
+async fn reads_what_qemu_io_wrote() {
+    if !have_tools() {
+        return;
+    }
+    for kind in IMAGE_KINDS {
+        let images = Images::create(kind);
+        images.qemu_io(&["write -P 0xab 0 64k", "write -P 0xcd 3M 4k"]);
+        let stack = images.open(true).await;
+        let mut buf = vec![0u8; 64 * 1024];
+        stack.node.read(0, &mut buf).await.expect("read");
+        assert!(buf.iter().all(|&b| b == 0xab), "{kind:?}: data at 0");
+        let mut buf = vec![1u8; 8192];
+        stack
+            .node
+            .read(3 * MIB - 4096, &mut buf)
+            .await
+            .expect("read");
+        assert!(
+            buf[..4096].iter().all(|&b| b == 0),
+            "{kind:?}: zeroes before"
+        );
+        assert!(
+            buf[4096..].iter().all(|&b| b == 0xcd),
+            "{kind:?}: data at 3M"
+        );
+        if kind == Kind::Qcow2Backing {
+            let mut buf = vec![0u8; 4096];
+            stack.node.read(MIB + 512, &mut buf).await.expect("read");
+            assert!(buf.iter().all(|&b| b == 0x11), "backing data shows through");
+        }
+        stack.close().await;
+    }
+}
+
+#[tokio::test]
+async fn qemu_reads_what_we_wrote() {
+    if !have_tools() {
+        return;
+    }
+    for kind in IMAGE_KINDS {
+        let images = Images::create(kind);
+        let stack = images.open(false).await;
+        let node = &stack.node;
+        node.write(0, &[0xab; 65536], WriteFlags::default())
+            .await
+            .expect("write");
+        // Unaligned, crossing a cluster boundary.
+        let odd = pattern(70_000, 7);
+        node.write(2 * MIB - 1000, &odd, WriteFlags { fua: true })
+            .await
+            .expect("write unaligned");
+        node.write(SIZE - 512, &[0x5a; 512], WriteFlags::default())
+            .await
+            .expect("write last sector");
+        node.flush().await.expect("flush");
+        stack.close().await;
+
+        images.qemu_io(&[
+            "read -P 0xab 0 64k",
+            "read -P 0x5a 4193792 512",
+            "read -P 0 64k 64k",
+        ]);
+        // The whole content, compared with `qemu-img compare` against a raw reference.
+        let mut reference = vec![0u8; SIZE as usize];
+        if kind == Kind::Qcow2Backing {
+            reference[MIB as usize..2 * MIB as usize].fill(0x11);
+        }
+        reference[..65536].fill(0xab);
+        let at = (2 * MIB - 1000) as usize;
+        reference[at..at + odd.len()].copy_from_slice(&odd);
+        reference[(SIZE - 512) as usize..].fill(0x5a);
+        let reference_path = images.path("reference.raw");
+        std::fs::write(&reference_path, &reference).expect("write reference");
+        let opts = images.image_opts();
+        let out = Command::new("qemu-img")
+            .args(["compare", "--image-opts", &opts])
+            .arg(format!(
+                "driver=raw,file.driver=file,file.filename={reference_path}"
+            ))
+            .output()
+            .expect("qemu-img compare");
+        assert!(
+            out.status.success(),
+            "{kind:?}: qemu-img compare: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        if matches!(kind, Kind::Qcow2 | Kind::Qcow2Backing) {
+            run("qemu-img", &["check", "-q", &images.top()]);
+        }
+        if kind == Kind::RawOffset {
+            // Nothing leaked outside the window.
+            let all = std::fs::read(images.top()).expect("read image");
+            assert!(all[..RAW_OFFSET as usize].iter().all(|&b| b == 0xee));
+            assert!(all[(RAW_OFFSET + SIZE) as usize..]
+                .iter()
+                .all(|&b| b == 0xee));
+        }
+    }
+}
+
+#[tokio::test]
+async fn zeroes_and_discard_read_back_as_zeroes() {
+    if !have_tools() {
+        return;
+    }
+    for kind in IMAGE_KINDS {
+        let images = Images::create(kind);
+        let stack = images.open(false).await;
+        let node = &stack.node;
+        node.write(0, &vec![0xff; 2 * MIB as usize], WriteFlags::default())
+            .await
+            .expect("fill");
+        node.write_zeroes(65536, 131072, ZeroFlags::default())
+            .await
+            .expect("write zeroes");
+        let unmap = ZeroFlags {
+            may_unmap: true,
+            ..ZeroFlags::default()
+        };
+        node.write_zeroes(300_000, 100_000, unmap)
+            .await
+            .expect("write zeroes, may unmap");
+        node.discard(MIB, 131072).await.expect("discard");
+        let mut buf = vec![1u8; 2 * MIB as usize];
+        node.read(0, &mut buf).await.expect("read");
+        let zero_ranges = [
+            (65536, 196608),
+            (300_000, 400_000),
+            (MIB as usize, MIB as usize + 131072),
+        ];
+        for (start, end) in zero_ranges {
+            assert!(
+                buf[start..end].iter().all(|&b| b == 0),
+                "{kind:?}: {start}..{end} is not zero"
+            );
+        }
+        assert!(
+            buf[..65536].iter().all(|&b| b == 0xff),
+            "{kind:?}: head kept"
+        );
+        assert!(
+            buf[196608..300_000].iter().all(|&b| b == 0xff),
+            "{kind:?}: middle kept"
+        );
+        stack.close().await;
+        if matches!(kind, Kind::Qcow2 | Kind::Qcow2Backing) {
+            run("qemu-img", &["check", "-q", &images.top()]);
+        }
+        images.qemu_io(&["read -P 0 1M 128k", "read -P 0xff 0 64k"]);
+    }
+}
+
+/// Extents as `(start, len, data, zero, depth)`, adjacent equal ones merged.
+fn merge(extents: Vec<(u64, u64, bool, bool, u32)>) -> Vec<(u64, u64, bool, bool, u32)> {
+    let mut out: Vec<(u64, u64, bool, bool, u32)> = Vec::new();
+    for e in extents {
+        match out.last_mut() {
+            Some(last)
+                if last.2 == e.2 && last.3 == e.3 && last.4 == e.4 && last.0 + last.1 == e.0 =>
+            {
+                last.1 += e.1
+            }
+            _ => out.push(e),
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn block_status_matches_qemu_img_map() {
+    if !have_tools() {
+        return;
+    }
+    for kind in IMAGE_KINDS {
+        let images = Images::create(kind);
+        let mut commands = vec!["write -P 0xab 0 64k", "write -P 1 3M 4k"];
+        if matches!(kind, Kind::Qcow2 | Kind::Qcow2Backing) {
+            commands.push("write -z 512k 64k");
+        }
+        images.qemu_io(&commands);
+        let opts = images.image_opts();
+        let out = run("qemu-img", &["map", "--output=json", "--image-opts", &opts]);
+        let map: Value = serde_json::from_slice(&out.stdout).expect("qemu-img map JSON");
+        let expected = merge(
+            map.as_array()
+                .expect("array")
+                .iter()
+                .map(|e| {
+                    let present = e["present"].as_bool().expect("present");
+                    let depth = e["depth"].as_u64().expect("depth") as u32;
+                    (
+                        e["start"].as_u64().expect("start"),
+                        e["length"].as_u64().expect("length"),
+                        e["data"].as_bool().expect("data"),
+                        e["zero"].as_bool().expect("zero"),
+                        if present { depth + 1 } else { 0 },
+                    )
+                })
+                .collect(),
+        );
+
+        let stack = images.open(true).await;
+        let mut ours = Vec::new();
+        let mut offset = 0;
+        while offset < SIZE {
+            let Extent {
+                len,
+                data,
+                zero,
+                depth,
+            } = stack
+                .node
+                .block_status(offset, SIZE - offset)
+                .await
+                .expect("block status");
+            assert!(len > 0 && len <= SIZE - offset);
+            ours.push((offset, len, data, zero, depth));
+            offset += len;
+        }
+        assert_eq!(merge(ours), expected, "{kind:?}");
+        stack.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_requests_in_flight_from_many_tasks() {
+    if !have_tools() {
+        return;
+    }
+    for kind in ALL_KINDS {
+        let images = Images::create(kind);
+        let stack = images.open(false).await;
+        const TASKS: u64 = 16;
+        const PER_TASK: u64 = 32;
+        const CHUNK: u64 = 4096 + 512;
+        let mut handles = Vec::new();
+        for t in 0..TASKS {
+            let node = Arc::clone(&stack.node);
+            handles.push(tokio::spawn(async move {
+                for i in 0..PER_TASK {
+                    let offset = (i * TASKS + t) * CHUNK;
+                    let data = pattern(CHUNK as usize, (t * 7 + i) as u8);
+                    node.write(offset, &data, WriteFlags::default())
+                        .await
+                        .expect("concurrent write");
+                }
+            }));
+        }
+        for h in handles {
+            h.await.expect("writer task");
+        }
+        if kind != Kind::Null {
+            let mut handles = Vec::new();
+            for t in 0..TASKS {
+                let node = Arc::clone(&stack.node);
+                handles.push(tokio::spawn(async move {
+                    for i in 0..PER_TASK {
+                        let offset = (i * TASKS + t) * CHUNK;
+                        let mut buf = vec![0u8; CHUNK as usize];
+                        node.read(offset, &mut buf).await.expect("concurrent read");
+                        assert_eq!(
+                            buf,
+                            pattern(CHUNK as usize, (t * 7 + i) as u8),
+                            "at {offset}"
+                        );
+                    }
+                }));
+            }
+            for h in handles {
+                h.await.expect("reader task");
+            }
+        }
+        stack.close().await;
+        if matches!(kind, Kind::Qcow2 | Kind::Qcow2Backing) {
+            run("qemu-img", &["check", "-q", &images.top()]);
+        }
+    }
+}
+
+fn errno(r: Result<(), BlockError>) -> i32 {
+    r.expect_err("request should fail").errno()
+}
+
+#[tokio::test]
+async fn out_of_range_is_einval_and_read_only_is_eperm() {
+    if !have_tools() {
+        return;
+    }
+    for kind in ALL_KINDS {
+        let images = Images::create(kind);
+        let stack = images.open(false).await;
+        let node = &stack.node;
+        let mut buf = vec![0u8; 1024];
+        assert_eq!(errno(node.read(SIZE - 512, &mut buf).await), libc::EINVAL);
+        assert_eq!(
+            errno(node.write(SIZE, &buf, WriteFlags::default()).await),
+            libc::EINVAL
+        );
+        assert_eq!(
+            errno(
+                node.write_zeroes(u64::MAX - 1, 4096, ZeroFlags::default())
+                    .await
+            ),
+            libc::EINVAL
+        );
+        assert_eq!(errno(node.discard(SIZE - 1, 2).await), libc::EINVAL);
+        stack.close().await;
+
+        let stack = images.open(true).await;
+        let node = &stack.node;
+        assert!(node.read_only());
+        assert_eq!(
+            errno(node.write(0, &buf, WriteFlags::default()).await),
+            libc::EPERM
+        );
+        assert_eq!(
+            errno(node.write_zeroes(0, 4096, ZeroFlags::default()).await),
+            libc::EPERM
+        );
+        assert_eq!(errno(node.discard(0, 4096).await), libc::EPERM);
+        node.read(0, &mut buf).await.expect("reads still work");
+        assert!(
+            node.attach("export 'e'", true).is_err(),
+            "{kind:?}: writable user refused"
+        );
+        stack.close().await;
+    }
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout)
+}
+
+/// Starts a daemonized qemu-storage-daemon holding `image` writable through an NBD export;
+/// returns its pid once it is fully set up (the daemonizing parent exits only then).
+fn start_qsd(dir: &Path, image: &str) -> Result<i32, String> {
+    let pidfile = dir.join("qsd.pid");
+    let sock = dir.join("qsd.sock");
+    let out = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!("driver=file,node-name=f,filename={image}"))
+        .arg("--nbd-server")
+        .arg(format!("addr.type=unix,addr.path={}", sock.display()))
+        .args(["--export", "type=nbd,id=e,node-name=f,writable=on"])
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .arg("--daemonize")
+        .output()
+        .expect("run qemu-storage-daemon");
+    if !out.status.success() {
+        return Err(stderr_of(&out));
+    }
+    let pid = std::fs::read_to_string(&pidfile).expect("pidfile");
+    Ok(pid.trim().parse().expect("pid"))
+}
+
+struct Qsd(i32);
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) of the daemon this test started.
+        unsafe { libc::kill(self.0, libc::SIGTERM) };
+    }
+}
+
+#[tokio::test]
+async fn locking_against_qemu() {
+    if !have_tools() {
+        return;
+    }
+    for kind in [Kind::File, Kind::Qcow2] {
+        let images = Images::create(kind);
+        let stack = images.open(false).await;
+
+        // qemu-io cannot write an image we hold writable.
+        let out = Command::new("qemu-io")
+            .args(["-f", if kind == Kind::File { "raw" } else { "qcow2" }])
+            .args(["-c", "write 0 4k", &images.top()])
+            .output()
+            .expect("qemu-io");
+        let text = stderr_of(&out);
+        assert!(
+            !out.status.success() && text.contains("Failed to get \"write\" lock"),
+            "{kind:?}: qemu-io was not refused: {text}"
+        );
+        // Neither can qemu-storage-daemon.
+        match start_qsd(images.dir.path(), &images.top()) {
+            Ok(pid) => {
+                drop(Qsd(pid));
+                panic!("{kind:?}: qemu-storage-daemon opened an image we hold");
+            }
+            Err(text) => assert!(text.contains("Failed to get \"write\" lock"), "{text}"),
+        }
+        // A read-only, force-share reader is fine (qemu-img info -U).
+        run("qemu-img", &["info", "-U", &images.top()]);
+        stack.close().await;
+
+        // The other way round: a running QSD holds the image writable.
+        let qsd = Qsd(start_qsd(images.dir.path(), &images.top()).expect("start qsd"));
+        let graph = NodeGraph::new();
+        let err = open::blockdev_add(&graph, images.options(false))
+            .await
+            .expect_err("open while QSD holds the image");
+        assert!(
+            err.to_string()
+                .contains("Failed to get shared \"write\" lock"),
+            "{kind:?}: {err}"
+        );
+        assert!(graph.all().is_empty());
+        // Read-only with force-share works.
+        let mut ro = images.options(true);
+        ro["force-share"] = json!(true);
+        if let Some(file) = ro.get_mut("file") {
+            file["force-share"] = json!(true);
+            file["read-only"] = json!(true);
+        }
+        let node = open::blockdev_add(&graph, ro)
+            .await
+            .expect("force-share reader");
+        drop(node);
+        for n in graph.drain() {
+            n.driver().close().await.expect("close");
+        }
+        drop(qsd);
+    }
+}
+
+#[tokio::test]
+async fn node_info_has_the_shape_of_qsd() {
+    if !have_tools() {
+        return;
+    }
+    let images = Images::create(Kind::Qcow2Backing);
+    let stack = images.open(false).await;
+    let info = open::node_info(&stack.node, false);
+    assert_eq!(info["drv"], "qcow2");
+    assert_eq!(info["node-name"], "top");
+    assert_eq!(info["backing_file_depth"], 1);
+    assert_eq!(info["image"]["virtual-size"], SIZE);
+    assert_eq!(info["image"]["cluster-size"], 65536);
+    assert_eq!(info["image"]["backing-filename"], "base.qcow2");
+    assert_eq!(info["image"]["backing-filename-format"], "qcow2");
+    assert_eq!(
+        info["image"]["full-backing-filename"],
+        images.path("base.qcow2")
+    );
+    assert_eq!(info["image"]["backing-image"]["format"], "qcow2");
+    assert_eq!(info["backing_file"], images.path("base.qcow2"));
+    let flat = open::node_info(&stack.node, true);
+    assert!(flat["image"].get("backing-image").is_none());
+    assert_eq!(flat["backing_file_depth"], 0);
+    // The implicitly opened backing chain is read-only and named by the graph.
+    let names: Vec<String> = stack
+        .graph
+        .all()
+        .iter()
+        .map(|n| n.name().to_string())
+        .collect();
+    assert_eq!(names.len(), 4, "{names:?}");
+    for n in stack.graph.all() {
+        if n.name() != "top" && n.name() != stack.node.children()[0].1.name() {
+            assert!(n.read_only(), "{} should be read-only", n.name());
+        }
+    }
+    stack.close().await;
+}
