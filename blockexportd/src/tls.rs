@@ -446,7 +446,9 @@ impl TlsCredsX509 {
             let ca_crl = creds_path(dir, files::CA_CRL, false)?;
             let cert = creds_path(dir, files::SERVER_CERT, true)?;
             let key = creds_path(dir, files::SERVER_KEY, true)?;
-            creds_path(dir, files::DH_PARAMS, false)?;
+            if let Some(dh) = creds_path(dir, files::DH_PARAMS, false)? {
+                tracing::debug!(id = %options.id, file = %dh.display(), "ignored: rustls only uses ECDHE");
+            }
             Paths {
                 ca_cert: ca_cert.unwrap_or_default(),
                 ca_crl,
@@ -471,6 +473,9 @@ impl TlsCredsX509 {
                     .clone()
                     .unwrap_or_else(|| dir.join(files::SERVER_KEY)),
             });
+        }
+        if let Some(priority) = &options.priority {
+            tracing::debug!(id = %options.id, %priority, "TLS priority ignored: rustls uses its safe defaults");
         }
         if !options.verify_peer && !server {
             tracing::warn!(
@@ -1107,13 +1112,11 @@ pub mod props {
 /// The subject DN of a certificate as GnuTLS's `gnutls_x509_crt_get_dn` formats it.
 pub mod dn {
     use thiserror::Error;
-    use x509_parser::certificate::X509Certificate;
-    use x509_parser::prelude::FromDer;
 
     /// Why a DN cannot be formatted.
     #[derive(Debug, Error, Clone, PartialEq, Eq)]
     pub enum DnError {
-        /// The certificate is not valid X.509.
+        /// The certificate is not valid DER X.509.
         #[error("Cannot import certificate: {0}")]
         Certificate(String),
         /// The subject is not valid DER.
@@ -1463,12 +1466,34 @@ pub mod dn {
     /// e.g. `C=GB,O=Example,CN=client` (the reverse of the `Subject:` line of `certtool -i`).
     /// Values are escaped as RFC 4514 says (`,+"\<>;` always, `#` and space at the start,
     /// space at the end); unknown attributes print as `1.2.3.4=#<hex of the DER value>`.
-    /// Bytes that are not UTF-8 (possible in a TeletexString-free but malformed UTF8String)
-    /// become U+FFFD.
+    /// Bytes that are not UTF-8 (in a malformed UTF8String, say) become U+FFFD.
     pub fn distinguished_name(cert_der: &[u8]) -> Result<String, DnError> {
-        let (_, cert) =
-            X509Certificate::from_der(cert_der).map_err(|e| DnError::Certificate(e.to_string()))?;
-        format_name(cert.subject().as_raw())
+        format_name(subject(cert_der)?)
+    }
+
+    /// The DER of a certificate's subject `Name`:
+    /// `Certificate ::= SEQUENCE { tbsCertificate TBSCertificate, ... }`,
+    /// `TBSCertificate ::= SEQUENCE { version [0] EXPLICIT OPTIONAL, serialNumber,
+    /// signature, issuer, validity, subject, ... }`.
+    fn subject(cert_der: &[u8]) -> Result<&[u8], DnError> {
+        let bad = |what: &str| DnError::Certificate(format!("malformed {what}"));
+        let (cert, rest) = read_tlv(cert_der).map_err(|_| bad("certificate"))?;
+        if cert.tag != 0x30 || !rest.is_empty() {
+            return Err(bad("certificate"));
+        }
+        let (tbs, _) = read_tlv(cert.content).map_err(|_| bad("tbsCertificate"))?;
+        if tbs.tag != 0x30 {
+            return Err(bad("tbsCertificate"));
+        }
+        let mut fields = children(tbs.content).map_err(|_| bad("tbsCertificate"))?;
+        if fields.first().is_some_and(|f| f.tag == 0xa0) {
+            fields.remove(0);
+        }
+        // serialNumber, signature, issuer, validity, subject.
+        match fields.get(4) {
+            Some(name) if name.tag == 0x30 => Ok(name.whole),
+            _ => Err(bad("subject")),
+        }
     }
 }
 
@@ -1980,6 +2005,35 @@ pub(crate) mod tests {
             distinguished_name(b"not a cert"),
             Err(DnError::Certificate(_))
         ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn dn_never_panics_on_any_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let _ = dn::format_name(&bytes);
+            let _ = distinguished_name(&bytes);
+        }
+
+        /// Escaping is lossless: undoing the escapes gives the value back.
+        #[test]
+        fn dn_escaping_round_trips(value in "[ -~]{1,60}") {
+            let der = name(&[&[(CN, &[&[0x0c, value.len() as u8], value.as_bytes()].concat())]]);
+            let dn = dn::format_name(&der).unwrap();
+            let escaped = dn.strip_prefix("CN=").unwrap();
+            let mut unescaped = String::new();
+            let mut chars = escaped.chars();
+            while let Some(c) = chars.next() {
+                if c == '\\' {
+                    let n = chars.next().unwrap();
+                    proptest::prop_assert!(",+\"\\<>;# ".contains(n), "needless escape of {n:?} in {dn}");
+                    unescaped.push(n);
+                } else {
+                    proptest::prop_assert!(!",+\"\\<>;".contains(c), "unescaped {c:?} in {dn}");
+                    unescaped.push(c);
+                }
+            }
+            proptest::prop_assert_eq!(unescaped, value);
+        }
     }
 
     // ----- creation errors -----
@@ -2674,6 +2728,109 @@ mod nbd_client_tests {
         assert_eq!(
             against(&server, &sock, nbdinfo),
             Ok(Some(CLIENT_DN.to_string()))
+        );
+    }
+}
+
+/// The reference: which DN qemu-storage-daemon itself admits and logs, for the same
+/// certificates, compared with [`distinguished_name`].
+#[cfg(test)]
+mod qsd_tests {
+    use super::tests::{have_tool, make_pki, openssl_issue, KeyKind, CLIENT_DN};
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    #[test]
+    fn qemu_storage_daemon_admits_and_logs_the_same_dn() {
+        for tool in ["certtool", "openssl", "qemu-storage-daemon", "qemu-img"] {
+            if !have_tool(tool) {
+                return;
+            }
+        }
+        let pki = make_pki(KeyKind::RsaPkcs1);
+        // A second client with every kind of escape, multi-valued RDNs and a non-ASCII value.
+        let special = pki.tmp.sub("special");
+        std::fs::copy(&pki.ca.cert, special.join(files::CA_CERT)).unwrap();
+        tests::gen_key(&special.join(files::CLIENT_KEY), KeyKind::EcSec1);
+        openssl_issue(
+            &pki.ca,
+            &special.join(files::CLIENT_KEY),
+            "/C=GB/title=Dr/O=\u{dc}n\u{ef}code Ltd/OU=\\ lead<>;trail\\ /emailAddress=a@b.c/DC=org/UID=u1+CN=multi/CN=#hash, \"q\" \\\\ x",
+            true,
+            &special.join(files::CLIENT_CERT),
+        );
+        let special_dn = distinguished_name(
+            &CertificateDer::from_pem_file(special.join(files::CLIENT_CERT)).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            special_dn,
+            "C=GB,title=Dr,O=\u{dc}n\u{ef}code Ltd,OU=\\ lead\\<\\>\\;trail\\ ,EMAIL=a@b.c,DC=org,CN=multi+UID=u1,CN=\\#hash\\, \\\"q\\\" \\\\ x"
+        );
+
+        // QSD admits exactly the special DN (keyval doubles commas) and denies the other.
+        let sock = pki.tmp.path().join("nbd.sock");
+        let mut qsd = Command::new("qemu-storage-daemon")
+            .args(["--blockdev", "driver=null-co,node-name=n0,size=1048576"])
+            .arg("--object")
+            .arg(format!(
+                "tls-creds-x509,id=tls0,endpoint=server,dir={}",
+                pki.server_dir.display()
+            ))
+            .arg("--object")
+            .arg(format!(
+                "authz-list,id=authz0,rules.0.match={},rules.0.policy=allow",
+                special_dn.replace(',', ",,")
+            ))
+            .arg("--nbd-server")
+            .arg(format!(
+                "addr.type=unix,addr.path={},tls-creds=tls0,tls-authz=authz0",
+                sock.display()
+            ))
+            .args(["--export", "nbd,id=e,node-name=n0,name=disk"])
+            .args(["--chardev", "stdio,id=m", "--monitor", "m"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The QMP greeting comes once every option is set up: the socket listens.
+        let mut greeting = String::new();
+        BufReader::new(qsd.stdout.take().unwrap())
+            .read_line(&mut greeting)
+            .unwrap();
+        let info = |dir: &Path| {
+            Command::new("qemu-img")
+                .arg("info")
+                .arg("--object")
+                .arg(format!("tls-creds-x509,id=tls0,endpoint=client,dir={}", dir.display()))
+                .arg("--image-opts")
+                .arg(format!(
+                    "driver=nbd,server.type=unix,server.path={},export=disk,tls-creds=tls0,tls-hostname=localhost",
+                    sock.display()
+                ))
+                .output()
+                .unwrap()
+        };
+        let admitted = info(&special);
+        let denied = info(&pki.client_dir);
+        let _ = qsd.kill();
+        let out = qsd.wait_with_output().unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            greeting.contains("QMP"),
+            "qemu-storage-daemon did not start: {log}"
+        );
+        assert!(
+            admitted.status.success(),
+            "QSD refused {special_dn}: {}\n{log}",
+            String::from_utf8_lossy(&admitted.stderr)
+        );
+        assert!(!denied.status.success());
+        assert!(
+            log.contains(&format!("TLS x509 authz check for {CLIENT_DN} is denied")),
+            "{log}"
         );
     }
 }
