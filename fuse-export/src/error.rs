@@ -57,6 +57,10 @@ pub enum FuseError {
         #[source]
         source: BlockError,
     },
+    /// The blocking task that closes the export (waits for requests, flushes) did not finish:
+    /// the runtime shut down under it.
+    #[error("The task closing the FUSE export did not finish")]
+    CloseTask(#[source] tokio::task::JoinError),
     /// The tokio runtime given to the export has shut down, so the final flush could not run.
     #[error("The runtime of the FUSE export has shut down before the node was flushed")]
     RuntimeGone,

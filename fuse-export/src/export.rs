@@ -122,20 +122,66 @@ impl FuseExport {
     /// attachment released; I/O on a descriptor still open fails with `ENOTCONN` from then on,
     /// as with QSD.
     ///
-    /// Blocks while requests finish and the node flushes. Call it from outside the runtime
-    /// given to [`mount`](Self::mount) if that runtime is a current-thread one.
+    /// Blocks while requests finish and the node flushes (on a multi-threaded runtime's
+    /// worker it uses `block_in_place`). Called from within a current-thread runtime, it cannot
+    /// wait without deadlocking that runtime: it then detaches at once and finishes the flush
+    /// on a helper thread, logging a failure; use [`unmount_async`](Self::unmount_async) there.
     pub fn unmount(mut self) -> Result<(), FuseError> {
         self.shutdown()
     }
 
-    fn shutdown(&mut self) -> Result<(), FuseError> {
-        if self.done {
+    /// Unmounts the export as [`unmount`](Self::unmount) does, waiting for the final flush
+    /// without blocking the runtime (whatever its flavor).
+    pub async fn unmount_async(mut self) -> Result<(), FuseError> {
+        let Some(detached) = self.detach() else {
             return Ok(());
+        };
+        let shared = Arc::clone(&self.shared);
+        let closed = tokio::task::spawn_blocking(move || {
+            shared.close();
+            shared.take_close_error()
+        })
+        .await;
+        let closed = match closed {
+            Ok(None) => Ok(()),
+            Ok(Some(err)) => Err(err),
+            Err(join) => Err(FuseError::CloseTask(join)),
+        };
+        detached.and(closed)
+    }
+
+    /// Detaches the mount and frees the mountpoint; `None` when that was done already.
+    fn detach(&mut self) -> Option<Result<(), FuseError>> {
+        if self.done {
+            return None;
         }
         self.done = true;
         let detached = sys::detach(&self.mountpoint, self.kind);
         // The path may be exported again right away: a new mount stacks on the file below.
         drop(self.reservation.take());
+        Some(detached)
+    }
+
+    fn shutdown(&mut self) -> Result<(), FuseError> {
+        let Some(detached) = self.detach() else {
+            return Ok(());
+        };
+        if on_current_thread_runtime() {
+            let shared = Arc::clone(&self.shared);
+            let mountpoint = self.mountpoint.clone();
+            let spawned = std::thread::Builder::new()
+                .name("fuse-export-close".into())
+                .spawn(move || {
+                    shared.close();
+                    if let Some(err) = shared.take_close_error() {
+                        tracing::error!(error = %err, mountpoint = %mountpoint.display(), "closing FUSE export");
+                    }
+                });
+            if let Err(err) = spawned {
+                tracing::error!(error = %err, "cannot start the thread that flushes the FUSE export");
+            }
+            return detached;
+        }
         self.shared.close();
         let closed = match self.shared.take_close_error() {
             Some(err) => Err(err),
@@ -143,6 +189,14 @@ impl FuseExport {
         };
         detached.and(closed)
     }
+}
+
+/// Whether the calling thread runs inside a current-thread tokio runtime, where blocking
+/// until the export's tasks finish could wait forever.
+fn on_current_thread_runtime() -> bool {
+    Handle::try_current()
+        .map(|handle| handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
+        .unwrap_or(false)
 }
 
 impl Drop for FuseExport {

@@ -680,3 +680,78 @@ fn unprivileged_export_through_fusermount3() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A current-thread runtime, driven by its own thread until `stop` is sent.
+fn current_thread_runtime() -> (
+    tokio::runtime::Handle,
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let handle = rt.handle().clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        rt.block_on(async move {
+            let _ = stopped.await;
+        })
+    });
+    (handle, stop, thread)
+}
+
+#[test]
+fn unmount_on_a_current_thread_runtime() {
+    if !fuse_usable() {
+        return;
+    }
+    let (handle, stop, thread) = current_thread_runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let driver = MemDriver::new(MIB);
+    let node = block_core::Node::new("mem0", driver.clone(), vec![]);
+    let mount = |name: &str| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, b"").unwrap();
+        let mut cfg = FuseExportConfig::new(&file);
+        cfg.writable = true;
+        let export =
+            FuseExport::mount(cfg, node.attach("export", true).unwrap(), handle.clone()).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .write_all_at(name.as_bytes(), 0)
+            .unwrap();
+        (file, export)
+    };
+
+    // unmount_async, awaited on the export's own (current-thread) runtime, flushes and returns.
+    let (file, export) = mount("a.raw");
+    let flushes = driver.flush_count();
+    let (tx, rx) = std::sync::mpsc::channel();
+    handle.spawn(async move {
+        let _ = tx.send(export.unmount_async().await);
+    });
+    rx.recv().unwrap().unwrap();
+    assert!(driver.flush_count() > flushes);
+    assert!(!is_mounted(&file));
+    assert!(node.users().is_empty());
+
+    // Dropped (or unmounted synchronously) on that runtime's thread, it does not deadlock: the
+    // flush completes on a helper thread.
+    let (file, export) = mount("b.raw");
+    let flushes = driver.flush_count();
+    let (tx, rx) = std::sync::mpsc::channel();
+    handle.spawn(async move {
+        drop(export);
+        let _ = tx.send(());
+    });
+    rx.recv().unwrap();
+    assert!(!is_mounted(&file));
+    driver.wait_for_flushes(flushes + 1);
+    assert_eq!(&driver.contents()[..5], b"b.raw");
+
+    stop.send(()).unwrap();
+    thread.join().unwrap();
+}

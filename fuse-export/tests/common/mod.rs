@@ -50,6 +50,7 @@ pub struct MemDriver {
     image: Mutex<Image>,
     read_only: bool,
     pub flushes: AtomicU64,
+    flushed: (Mutex<()>, std::sync::Condvar),
     /// Writes that came with FUA.
     pub fua_writes: AtomicU64,
     /// The largest write request seen.
@@ -77,6 +78,7 @@ impl MemDriver {
             image: Mutex::new(image),
             read_only,
             flushes: AtomicU64::new(0),
+            flushed: (Mutex::new(()), std::sync::Condvar::new()),
             fua_writes: AtomicU64::new(0),
             max_write: AtomicU64::new(0),
             slow_zeroes: std::sync::atomic::AtomicBool::new(false),
@@ -105,6 +107,14 @@ impl MemDriver {
     /// From now on every read waits until `n` reads are in the driver at once.
     pub fn set_read_barrier(&self, n: usize) {
         *self.read_barrier.lock().unwrap() = Some(Arc::new(tokio::sync::Barrier::new(n)));
+    }
+
+    /// Waits until the node has been flushed `n` times in all.
+    pub fn wait_for_flushes(&self, n: u64) {
+        let mut guard = self.flushed.0.lock().unwrap();
+        while self.flushes.load(Ordering::SeqCst) < n {
+            guard = self.flushed.1.wait(guard).unwrap();
+        }
     }
 
     pub fn flush_count(&self) -> u64 {
@@ -148,7 +158,9 @@ impl BlockDriver for MemDriver {
     }
 
     async fn flush(&self) -> block_core::Result<()> {
+        let _guard = self.flushed.0.lock().unwrap();
         self.flushes.fetch_add(1, Ordering::SeqCst);
+        self.flushed.1.notify_all();
         Ok(())
     }
 
