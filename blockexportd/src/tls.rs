@@ -484,6 +484,21 @@ impl TlsCredsX509 {
             );
         }
 
+        // The own certificate and key, if both exist (always on a server). As in QEMU, the
+        // certificate is read before the CA list.
+        let own = match (&paths.cert, &paths.key) {
+            (Some(cert_path), Some(key_path)) => {
+                let cert_pem = read_file(cert_path)?;
+                let chain = parse_certs(&cert_pem).map_err(|source| TlsError::CertImport {
+                    server,
+                    path: cert_path.clone(),
+                    source,
+                })?;
+                Some((cert_path.clone(), key_path.clone(), chain))
+            }
+            _ => None,
+        };
+
         let provider = provider();
         let ca_pem = read_file(&paths.ca_cert)?;
         let ca_certs = parse_certs(&ca_pem).map_err(|e| TlsError::CaList {
@@ -498,20 +513,6 @@ impl TlsCredsX509 {
             })?;
         }
         let roots = Arc::new(roots);
-
-        // The own certificate and key, if both exist (always on a server).
-        let own = match (&paths.cert, &paths.key) {
-            (Some(cert_path), Some(key_path)) => {
-                let cert_pem = read_file(cert_path)?;
-                let chain = parse_certs(&cert_pem).map_err(|source| TlsError::CertImport {
-                    server,
-                    path: cert_path.clone(),
-                    source,
-                })?;
-                Some((cert_path.clone(), key_path.clone(), chain))
-            }
-            _ => None,
-        };
 
         if options.sanity_check {
             sanity::check(
@@ -661,9 +662,12 @@ fn client_verifier(
         }
         builder = builder.with_crls(crls);
     }
-    builder.build().map_err(|e| TlsError::Crl {
-        path: crl.map(Path::to_path_buf).unwrap_or_default(),
-        source: e.into(),
+    builder.build().map_err(|e| match crl {
+        Some(path) => TlsError::Crl {
+            path: path.to_path_buf(),
+            source: e.into(),
+        },
+        None => TlsError::Config(rustls::Error::General(e.to_string())),
     })
 }
 
@@ -2132,13 +2136,19 @@ pub(crate) mod tests {
             format!("Unable to access credentials {d}/server-key.pem: No such file or directory")
         );
         std::fs::write(tmp.path().join(files::SERVER_KEY), "garbage\n").unwrap();
-        // All there, the CA file holds no certificate (QEMU's message, then the cause).
+        // All there, all garbage: the own certificate is read first (QEMU's message, then
+        // the cause).
         assert!(e(tmp.path(), "server").starts_with(&format!(
-            "Unable to import CA certificate list {d}/ca-cert.pem"
+            "Unable to import server certificate {d}/server-cert.pem: "
         )));
-        // A client needs only the CA certificate to get that far.
+        // A client's certificate is optional, and then the CA list is the first read.
         assert!(e(tmp.path(), "client").starts_with(&format!(
             "Unable to import CA certificate list {d}/ca-cert.pem"
+        )));
+        std::fs::write(tmp.path().join(files::CLIENT_CERT), "garbage\n").unwrap();
+        std::fs::write(tmp.path().join(files::CLIENT_KEY), "garbage\n").unwrap();
+        assert!(e(tmp.path(), "client").starts_with(&format!(
+            "Unable to import client certificate {d}/client-cert.pem: "
         )));
     }
 
