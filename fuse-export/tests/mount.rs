@@ -179,6 +179,16 @@ fn fallocate_punches_and_zeroes() {
     assert!(fx.driver.is_allocated(196_608));
     assert_eq!(data[196_608..], pattern(MIB as usize, 3)[196_608..]);
 
+    // Plain fallocate (mode 0) allocates the hole again, still reading zeroes.
+    run(Command::new("fallocate")
+        .args(["-o", "131072", "-l", "4096"])
+        .arg(&mp));
+    assert!(fx.driver.is_allocated(131_072) && !fx.driver.is_allocated(135_168));
+    assert!(fx.driver.contents()[131_072..135_168]
+        .iter()
+        .all(|&b| b == 0));
+    assert_eq!(fx.node.size(), MIB);
+
     // Zero 10000 bytes at 300000: zeroes, still allocated.
     run(Command::new("fallocate")
         .args(["-z", "-o", "300000", "-l", "10000"])
@@ -195,11 +205,21 @@ fn fallocate_punches_and_zeroes() {
         .args(["-z", "-o", "1048576", "-l", "8192"])
         .arg(&mp));
     assert_eq!(fx.node.size(), MIB + 8192);
-    // With --keep-size it does not.
+    // Plain fallocate past the end grows and allocates.
     run(Command::new("fallocate")
-        .args(["-z", "-n", "-o", "1056768", "-l", "8192"])
+        .args(["-o", "1052672", "-l", "4096"])
         .arg(&mp));
     assert_eq!(fx.node.size(), MIB + 8192);
+    run(Command::new("fallocate")
+        .args(["-o", "1056768", "-l", "4096"])
+        .arg(&mp));
+    assert_eq!(fx.node.size(), MIB + 12288);
+    assert!(fx.driver.is_allocated(1_056_768));
+    // With --keep-size it does not.
+    run(Command::new("fallocate")
+        .args(["-z", "-n", "-o", "1056768", "-l", "65536"])
+        .arg(&mp));
+    assert_eq!(fx.node.size(), MIB + 12288);
 
     // A node that cannot deallocate refuses to punch holes rather than write zeroes.
     fx.driver.slow_zeroes.store(true, Ordering::SeqCst);
