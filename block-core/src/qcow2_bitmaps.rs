@@ -26,6 +26,10 @@
 //!
 //! A read-only node only needs [`load`]: the image is not written at all.
 //!
+//! Every function does blocking I/O through [`ImageFile`] (implemented for [`File`]): call
+//! them from a blocking context (e.g. `tokio::task::spawn_blocking`). Conversions from and to
+//! the node's bitmaps: [`StoredBitmap::from_dirty_bitmap`], [`StoredBitmap::to_dirty_bitmap`].
+//!
 //! # Crash safety
 //!
 //! [`store_replacing`] writes the new bitmap clusters into free space, raises their refcounts (new
@@ -2102,8 +2106,12 @@ mod tests {
             assert_clean(&p);
             store(&open_rw(&p), std::slice::from_ref(&bm)).unwrap();
             assert_clean(&p);
-            let info = qemu_img(&["info", "--output=json", p.to_str().unwrap()]);
-            assert!(info.contains("base.qcow2"), "backing file kept: {info}");
+            let info: serde_json::Value =
+                serde_json::from_str(&qemu_img(&["info", "--output=json", p.to_str().unwrap()]))
+                    .unwrap();
+            assert_eq!(info["backing-filename"].as_str(), base.to_str());
+            assert_eq!(info["backing-filename-format"].as_str(), Some("qcow2"));
+            assert_eq!(info["format-specific"]["data"]["refcount-bits"], bits);
             assert_eq!(load(&File::open(&p).unwrap()).unwrap(), vec![bm]);
         }
     }
@@ -2480,6 +2488,127 @@ mod tests {
                 break;
             }
         }
+    }
+
+    #[test]
+    fn bitmaps_extension_fixtures() {
+        #[rustfmt::skip]
+        let ext = [
+            0, 0, 0, 2,             // nb_bitmaps
+            0, 0, 0, 0,             // reserved
+            0, 0, 0, 0, 0, 0, 0, 64, // bitmap_directory_size
+            0, 0, 0, 0, 0, 3, 0, 0, // bitmap_directory_offset
+        ];
+        let valid = BitmapsExt {
+            nb_bitmaps: 2,
+            directory_size: 64,
+            directory_offset: 0x30000,
+        };
+        assert_eq!(
+            parse_bitmaps_ext(&ext, AUTOCLEAR_BITMAPS, 65536).unwrap(),
+            BitmapsState::Valid(valid)
+        );
+        assert_eq!(valid.encode(), ext);
+        // Autoclear bit clear: stale, whatever it says.
+        let mut reserved = ext;
+        reserved[7] = 1;
+        assert_eq!(
+            parse_bitmaps_ext(&reserved, 0, 65536).unwrap(),
+            BitmapsState::Stale(valid)
+        );
+        assert!(parse_bitmaps_ext(&reserved, AUTOCLEAR_BITMAPS, 65536).is_err());
+        assert!(parse_bitmaps_ext(&ext[..16], AUTOCLEAR_BITMAPS, 65536).is_err());
+        let mut zero = ext;
+        zero[3] = 0;
+        assert!(parse_bitmaps_ext(&zero, AUTOCLEAR_BITMAPS, 65536).is_err());
+        // Unaligned directory, and a directory over QEMU's limit.
+        assert!(parse_bitmaps_ext(&ext, AUTOCLEAR_BITMAPS, 1 << 20).is_err());
+        let mut big = ext;
+        big[8..16].copy_from_slice(&(MAX_DIRECTORY_SIZE + 1).to_be_bytes());
+        assert!(parse_bitmaps_ext(&big, AUTOCLEAR_BITMAPS, 65536).is_err());
+    }
+
+    #[test]
+    fn header_rewrite_keeps_extensions_and_moves_the_backing_name() {
+        let mut raw = vec![0u8; 104];
+        raw[0..4].copy_from_slice(&QCOW_MAGIC.to_be_bytes());
+        let h = Header {
+            version: 3,
+            cluster_size: 512,
+            size: 1 << 20,
+            backing_file_offset: 200,
+            backing_file_size: 4,
+            refcount_table_offset: 512,
+            refcount_table_clusters: 1,
+            incompatible: 0,
+            autoclear: 0,
+            refcount_order: 4,
+            raw,
+            extensions: vec![RawExt {
+                magic: 0xe279_2aca,
+                data: b"qcow2".to_vec(),
+            }],
+            bitmaps_slot: None,
+            bitmaps: BitmapsState::Absent,
+            backing_name: Some(b"base".to_vec()),
+        };
+        let ext = BitmapsExt {
+            nb_bitmaps: 1,
+            directory_size: 32,
+            directory_offset: 4096,
+        };
+        let out = h.encode(Some(ext), AUTOCLEAR_BITMAPS).unwrap();
+        assert_eq!(out.len(), 512);
+        assert_eq!(be64(&out, 88), AUTOCLEAR_BITMAPS);
+        // 104: backing format ext (8 + 5, padded to 16); 120: bitmaps ext (8 + 24);
+        // 152: end marker; 160: backing name.
+        assert_eq!(be32(&out, 104), 0xe279_2aca);
+        assert_eq!(&out[112..117], b"qcow2");
+        assert_eq!(be32(&out, 120), EXT_BITMAPS);
+        assert_eq!(out[128..152], ext.encode());
+        assert_eq!(be64(&out, 152), 0);
+        assert_eq!(be64(&out, 8), 160);
+        assert_eq!(&out[160..164], b"base");
+        assert!(out[164..].iter().all(|&b| b == 0));
+
+        // A backing name that leaves no room for the extension.
+        let mut long = h.clone();
+        long.backing_name = Some(vec![b'x'; 380]);
+        long.backing_file_size = 380;
+        assert!(long.encode(None, 0).is_ok());
+        assert!(matches!(
+            long.encode(Some(ext), AUTOCLEAR_BITMAPS),
+            Err(BitmapError::HeaderFull { .. })
+        ));
+    }
+
+    #[test]
+    fn store_keeps_an_external_data_file() {
+        if !tools(&["qemu-img", "qemu-io"]) {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data.raw");
+        let p = create(
+            dir.path(),
+            "d.qcow2",
+            "8M",
+            &format!("data_file={}", data.display()),
+        );
+        let ps = p.to_str().unwrap();
+        run(Command::new("qemu-io").args(["-c", "write -P 0x5a 1M 64k", ps]));
+        let mut bm = StoredBitmap::new("d", 8 << 20, 65536, true);
+        bm.set_dirty(16);
+        store(&open_rw(&p), std::slice::from_ref(&bm)).unwrap();
+        assert_clean(&p);
+        let info: serde_json::Value =
+            serde_json::from_str(&qemu_img(&["info", "--output=json", ps])).unwrap();
+        assert_eq!(
+            info["format-specific"]["data"]["data-file"].as_str(),
+            data.to_str()
+        );
+        run(Command::new("qemu-io").args(["-c", "read -P 0x5a 1M 64k", ps]));
+        assert_eq!(load(&File::open(&p).unwrap()).unwrap(), vec![bm]);
     }
 
     mod prop {
