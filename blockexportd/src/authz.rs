@@ -496,6 +496,10 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 /// credentials verify peers and `tls-authz` is set: takes the client's certificate (the
 /// first of its chain), formats its distinguished name and asks `authz`.
 ///
+/// Call it only when `tls-authz` is set and the credentials have `verify-peer=on`
+/// ([`crate::tls::TlsCredsX509::verify_peer`]): QEMU ignores `tls-authz` otherwise, and
+/// admits the client.
+///
 /// `authz` is `None` when `tls-authz` names no existing object: access is denied ("If
 /// missing, it will default to denying access"). Returns the DN when allowed, and otherwise
 /// the reason in QEMU's words (e.g. `TLS x509 authz check for C=GB,CN=x is denied`), for
