@@ -600,3 +600,280 @@ async fn drain_exact<S: AsyncRead + Unpin>(stream: &mut S, len: u64) -> Result<(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::ExportConfig;
+    use block_core::{BlockDriver, Node};
+
+    #[derive(Debug)]
+    struct Zeroes(u64);
+
+    #[async_trait::async_trait]
+    impl BlockDriver for Zeroes {
+        fn driver_name(&self) -> &'static str {
+            "zeroes"
+        }
+        fn size(&self) -> u64 {
+            self.0
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        async fn read(&self, _offset: u64, buf: &mut [u8]) -> block_core::Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        async fn write(
+            &self,
+            _offset: u64,
+            _buf: &[u8],
+            _flags: block_core::WriteFlags,
+        ) -> block_core::Result<()> {
+            Ok(())
+        }
+        async fn flush(&self) -> block_core::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct Exports(Vec<Arc<Export>>);
+
+    impl ExportSource for Exports {
+        fn find(&self, name: &str) -> Option<Arc<Export>> {
+            self.0.iter().find(|e| e.name == name).cloned()
+        }
+        fn all(&self) -> Vec<Arc<Export>> {
+            self.0.clone()
+        }
+    }
+
+    fn exports() -> Exports {
+        let make = |name: &str, size: u64| {
+            let node = Node::new(name, Arc::new(Zeroes(size)), Vec::new());
+            Export::new(
+                ExportConfig {
+                    name: name.into(),
+                    description: None,
+                    attachment: node.attach("test", true).unwrap(),
+                    writethrough: false,
+                },
+                true,
+            )
+        };
+        // 1000 bytes: exported as 512, QEMU's sector rounding.
+        Exports(vec![make("a", 1 << 20), make("b", 1000)])
+    }
+
+    /// Splits encoded option replies into (option, type, data).
+    fn replies(mut out: &[u8]) -> Vec<(u32, ReplyType, Vec<u8>)> {
+        let mut v = Vec::new();
+        while !out.is_empty() {
+            assert_eq!(out[..8], proto::OPTION_REPLY_MAGIC.to_be_bytes());
+            let opt = u32::from_be_bytes(out[8..12].try_into().unwrap());
+            let ty = ReplyType(u32::from_be_bytes(out[12..16].try_into().unwrap()));
+            let len = u32::from_be_bytes(out[16..20].try_into().unwrap()) as usize;
+            v.push((opt, ty, out[20..20 + len].to_vec()));
+            out = &out[20 + len..];
+        }
+        v
+    }
+
+    fn opt(
+        n: &mut Negotiator,
+        ex: &Exports,
+        code: OptionCode,
+        data: &[u8],
+    ) -> (Step, Vec<(u32, ReplyType, Vec<u8>)>) {
+        let mut out = Vec::new();
+        let step = n.on_option(code, OptionData::Read(data), ex, &mut out);
+        (step, replies(&out))
+    }
+
+    fn meta(name: &str, queries: &[&str]) -> Vec<u8> {
+        let mut d = Vec::new();
+        MetaContextRequest {
+            name: name.into(),
+            queries: queries.iter().map(|q| q.to_string()).collect(),
+        }
+        .encode(&mut d);
+        d
+    }
+
+    fn go(name: &str) -> Vec<u8> {
+        let mut d = Vec::new();
+        InfoRequest {
+            name: name.into(),
+            requests: vec![],
+        }
+        .encode(&mut d);
+        d
+    }
+
+    #[test]
+    fn client_flags() {
+        assert!(matches!(
+            Negotiator::new(4),
+            Err(HandshakeError::UnknownClientFlags(4))
+        ));
+        let n = Negotiator::new(3).unwrap();
+        assert_eq!(n.mode, Mode::Simple);
+        assert!(n.no_zeroes);
+        assert_eq!(Negotiator::new(0).unwrap().mode, Mode::ExportName);
+    }
+
+    #[test]
+    fn non_fixed_newstyle_only_allows_export_name() {
+        let ex = exports();
+        let mut n = Negotiator::new(0).unwrap();
+        let (step, r) = opt(&mut n, &ex, OptionCode::LIST, &[]);
+        assert!(matches!(
+            step,
+            Step::Disconnect(HandshakeError::NotFixedNewstyle(_))
+        ));
+        assert!(r.is_empty());
+        let mut out = Vec::new();
+        let step = n.on_option(
+            OptionCode::EXPORT_NAME,
+            OptionData::Read(b"b"),
+            &ex,
+            &mut out,
+        );
+        let Step::Go(session) = step else {
+            panic!("no go")
+        };
+        assert_eq!(session.size, 512);
+        // Size, flags, 124 zeroes (no NO_ZEROES).
+        assert_eq!(out.len(), 8 + 2 + 124);
+        assert_eq!(out[..8], 512u64.to_be_bytes());
+    }
+
+    #[test]
+    fn structured_and_extended_negotiation() {
+        let ex = exports();
+        let mut n = Negotiator::new(3).unwrap();
+        let (_, r) = opt(&mut n, &ex, OptionCode::STRUCTURED_REPLY, b"x");
+        assert_eq!(r[0].1, ReplyType::ERR_INVALID);
+        let (_, r) = opt(&mut n, &ex, OptionCode::STRUCTURED_REPLY, &[]);
+        assert_eq!(r[0].1, ReplyType::ACK);
+        let (_, r) = opt(&mut n, &ex, OptionCode::STRUCTURED_REPLY, &[]);
+        assert_eq!(r[0].1, ReplyType::ERR_INVALID);
+        let (_, r) = opt(&mut n, &ex, OptionCode::EXTENDED_HEADERS, &[]);
+        assert_eq!(r[0].1, ReplyType::ACK);
+        let (_, r) = opt(&mut n, &ex, OptionCode::EXTENDED_HEADERS, &[]);
+        assert_eq!(r[0].1, ReplyType::ERR_INVALID);
+        let (_, r) = opt(&mut n, &ex, OptionCode::STRUCTURED_REPLY, &[]);
+        assert_eq!(r[0].1, ReplyType::ERR_EXT_HEADER_REQD);
+        let (step, _) = opt(&mut n, &ex, OptionCode::EXPORT_NAME, b"a");
+        assert!(matches!(
+            step,
+            Step::Disconnect(HandshakeError::ExportNameRefused(_))
+        ));
+    }
+
+    #[test]
+    fn meta_contexts_follow_the_export_name() {
+        let ex = exports();
+        let mut n = Negotiator::new(3).unwrap();
+        // Listing works before structured replies; ids are zero.
+        let (_, r) = opt(&mut n, &ex, OptionCode::LIST_META_CONTEXT, &meta("a", &[]));
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].1, ReplyType::META_CONTEXT);
+        assert_eq!(&r[0].2[..4], &[0, 0, 0, 0]);
+        assert_eq!(&r[0].2[4..], b"base:allocation");
+        assert_eq!(r[1].1, ReplyType::ACK);
+        let (_, r) = opt(
+            &mut n,
+            &ex,
+            OptionCode::SET_META_CONTEXT,
+            &meta("a", &["base:allocation"]),
+        );
+        assert_eq!(r[0].1, ReplyType::ERR_INVALID);
+        opt(&mut n, &ex, OptionCode::STRUCTURED_REPLY, &[]);
+        let (_, r) = opt(
+            &mut n,
+            &ex,
+            OptionCode::SET_META_CONTEXT,
+            &meta("zz", &["base:allocation"]),
+        );
+        assert_eq!(r[0].1, ReplyType::ERR_UNKNOWN);
+        let (_, r) = opt(
+            &mut n,
+            &ex,
+            OptionCode::SET_META_CONTEXT,
+            &meta("a", &["base:allocation"]),
+        );
+        assert_eq!(r[0].1, ReplyType::META_CONTEXT);
+        // GO to another export: no contexts.
+        let (step, r) = opt(&mut n, &ex, OptionCode::GO, &go("b"));
+        assert_eq!(r.last().unwrap().1, ReplyType::ACK);
+        let Step::Go(session) = step else {
+            panic!("no go")
+        };
+        assert!(session.contexts.is_empty());
+        assert_eq!(session.mode, Mode::Structured);
+        assert_ne!(session.flags & proto::transmission_flags::SEND_DF, 0);
+        // GO to the same export: base:allocation.
+        let mut n = Negotiator::new(3).unwrap();
+        opt(&mut n, &ex, OptionCode::STRUCTURED_REPLY, &[]);
+        opt(
+            &mut n,
+            &ex,
+            OptionCode::SET_META_CONTEXT,
+            &meta("a", &["base:allocation"]),
+        );
+        let (step, _) = opt(&mut n, &ex, OptionCode::GO, &go("a"));
+        let Step::Go(session) = step else {
+            panic!("no go")
+        };
+        assert_eq!(session.contexts, vec![MetaContext::BaseAllocation]);
+        // A failing SET clears the earlier selection.
+        let mut n = Negotiator::new(3).unwrap();
+        opt(&mut n, &ex, OptionCode::STRUCTURED_REPLY, &[]);
+        opt(
+            &mut n,
+            &ex,
+            OptionCode::SET_META_CONTEXT,
+            &meta("a", &["base:allocation"]),
+        );
+        let (_, r) = opt(&mut n, &ex, OptionCode::SET_META_CONTEXT, &[0, 0, 0]);
+        assert_eq!(r[0].1, ReplyType::ERR_INVALID);
+        let (step, _) = opt(&mut n, &ex, OptionCode::GO, &go("a"));
+        let Step::Go(session) = step else {
+            panic!("no go")
+        };
+        assert!(session.contexts.is_empty());
+    }
+
+    #[test]
+    fn info_replies_and_drained_options() {
+        let ex = exports();
+        let mut n = Negotiator::new(3).unwrap();
+        let mut d = Vec::new();
+        InfoRequest {
+            name: "a".into(),
+            requests: vec![InfoType::NAME, InfoType::DESCRIPTION, InfoType(77)],
+        }
+        .encode(&mut d);
+        let (step, r) = opt(&mut n, &ex, OptionCode::INFO, &d);
+        assert!(matches!(step, Step::Continue));
+        let types: Vec<u16> = r
+            .iter()
+            .filter(|x| x.1 == ReplyType::INFO)
+            .map(|x| u16::from_be_bytes([x.2[0], x.2[1]]))
+            .collect();
+        // NAME, BLOCK_SIZE, EXPORT (no description: none set; unknown type ignored).
+        assert_eq!(types, vec![1, 3, 0]);
+        assert_eq!(r.last().unwrap().1, ReplyType::ACK);
+        let mut out = Vec::new();
+        let step = n.on_option(OptionCode::EXPORT_NAME, OptionData::Drained, &ex, &mut out);
+        assert!(matches!(step, Step::Disconnect(_)));
+        let step = n.on_option(OptionCode(99), OptionData::Drained, &ex, &mut out);
+        assert!(matches!(step, Step::Continue));
+        assert_eq!(replies(&out)[0].1, ReplyType::ERR_UNSUP);
+        let (step, r) = opt(&mut n, &ex, OptionCode::ABORT, b"ignored");
+        assert!(matches!(step, Step::Abort));
+        assert_eq!(r[0].1, ReplyType::ACK);
+    }
+}

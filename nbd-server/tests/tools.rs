@@ -369,3 +369,23 @@ fn nbdsh_list_and_info() {
     ]));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "33554432");
 }
+
+#[test]
+fn tcp_listener_serves_qemu_io() {
+    if !have("qemu-io") {
+        return;
+    }
+    let t = TestServer::default_with(MIB);
+    let listener = {
+        let _guard = t.runtime.enter();
+        let std = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std.set_nonblocking(true).unwrap();
+        tokio::net::TcpListener::from_std(std).unwrap()
+    };
+    let port = listener.local_addr().unwrap().port();
+    let s = t.server.clone();
+    t.runtime.spawn(async move { s.serve_tcp(listener).await });
+    let uri = format!("nbd://127.0.0.1:{port}/e");
+    qemu_io(&uri, &["write -P 0x42 4k 4k", "read -P 0x42 4k 4k"]);
+    assert!(t.disk.contents()[4096..8192].iter().all(|&b| b == 0x42));
+}
