@@ -7,9 +7,9 @@
 //!                                                 └─> protocol violation ─────> hard disconnect
 //! ```
 //!
-//! [`Negotiator`] is the state machine: it takes one decoded option at a time, appends the
+//! `Negotiator` is the state machine: it takes one decoded option at a time, appends the
 //! bytes of its replies to an output buffer and says what happens next. It does no I/O;
-//! [`negotiate`] drives it over a stream. TLS will slot in as a state of the negotiator
+//! `negotiate` drives it over a stream. TLS will slot in as a state of the negotiator
 //! (`NBD_OPT_STARTTLS` answered with `NBD_REP_ACK`, then the driver wraps the stream and
 //! the negotiator forgets every earlier option, as the spec requires); today `STARTTLS` is
 //! refused with `NBD_REP_ERR_POLICY`, as QEMU does without `tls-creds`.

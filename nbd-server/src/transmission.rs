@@ -5,7 +5,7 @@
 //! `FuturesUnordered` (no task spawn per request), and a writer that sends whatever replies
 //! are ready in one `write` call (replies complete out of order, as the spec allows).
 //!
-//! Every request is checked here before the node sees it; [`validate`] is pure and quotes
+//! Every request is checked here before the node sees it; `validate` is pure and quotes
 //! the spec for each error. A bad request ends that request with an error reply; only a
 //! request whose payload cannot be consumed (larger than the 32 MiB maximum: "either the
 //! server or the client MAY initiate a hard disconnect if a payload length ... would be large
