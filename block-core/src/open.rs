@@ -336,6 +336,7 @@ fn open_node<'a>(
                         _ => Locking::Auto,
                     },
                     force_share: common.force_share,
+                    no_inline: false,
                 };
                 let drv = tokio::task::spawn_blocking(move || FileDriver::open(&opts))
                     .await

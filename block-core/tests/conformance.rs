@@ -701,3 +701,82 @@ async fn node_info_has_the_shape_of_qsd() {
     }
     stack.close().await;
 }
+
+#[tokio::test]
+async fn resize_where_the_format_allows_it() {
+    if !have_tools() {
+        return;
+    }
+    let new_size = SIZE + MIB;
+    for kind in ALL_KINDS {
+        let images = Images::create(kind);
+        let stack = images.open(false).await;
+        let node = &stack.node;
+        let result = node.resize(new_size).await;
+        match kind {
+            Kind::RawOffset => {
+                let err = result.expect_err("fixed-size raw");
+                assert_eq!(err.to_string(), "Cannot resize fixed-size raw disks");
+                stack.close().await;
+                continue;
+            }
+            Kind::Null => {
+                assert_eq!(result.expect_err("null-co").errno(), libc::ENOTSUP);
+                stack.close().await;
+                continue;
+            }
+            _ => result.unwrap_or_else(|e| panic!("{kind:?}: resize: {e}")),
+        }
+        assert_eq!(node.size(), new_size, "{kind:?}");
+        node.write(new_size - 4096, &[0x77; 4096], WriteFlags::default())
+            .await
+            .expect("write in the new area");
+        let mut buf = vec![1u8; 4096];
+        node.read(SIZE, &mut buf).await.expect("read new area");
+        assert!(
+            buf.iter().all(|&b| b == 0),
+            "{kind:?}: new area reads zeroes"
+        );
+        stack.close().await;
+        let opts = images.image_opts();
+        let out = run(
+            "qemu-img",
+            &["info", "--output=json", "--image-opts", &opts],
+        );
+        let info: Value = serde_json::from_slice(&out.stdout).expect("qemu-img info JSON");
+        assert_eq!(info["virtual-size"], new_size, "{kind:?}");
+        images.qemu_io(&["read -P 0x77 5238784 4096"]);
+        if matches!(kind, Kind::Qcow2 | Kind::Qcow2Backing) {
+            run("qemu-img", &["check", "-q", &images.top()]);
+        }
+    }
+}
+
+#[tokio::test]
+async fn detect_zeroes_unmap_punches_holes() {
+    if !have_tools() {
+        return;
+    }
+    for kind in [Kind::File, Kind::Qcow2] {
+        let images = Images::create(kind);
+        images.qemu_io(&["write -P 0xab 0 1M"]);
+        let mut options = images.options(false);
+        options["detect-zeroes"] = json!("unmap");
+        let graph = NodeGraph::new();
+        let node = open::blockdev_add(&graph, options).await.expect("open");
+        assert_eq!(open::node_info(&node, false)["detect_zeroes"], "unmap");
+        node.write(0, &[0u8; 65536], WriteFlags::default())
+            .await
+            .expect("zero write");
+        let e = node.block_status(0, 65536).await.expect("status");
+        assert!(!e.data && e.zero, "{kind:?}: {e:?}");
+        let mut buf = vec![1u8; 65536];
+        node.read(0, &mut buf).await.expect("read");
+        assert!(buf.iter().all(|&b| b == 0));
+        drop(node);
+        for n in graph.drain() {
+            n.driver().close().await.expect("close");
+        }
+        images.qemu_io(&["read -P 0 0 64k", "read -P 0xab 64k 960k"]);
+    }
+}

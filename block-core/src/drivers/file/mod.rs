@@ -65,6 +65,9 @@ pub struct FileOptions {
     pub locking: Locking,
     /// `force-share`: share every permission with other processes (read-only nodes only).
     pub force_share: bool,
+    /// Never try `RWF_NOWAIT` inline; every request goes to the blocking pool (for
+    /// benchmarks and for hosts where `RWF_NOWAIT` misbehaves).
+    pub no_inline: bool,
 }
 
 /// Why a file could not be opened.
@@ -204,8 +207,8 @@ impl FileDriver {
             block_device,
             align,
             size: AtomicU64::new(size),
-            nowait_read: AtomicBool::new(!opts.direct),
-            nowait_write: AtomicBool::new(!opts.direct),
+            nowait_read: AtomicBool::new(!opts.direct && !opts.no_inline),
+            nowait_write: AtomicBool::new(!opts.direct && !opts.no_inline),
             rmw: tokio::sync::RwLock::new(()),
         })
     }
