@@ -279,6 +279,15 @@ impl QmpServer {
         }
     }
 
+    /// How many monitors are connected right now (negotiated or not).
+    pub fn monitor_count(&self) -> usize {
+        self.inner
+            .monitors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
     fn is_shut_down(&self) -> bool {
         *self.inner.shutdown.borrow()
     }
