@@ -2611,6 +2611,90 @@ mod tests {
         assert_eq!(load(&File::open(&p).unwrap()).unwrap(), vec![bm]);
     }
 
+    /// An image in memory, at most 64 MiB (so that a corrupted offset cannot exhaust memory).
+    struct MemImage(std::cell::RefCell<Vec<u8>>);
+
+    impl ImageFile for MemImage {
+        fn image_read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            let data = self.0.borrow();
+            let start = usize::try_from(offset).map_err(io::Error::other)?;
+            let src = start
+                .checked_add(buf.len())
+                .and_then(|end| data.get(start..end))
+                .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+            buf.copy_from_slice(src);
+            Ok(())
+        }
+
+        fn image_write(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            let end = offset.saturating_add(buf.len() as u64);
+            if end > 64 << 20 {
+                return Err(io::Error::other("beyond the test's limit"));
+            }
+            let mut data = self.0.borrow_mut();
+            if data.len() < end as usize {
+                data.resize(end as usize, 0);
+            }
+            data[offset as usize..end as usize].copy_from_slice(buf);
+            Ok(())
+        }
+
+        fn image_sync(&self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A small image with two bitmaps (one with data), made by qemu-img and this module.
+        fn sample() -> Option<&'static [u8]> {
+            static SAMPLE: std::sync::OnceLock<Option<Vec<u8>>> = std::sync::OnceLock::new();
+            SAMPLE
+                .get_or_init(|| {
+                    if !have("qemu-img") {
+                        return None;
+                    }
+                    let dir = tempfile::tempdir().unwrap();
+                    let p = create(dir.path(), "f.qcow2", "1M", "cluster_size=512");
+                    let mut a = StoredBitmap::new("a", 1 << 20, 512, true);
+                    (0..2048).step_by(5).for_each(|c| a.set_dirty(c));
+                    let b = StoredBitmap::new("b", 1 << 20, 4096, false);
+                    store(&open_rw(&p), &[a, b]).unwrap();
+                    Some(std::fs::read(&p).unwrap())
+                })
+                .as_deref()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+            /// Corrupted images are refused or read, never a panic or a runaway allocation.
+            #[test]
+            fn corrupted_images_never_panic(
+                flips in proptest::collection::vec((0usize..8192, any::<u8>()), 1..8),
+            ) {
+                let Some(sample) = sample() else {
+                    return Ok(());
+                };
+                let mut bytes = sample.to_vec();
+                for (at, v) in flips {
+                    if let Some(b) = bytes.get_mut(at) {
+                        *b = v;
+                    }
+                }
+                let img = MemImage(std::cell::RefCell::new(bytes));
+                if let Ok(bitmaps) = load(&img) {
+                    for b in &bitmaps {
+                        prop_assert_eq!(b.bits.len(), StoredBitmap::words(b.size, b.granularity));
+                    }
+                    let _ = mark_in_use(&img);
+                    let _ = store(&img, &bitmaps);
+                }
+            }
+        }
+    }
+
     mod prop {
         use super::*;
         use proptest::prelude::*;
