@@ -23,7 +23,8 @@ use crate::proto::{
 use block_core::{Node, WriteFlags, ZeroFlags};
 use bytes::{Buf, BytesMut};
 use futures::stream::{FuturesUnordered, StreamExt};
-use std::io;
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
@@ -785,6 +786,78 @@ impl Conn {
     }
 }
 
+/// Replies waiting to be sent: whole reply buffers, written with vectored writes so that
+/// read data is never copied again after the driver filled it.
+#[derive(Debug, Default)]
+struct OutQueue {
+    bufs: VecDeque<Vec<u8>>,
+    /// Bytes of the front buffer already written.
+    front_done: usize,
+    /// Bytes still to write.
+    len: usize,
+}
+
+impl OutQueue {
+    /// Most buffers handed to one `write_vectored`.
+    const MAX_SLICES: usize = 64;
+
+    fn push(&mut self, buf: Vec<u8>) {
+        if buf.is_empty() {
+            return;
+        }
+        self.len += buf.len();
+        // Coalesce small replies (headers, short reads) to keep the slice count low.
+        if let Some(last) = self.bufs.back_mut() {
+            if buf.len() <= 512 && last.len() < 64 * 1024 {
+                last.extend_from_slice(&buf);
+                return;
+            }
+        }
+        self.bufs.push_back(buf);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn slices(&self) -> Vec<IoSlice<'_>> {
+        let mut v = Vec::with_capacity(self.bufs.len().min(Self::MAX_SLICES));
+        for (i, b) in self.bufs.iter().take(Self::MAX_SLICES).enumerate() {
+            let part = if i == 0 {
+                &b[self.front_done..]
+            } else {
+                &b[..]
+            };
+            v.push(IoSlice::new(part));
+        }
+        v
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        self.len -= n;
+        while n > 0 {
+            let Some(front) = self.bufs.front() else {
+                break;
+            };
+            let left = front.len() - self.front_done;
+            if n >= left {
+                n -= left;
+                self.bufs.pop_front();
+                self.front_done = 0;
+            } else {
+                self.front_done += n;
+                n = 0;
+            }
+        }
+    }
+}
+
+/// Writes as much of the queue as the socket takes at once (cancel-safe).
+async fn write_some<W: AsyncWrite + Unpin>(wr: &mut W, out: &OutQueue) -> io::Result<usize> {
+    let slices = out.slices();
+    wr.write_vectored(&slices).await
+}
+
 /// Serves the transmission phase of one connection until the client disconnects, the export
 /// is closed or the server stops. In-flight requests always complete and their replies are
 /// sent before the connection closes ("the server SHOULD wait for inflight requests to be
@@ -818,7 +891,7 @@ where
     };
     let mut inflight = FuturesUnordered::new();
     let mut inflight_bytes = 0usize;
-    let mut out = BytesMut::with_capacity(64 * 1024);
+    let mut out = OutQueue::default();
     let mut reading = !*stop.borrow() && !*closed.borrow();
     let mut outcome: Result<(), ConnError> = Ok(());
     loop {
@@ -828,7 +901,7 @@ where
         let can_read = reading
             && inflight.len() < MAX_IN_FLIGHT
             && inflight_bytes < IN_FLIGHT_BYTES
-            && out.len() < OUT_HIGH_WATER;
+            && out.len < OUT_HIGH_WATER;
         tokio::select! {
             biased;
             r = stop.changed(), if reading => {
@@ -842,11 +915,10 @@ where
                 }
             }
             Some((reply, cost)) = inflight.next(), if !inflight.is_empty() => {
-                let reply: Vec<u8> = reply;
                 inflight_bytes -= cost;
-                out.extend_from_slice(&reply);
+                out.push(reply);
             }
-            written = wr.write(&out), if !out.is_empty() => {
+            written = write_some(&mut wr, &out), if !out.is_empty() => {
                 match written {
                     Ok(0) => return Err(ConnError::Io(io::ErrorKind::WriteZero.into())),
                     Ok(n) => out.advance(n),
@@ -872,7 +944,7 @@ where
                             Err(refusal) => {
                                 let mut reply = Vec::new();
                                 conn.error_reply(&mut reply, header.cookie, header.offset, &refusal);
-                                out.extend_from_slice(&reply);
+                                out.push(reply);
                             }
                         }
                     }
@@ -883,7 +955,7 @@ where
                         );
                         let mut reply = Vec::new();
                         conn.error_reply(&mut reply, header.cookie, header.offset, &refusal);
-                        out.extend_from_slice(&reply);
+                        out.push(reply);
                         reading = false;
                         outcome = Err(ConnError::PayloadTooLarge(len));
                     }
@@ -905,6 +977,29 @@ where
 mod tests {
     use super::*;
     use crate::proto::Command;
+
+    #[test]
+    fn out_queue_partial_writes() {
+        let mut q = OutQueue::default();
+        q.push(vec![1; 1000]);
+        q.push(vec![2; 10]); // coalesced into the first
+        q.push(vec![3; 2000]);
+        q.push(Vec::new());
+        assert_eq!(q.len, 3010);
+        assert_eq!(q.slices().len(), 2);
+        q.advance(1005);
+        let s = q.slices();
+        assert_eq!(s[0].len(), 5);
+        assert_eq!(s[0][0], 2);
+        assert_eq!(s[1].len(), 2000);
+        drop(s);
+        q.advance(5 + 1999);
+        assert_eq!(q.len, 1);
+        assert_eq!(q.slices()[0][..], [3]);
+        q.advance(1);
+        assert!(q.is_empty());
+        assert!(q.slices().is_empty());
+    }
 
     fn params(mode: Mode) -> Params {
         Params {
