@@ -2025,7 +2025,19 @@ mod tests {
         a2.set_dirty(700);
         store(&open_rw(&p), &[b.clone(), a2.clone()]).unwrap();
         assert_clean(&p);
-        assert_eq!(load(&File::open(&p).unwrap()).unwrap(), vec![b, a2]);
+        assert_eq!(
+            load(&File::open(&p).unwrap()).unwrap(),
+            vec![b.clone(), a2.clone()]
+        );
+
+        // QEMU loads our bitmaps, records its writes in the enabled one and stores them again.
+        if have("qemu-io") {
+            run(Command::new("qemu-io").args(["-c", "write 64M 4k", p.to_str().unwrap()]));
+            assert_clean(&p);
+            let mut a3 = a2.clone();
+            a3.set_dirty(1024);
+            assert_eq!(load(&File::open(&p).unwrap()).unwrap(), vec![b, a3]);
+        }
 
         // QEMU can remove a bitmap we wrote.
         qemu_img(&["bitmap", "--remove", p.to_str().unwrap(), "beta"]);
