@@ -38,6 +38,9 @@ const OUT_HIGH_WATER: usize = 8 << 20;
 /// Reads at least this long are answered sparsely (holes as `OFFSET_HOLE` chunks, found by
 /// block status); shorter reads skip the block status lookup and send one data chunk.
 pub const SPARSE_READ_MIN: u64 = 64 * 1024;
+/// Once a connection stops reading and its requests are done, the client gets this long to
+/// take the remaining replies before the connection is dropped.
+const FINAL_FLUSH_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 /// Most extents in one block status chunk (the spec: "SHOULD NOT send more than 2^20").
 const MAX_EXTENTS: usize = 1 << 20;
 
@@ -53,6 +56,10 @@ pub enum ConnError {
     /// The client closed the connection in the middle of a request.
     #[error("connection closed in the middle of a request")]
     Truncated,
+    /// The client did not take the last replies within the grace period after the
+    /// connection stopped reading requests.
+    #[error("the client stopped reading replies")]
+    Stalled,
     /// A payload was larger than the server accepts; the connection was ended after the
     /// error reply.
     #[error("request payload of {0} bytes is larger than the 32 MiB maximum")]
@@ -852,6 +859,13 @@ impl OutQueue {
     }
 }
 
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Writes as much of the queue as the socket takes at once (cancel-safe).
 async fn write_some<W: AsyncWrite + Unpin>(wr: &mut W, out: &OutQueue) -> io::Result<usize> {
     let slices = out.slices();
@@ -894,9 +908,13 @@ where
     let mut out = OutQueue::default();
     let mut reading = !*stop.borrow() && !*closed.borrow();
     let mut outcome: Result<(), ConnError> = Ok(());
+    let mut final_flush: Option<tokio::time::Instant> = None;
     loop {
-        if !reading && inflight.is_empty() && out.is_empty() {
-            break;
+        if !reading && inflight.is_empty() {
+            if out.is_empty() {
+                break;
+            }
+            final_flush.get_or_insert_with(|| tokio::time::Instant::now() + FINAL_FLUSH_GRACE);
         }
         let can_read = reading
             && inflight.len() < MAX_IN_FLIGHT
@@ -924,6 +942,9 @@ where
                     Ok(n) => out.advance(n),
                     Err(e) => return Err(ConnError::Io(e)),
                 }
+            }
+            _ = sleep_until_some(final_flush), if final_flush.is_some() => {
+                return Err(ConnError::Stalled);
             }
             incoming = reader.next(), if can_read => {
                 match incoming {
