@@ -1,0 +1,248 @@
+//! Differential test against the real qemu-storage-daemon: the same input
+//! bytes sent to QSD's monitor and to ours must produce the same output
+//! bytes (greeting, replies, errors, layout, member order, CR LF), in
+//! compact and pretty mode.
+//!
+//! Needs `qemu-storage-daemon` in PATH: with `CI=true` its absence fails the
+//! test; otherwise the test is skipped with a message.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use qmp_server::{MonitorOptions, QmpServer, VersionInfo};
+use serde_json::Value;
+
+const QSD: &str = "qemu-storage-daemon";
+
+fn qsd_available() -> bool {
+    match Command::new(QSD).arg("--version").output() {
+        Ok(o) if o.status.success() => true,
+        _ => {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("{QSD} is required in CI but was not found");
+            }
+            eprintln!("skipping: {QSD} not found");
+            false
+        }
+    }
+}
+
+/// A daemonized QSD; killed on drop.
+struct Qsd {
+    pid: i32,
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.pid.to_string()).status();
+    }
+}
+
+fn start_qsd(dir: &Path) -> (Qsd, PathBuf, PathBuf) {
+    let compact = dir.join("qsd.sock");
+    let pretty = dir.join("qsd-pretty.sock");
+    let pidfile = dir.join("qsd.pid");
+    // --daemonize returns once the monitors are listening: no waiting needed.
+    let status = Command::new(QSD)
+        .arg("--daemonize")
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .arg("--chardev")
+        .arg(format!(
+            "socket,id=m0,path={},server=on,wait=off",
+            compact.display()
+        ))
+        .arg("--monitor")
+        .arg("chardev=m0")
+        .arg("--chardev")
+        .arg(format!(
+            "socket,id=m1,path={},server=on,wait=off",
+            pretty.display()
+        ))
+        .arg("--monitor")
+        .arg("chardev=m1,pretty=on")
+        .status()
+        .expect("run qemu-storage-daemon");
+    assert!(status.success(), "qemu-storage-daemon failed: {status}");
+    let pid = std::fs::read_to_string(&pidfile)
+        .expect("pidfile")
+        .trim()
+        .parse()
+        .expect("pid");
+    (Qsd { pid }, compact, pretty)
+}
+
+struct Conn {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+}
+
+impl Conn {
+    fn new(path: &Path) -> Self {
+        let s = UnixStream::connect(path).expect("connect");
+        Self {
+            r: BufReader::new(s.try_clone().expect("clone")),
+            w: s,
+        }
+    }
+
+    /// Reads one message (one line, or a pretty block ending in a `}` line).
+    fn message(&mut self) -> String {
+        let mut text = String::new();
+        loop {
+            let mut line = String::new();
+            let n = self.r.read_line(&mut line).expect("read");
+            assert!(n > 0, "EOF after {text:?}");
+            text.push_str(&line);
+            if serde_json::from_str::<Value>(&text).is_ok() {
+                return text;
+            }
+        }
+    }
+
+    /// Sends `input` then a sentinel request; returns everything up to and
+    /// including the sentinel's reply.
+    fn exchange(&mut self, input: &[u8]) -> String {
+        self.w.write_all(input).expect("write");
+        self.w
+            .write_all(b"\n{\"execute\": \"query-version\", \"id\": \"sentinel\"}\n")
+            .expect("write");
+        let mut out = String::new();
+        loop {
+            let m = self.message();
+            out.push_str(&m);
+            let v: Value = serde_json::from_str(&m).expect("JSON");
+            if v.get("id") == Some(&Value::from("sentinel")) {
+                return out;
+            }
+        }
+    }
+}
+
+/// Every input leaves the lexer ready for a new message (a pending open
+/// brace would swallow the sentinel).
+fn inputs() -> Vec<Vec<u8>> {
+    let mut v: Vec<Vec<u8>> = vec![
+        // Before negotiation.
+        br#"{"execute":"query-version"}"#.to_vec(),
+        br#"{"execute":"foo","id":5}"#.to_vec(),
+        br#"{"execute":"qmp_capabilities","arguments":{"enable":["foo"]}}"#.to_vec(),
+        br#"{"execute":"qmp_capabilities","arguments":{"enable":"oob"}}"#.to_vec(),
+        br#"{"execute":"qmp_capabilities","arguments":{"x":1}}"#.to_vec(),
+        br#"{"exec-oob":"qmp_capabilities"}"#.to_vec(),
+        br#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]},"id":"x"}"#.to_vec(),
+        // Negotiated, oob enabled.
+        br#"{"execute":"qmp_capabilities"}"#.to_vec(),
+        br#"{"execute":"query-version","id":{"a":[1,{"b":null}]}}"#.to_vec(),
+        br#"{"execute":"foo","id":[1,2]}"#.to_vec(),
+        br#"{"exec-oob":"query-version","id":1}"#.to_vec(),
+        br#"{"exec-oob":"nope","id":1}"#.to_vec(),
+        br#"{"execute":"query-version","exec-oob":"x"}"#.to_vec(),
+        br#"{"execute":"query-version","arguments":[]}"#.to_vec(),
+        br#"{"execute":"query-version","arguments":null}"#.to_vec(),
+        br#"{"execute":"query-version","control":{}}"#.to_vec(),
+        br#"{"execute":1}"#.to_vec(),
+        br#"{}"#.to_vec(),
+        br#"{"id":1}"#.to_vec(),
+        br#"{"id":[],"arguments":{},"execute":"nope"}"#.to_vec(),
+        br#"{"execute":"quit","arguments":{"a":1}}"#.to_vec(),
+        br#"{"execute":"query-commands","arguments":{"a":1},"id":0.1}"#.to_vec(),
+        br#"{"execute":"query-version","id":1.5e3}{"execute":"query-version","id":-0}"#.to_vec(),
+        br#"{"execute":"query-version","id":18446744073709551615}"#.to_vec(),
+        br#"{"execute":"query-version","id":18446744073709551616}"#.to_vec(),
+        br#"{"execute":"query-version","id":-9223372036854775809}"#.to_vec(),
+        b"{'execute':'query-version','id':'x\"y'}".to_vec(),
+        b"{\"execute\":\n\"query-version\"\n,\"id\":\n2}".to_vec(),
+        br#"{"execute":"quer\u0079-version","id":"\u00e9\ud83d\ude00"}"#.to_vec(),
+        b"{\"execute\":\"query-version\",\"id\":\"\xc3\xa9\xf0\x9f\x98\x80\x7f\"}".to_vec(),
+        br#"{"execute":"query-version","id":"\/\b\f\n\r\t\"\\\u0001\u0000"}"#.to_vec(),
+        // Malformed JSON.
+        b"[1]".to_vec(),
+        b"\"abc\"".to_vec(),
+        b"1 true null".to_vec(),
+        b"{bad\n}".to_vec(),
+        b"}".to_vec(),
+        b"]".to_vec(),
+        br#"{"a" 1}"#.to_vec(),
+        b"{1:2}".to_vec(),
+        br#"{"a":1 "b":2}"#.to_vec(),
+        b"[1 2]".to_vec(),
+        br#"{"a":}"#.to_vec(),
+        b"[1,]".to_vec(),
+        br#"{"a":1,}"#.to_vec(),
+        b"xyz".to_vec(),
+        b"@".to_vec(),
+        b"01".to_vec(),
+        b"1.".to_vec(),
+        b"-".to_vec(),
+        b"\"a\x01b\"".to_vec(),
+        b"\xff{\"execute\":\"nope\"}".to_vec(),
+        b"{\"execute\":\"nope\",\"id\":\"\xc3\"}".to_vec(),
+        b"{\"execute\":\"nope\",\"id\":\"\xed\xa0\x80\"}".to_vec(),
+        br#"{"execute":"nope","id":"\ud83d"}"#.to_vec(),
+        br#"{"execute":"nope","id":"\u12g4"}"#.to_vec(),
+        br#"{"execute":"nope","id":"\uFFFE"}"#.to_vec(),
+        br#"{"execute":"nope","id":"a\qb"}"#.to_vec(),
+        b"{\"execute\":\"nope\",\"id\":\"\t\"}".to_vec(),
+        br#"{"execute": "query-version", "id": %d}"#.to_vec(),
+        br#"{"execute":"nope","id":{"b":1,"a":2,"b":3}}"#.to_vec(),
+    ];
+    v.push(b"[".repeat(1025));
+    let mut deep = b"[".repeat(1024);
+    deep.extend(b"]".repeat(1024));
+    v.push(deep);
+    v
+}
+
+fn compare(ours: &Path, theirs: &Path) {
+    let mut a = Conn::new(theirs);
+    let mut b = Conn::new(ours);
+    assert_eq!(b.message(), a.message(), "greeting");
+    for input in inputs() {
+        let want = a.exchange(&input);
+        let got = b.exchange(&input);
+        assert_eq!(got, want, "input {:?}", String::from_utf8_lossy(&input));
+    }
+}
+
+#[test]
+fn same_bytes_as_qemu_storage_daemon() {
+    if !qsd_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_qsd, qsd_compact, qsd_pretty) = start_qsd(dir.path());
+
+    // Take QSD's version so that the greeting and query-version match.
+    let greeting: Value = serde_json::from_str(&Conn::new(&qsd_compact).message()).expect("JSON");
+    let v = &greeting["QMP"]["version"];
+    let num = |k: &str| v["qemu"][k].as_u64().expect("version number") as u32;
+    let version = VersionInfo {
+        major: num("major"),
+        minor: num("minor"),
+        micro: num("micro"),
+        package: v["package"].as_str().expect("package").to_string(),
+    };
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let server = QmpServer::new(version);
+    let ours_compact = dir.path().join("ours.sock");
+    let ours_pretty = dir.path().join("ours-pretty.sock");
+    let _guard = rt.enter();
+    let l1 = tokio::net::UnixListener::bind(&ours_compact).expect("bind");
+    let l2 = tokio::net::UnixListener::bind(&ours_pretty).expect("bind");
+    let s = server.clone();
+    rt.spawn(async move { s.serve_unix(l1, MonitorOptions { pretty: false }).await });
+    let s = server.clone();
+    rt.spawn(async move { s.serve_unix(l2, MonitorOptions { pretty: true }).await });
+
+    compare(&ours_compact, &qsd_compact);
+    compare(&ours_pretty, &qsd_pretty);
+    server.shutdown();
+}
