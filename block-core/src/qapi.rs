@@ -18,6 +18,29 @@ fn fail<T>(msg: String) -> Result<T> {
     Err(OptionError(msg))
 }
 
+/// An integer as QEMU's keyval visitor reads it (`strtoll` with base 0: decimal, `0x` hex,
+/// leading-`0` octal, optional sign).
+fn parse_keyval_int(s: &str) -> Option<i128> {
+    let (neg, digits) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    let value = if let Some(hex) = digits
+        .strip_prefix("0x")
+        .or_else(|| digits.strip_prefix("0X"))
+    {
+        i128::from_str_radix(hex, 16).ok()?
+    } else if digits.len() > 1 && digits.starts_with('0') {
+        i128::from_str_radix(&digits[1..], 8).ok()?
+    } else {
+        digits.parse::<i128>().ok()?
+    };
+    if digits.is_empty() || digits.starts_with(['+', '-']) {
+        return None;
+    }
+    Some(if neg { -value } else { value })
+}
+
 /// A reference to a node: an existing node's name, an inline definition, or `null`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum BlockRef {
@@ -96,8 +119,8 @@ impl Opts {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(b)),
             Some(Value::String(s)) => match s.as_str() {
-                "on" => Ok(Some(true)),
-                "off" => Ok(Some(false)),
+                "on" | "yes" | "true" | "y" => Ok(Some(true)),
+                "off" | "no" | "false" | "n" => Ok(Some(false)),
                 _ => fail(format!(
                     "Parameter '{}' expects 'on' or 'off'",
                     self.path(key)
@@ -116,9 +139,9 @@ impl Opts {
                 (None, Some(u)) => i128::from(u),
                 _ => return self.type_error(key, "integer"),
             },
-            Some(Value::String(s)) => match s.parse::<i128>() {
-                Ok(v) => v,
-                Err(_) => return fail(format!("Parameter '{}' expects integer", self.path(key))),
+            Some(Value::String(s)) => match parse_keyval_int(&s) {
+                Some(v) => v,
+                None => return fail(format!("Parameter '{}' expects integer", self.path(key))),
             },
             Some(_) => return self.type_error(key, "integer"),
         };
@@ -197,7 +220,8 @@ mod tests {
     #[test]
     fn typed_and_keyval_scalars() {
         let mut o = Opts::new(
-            json!({"a": true, "b": "off", "c": 12, "d": "34", "e": "x", "f": 1.5, "g": -1}),
+            json!({"a": true, "b": "off", "c": 12, "d": "34", "e": "x", "f": 1.5, "g": -1,
+                   "h": "yes", "i": "0x100", "j": "010", "k": "1G"}),
             "",
         )
         .expect("object");
@@ -215,6 +239,10 @@ mod tests {
             "Value '-1' is out of range for parameter 'g'"
         );
         assert_eq!(o.uint("missing").expect("absent"), None);
+        assert_eq!(o.bool("h").expect("h"), Some(true));
+        assert_eq!(o.uint("i").expect("i"), Some(256));
+        assert_eq!(o.uint("j").expect("j"), Some(8));
+        assert_eq!(err(o.uint("k")), "Parameter 'k' expects integer");
         o.finish().expect("all consumed");
     }
 

@@ -2,7 +2,7 @@
 //!
 //! | driver | feature | kind |
 //! |---|---|---|
-//! | [`file`] (`file`, `host_device`) | `file` | protocol: a host file or block device |
+//! | [`file`](mod@file) (`file`, `host_device`) | `file` | protocol: a host file or block device |
 //! | [`raw`] | `raw` | format: the child's bytes, optionally a window (`offset`, `size`) |
 //! | [`qcow2`] | `qcow2` | format: qcow2 through the `imago` crate, with backing chains |
 //! | [`null`] (`null-co`) | `null` | protocol: reads nothing, drops writes |
