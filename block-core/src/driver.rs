@@ -97,6 +97,12 @@ pub trait BlockDriver: Send + Sync + Debug {
         None
     }
 
+    /// Whether this layer, when writable, must be the only writer of its `file` child (true
+    /// for formats with metadata, such as qcow2; false by default).
+    fn exclusive_file_writer(&self) -> bool {
+        false
+    }
+
     /// Facts about the image for `query-named-block-nodes`; nothing by default.
     fn image_details(&self) -> ImageDetails {
         ImageDetails::default()

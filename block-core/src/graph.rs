@@ -77,12 +77,18 @@ impl NodeGraph {
         let mut holds = Vec::new();
         for (role, child) in node.children() {
             let writable = !node.read_only() && *role == ChildRole::File;
-            let hold = child
-                .attach(
-                    format!("node '{}' ({})", node.name(), role.as_str()),
-                    writable,
-                )
-                .map_err(|e| GraphError::Failed(e.to_string()))?;
+            let description = format!(
+                "node '{}' (uses node '{}' as '{}' child)",
+                node.name(),
+                child.name(),
+                role.as_str()
+            );
+            let hold = if writable && node.driver().exclusive_file_writer() {
+                child.attach_exclusive_writer(description)
+            } else {
+                child.attach(description, writable)
+            }
+            .map_err(|e| GraphError::Failed(e.to_string()))?;
             holds.push(hold);
         }
         let mut nodes = self.lock();

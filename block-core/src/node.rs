@@ -103,6 +103,8 @@ pub struct Node {
     driver: Arc<dyn BlockDriver>,
     children: Vec<(ChildRole, Arc<Node>)>,
     users: Mutex<Vec<UserInfo>>,
+    /// The user that may write and shares writing with nobody (id, description).
+    exclusive_writer: Mutex<Option<(u64, String)>>,
     next_user: AtomicU64,
     bitmaps: RwLock<Vec<Arc<DirtyBitmap>>>,
     config: NodeConfig,
@@ -140,6 +142,7 @@ impl Node {
             driver,
             children,
             users: Mutex::new(Vec::new()),
+            exclusive_writer: Mutex::new(None),
             next_user: AtomicU64::new(1),
             bitmaps: RwLock::new(Vec::new()),
             config,
@@ -189,11 +192,31 @@ impl Node {
         self.users.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Attaches a user. A writable user is refused on a read-only node.
+    /// Attaches a user. A writable user is refused on a read-only node, and while a parent
+    /// holds the node as its exclusive writer (see [`Node::attach_exclusive_writer`]).
     pub fn attach(
         self: &Arc<Self>,
         description: impl Into<String>,
         writable: bool,
+    ) -> Result<Attachment> {
+        self.attach_user(description.into(), writable, false)
+    }
+
+    /// Attaches a writable user that shares writing with nobody, as a qcow2 node does with
+    /// its file: refused when another user may write, and later writable users are refused
+    /// until this one detaches. The messages are QEMU's permission-conflict messages.
+    pub fn attach_exclusive_writer(
+        self: &Arc<Self>,
+        description: impl Into<String>,
+    ) -> Result<Attachment> {
+        self.attach_user(description.into(), true, true)
+    }
+
+    fn attach_user(
+        self: &Arc<Self>,
+        description: String,
+        writable: bool,
+        exclusive: bool,
     ) -> Result<Attachment> {
         if writable && self.read_only() {
             return Err(BlockError::Invalid(format!(
@@ -201,15 +224,36 @@ impl Node {
                 self.name
             )));
         }
-        let id = self.next_user.fetch_add(1, Ordering::Relaxed);
-        self.users
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        let mut exclusive_writer = self
+            .exclusive_writer
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(UserInfo {
-                id,
-                description: description.into(),
-                writable,
-            });
+            .unwrap_or_else(|e| e.into_inner());
+        if writable && !exclusive {
+            if let Some((_, holder)) = exclusive_writer.as_ref() {
+                return Err(BlockError::Invalid(format!(
+                    "Permission conflict on node '{}': permissions 'write, resize' are both required by {description} and unshared by {holder}.",
+                    self.name
+                )));
+            }
+        }
+        if exclusive {
+            if let Some(writer) = users.iter().find(|u| u.writable) {
+                return Err(BlockError::Invalid(format!(
+                    "Permission conflict on node '{}': permissions 'write, resize' are both required by {} and unshared by {description}.",
+                    self.name, writer.description
+                )));
+            }
+        }
+        let id = self.next_user.fetch_add(1, Ordering::Relaxed);
+        if exclusive {
+            *exclusive_writer = Some((id, description.clone()));
+        }
+        users.push(UserInfo {
+            id,
+            description,
+            writable,
+        });
         Ok(Attachment {
             node: Arc::clone(self),
             id,
@@ -218,10 +262,18 @@ impl Node {
     }
 
     fn detach(&self, id: u64) {
-        self.users
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        users.retain(|u| u.id != id);
+        let mut exclusive_writer = self
+            .exclusive_writer
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|u| u.id != id);
+            .unwrap_or_else(|e| e.into_inner());
+        if exclusive_writer
+            .as_ref()
+            .is_some_and(|(holder, _)| *holder == id)
+        {
+            *exclusive_writer = None;
+        }
     }
 
     /// The dirty bitmaps of this node.

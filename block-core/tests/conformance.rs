@@ -780,3 +780,56 @@ async fn detect_zeroes_unmap_punches_holes() {
         images.qemu_io(&["read -P 0 0 64k", "read -P 0xab 64k 960k"]);
     }
 }
+
+#[tokio::test]
+async fn a_qcow2_file_has_one_writer() {
+    if !have_tools() {
+        return;
+    }
+    let images = Images::create(Kind::Qcow2);
+    let graph = NodeGraph::new();
+    open::blockdev_add(
+        &graph,
+        json!({"driver": "file", "node-name": "f", "filename": images.top()}),
+    )
+    .await
+    .expect("file");
+    open::blockdev_add(
+        &graph,
+        json!({"driver": "qcow2", "node-name": "q1", "file": "f"}),
+    )
+    .await
+    .expect("first qcow2");
+    let err = open::blockdev_add(
+        &graph,
+        json!({"driver": "qcow2", "node-name": "q2", "file": "f"}),
+    )
+    .await
+    .expect_err("second writer");
+    // qemu-storage-daemon's message for the same command line.
+    assert_eq!(
+        err.to_string(),
+        "Permission conflict on node 'f': permissions 'write, resize' are both required by node 'q1' (uses node 'f' as 'file' child) and unshared by node 'q2' (uses node 'f' as 'file' child)."
+    );
+    let f = graph.get("f").expect("f");
+    assert!(
+        f.attach("export 'e'", true).is_err(),
+        "writable export on the file"
+    );
+    let reader = f
+        .attach("export 'e'", false)
+        .expect("read-only export on the file");
+    drop(reader);
+    // Once q1 is gone the file is free again.
+    let q1 = graph.remove("q1").expect("remove q1");
+    q1.driver().close().await.expect("close q1");
+    open::blockdev_add(
+        &graph,
+        json!({"driver": "qcow2", "node-name": "q2", "file": "f"}),
+    )
+    .await
+    .expect("second qcow2 after the first left");
+    for n in graph.drain() {
+        n.driver().close().await.expect("close");
+    }
+}

@@ -498,6 +498,10 @@ impl BlockDriver for Qcow2Driver {
         u32::try_from(self.cluster_size).unwrap_or(u32::MAX)
     }
 
+    fn exclusive_file_writer(&self) -> bool {
+        !self.read_only
+    }
+
     fn filename(&self) -> Option<String> {
         self.file.driver().filename()
     }

@@ -242,7 +242,11 @@ impl FileDriver {
         f: impl FnOnce(&File) -> io::Result<T> + Send + 'static,
     ) -> Result<T> {
         let file = Arc::clone(&self.file);
-        match tokio::task::spawn_blocking(move || f(&file)).await {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            // Called outside any tokio runtime (e.g. from a plain executor): do it here.
+            return f(&file).map_err(|e| self.io_err(what, e));
+        };
+        match handle.spawn_blocking(move || f(&file)).await {
             Ok(r) => r.map_err(|e| self.io_err(what, e)),
             Err(e) => Err(BlockError::io(
                 format!("{what} {}", self.path),
@@ -771,6 +775,45 @@ mod tests {
         assert!(buf[4095..8191].iter().all(|&b| b == 0xef));
         let on_disk = std::fs::read(&path).expect("read back");
         assert!(on_disk[1000..4000].iter().all(|&b| b == 0xcd));
+    }
+
+    #[test]
+    fn works_without_a_tokio_runtime() {
+        let (_dir, path) = image(8192);
+        let drv = FileDriver::open(&FileOptions {
+            filename: path,
+            ..FileOptions::default()
+        })
+        .expect("open");
+        futures_lite_block_on(async {
+            drv.write(100, &[9; 5000], WriteFlags { fua: true })
+                .await
+                .expect("write");
+            let mut buf = [0u8; 5000];
+            drv.read(100, &mut buf).await.expect("read");
+            assert!(buf.iter().all(|&b| b == 9));
+            drv.flush().await.expect("flush");
+        });
+    }
+
+    /// A minimal executor with no tokio runtime behind it.
+    fn futures_lite_block_on<F: std::future::Future>(fut: F) -> F::Output {
+        use std::task::{Context, Poll, Wake, Waker};
+        struct ThreadWaker(std::thread::Thread);
+        impl Wake for ThreadWaker {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        let mut fut = std::pin::pin!(fut);
+        loop {
+            if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+                return v;
+            }
+            std::thread::park();
+        }
     }
 
     #[tokio::test]
