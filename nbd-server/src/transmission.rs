@@ -879,7 +879,7 @@ async fn write_some<W: AsyncWrite + Unpin>(wr: &mut W, out: &OutQueue) -> io::Re
 pub(crate) async fn run<S>(
     stream: S,
     session: Session,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> Result<(), ConnError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -896,7 +896,7 @@ where
         },
         export,
     };
-    let mut closed = conn.export.closed_receiver();
+    let closed = conn.export.closed_receiver();
     let (rd, mut wr) = tokio::io::split(stream);
     let mut reader = RequestReader {
         rd,
@@ -907,6 +907,16 @@ where
     let mut inflight_bytes = 0usize;
     let mut out = OutQueue::default();
     let mut reading = !*stop.borrow() && !*closed.borrow();
+    // One future for the whole connection (not one per loop turn): resolves when the server
+    // stops or the export is closed (or either sender is gone).
+    let shutdown = async move {
+        let (mut stop, mut closed) = (stop, closed);
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => {}
+            _ = closed.wait_for(|c| *c) => {}
+        }
+    };
+    tokio::pin!(shutdown);
     let mut outcome: Result<(), ConnError> = Ok(());
     let mut final_flush: Option<tokio::time::Instant> = None;
     loop {
@@ -922,16 +932,7 @@ where
             && out.len < OUT_HIGH_WATER;
         tokio::select! {
             biased;
-            r = stop.changed(), if reading => {
-                if r.is_err() || *stop.borrow() {
-                    reading = false;
-                }
-            }
-            r = closed.changed(), if reading => {
-                if r.is_err() || *closed.borrow() {
-                    reading = false;
-                }
-            }
+            _ = &mut shutdown, if reading => reading = false,
             Some((reply, cost)) = inflight.next(), if !inflight.is_empty() => {
                 inflight_bytes -= cost;
                 out.push(reply);
