@@ -265,9 +265,9 @@ impl NbdServer {
                 .remove(name)
                 .ok_or_else(|| NbdError::NoSuchExport(name.to_string()))?
         };
-        if mode == RemoveMode::Hard {
-            export.close();
-        }
+        // Hard: the clients end once their requests are done. Safe: there is no client,
+        // but one may be between its handshake and its first request: it ends too.
+        export.close();
         Ok(export.gone())
     }
 

@@ -407,3 +407,37 @@ fn remove_export_safe_hard_and_stop() {
     t.server.stop();
     assert!(is_closed(&mut s));
 }
+
+#[test]
+fn safe_removal_without_clients_and_name_reuse() {
+    let t = TestServer::default_with(MIB);
+    let gone = t.server.remove_export("e", RemoveMode::Safe).unwrap();
+    t.runtime.block_on(gone);
+    assert!(t.node.users().is_empty());
+    // The name is free again.
+    t.server
+        .add_export(nbd_server::ExportConfig {
+            name: "e".into(),
+            description: None,
+            attachment: t.node.attach("export 'e'", false).unwrap(),
+            writethrough: true,
+        })
+        .unwrap();
+    let dup = t.server.add_export(nbd_server::ExportConfig {
+        name: "e".into(),
+        description: None,
+        attachment: t.node.attach("export 'e'", false).unwrap(),
+        writethrough: false,
+    });
+    assert_eq!(
+        dup.unwrap_err().to_string(),
+        "NBD server already has export named 'e'"
+    );
+    let mut s = t.connect();
+    raw_greet(&mut s);
+    let (_, flags) = raw_go(&mut s, "e");
+    assert_ne!(flags & 2, 0, "read-only now");
+    send_request(&mut s, 0, 1, 1, 0, 4);
+    s.write_all(b"abcd").unwrap();
+    assert_eq!(read_simple_reply(&mut s), (1, 1), "NBD_EPERM");
+}
