@@ -121,6 +121,7 @@ enum Spec {
     File {
         filename: String,
         locking: &'static str,
+        host_device: bool,
     },
     Raw {
         file: BlockRef,
@@ -178,6 +179,7 @@ fn parse_spec(driver: &str, o: &mut Opts, common: &Common) -> Result<Spec, Optio
             Spec::File {
                 filename,
                 locking: locking.unwrap_or("auto"),
+                host_device: driver == "host_device",
             }
         }
         "raw" => {
@@ -322,7 +324,11 @@ fn open_node<'a>(
 
         let (drv, children): (Arc<dyn BlockDriver>, Children) = match spec {
             #[cfg(feature = "file")]
-            Spec::File { filename, locking } => {
+            Spec::File {
+                filename,
+                locking,
+                host_device,
+            } => {
                 use crate::drivers::file::{FileDriver, FileOptions, Locking};
                 let opts = FileOptions {
                     filename: PathBuf::from(filename),
@@ -336,6 +342,7 @@ fn open_node<'a>(
                         _ => Locking::Auto,
                     },
                     force_share: common.force_share,
+                    host_device,
                     no_inline: false,
                 };
                 let drv = tokio::task::spawn_blocking(move || FileDriver::open(&opts))

@@ -833,3 +833,105 @@ async fn a_qcow2_file_has_one_writer() {
         n.driver().close().await.expect("close");
     }
 }
+
+/// Attaches `image` to a free loop device; `None` (after saying why) when this host cannot.
+fn loop_device(image: &str) -> Option<String> {
+    let out = Command::new("losetup")
+        .args(["-f", "--show", image])
+        .output();
+    match out {
+        Ok(out) if out.status.success() => {
+            Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        }
+        other => {
+            let why = match other {
+                Ok(out) => String::from_utf8_lossy(&out.stderr).into_owned(),
+                Err(e) => e.to_string(),
+            };
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("a loop device is required for the host_device test (CI=true): {why}");
+            }
+            eprintln!("no loop device ({why}): skipping the host_device test");
+            None
+        }
+    }
+}
+
+struct LoopDevice(String);
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[tokio::test]
+async fn host_device_on_a_loop_device() {
+    if !have_tools() {
+        return;
+    }
+    let images = Images::create(Kind::File);
+    let Some(dev) = loop_device(&images.top()) else {
+        return;
+    };
+    let dev = LoopDevice(dev);
+    let graph = NodeGraph::new();
+    let err = open::blockdev_add(&graph, json!({"driver": "file", "filename": dev.0}))
+        .await
+        .expect_err("file driver on a device");
+    assert_eq!(
+        err.to_string(),
+        format!("'file' driver requires '{}' to be a regular file", dev.0)
+    );
+    let err = open::blockdev_add(
+        &graph,
+        json!({"driver": "host_device", "filename": images.top()}),
+    )
+    .await
+    .expect_err("host_device on a regular file");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "'host_device' driver requires '{}' to be either a character or block device",
+            images.top()
+        )
+    );
+    let node = open::blockdev_add(
+        &graph,
+        json!({"driver": "host_device", "filename": dev.0, "node-name": "dev"}),
+    )
+    .await
+    .expect("host_device");
+    assert_eq!(node.size(), SIZE, "size from BLKGETSIZE64");
+    assert_eq!(node.driver().driver_name(), "host_device");
+    node.write(4096, &[0x3c; 8192], WriteFlags { fua: true })
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 8192];
+    node.read(4096, &mut buf).await.expect("read");
+    assert!(buf.iter().all(|&b| b == 0x3c));
+    assert_eq!(
+        node.resize(SIZE + MIB).await.expect_err("grow").to_string(),
+        "Cannot grow device files"
+    );
+    // qemu-io cannot write the device while we hold it.
+    let out = Command::new("qemu-io")
+        .args(["--image-opts", "-c", "write 0 4k"])
+        .arg(format!(
+            "driver=raw,file.driver=host_device,file.filename={}",
+            dev.0
+        ))
+        .output()
+        .expect("qemu-io");
+    assert!(
+        stderr_of(&out).contains("Failed to get \"write\" lock"),
+        "{}",
+        stderr_of(&out)
+    );
+    drop(node);
+    for n in graph.drain() {
+        n.driver().close().await.expect("close");
+    }
+    // What we wrote reached the backing file.
+    images.qemu_io(&["read -P 0x3c 4k 8k"]);
+}

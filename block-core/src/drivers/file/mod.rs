@@ -65,6 +65,9 @@ pub struct FileOptions {
     pub locking: Locking,
     /// `force-share`: share every permission with other processes (read-only nodes only).
     pub force_share: bool,
+    /// The node is a `host_device` (a block or character device) rather than a `file` (a
+    /// regular file); each driver refuses the other kind, as QEMU does.
+    pub host_device: bool,
     /// Never try `RWF_NOWAIT` inline; every request goes to the blocking pool (for
     /// benchmarks and for hosts where `RWF_NOWAIT` misbehaves).
     pub no_inline: bool,
@@ -91,6 +94,12 @@ pub enum OpenError {
         #[source]
         source: io::Error,
     },
+    /// `driver=file` was given something else than a regular file.
+    #[error("'file' driver requires '{0}' to be a regular file")]
+    NotRegular(String),
+    /// `driver=host_device` was given something else than a device.
+    #[error("'host_device' driver requires '{0}' to be either a character or block device")]
+    NotDevice(String),
     /// The image is in use by another process, or locking failed.
     #[error(transparent)]
     Lock(#[from] LockError),
@@ -158,7 +167,14 @@ impl FileDriver {
             path: path.clone(),
             source,
         })?;
-        let block_device = meta.file_type().is_block_device();
+        let file_type = meta.file_type();
+        let block_device = file_type.is_block_device();
+        if opts.host_device && !(block_device || file_type.is_char_device()) {
+            return Err(OpenError::NotDevice(path));
+        }
+        if !opts.host_device && !file_type.is_file() {
+            return Err(OpenError::NotRegular(path));
+        }
         let size = if block_device {
             device_size(&file).map_err(|source| OpenError::Size {
                 path: path.clone(),
@@ -204,7 +220,7 @@ impl FileDriver {
             read_only,
             direct: opts.direct,
             no_flush: opts.no_flush,
-            block_device,
+            block_device: opts.host_device,
             align,
             size: AtomicU64::new(size),
             nowait_read: AtomicBool::new(!opts.direct && !opts.no_inline),
@@ -213,7 +229,7 @@ impl FileDriver {
         })
     }
 
-    /// Whether the node is a host block device.
+    /// Whether the node is a `host_device` (a block or character device).
     pub fn is_block_device(&self) -> bool {
         self.block_device
     }
