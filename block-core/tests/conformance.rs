@@ -683,6 +683,10 @@ async fn node_info_has_the_shape_of_qsd() {
     );
     assert_eq!(info["image"]["backing-image"]["format"], "qcow2");
     assert_eq!(info["backing_file"], images.path("base.qcow2"));
+    let out = run("qemu-img", &["info", "-U", "--output=json", &images.top()]);
+    let qemu: Value = serde_json::from_slice(&out.stdout).expect("qemu-img info JSON");
+    assert_eq!(info["image"]["format-specific"], qemu["format-specific"]);
+    assert_eq!(info["image"]["dirty-flag"], qemu["dirty-flag"]);
     let flat = open::node_info(&stack.node, true);
     assert!(flat["image"].get("backing-image").is_none());
     assert_eq!(flat["backing_file_depth"], 0);

@@ -264,6 +264,7 @@ pub struct Qcow2Opener {
     file: Arc<Node>,
     read_only: bool,
     cluster_size: u64,
+    facts: HeaderFacts,
 }
 
 impl fmt::Debug for Qcow2Opener {
@@ -301,6 +302,7 @@ impl Qcow2Opener {
             file,
             read_only,
             cluster_size,
+            facts,
         } = self;
         let backing_layer = match &backing {
             None => None,
@@ -339,6 +341,7 @@ impl Qcow2Opener {
             cluster_size,
             backing_file,
             backing_format,
+            facts,
         })
     }
 }
@@ -355,6 +358,90 @@ pub struct Qcow2Driver {
     cluster_size: u64,
     backing_file: Option<String>,
     backing_format: Option<String>,
+    facts: HeaderFacts,
+}
+
+/// How many bytes of the header [`HeaderFacts::parse`] looks at.
+const HEADER_FACTS_LEN: usize = 105;
+
+/// What `query-named-block-nodes` reports from a qcow2 header (read when the node opens).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HeaderFacts {
+    version: u32,
+    cluster_bits: u32,
+    incompatible: u64,
+    compatible: u64,
+    refcount_order: u32,
+    compression_type: u8,
+}
+
+impl HeaderFacts {
+    /// Parses the start of a qcow2 header (`docs/interop/qcow2.txt` in QEMU); `None` when
+    /// the magic is wrong or the buffer too short.
+    fn parse(h: &[u8]) -> Option<HeaderFacts> {
+        let u32_at = |o: usize| -> Option<u32> {
+            Some(u32::from_be_bytes(h.get(o..o + 4)?.try_into().ok()?))
+        };
+        let u64_at = |o: usize| -> Option<u64> {
+            Some(u64::from_be_bytes(h.get(o..o + 8)?.try_into().ok()?))
+        };
+        if h.get(..4)? != b"QFI\xfb" {
+            return None;
+        }
+        let version = u32_at(4)?;
+        let cluster_bits = u32_at(20)?;
+        if version < 3 {
+            return Some(HeaderFacts {
+                version,
+                cluster_bits,
+                incompatible: 0,
+                compatible: 0,
+                refcount_order: 4,
+                compression_type: 0,
+            });
+        }
+        let header_length = u32_at(100)?;
+        Some(HeaderFacts {
+            version,
+            cluster_bits,
+            incompatible: u64_at(72)?,
+            compatible: u64_at(80)?,
+            refcount_order: u32_at(96)?,
+            compression_type: if header_length > 104 { *h.get(104)? } else { 0 },
+        })
+    }
+
+    /// `dirty-flag`: incompatible feature bit 0.
+    fn dirty(&self) -> bool {
+        self.incompatible & 1 != 0
+    }
+
+    /// QAPI `ImageInfoSpecific` of type `qcow2`, shaped as QEMU reports it.
+    fn format_specific(&self) -> serde_json::Value {
+        let compression = if self.compression_type == 1 {
+            "zstd"
+        } else {
+            "zlib"
+        };
+        let refcount_bits = 1u64.checked_shl(self.refcount_order).unwrap_or(0);
+        let data = if self.version < 3 {
+            serde_json::json!({
+                "compat": "0.10",
+                "compression-type": compression,
+                "refcount-bits": refcount_bits,
+            })
+        } else {
+            serde_json::json!({
+                "compat": "1.1",
+                "compression-type": compression,
+                "lazy-refcounts": self.compatible & 1 != 0,
+                "refcount-bits": refcount_bits,
+                "corrupt": self.incompatible & 2 != 0,
+                "extended-l2": self.incompatible & 16 != 0,
+            })
+        };
+        serde_json::json!({"type": "qcow2", "data": data})
+    }
 }
 
 /// What one shallow mapping says, without imago's borrowed references.
@@ -370,22 +457,17 @@ impl Qcow2Driver {
     /// backing node the header or the options name and calls [`Qcow2Opener::finish`]).
     pub async fn open(file: Arc<Node>, read_only: bool) -> Result<Qcow2Opener, Qcow2Error> {
         let worker = Worker::spawn(format!("qcow2 {}", file.name())).map_err(Qcow2Error::Worker)?;
-        let mut header = [0u8; 24];
-        if file.size() >= 24 {
-            file.read(0, &mut header)
-                .await
-                .map_err(|e| Qcow2Error::Open {
-                    node: file.name().to_string(),
-                    source: to_io(e),
-                })?;
-        }
-        if &header[..4] != b"QFI\xfb" {
-            return Err(Qcow2Error::Unsupported(
-                "Image is not in qcow2 format".into(),
-            ));
-        }
-        let cluster_bits = u32::from_be_bytes([header[20], header[21], header[22], header[23]]);
-        let cluster_size = 1u64.checked_shl(cluster_bits).unwrap_or(0);
+        let mut header = [0u8; HEADER_FACTS_LEN];
+        let n = file.size().min(HEADER_FACTS_LEN as u64) as usize;
+        file.read(0, &mut header[..n])
+            .await
+            .map_err(|e| Qcow2Error::Open {
+                node: file.name().to_string(),
+                source: to_io(e),
+            })?;
+        let facts = HeaderFacts::parse(&header[..n])
+            .ok_or_else(|| Qcow2Error::Unsupported("Image is not in qcow2 format".into()))?;
+        let cluster_size = 1u64.checked_shl(facts.cluster_bits).unwrap_or(0);
         let storage = NodeStorage::new(Arc::clone(&file));
         let qcow2 = worker
             .run(move || async move {
@@ -413,6 +495,7 @@ impl Qcow2Driver {
             file,
             read_only,
             cluster_size,
+            facts,
         })
     }
 
@@ -512,8 +595,8 @@ impl BlockDriver for Qcow2Driver {
             cluster_size: Some(self.cluster_size),
             backing_filename: self.backing_file.clone(),
             backing_format: self.backing_format.clone(),
-            dirty_flag: Some(false),
-            format_specific: None,
+            dirty_flag: Some(self.facts.dirty()),
+            format_specific: Some(self.facts.format_specific()),
         }
     }
 
@@ -659,5 +742,41 @@ impl BlockDriver for Qcow2Driver {
             .map_err(|e| Self::err("resizing qcow2", e))?;
         self.size.store(size, Ordering::Release);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_facts() {
+        let mut h = vec![0u8; HEADER_FACTS_LEN];
+        h[..4].copy_from_slice(b"QFI\xfb"); // magic
+        h[4..8].copy_from_slice(&3u32.to_be_bytes()); // version 3
+        h[20..24].copy_from_slice(&16u32.to_be_bytes()); // cluster_bits: 64 KiB
+        h[72..80].copy_from_slice(&(2u64 | 1).to_be_bytes()); // incompatible: corrupt, dirty
+        h[80..88].copy_from_slice(&1u64.to_be_bytes()); // compatible: lazy refcounts
+        h[96..100].copy_from_slice(&4u32.to_be_bytes()); // refcount_order: 16 bits
+        h[100..104].copy_from_slice(&112u32.to_be_bytes()); // header_length
+        h[104] = 1; // compression type: zstd
+        let f = HeaderFacts::parse(&h).expect("valid header");
+        assert_eq!(f.cluster_bits, 16);
+        assert!(f.dirty());
+        assert_eq!(
+            f.format_specific(),
+            serde_json::json!({"type": "qcow2", "data": {
+                "compat": "1.1", "compression-type": "zstd", "lazy-refcounts": true,
+                "refcount-bits": 16, "corrupt": true, "extended-l2": false}})
+        );
+        // Version 2 stops at byte 72: its defaults.
+        h[4..8].copy_from_slice(&2u32.to_be_bytes());
+        let f = HeaderFacts::parse(&h[..72]).expect("v2 header");
+        assert_eq!(f.format_specific()["data"]["compat"], "0.10");
+        assert!(!f.dirty());
+        // Wrong magic, short buffers.
+        assert_eq!(HeaderFacts::parse(b"QFI"), None);
+        h[0] = b'X';
+        assert_eq!(HeaderFacts::parse(&h), None);
     }
 }
