@@ -100,8 +100,9 @@ impl Export {
     /// The transmission flags, as QEMU 10 sets them: flush, FUA and cache always;
     /// multi-conn unless the server allows a single connection; trim, write-zeroes and
     /// fast-zero when writable, else read-only; DF once structured replies are on;
-    /// block-status payload with extended headers when contexts were selected.
-    pub(crate) fn transmission_flags(&self, structured: bool, extended_with_contexts: bool) -> u16 {
+    /// block-status payload as the caller decides (extended headers and contexts, or
+    /// `NBD_OPT_INFO` with extended headers).
+    pub(crate) fn transmission_flags(&self, structured: bool, block_status_payload: bool) -> u16 {
         let mut flags = tf::HAS_FLAGS | tf::SEND_FLUSH | tf::SEND_FUA | tf::SEND_CACHE;
         if self.multi_conn {
             flags |= tf::CAN_MULTI_CONN;
@@ -114,7 +115,7 @@ impl Export {
         if structured {
             flags |= tf::SEND_DF;
         }
-        if extended_with_contexts {
+        if block_status_payload {
             flags |= tf::BLOCK_STAT_PAYLOAD;
         }
         flags

@@ -311,11 +311,14 @@ impl Negotiator {
         }
     }
 
-    fn session(&self, export: Arc<Export>) -> Session {
+    /// The session `option` would enter. `NBD_FLAG_BLOCK_STATUS_PAYLOAD` "SHOULD NOT [be
+    /// advertised] in response to NBD_OPT_GO if the client does not negotiate metacontexts";
+    /// like QEMU, it is always shown to `NBD_OPT_INFO` with extended headers.
+    fn session(&self, export: Arc<Export>, option: OptionCode) -> Session {
         let contexts = self.contexts_for(&export.name);
         let flags = export.transmission_flags(
             self.mode >= Mode::Structured,
-            self.mode >= Mode::Extended && !contexts.is_empty(),
+            self.mode >= Mode::Extended && (!contexts.is_empty() || option == OptionCode::INFO),
         );
         Session {
             size: export.size(),
@@ -344,7 +347,7 @@ impl Negotiator {
                 sanitize(&name)
             )));
         };
-        let session = self.session(export);
+        let session = self.session(export, OptionCode::EXPORT_NAME);
         out.extend_from_slice(&session.size.to_be_bytes());
         out.extend_from_slice(&session.flags.to_be_bytes());
         if !self.no_zeroes {
@@ -403,7 +406,7 @@ impl Negotiator {
         d.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
         encode_option_reply(out, option, ReplyType::INFO, &d);
 
-        let session = self.session(export);
+        let session = self.session(export, option);
         let mut d = InfoType::EXPORT.0.to_be_bytes().to_vec();
         d.extend_from_slice(&session.size.to_be_bytes());
         d.extend_from_slice(&session.flags.to_be_bytes());
@@ -805,6 +808,27 @@ mod tests {
             &meta("a", &["base:allocation"]),
         );
         assert_eq!(r[0].1, ReplyType::META_CONTEXT);
+        // With extended headers, NBD_OPT_INFO shows BLOCK_STAT_PAYLOAD (as QEMU does);
+        // NBD_OPT_GO only once contexts are selected for the export.
+        let mut e = Negotiator::new(3).unwrap();
+        opt(&mut e, &ex, OptionCode::EXTENDED_HEADERS, &[]);
+        let export_flags = |r: &[(u32, ReplyType, Vec<u8>)]| {
+            let info = r
+                .iter()
+                .find(|x| x.1 == ReplyType::INFO && x.2[..2] == [0, 0])
+                .unwrap();
+            u16::from_be_bytes([info.2[10], info.2[11]])
+        };
+        let (_, r) = opt(&mut e, &ex, OptionCode::INFO, &go("a"));
+        assert_ne!(
+            export_flags(&r) & proto::transmission_flags::BLOCK_STAT_PAYLOAD,
+            0
+        );
+        let (_, r) = opt(&mut e, &ex, OptionCode::GO, &go("a"));
+        assert_eq!(
+            export_flags(&r) & proto::transmission_flags::BLOCK_STAT_PAYLOAD,
+            0
+        );
         // GO to another export: no contexts.
         let (step, r) = opt(&mut n, &ex, OptionCode::GO, &go("b"));
         assert_eq!(r.last().unwrap().1, ReplyType::ACK);

@@ -389,3 +389,28 @@ fn tcp_listener_serves_qemu_io() {
     qemu_io(&uri, &["write -P 0x42 4k 4k", "read -P 0x42 4k 4k"]);
     assert!(t.disk.contents()[4096..8192].iter().all(|&b| b == 0x42));
 }
+
+/// `qemu-nbd --list` shows what QEMU's client negotiates (extended headers: "transaction
+/// size: 64-bit") and the flags; the expected text is what QSD 10 prints for the same export.
+#[test]
+fn qemu_nbd_list_matches_qsd() {
+    if !have("qemu-nbd") {
+        return;
+    }
+    let t = TestServer::default_with(MIB);
+    let out = run(Command::new("qemu-nbd").args(["--list", "-k", t.socket.to_str().unwrap()]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let expected = "exports available: 1
+ export: 'e'
+  description: a test export
+  size:  1048576
+  flags: 0x1ded ( flush fua trim zeroes df multi cache fast-zero block-status-payload )
+  min block: 1
+  opt block: 4096
+  max block: 33554432
+  transaction size: 64-bit
+  available meta contexts: 1
+   base:allocation
+";
+    assert_eq!(text, expected);
+}
