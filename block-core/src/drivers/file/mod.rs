@@ -181,7 +181,9 @@ impl FileDriver {
                 source,
             })?
         } else {
-            meta.len()
+            // QEMU counts sizes in 512-byte sectors: a file's size is rounded up, and the
+            // tail beyond its end reads as zeroes.
+            meta.len().div_ceil(512) * 512
         };
         let align = if opts.direct {
             logical_block_size(&file).unwrap_or(512).max(512)
@@ -742,7 +744,8 @@ impl BlockDriver for FileDriver {
         }
         self.blocking("resizing", move |f| f.set_len(new_size))
             .await?;
-        self.size.store(new_size, Ordering::Release);
+        self.size
+            .store(new_size.div_ceil(512) * 512, Ordering::Release);
         Ok(())
     }
 }
