@@ -441,3 +441,59 @@ fn safe_removal_without_clients_and_name_reuse() {
     s.write_all(b"abcd").unwrap();
     assert_eq!(read_simple_reply(&mut s), (1, 1), "NBD_EPERM");
 }
+
+#[test]
+fn replies_come_back_out_of_order() {
+    let mut disk = MemDisk::new(MIB);
+    disk.gated_offset = Some(65536);
+    disk.fill(0, b"first");
+    let t = TestServer::start(disk, ServerConfig::default(), true);
+    let mut s = t.connect();
+    raw_greet(&mut s);
+    raw_go(&mut s, "e");
+    // Cookie 1 waits in the driver; cookies 2..=5 are served meanwhile.
+    send_request(&mut s, 0, 0, 1, 65536, 5);
+    for cookie in 2..=5 {
+        send_request(&mut s, 0, 0, cookie, 0, 5);
+    }
+    for cookie in 2..=5 {
+        assert_eq!(read_simple_reply(&mut s), (0, cookie));
+        let mut b = [0u8; 5];
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"first");
+    }
+    t.disk.gate.add_permits(1);
+    assert_eq!(read_simple_reply(&mut s), (0, 1));
+    let mut b = [1u8; 5];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(b, [0; 5]);
+}
+
+#[test]
+fn hard_removal_finishes_requests_in_flight() {
+    let mut disk = MemDisk::new(MIB);
+    disk.gated_offset = Some(4096);
+    let t = TestServer::start(disk, ServerConfig::default(), true);
+    let mut s = t.connect();
+    raw_greet(&mut s);
+    raw_go(&mut s, "e");
+    send_request(&mut s, 0, 0, 1, 4096, 16);
+    // The request is in flight once a later one has been answered.
+    send_request(&mut s, 0, 3, 2, 0, 0);
+    assert_eq!(read_simple_reply(&mut s), (0, 2));
+    let gone = t.server.remove_export("e", RemoveMode::Hard).unwrap();
+    assert_eq!(
+        t.node.users().len(),
+        1,
+        "still held by the request in flight"
+    );
+    t.disk.gate.add_permits(1);
+    // Its reply still arrives, then the connection closes.
+    assert_eq!(read_simple_reply(&mut s), (0, 1));
+    let mut b = [1u8; 16];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(b, [0; 16]);
+    assert!(is_closed(&mut s));
+    t.runtime.block_on(gone);
+    assert!(t.node.users().is_empty());
+}

@@ -21,6 +21,9 @@ pub struct MemDisk {
     state: RwLock<(Vec<u8>, Vec<bool>)>,
     alignment: u32,
     read_only: bool,
+    /// Reads at this offset wait for a permit of `gate` (to hold a request in flight).
+    pub gated_offset: Option<u64>,
+    pub gate: tokio::sync::Semaphore,
 }
 
 impl MemDisk {
@@ -34,6 +37,8 @@ impl MemDisk {
             state: RwLock::new((vec![0; size as usize], vec![false; blocks])),
             alignment,
             read_only,
+            gated_offset: None,
+            gate: tokio::sync::Semaphore::new(0),
         }
     }
 
@@ -92,6 +97,9 @@ impl BlockDriver for MemDisk {
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> block_core::Result<()> {
+        if self.gated_offset == Some(offset) {
+            self.gate.acquire().await.unwrap().forget();
+        }
         let s = self.state.read().unwrap();
         buf.copy_from_slice(&s.0[offset as usize..offset as usize + buf.len()]);
         Ok(())
