@@ -33,6 +33,7 @@ pub enum RemoveMode {
 
 /// A future that resolves when a removed export's last client has disconnected and its last
 /// request is done; the node's attachment is released by then.
+#[must_use = "the future does nothing unless awaited; drop it to not wait"]
 pub struct ExportGone {
     inner: Pin<Box<dyn Future<Output = ()> + Send>>,
 }

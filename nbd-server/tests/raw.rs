@@ -497,3 +497,21 @@ fn hard_removal_finishes_requests_in_flight() {
     t.runtime.block_on(gone);
     assert!(t.node.users().is_empty());
 }
+
+#[test]
+fn option_longer_than_32_mib_ends_the_handshake() {
+    let t = TestServer::default_with(MIB);
+    let mut s = t.connect();
+    raw_greet(&mut s);
+    let mut m = Vec::new();
+    m.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    m.extend_from_slice(&6u32.to_be_bytes());
+    m.extend_from_slice(&((32u32 << 20) + 1).to_be_bytes());
+    s.write_all(&m).unwrap();
+    assert!(is_closed(&mut s));
+    // Bad option magic ends it too.
+    let mut s = t.connect();
+    raw_greet(&mut s);
+    s.write_all(&[0u8; 16]).unwrap();
+    assert!(is_closed(&mut s));
+}
