@@ -31,7 +31,9 @@
 //! struct per variant (discriminator included) and dispatch on the
 //! discriminator first.
 
+use std::cell::Cell;
 use std::fmt::{self, Display};
+use std::rc::Rc;
 
 use serde::de::{
     self, DeserializeOwned, DeserializeSeed, EnumAccess, Expected, IntoDeserializer, MapAccess,
@@ -109,12 +111,70 @@ pub fn parse_arguments<T: DeserializeOwned>(args: Map<String, Value>) -> Result<
 /// Deserialises any JSON value into `T` with QAPI's checks; the value itself
 /// has no name (errors about it say `null`, as QEMU does for anonymous values).
 pub fn from_value<T: DeserializeOwned>(value: Value) -> Result<T, ArgumentError> {
+    from_value_at(value, "")
+}
+
+/// Like [`from_value`] for a value found at `path` in the arguments (e.g.
+/// `"addr.data"`), so that errors name members by their full path:
+/// `Parameter 'addr.data.path' is missing`. Use it for the branch of a QAPI
+/// union after looking at its discriminator.
+pub fn from_value_at<T: DeserializeOwned>(value: Value, path: &str) -> Result<T, ArgumentError> {
+    // A list element has no name of its own (QEMU says 'null').
+    let name = path
+        .rsplit('.')
+        .next()
+        .filter(|n| !n.is_empty() && !n.ends_with(']'))
+        .map(str::to_string);
     let de = ValueDe {
         value,
+        path: path.to_string(),
+        name,
+        capture: None,
+    };
+    T::deserialize(de).map_err(|e| e.locate(path, None).into_argument_error())
+}
+
+/// Deserialises the *base* of a QAPI flat union (the common members and the
+/// discriminator, declared by the struct `B`) and returns it with the members
+/// `B` does not declare, for the caller to parse as the variant chosen by
+/// the discriminator with [`parse_arguments`]. Unknown members are then
+/// reported by that second step, as QAPI reports them after the variant's.
+///
+/// ```
+/// # use qmp_server::{parse_arguments, parse_base};
+/// #[derive(serde::Deserialize)]
+/// #[serde(rename_all = "kebab-case")]
+/// enum Kind { Nbd, Fuse }
+/// #[derive(serde::Deserialize)]
+/// struct Base { id: String, #[serde(rename = "type")] kind: Kind }
+/// #[derive(serde::Deserialize)]
+/// struct Nbd { name: Option<String> }
+///
+/// let serde_json::Value::Object(args) = serde_json::json!(
+///     {"id": "e0", "type": "nbd", "name": "x", "bogus": 1}) else { unreachable!() };
+/// let (base, rest) = parse_base::<Base>(args).unwrap();
+/// assert!(matches!(base.kind, Kind::Nbd));
+/// let err = parse_arguments::<Nbd>(rest).err().unwrap();
+/// assert_eq!(err.desc, "Parameter 'bogus' is unexpected");
+/// ```
+pub fn parse_base<B: DeserializeOwned>(
+    args: Map<String, Value>,
+) -> Result<(B, Map<String, Value>), QmpError> {
+    let captured = Rc::new(Cell::new(&[][..]));
+    let de = ValueDe {
+        value: Value::Object(args.clone()),
         path: String::new(),
         name: None,
+        capture: Some(captured.clone()),
     };
-    T::deserialize(de).map_err(|e| e.locate("", None).into_argument_error())
+    let base =
+        B::deserialize(de).map_err(|e| QmpError::from(e.locate("", None).into_argument_error()))?;
+    let declared = captured.get();
+    let rest = args
+        .into_iter()
+        .filter(|(k, _)| !declared.contains(&k.as_str()))
+        .collect();
+    Ok((base, rest))
 }
 
 /// An error while deserialising: either located, or raised by serde without
@@ -248,6 +308,9 @@ struct ValueDe {
     value: Value,
     path: String,
     name: Option<String>,
+    /// Set for the top level of [`parse_base`]: record the struct's declared
+    /// members instead of refusing the others.
+    capture: Option<Rc<Cell<&'static [&'static str]>>>,
 }
 
 impl ValueDe {
@@ -497,9 +560,15 @@ impl<'de> de::Deserializer<'de> for ValueDe {
             Value::Object(m) => {
                 // QAPI refuses members a struct does not declare; it reports
                 // them after the declared members were checked.
-                let unknown = qdict_keys(&m)
-                    .find(|k| !fields.contains(&k.as_str()))
-                    .cloned();
+                let unknown = match &self.capture {
+                    Some(c) => {
+                        c.set(fields);
+                        None
+                    }
+                    None => qdict_keys(&m)
+                        .find(|k| !fields.contains(&k.as_str()))
+                        .cloned(),
+                };
                 let r = visitor.visit_map(ObjectAccess::new(m, &self.path));
                 let v = r.map_err(|e| e.locate(&self.path, self.name.as_deref()))?;
                 match unknown {
@@ -577,6 +646,7 @@ impl<'de> SeqAccess<'de> for &mut ArrayAccess {
                     value,
                     path: format!("{}[{i}]", self.path),
                     name: None,
+                    capture: None,
                 })
                 .map(Some),
             None => Ok(None),
@@ -630,6 +700,7 @@ impl<'de> MapAccess<'de> for ObjectAccess {
             value,
             path: join(&self.path, &k),
             name: Some(k),
+            capture: None,
         })
     }
 
@@ -664,6 +735,7 @@ impl<'de> EnumAccess<'de> for TaggedEnum {
                 value,
                 path: join(&self.path, &k),
                 name: Some(k),
+                capture: None,
             },
         ))
     }
@@ -904,6 +976,99 @@ mod tests {
         assert!(matches!(s.modes.as_deref(), Some([Mode::Hard])));
         let v: Value = from_value(json!({"any": [1, "x", null]})).unwrap();
         assert_eq!(v, json!({"any": [1, "x", null]}));
+    }
+
+    #[test]
+    fn flat_union_base_then_variant() {
+        #[derive(Debug, Deserialize)]
+        #[serde(rename_all = "kebab-case")]
+        enum Kind {
+            Nbd,
+            Fuse,
+        }
+        #[derive(Debug, Deserialize)]
+        #[serde(rename_all = "kebab-case")]
+        #[allow(dead_code)]
+        struct Base {
+            id: String,
+            #[serde(rename = "type")]
+            kind: Kind,
+            node_name: String,
+            writable: Option<bool>,
+        }
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct Nbd {
+            name: Option<String>,
+        }
+        fn obj(v: Value) -> Map<String, Value> {
+            let Value::Object(m) = v else { panic!() };
+            m
+        }
+        let (base, rest) = parse_base::<Base>(obj(
+            json!({"id": "e", "type": "nbd", "node-name": "n", "name": "x"}),
+        ))
+        .unwrap();
+        assert!(matches!(base.kind, Kind::Nbd));
+        assert_eq!(Value::Object(rest.clone()), json!({"name": "x"}));
+        assert_eq!(
+            parse_arguments::<Nbd>(rest).unwrap().name.as_deref(),
+            Some("x")
+        );
+        // As observed from QSD's block-export-add.
+        let e = |v| parse_base::<Base>(obj(v)).unwrap_err().desc;
+        assert_eq!(
+            e(json!({"id": "e", "node-name": "n"})),
+            "Parameter 'type' is missing"
+        );
+        assert_eq!(
+            e(json!({"type": "nbd", "node-name": "n"})),
+            "Parameter 'id' is missing"
+        );
+        assert_eq!(
+            e(json!({"id": "e", "type": "bogus", "node-name": "n"})),
+            "Parameter 'type' does not accept value 'bogus'"
+        );
+        assert_eq!(
+            e(json!({"id": "e", "type": "fuse", "node-name": "n", "writable": "yes"})),
+            "Invalid parameter type for 'writable', expected: boolean"
+        );
+        let (_, rest) = parse_base::<Base>(obj(
+            json!({"id": "e", "type": "nbd", "node-name": "n", "q": 1}),
+        ))
+        .unwrap();
+        assert_eq!(
+            parse_arguments::<Nbd>(rest).unwrap_err().desc,
+            "Parameter 'q' is unexpected"
+        );
+    }
+
+    #[test]
+    fn values_at_a_path() {
+        assert_eq!(
+            from_value_at::<UnixData>(json!({}), "addr.data")
+                .unwrap_err()
+                .to_string(),
+            "Parameter 'addr.data.path' is missing"
+        );
+        assert_eq!(
+            from_value_at::<UnixData>(json!(1), "addr.data")
+                .unwrap_err()
+                .to_string(),
+            "Invalid parameter type for 'addr.data', expected: object"
+        );
+        assert_eq!(
+            from_value_at::<Mode>(json!("x"), "modes[0]")
+                .unwrap_err()
+                .to_string(),
+            "Parameter 'null' does not accept value 'x'"
+        );
+        assert_eq!(
+            from_value_at::<Mode>(json!("x"), "mode")
+                .unwrap_err()
+                .to_string(),
+            "Parameter 'mode' does not accept value 'x'"
+        );
     }
 
     #[test]

@@ -58,7 +58,7 @@ mod server;
 pub mod stream;
 pub mod writer;
 
-pub use args::{from_value, parse_arguments, ArgumentError};
+pub use args::{from_value, from_value_at, parse_arguments, parse_base, ArgumentError};
 pub use error::{ErrorClass, QmpError};
 pub use server::{EventSender, MonitorOptions, QmpServer, ServerLimits, VersionInfo};
 pub use stream::{JsonStream, StreamError, StreamLimits};

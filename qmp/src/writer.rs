@@ -11,7 +11,7 @@
 //!   (upper-case hex, surrogate pairs beyond the BMP); `/` is not escaped;
 //! - doubles as C's `%.17g` (`1500`, `0.10000000000000001`, `1e+300`);
 //! - every `\n` the monitor writes becomes `\r\n` (QEMU's `monitor_puts`),
-//!   done by [`to_wire`].
+//!   done when a message is sent, not by [`to_qemu_json`].
 
 use serde_json::{Map, Number, Value};
 use std::fmt::Write as _;
