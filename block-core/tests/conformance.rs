@@ -1068,3 +1068,55 @@ async fn query_named_block_nodes_matches_qsd() {
         }
     }
 }
+
+#[tokio::test]
+async fn fast_zeroes_and_a_dropped_qcow2_keeps_its_data() {
+    if !have_tools() {
+        return;
+    }
+    // fast write-zeroes: file (fallocate) and aligned qcow2 ranges are fast; an unaligned
+    // qcow2 range would need writing zeroes, so it is refused with NotFast (ENOTSUP).
+    let fast = ZeroFlags {
+        fast: true,
+        ..ZeroFlags::default()
+    };
+    for kind in [Kind::File, Kind::Qcow2] {
+        let images = Images::create(kind);
+        let stack = images.open(false).await;
+        stack
+            .node
+            .write_zeroes(65536, 65536, fast)
+            .await
+            .unwrap_or_else(|e| panic!("{kind:?}: aligned fast zeroes: {e}"));
+        if kind == Kind::Qcow2 {
+            let err = stack
+                .node
+                .write_zeroes(1000, 4096, fast)
+                .await
+                .expect_err("unaligned fast zeroes on qcow2");
+            assert!(matches!(err, BlockError::NotFast), "{err}");
+            assert_eq!(err.errno(), libc::ENOTSUP);
+        }
+        stack.close().await;
+    }
+
+    // A writable qcow2 node dropped without close still gets its metadata written.
+    let images = Images::create(Kind::Qcow2);
+    {
+        let stack = images.open(false).await;
+        stack
+            .node
+            .write(0, &[0x42; 131072], WriteFlags::default())
+            .await
+            .expect("write");
+        drop(stack);
+    }
+    // Dropping waited for the flush, and closed the file (releasing its lock).
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "read -P 0x42 0 128k", &images.top()])
+        .output()
+        .expect("qemu-io");
+    let ok = out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed");
+    assert!(ok, "data written before the drop is readable by qemu-io");
+    run("qemu-img", &["check", "-q", &images.top()]);
+}

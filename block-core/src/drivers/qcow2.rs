@@ -222,9 +222,22 @@ impl Worker {
         std::thread::Builder::new().name(name).spawn(move || {
             let local = tokio::task::LocalSet::new();
             local.block_on(&rt, async move {
-                while let Some(job) = rx.recv().await {
-                    tokio::task::spawn_local(job());
+                let mut running = tokio::task::JoinSet::new();
+                loop {
+                    tokio::select! {
+                        job = rx.recv() => match job {
+                            Some(job) => {
+                                running.spawn_local(job());
+                            }
+                            None => break,
+                        },
+                        // Reap finished tasks so that the set does not grow.
+                        Some(_) = running.join_next(), if !running.is_empty() => {}
+                    }
                 }
+                // Every sender is gone: let the jobs already queued (such as the final
+                // flush sent by `Drop`) finish before the thread ends.
+                while running.join_next().await.is_some() {}
             });
         })?;
         Ok(Worker { tx })
@@ -342,6 +355,7 @@ impl Qcow2Opener {
             backing_file,
             backing_format,
             facts,
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }
@@ -359,6 +373,37 @@ pub struct Qcow2Driver {
     backing_file: Option<String>,
     backing_format: Option<String>,
     facts: HeaderFacts,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for Qcow2Driver {
+    fn drop(&mut self) {
+        // A writable image dropped without `close`: still write its cached metadata out,
+        // and wait for it (the flush runs on the worker thread, never on the caller's).
+        if !self.read_only && !self.closed.load(Ordering::Acquire) {
+            tracing::warn!(
+                "qcow2 node on '{}' dropped without close: flushing",
+                self.file.name()
+            );
+            let st = Arc::clone(&self.state);
+            let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<()>(1);
+            let job: Job = Box::new(move || {
+                Box::pin(async move {
+                    {
+                        let acc = st.access.read().await;
+                        if let Err(e) = acc.flush().await {
+                            tracing::error!("flushing a dropped qcow2 image: {e}");
+                        }
+                    }
+                    drop(st);
+                    let _ = done_tx.send(());
+                })
+            });
+            if self.worker.tx.send(job).is_ok() {
+                let _ = done_rx.recv();
+            }
+        }
+    }
 }
 
 /// How many bytes of the header [`HeaderFacts::parse`] looks at.
@@ -725,6 +770,12 @@ impl BlockDriver for Qcow2Driver {
                 },
             },
         })
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.flush_metadata().await?;
+        self.closed.store(true, Ordering::Release);
+        Ok(())
     }
 
     async fn resize(&self, new_size: u64) -> Result<()> {
