@@ -900,4 +900,30 @@ mod tests {
         assert!(matches!(step, Step::Abort));
         assert_eq!(r[0].1, ReplyType::ACK);
     }
+
+    proptest::proptest! {
+        /// Any sequence of options, with any data, gives replies or an end, never a panic;
+        /// every reply is well formed and answers the option asked.
+        #[test]
+        fn any_option_sequence(
+            client in 0u32..4,
+            options in proptest::collection::vec((0u32..14, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40), proptest::prelude::any::<bool>()), 0..12),
+        ) {
+            let ex = exports();
+            let Ok(mut n) = Negotiator::new(client) else { return Ok(()) };
+            for (code, data, drained) in options {
+                let mut out = Vec::new();
+                let d = if drained { OptionData::Drained } else { OptionData::Read(&data) };
+                let step = n.on_option(OptionCode(code), d, &ex, &mut out);
+                if code != OptionCode::EXPORT_NAME.0 || !matches!(step, Step::Go(_)) {
+                    for (opt, _, _) in replies(&out) {
+                        proptest::prop_assert_eq!(opt, code);
+                    }
+                }
+                if !matches!(step, Step::Continue) {
+                    break;
+                }
+            }
+        }
+    }
 }

@@ -1163,4 +1163,34 @@ mod tests {
             NbdErrno::EINVAL
         );
     }
+
+    proptest::proptest! {
+        /// Any header, with or without a payload, in any mode: an operation or a refusal,
+        /// never a panic; accepted operations lie within the export.
+        #[test]
+        fn validate_never_panics(
+            flags: u16, cmd in 0u16..12, offset: u64, length: u64,
+            payload in proptest::option::of(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..24)),
+            mode in 0usize..4, writable: bool, alignment in proptest::sample::select(vec![1u32, 512, 4096]),
+        ) {
+            let mode = [Mode::ExportName, Mode::Simple, Mode::Structured, Mode::Extended][mode];
+            let mut p = params(mode);
+            p.writable = writable;
+            p.alignment = alignment;
+            let h = hdr(Command(cmd), flags, offset, length);
+            match validate(&p, &h, payload.map(|v| BytesMut::from(&v[..]))) {
+                Ok(Op::Read { offset, len, .. })
+                | Ok(Op::Trim { offset, len, .. })
+                | Ok(Op::WriteZeroes { offset, len, .. })
+                | Ok(Op::BlockStatus { offset, len, .. }) => {
+                    proptest::prop_assert!(offset.checked_add(len).is_some_and(|e| e <= p.size));
+                }
+                Ok(Op::Write { offset, data, .. }) => {
+                    proptest::prop_assert!(writable);
+                    proptest::prop_assert!(offset + data.len() as u64 <= p.size);
+                }
+                Ok(Op::Flush) | Ok(Op::Cache) | Err(_) => {}
+            }
+        }
+    }
 }
