@@ -574,6 +574,159 @@ fn render_value(
 }
 
 // ---------------------------------------------------------------------------------------
+// QemuOpts syntax (--chardev, --monitor)
+// ---------------------------------------------------------------------------------------
+
+/// The result of [`parse_opts`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Opts {
+    /// The options, flat (QemuOpts has no nesting: `a.b` is just a name), every value a
+    /// string. When a name repeats, the last value wins, except for `id`, where QEMU
+    /// takes the first.
+    pub values: Object,
+    /// `help` or `?` was given (not as the first, implied, element): QEMU prints the
+    /// option's help and exits instead of using the options.
+    pub help: bool,
+    /// Deprecation warnings QEMU prints for short-form booleans (`server`, `nowait`).
+    /// Each is two lines: the warning, then the advice. QSD prints them as
+    /// `qemu-storage-daemon: --chardev ARG: warning: LINE1\nLINE2`.
+    pub warnings: Vec<String>,
+}
+
+/// One element of QemuOpts syntax: `(name, value, position of the next element)`,
+/// QEMU's `get_opt_name_value()`. `firstname` is the implied name for a first element
+/// without `=`; a value-less element otherwise is a flag: `name` means `name=on`,
+/// `noname` means `name=off`. Returns whether the element was a flag (and its `no`
+/// prefix) for the deprecation warning.
+fn opt_name_value(
+    input: &[u8],
+    pos: usize,
+    firstname: Option<&str>,
+) -> (String, String, usize, Option<&'static str>) {
+    let params = input.get(pos..).unwrap_or_default();
+    let len = params
+        .iter()
+        .position(|&c| c == b'=' || c == b',')
+        .unwrap_or(params.len());
+    // A value ends at a single ','; ",," stands for one comma.
+    let value_at = |mut i: usize| {
+        let mut value = Vec::new();
+        while let Some(&c) = input.get(i) {
+            if c == b',' {
+                if input.get(i + 1) != Some(&b',') {
+                    break;
+                }
+                i += 1;
+            }
+            value.push(c);
+            i += 1;
+        }
+        (lossy(&value), i)
+    };
+    let (name, value, mut next, flag) = if params.get(len) != Some(&b'=') {
+        if let Some(first) = firstname {
+            let (value, next) = value_at(pos);
+            (first.to_owned(), value, next, None)
+        } else {
+            let word = lossy(params.get(..len).unwrap_or_default());
+            let next = pos + len;
+            match word.strip_prefix("no") {
+                Some(rest) => (rest.to_owned(), "off".to_owned(), next, Some("no")),
+                None => (word, "on".to_owned(), next, Some("")),
+            }
+        }
+    } else {
+        let name = lossy(params.get(..len).unwrap_or_default());
+        let (value, next) = value_at(pos + len + 1);
+        (name, value, next, None)
+    };
+    if input.get(next) == Some(&b',') {
+        next += 1;
+    }
+    (name, value, next, flag)
+}
+
+/// QEMU's `id_wellformed()`: a letter, then letters, digits, `-`, `.`, `_`.
+fn id_wellformed(id: &str) -> bool {
+    let mut chars = id.bytes();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_'))
+}
+
+/// Parses `input` in QEMU's older QemuOpts syntax, which qemu-storage-daemon uses for
+/// `--chardev` (implied name `backend`) and `--monitor` (implied name `chardev`),
+/// unlike keyval:
+///
+/// - no nesting and no lists: names are flat (`addr.type` is one name);
+/// - the implied first value may contain `,,` (`socket,,x` means `socket,x`);
+/// - a later element without `=` is a boolean flag: `server` means `server=on`,
+///   `nowait` means `wait=off` (deprecated; see [`Opts::warnings`]);
+/// - `help` or `?` as such a flag requests help ([`Opts::help`]);
+/// - `id` is looked up first, with QEMU's quirks, and must be an identifier
+///   (`Parameter 'id' expects an identifier`).
+///
+/// Whether names are known and values well typed is for the caller to check against
+/// the option's own list (QEMU: `Invalid parameter 'x'`, `Parameter 'x' expects 'on'
+/// or 'off'`); [`coerce_paths`] helps with the latter.
+pub fn parse_opts(input: &str, implied_name: Option<&str>) -> Result<Opts, KeyvalError> {
+    let bytes = input.as_bytes();
+
+    // QEMU finds the id first, reading every element as a name=value or a flag
+    // (never as an implied value), and takes the first one.
+    let mut pos = 0;
+    let mut id = None;
+    while pos < bytes.len() {
+        let (name, value, next, _) = opt_name_value(bytes, pos, None);
+        pos = next;
+        if name == "id" {
+            id = Some(value);
+            break;
+        }
+    }
+    if let Some(id) = &id {
+        if !id_wellformed(id) {
+            return Err(KeyvalError::InvalidValue {
+                name: "id".to_owned(),
+                expected: "an identifier",
+            });
+        }
+    }
+
+    let mut opts = Opts::default();
+    let mut firstname = implied_name;
+    let mut pos = 0;
+    while pos < bytes.len() {
+        let (name, value, next, flag) = opt_name_value(bytes, pos, firstname);
+        pos = next;
+        firstname = None;
+        if let Some(prefix) = flag {
+            if prefix.is_empty() && (name == "help" || name == "?") {
+                opts.help = true;
+                return Ok(opts);
+            }
+            let advice = if name == "delay" {
+                format!(
+                    "Please use nodelay={} instead",
+                    if prefix.is_empty() { "off" } else { "on" }
+                )
+            } else {
+                format!("Please use {name}={value} instead")
+            };
+            opts.warnings.push(format!(
+                "short-form boolean option '{prefix}{name}' deprecated\n{advice}"
+            ));
+        }
+        if name != "id" {
+            opts.values.insert(name, Value::String(value));
+        }
+    }
+    if let Some(id) = id {
+        opts.values.insert("id".to_owned(), Value::String(id));
+    }
+    Ok(opts)
+}
+
+// ---------------------------------------------------------------------------------------
 // Typing
 // ---------------------------------------------------------------------------------------
 
@@ -583,7 +736,7 @@ fn render_value(
 pub enum Kind {
     /// `str` and enums: the string as is.
     Str,
-    /// `bool`: exactly `on` or `off`.
+    /// `bool`: `on`/`yes`/`true`/`y` or `off`/`no`/`false`/`n`.
     Bool,
     /// `int`/`int64`: C `strtoll()` with base 0 (decimal, `0x` hex, `0` octal).
     Int64,
@@ -682,12 +835,79 @@ pub fn coerce(name: &str, value: &Value, kind: Kind) -> Result<Value, KeyvalErro
     }
 }
 
-/// A keyval boolean: `on` or `off`, nothing else (QEMU's
-/// `qobject_input_type_bool_keyval()`).
+/// Converts, in place, the keyval strings at the given paths of `map` to their types,
+/// as QEMU's keyval visitor does while it walks its schema; the rest stays as it is.
+///
+/// A path is dotted (`addr.port`); a `*` segment stands for every element of a list
+/// (`rules.*.policy`). Absent paths are skipped, and so are values that are not
+/// strings (already typed, e.g. from JSON), except objects and lists where a scalar
+/// is wanted, which are an error as in QEMU. Error messages carry the full name
+/// (`addr.port`, `rules.1.policy`). The first failing path in `fields` order is
+/// reported.
+pub fn coerce_paths(map: &mut Object, fields: &[(&str, Kind)]) -> Result<(), KeyvalError> {
+    fn walk(
+        value: &mut Value,
+        segments: &[&str],
+        name: &mut Vec<String>,
+        kind: Kind,
+    ) -> Result<(), KeyvalError> {
+        let Some((first, rest)) = segments.split_first() else {
+            return match value {
+                Value::String(_) | Value::Object(_) | Value::Array(_) => {
+                    *value = coerce(&name.join("."), value, kind)?;
+                    Ok(())
+                }
+                _ => Ok(()),
+            };
+        };
+        match value {
+            Value::Object(map) => {
+                if let Some(v) = map.get_mut(*first) {
+                    name.push((*first).to_owned());
+                    walk(v, rest, name, kind)?;
+                    name.pop();
+                }
+                Ok(())
+            }
+            Value::Array(list) => {
+                let indexes: Vec<usize> = if *first == "*" {
+                    (0..list.len()).collect()
+                } else {
+                    first.parse().ok().into_iter().collect()
+                };
+                for i in indexes {
+                    if let Some(v) = list.get_mut(i) {
+                        name.push(i.to_string());
+                        walk(v, rest, name, kind)?;
+                        name.pop();
+                    }
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    for &(path, kind) in fields {
+        let segments: Vec<&str> = path.split('.').collect();
+        let Some((first, rest)) = segments.split_first() else {
+            continue;
+        };
+        if let Some(v) = map.get_mut(*first) {
+            let mut name = vec![(*first).to_owned()];
+            walk(v, rest, &mut name, kind)?;
+        }
+    }
+    Ok(())
+}
+
+/// A keyval boolean (QEMU's `qapi_bool_parse()`, which its keyval visitor uses):
+/// `on`, `yes`, `true`, `y` or `off`, `no`, `false`, `n`, case-sensitive. The error
+/// message names only `'on' or 'off'`.
 pub fn parse_bool(s: &str) -> Option<bool> {
     match s {
-        "on" => Some(true),
-        "off" => Some(false),
+        "on" | "yes" | "true" | "y" => Some(true),
+        "off" | "no" | "false" | "n" => Some(false),
         _ => None,
     }
 }
@@ -1550,10 +1770,120 @@ mod tests {
     }
 
     #[test]
+    fn opts_syntax() {
+        let o = parse_opts(
+            "socket,id=c,path=/tmp/x.sock,server,nowait",
+            Some("backend"),
+        )
+        .expect("parses");
+        assert_eq!(
+            Value::Object(o.values),
+            json!({"backend": "socket", "id": "c", "path": "/tmp/x.sock", "server": "on", "wait": "off"})
+        );
+        assert!(!o.help);
+        assert_eq!(
+            o.warnings,
+            vec![
+                "short-form boolean option 'server' deprecated\nPlease use server=on instead",
+                "short-form boolean option 'nowait' deprecated\nPlease use wait=off instead",
+            ]
+        );
+        let o = parse_opts("socket,,x,id=c,nodelay,delay", Some("backend")).expect("parses");
+        assert_eq!(o.values.get("backend"), Some(&json!("socket,x")));
+        assert_eq!(o.values.get("delay"), Some(&json!("on")));
+        assert_eq!(
+            o.warnings,
+            vec![
+                "short-form boolean option 'nodelay' deprecated\nPlease use nodelay=on instead",
+                "short-form boolean option 'delay' deprecated\nPlease use nodelay=off instead",
+            ]
+        );
+        // The first id wins; flat names; a doubled comma in a value.
+        let o = parse_opts("socket,id=c,id=d,a.b=1,wait=off,,", Some("backend")).expect("parses");
+        assert_eq!(
+            Value::Object(o.values),
+            json!({"backend": "socket", "id": "c", "a.b": "1", "wait": "off,"})
+        );
+        // QEMU's id pre-pass does not know about the implied value.
+        let o = parse_opts("a,,id=x", Some("backend")).expect("parses");
+        assert_eq!(
+            Value::Object(o.values),
+            json!({"backend": "a,id=x", "id": "x"})
+        );
+        assert!(parse_opts("socket,id=c,help", Some("backend")).is_ok_and(|o| o.help));
+        assert!(parse_opts("socket,id=c,?", Some("backend")).is_ok_and(|o| o.help));
+        // A first "help" is the implied value.
+        assert!(parse_opts("help", Some("backend")).is_ok_and(|o| !o.help));
+        assert_eq!(
+            parse_opts("socket,id=1c", Some("backend")).map_err(|e| e.to_string()),
+            Err("Parameter 'id' expects an identifier".to_owned())
+        );
+        assert_eq!(
+            parse_opts("c0", Some("chardev")).map(|o| Value::Object(o.values)),
+            Ok(json!({"chardev": "c0"}))
+        );
+        assert_eq!(
+            parse_opts("=1,,", None).map(|o| Value::Object(o.values)),
+            Ok(json!({"": "1,"}))
+        );
+    }
+
+    #[test]
+    fn coerce_by_paths() {
+        let mut m = parse(
+            "addr.type=inet,addr.port=0x10,addr.numeric=yes,max-connections=4,\
+             rules.0.match=a,rules.0.policy=on,rules.1.match=b,rules.1.policy=off",
+            None,
+        )
+        .expect("parses");
+        coerce_paths(
+            &mut m,
+            &[
+                ("addr.port", Kind::Uint16),
+                ("addr.numeric", Kind::Bool),
+                ("addr.ipv4", Kind::Bool),
+                ("max-connections", Kind::Uint32),
+                ("rules.*.policy", Kind::Bool),
+                ("nothing.here", Kind::Int64),
+            ],
+        )
+        .expect("coerces");
+        assert_eq!(
+            Value::Object(m),
+            json!({
+                "addr": {"type": "inet", "port": 16, "numeric": true},
+                "max-connections": 4,
+                "rules": [{"match": "a", "policy": true}, {"match": "b", "policy": false}]
+            })
+        );
+        let mut m = parse("rules.0.policy=on,rules.1.policy=maybe", None).expect("parses");
+        assert_eq!(
+            coerce_paths(&mut m, &[("rules.*.policy", Kind::Bool)]).map_err(|e| e.to_string()),
+            Err("Parameter 'rules.1.policy' expects 'on' or 'off'".to_owned())
+        );
+        let mut m = parse("addr.path.x=1", None).expect("parses");
+        assert_eq!(
+            coerce_paths(&mut m, &[("addr.path", Kind::Str)]).map_err(|e| e.to_string()),
+            Err("Parameters 'addr.path.*' are unexpected".to_owned())
+        );
+        // Already typed values (JSON) are left alone.
+        let mut m = json!({"writable": true})
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(coerce_paths(&mut m, &[("writable", Kind::Bool)]), Ok(()));
+        assert_eq!(m.get("writable"), Some(&json!(true)));
+    }
+
+    #[test]
     fn bools() {
-        assert_eq!(parse_bool("on"), Some(true));
-        assert_eq!(parse_bool("off"), Some(false));
-        for s in ["yes", "true", "offer", "", "ON"] {
+        for s in ["on", "yes", "true", "y"] {
+            assert_eq!(parse_bool(s), Some(true), "{s}");
+        }
+        for s in ["off", "no", "false", "n"] {
+            assert_eq!(parse_bool(s), Some(false), "{s}");
+        }
+        for s in ["offer", "", "ON", "TRUE", "On", "1", "0"] {
             assert_eq!(parse_bool(s), None, "{s}");
         }
         assert_eq!(
@@ -1726,6 +2056,7 @@ mod tests {
                 let _ = parse(&input, implied.as_deref());
                 let _ = parse_with_help(&input, implied.as_deref());
                 let _ = parse_json_or_keyval(&input, implied.as_deref());
+                let _ = parse_opts(&input, implied.as_deref());
                 let _ = parse_size(&input);
                 let _ = parse_int64(&input);
                 let _ = parse_uint64(&input);

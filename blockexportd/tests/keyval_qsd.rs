@@ -211,3 +211,98 @@ fn random_arguments_match_qsd() {
         check("--nbd-server", None, &arg);
     }
 }
+
+/// QSD's stdout and stderr for `--chardev arg`, followed by an option that always fails.
+fn qsd_chardev(arg: &str) -> (String, String) {
+    let out = Command::new(QSD)
+        .args(["--chardev", arg])
+        .args(["--object", "no-such-object-type,id=keyval-test-end"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {QSD}: {e}"));
+    assert!(
+        !out.status.success(),
+        "{QSD} --chardev {arg:?} did not fail"
+    );
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn chardev_opts_syntax_matches_qsd() {
+    if !have_qsd() {
+        return;
+    }
+    let prefix = |arg: &str| format!("qemu-storage-daemon: --chardev {arg}: ");
+
+    // Short-form booleans: the same deprecation warnings, in the same order. The path
+    // cannot be bound, so QSD fails once the options are parsed.
+    for arg in [
+        "socket,id=c,path=/nonexistent/keyval-test,server,nowait",
+        "socket,id=c,path=/nonexistent/keyval-test,server,nodelay,delay,wait=off",
+        "socket,path=/nonexistent/keyval-test,id=c,noserver,server,nowait,wait",
+    ] {
+        let ours = keyval::parse_opts(arg, Some("backend")).expect("parses");
+        let (_, stderr) = qsd_chardev(arg);
+        let lines: Vec<&str> = stderr.lines().collect();
+        let warning = format!("{}warning: ", prefix(arg));
+        let theirs: Vec<String> = lines
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| {
+                let first = l.strip_prefix(&warning)?;
+                Some(format!(
+                    "{first}\n{}",
+                    lines.get(i + 1).copied().unwrap_or_default()
+                ))
+            })
+            .collect();
+        assert_eq!(ours.warnings, theirs, "{arg:?}");
+        assert!(!ours.warnings.is_empty());
+    }
+
+    // The implied backend value, with doubled commas: QSD echoes it back.
+    for arg in ["a,,b,id=c", "a,,id=x", "x,,,,y,id=c", "q,,,id=c"] {
+        let ours = keyval::parse_opts(arg, Some("backend")).expect("parses");
+        let (_, stderr) = qsd_chardev(arg);
+        let backend = ours.values.get("backend").and_then(|v| v.as_str());
+        let Some(backend) = backend else {
+            panic!("{arg:?}: no backend in {:?}", ours.values);
+        };
+        assert!(
+            stderr.contains(&format!(
+                "{}'{backend}' is not a valid char driver name",
+                prefix(arg)
+            )),
+            "{arg:?}: we read backend {backend:?}, QSD says {stderr:?}"
+        );
+    }
+
+    // The id check comes first.
+    for arg in [
+        "socket,id=1c",
+        "socket,id=,path=/x",
+        "socket,path=/x,id=a b",
+    ] {
+        let err = keyval::parse_opts(arg, Some("backend"))
+            .map(|o| format!("{o:?}"))
+            .unwrap_err();
+        let (_, stderr) = qsd_chardev(arg);
+        assert!(
+            stderr.starts_with(&format!("{}{err}\n", prefix(arg))),
+            "{arg:?}: we say {err}, QSD says {stderr:?}"
+        );
+    }
+
+    // help anywhere but first: QSD prints the option list.
+    for arg in ["socket,id=c,help", "socket,?"] {
+        let ours = keyval::parse_opts(arg, Some("backend")).expect("parses");
+        assert!(ours.help, "{arg:?}");
+        let (stdout, _) = qsd_chardev(arg);
+        assert!(
+            stdout.starts_with("chardev options:"),
+            "{arg:?}: {stdout:?}"
+        );
+    }
+}

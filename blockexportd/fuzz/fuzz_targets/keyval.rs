@@ -1,4 +1,4 @@
-//! Fuzzes the QEMU keyval/JSON option parser: it never panics, and whatever it accepts
+//! Fuzzes the QEMU keyval/JSON/QemuOpts option parsers: it never panics, and whatever it accepts
 //! renders back to keyval text that parses to the same object.
 #![no_main]
 
@@ -36,6 +36,11 @@ fuzz_target!(|data: &[u8]| {
                 "{text:?}"
             );
         }
+    }
+
+    if let Ok(opts) = keyval::parse_opts(input, implied) {
+        // QemuOpts is flat: every value is a string.
+        assert!(opts.values.values().all(|v| v.is_string()), "{opts:?}");
     }
 
     let _ = keyval::parse_size(input);
