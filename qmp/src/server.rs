@@ -305,7 +305,10 @@ impl QmpServer {
                 _ = until_dead(&mut shutdown) => return,
             };
             match accepted {
-                Ok((stream, _)) => self.serve_stream(stream, opts).await,
+                Ok((stream, _)) => {
+                    let (r, w) = stream.into_split();
+                    self.serve_session(r, w, opts).await
+                }
                 Err(e) => self.accept_failed(e, &mut shutdown).await,
             }
         }
@@ -323,7 +326,8 @@ impl QmpServer {
             match accepted {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
-                    self.serve_stream(stream, opts).await
+                    let (r, w) = stream.into_split();
+                    self.serve_session(r, w, opts).await
                 }
                 Err(e) => self.accept_failed(e, &mut shutdown).await,
             }

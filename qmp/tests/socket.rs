@@ -399,6 +399,11 @@ async fn two_monitors_receive_an_event_but_not_before_negotiation() {
         "{text}"
     );
     assert!(text.ends_with("    \"event\": \"BLOCK_EXPORT_DELETED\",\r\n    \"data\": {\r\n        \"id\": \"e0\"\r\n    }\r\n}\r\n"), "{text}");
+    // An event without data has no "data" member, as in QEMU.
+    d.server.events().emit("RESUME", json!({}));
+    let ev = a.recv().await;
+    assert_eq!(ev["event"], "RESUME");
+    assert!(ev.get("data").is_none(), "{ev}");
     // The monitor still negotiating got no event: its next message is the
     // reply to its next command.
     assert_eq!(
