@@ -186,6 +186,15 @@ impl Opts {
     pub fn block_ref(&mut self, key: &str, nullable: bool) -> Result<Option<BlockRef>> {
         match self.map.remove(key) {
             None => Ok(None),
+            // QEMU still takes "" for null (the only spelling keyval has), with a warning.
+            Some(Value::String(s)) if nullable && s.is_empty() => {
+                tracing::warn!(
+                    "Use of \"{}\": \"\" is deprecated; use \"{}\": null instead",
+                    self.path(key),
+                    self.path(key)
+                );
+                Ok(Some(BlockRef::Null))
+            }
             Some(Value::String(s)) => Ok(Some(BlockRef::Name(s))),
             Some(v @ Value::Object(_)) => Ok(Some(BlockRef::Inline(v))),
             Some(Value::Null) if nullable => Ok(Some(BlockRef::Null)),
@@ -272,6 +281,15 @@ mod tests {
             "Invalid parameter type for 'r', expected: BlockdevRef"
         );
         assert_eq!(err(o.req_str("driver")), "Parameter 'driver' is missing");
+        let mut o = Opts::new(json!({"backing": "", "file": ""}), "").expect("object");
+        assert_eq!(
+            o.block_ref("backing", true).expect("b"),
+            Some(BlockRef::Null)
+        );
+        assert_eq!(
+            o.block_ref("file", false).expect("f"),
+            Some(BlockRef::Name(String::new()))
+        );
     }
 
     #[test]

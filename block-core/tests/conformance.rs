@@ -1122,3 +1122,70 @@ async fn fast_zeroes_and_a_dropped_qcow2_keeps_its_data() {
     assert!(ok, "data written before the drop is readable by qemu-io");
     run("qemu-img", &["check", "-q", &images.top()]);
 }
+
+#[tokio::test]
+async fn explicit_backing_choices() {
+    if !have_tools() {
+        return;
+    }
+    let images = Images::create(Kind::Qcow2Backing);
+    let file = json!({"driver": "file", "filename": images.top()});
+    let read_at_1m = |node: Arc<Node>| async move {
+        let mut buf = vec![0u8; 4096];
+        node.read(MIB, &mut buf).await.expect("read");
+        buf[0]
+    };
+
+    // `backing: null` (and keyval's "") opens no backing: the backing data is gone.
+    for backing in [Value::Null, json!("")] {
+        let graph = NodeGraph::new();
+        let node = open::blockdev_add(
+            &graph,
+            json!({"driver": "qcow2", "read-only": true, "file": file, "backing": backing}),
+        )
+        .await
+        .expect("no backing");
+        assert_eq!(graph.all().len(), 2, "no backing nodes opened");
+        assert_eq!(read_at_1m(node).await, 0);
+    }
+
+    // Backing by node name.
+    let graph = NodeGraph::new();
+    open::blockdev_add(
+        &graph,
+        json!({"driver": "qcow2", "node-name": "base", "read-only": true,
+               "file": {"driver": "file", "filename": images.path("base.qcow2")}}),
+    )
+    .await
+    .expect("base");
+    let node = open::blockdev_add(
+        &graph,
+        json!({"driver": "qcow2", "node-name": "top", "file": file, "backing": "base"}),
+    )
+    .await
+    .expect("top over base");
+    assert_eq!(read_at_1m(Arc::clone(&node)).await, 0x11);
+    let users = graph.get("base").expect("base").users();
+    assert_eq!(users.len(), 1);
+    assert!(!users[0].writable, "a backing is attached read-only");
+    assert_eq!(open::node_info(&node, false)["backing_file_depth"], 1);
+    drop(node);
+    for n in graph.drain() {
+        n.driver().close().await.expect("close");
+    }
+
+    // A missing backing file: QEMU's message.
+    std::fs::remove_file(images.path("base.qcow2")).expect("remove base");
+    let graph = NodeGraph::new();
+    let err = open::blockdev_add(&graph, json!({"driver": "qcow2", "file": file}))
+        .await
+        .expect_err("missing backing file");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "Could not open backing file: Could not open '{}': No such file or directory",
+            images.path("base.qcow2")
+        )
+    );
+    assert!(graph.all().is_empty(), "nothing left behind");
+}
