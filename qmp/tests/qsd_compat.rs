@@ -11,8 +11,11 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use qmp_server::{MonitorOptions, QmpServer, VersionInfo};
-use serde_json::Value;
+use qmp_server::{
+    from_value_at, parse_arguments, MonitorOptions, QmpError, QmpServer, VersionInfo,
+};
+use serde::Deserialize;
+use serde_json::{Map, Value};
 
 const QSD: &str = "qemu-storage-daemon";
 
@@ -196,11 +199,144 @@ fn inputs() -> Vec<Vec<u8>> {
     v
 }
 
+// Mirrors of three QSD commands' QAPI argument types, to compare argument
+// errors (every input below is invalid, so QSD never runs the command).
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum ExportDelMode {
+    Safe,
+    Hard,
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct BlockExportDel {
+    id: String,
+    mode: Option<ExportDelMode>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[allow(dead_code)]
+struct BlockResize {
+    device: Option<String>,
+    node_name: Option<String>,
+    size: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum AddrType {
+    Inet,
+    Unix,
+    Vsock,
+    Fd,
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct LegacyAddr {
+    #[serde(rename = "type")]
+    kind: AddrType,
+    data: Value,
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct UnixAddr {
+    path: String,
+    #[serde(rename = "abstract")]
+    is_abstract: Option<bool>,
+    tight: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[allow(dead_code)]
+struct InetAddr {
+    host: String,
+    port: String,
+    numeric: Option<bool>,
+    to: Option<u16>,
+    ipv4: Option<bool>,
+    ipv6: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[allow(dead_code)]
+struct NbdServerStart {
+    addr: LegacyAddr,
+    tls_creds: Option<String>,
+    tls_authz: Option<String>,
+    max_connections: Option<u32>,
+}
+
+fn unreachable_ok() -> Result<Value, QmpError> {
+    Err(QmpError::generic("arguments unexpectedly valid"))
+}
+
+fn register_mirrors(server: &QmpServer) {
+    server.register("block-export-del", |args| async move {
+        parse_arguments::<BlockExportDel>(args)?;
+        unreachable_ok()
+    });
+    server.register("block_resize", |args| async move {
+        parse_arguments::<BlockResize>(args)?;
+        unreachable_ok()
+    });
+    server.register("nbd-server-start", |args: Map<String, Value>| async move {
+        let a: NbdServerStart = parse_arguments(args)?;
+        match a.addr.kind {
+            AddrType::Unix => drop(from_value_at::<UnixAddr>(a.addr.data, "addr.data")?),
+            AddrType::Inet => drop(from_value_at::<InetAddr>(a.addr.data, "addr.data")?),
+            AddrType::Vsock | AddrType::Fd => {}
+        }
+        unreachable_ok()
+    });
+}
+
+fn argument_inputs() -> Vec<Vec<u8>> {
+    let inet = r#"{"type":"inet","data":{"host":"x","port":"1"}}"#;
+    [
+        r#"{"execute":"block-export-del"}"#.to_string(),
+        r#"{"execute":"block-export-del","arguments":{}}"#.into(),
+        r#"{"execute":"block-export-del","arguments":{"id":1}}"#.into(),
+        r#"{"execute":"block-export-del","arguments":{"id":null}}"#.into(),
+        r#"{"execute":"block-export-del","arguments":{"id":"x","extra":1}}"#.into(),
+        r#"{"execute":"block-export-del","arguments":{"id":"x","mode":"foo"}}"#.into(),
+        r#"{"execute":"block-export-del","arguments":{"id":"x","mode":1}}"#.into(),
+        r#"{"execute":"block_resize","arguments":{"node-name":"n0","size":"x"}}"#.into(),
+        r#"{"execute":"block_resize","arguments":{"node-name":"n0","size":true}}"#.into(),
+        r#"{"execute":"block_resize","arguments":{"node-name":"n0","size":1.5}}"#.into(),
+        r#"{"execute":"block_resize","arguments":{"node-name":"n0"}}"#.into(),
+        r#"{"execute":"nbd-server-start"}"#.into(),
+        r#"{"execute":"nbd-server-start","arguments":{"addr":1}}"#.into(),
+        r#"{"execute":"nbd-server-start","arguments":{"addr":{"type":"unix","data":{"path":1}}}}"#.into(),
+        r#"{"execute":"nbd-server-start","arguments":{"addr":{"type":"unix","data":{}}}}"#.into(),
+        r#"{"execute":"nbd-server-start","arguments":{"addr":{"type":"unix","data":{"path":"/p","zz":1}}}}"#.into(),
+        r#"{"execute":"nbd-server-start","arguments":{"addr":{"type":"unix"}}}"#.into(),
+        r#"{"execute":"nbd-server-start","arguments":{"addr":{"type":"bogus"}}}"#.into(),
+        r#"{"execute":"nbd-server-start","arguments":{"addr":{"type":"unix","data":[]}}}"#.into(),
+        format!(r#"{{"execute":"nbd-server-start","arguments":{{"addr":{inet},"max-connections":"x"}}}}"#),
+        format!(r#"{{"execute":"nbd-server-start","arguments":{{"addr":{inet},"max-connections":-1}}}}"#),
+        format!(r#"{{"execute":"nbd-server-start","arguments":{{"addr":{inet},"max-connections":1.5}}}}"#),
+        format!(r#"{{"execute":"nbd-server-start","arguments":{{"addr":{inet},"max-connections":4294967296}}}}"#),
+        format!(r#"{{"execute":"nbd-server-start","arguments":{{"addr":{inet},"tls-creds":false}}}}"#),
+        r#"{"execute":"nbd-server-start","arguments":{"addr":{"type":"inet","data":{"host":"x","port":1}}}}"#.into(),
+        r#"{"execute":"nbd-server-start","arguments":{"addr":{"type":"inet","data":{"host":"x","port":"1","to":70000}}}}"#.into(),
+    ]
+    .into_iter()
+    .map(String::into_bytes)
+    .collect()
+}
+
 fn compare(ours: &Path, theirs: &Path) {
     let mut a = Conn::new(theirs);
     let mut b = Conn::new(ours);
     assert_eq!(b.message(), a.message(), "greeting");
-    for input in inputs() {
+    for input in inputs().into_iter().chain(argument_inputs()) {
         let want = a.exchange(&input);
         let got = b.exchange(&input);
         assert_eq!(got, want, "input {:?}", String::from_utf8_lossy(&input));
@@ -232,6 +368,7 @@ fn same_bytes_as_qemu_storage_daemon() {
         .build()
         .expect("runtime");
     let server = QmpServer::new(version);
+    register_mirrors(&server);
     let ours_compact = dir.path().join("ours.sock");
     let ours_pretty = dir.path().join("ours-pretty.sock");
     let _guard = rt.enter();
