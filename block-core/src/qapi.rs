@@ -302,4 +302,15 @@ mod tests {
             "Invalid parameter type for 'options', expected: object"
         );
     }
+
+    proptest::proptest! {
+        #[test]
+        fn keyval_integers_never_panic_and_decimals_round_trip(s in "\\PC{0,24}", n in 0u64..=i64::MAX as u64) {
+            let _ = parse_keyval_int(&s);
+            let mut o = Opts::new(json!({"a": s, "b": n.to_string(), "c": n}), "").expect("object");
+            let _ = o.uint("a");
+            proptest::prop_assert_eq!(o.uint("b").expect("decimal"), Some(n));
+            proptest::prop_assert_eq!(o.uint("c").expect("number"), Some(n));
+        }
+    }
 }
