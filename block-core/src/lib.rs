@@ -20,6 +20,8 @@ pub mod graph;
 pub mod node;
 pub mod open;
 pub mod qapi;
+#[cfg(feature = "qcow2")]
+pub mod qcow2_bitmaps;
 
 pub use bitmap::DirtyBitmap;
 pub use driver::{BlockDriver, Extent, ImageDetails, WriteFlags, ZeroFlags};
