@@ -11,11 +11,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use qmp_server::{
-    from_value_at, parse_arguments, MonitorOptions, QmpError, QmpServer, VersionInfo,
-};
+use qmp_server::{parse_arguments, MonitorOptions, QmpError, QmpServer, VersionInfo};
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 const QSD: &str = "qemu-storage-daemon";
 
@@ -225,21 +223,15 @@ struct BlockResize {
     size: i64,
 }
 
+/// QAPI `SocketAddressLegacy`, as an adjacently tagged enum.
 #[derive(Deserialize)]
-#[serde(rename_all = "kebab-case")]
-enum AddrType {
-    Inet,
-    Unix,
-    Vsock,
-    Fd,
-}
-
-#[derive(Deserialize)]
+#[serde(tag = "type", content = "data", rename_all = "lowercase")]
 #[allow(dead_code)]
-struct LegacyAddr {
-    #[serde(rename = "type")]
-    kind: AddrType,
-    data: Value,
+enum LegacyAddr {
+    Inet(InetAddr),
+    Unix(UnixAddr),
+    Vsock(Value),
+    Fd(Value),
 }
 
 #[derive(Deserialize)]
@@ -286,13 +278,8 @@ fn register_mirrors(server: &QmpServer) {
         parse_arguments::<BlockResize>(args)?;
         unreachable_ok()
     });
-    server.register("nbd-server-start", |args: Map<String, Value>| async move {
-        let a: NbdServerStart = parse_arguments(args)?;
-        match a.addr.kind {
-            AddrType::Unix => drop(from_value_at::<UnixAddr>(a.addr.data, "addr.data")?),
-            AddrType::Inet => drop(from_value_at::<InetAddr>(a.addr.data, "addr.data")?),
-            AddrType::Vsock | AddrType::Fd => {}
-        }
+    server.register("nbd-server-start", |args| async move {
+        parse_arguments::<NbdServerStart>(args)?;
         unreachable_ok()
     });
 }
