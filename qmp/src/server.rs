@@ -435,8 +435,8 @@ impl QmpServer {
             let mut messages = Vec::new();
             stream.feed(&buf[..n], |m| messages.push(m));
             for msg in messages {
-                // Commands run to completion even if the client goes away:
-                // a half-done command would leave the daemon inconsistent.
+                // Commands run to completion even if the client goes away
+                // (a half-done command would leave the daemon inconsistent).
                 let (reply, after) = self.handle(msg, &mut phase, mon).await;
                 if mon.is_dead() || !mon.send(&reply) {
                     return;
@@ -508,7 +508,19 @@ impl QmpServer {
             )));
         }
         if let Some(h) = handler {
-            return h(req.args).await;
+            // A task of its own: the command completes even if this session
+            // is dropped, and a panicking handler costs one error reply, not
+            // the monitor (or the listener serving it).
+            return match tokio::spawn(h(req.args)).await {
+                Ok(result) => result,
+                Err(e) => {
+                    tracing::error!(command = %req.command, error = %e, "QMP command handler failed");
+                    Err(QmpError::generic(format!(
+                        "Command {} failed unexpectedly",
+                        req.command
+                    )))
+                }
+            };
         }
         match req.command.as_str() {
             "qmp_capabilities" => {

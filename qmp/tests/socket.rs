@@ -39,6 +39,12 @@ impl Daemon {
             let a: A = parse_arguments(args)?;
             Ok::<_, QmpError>(json!({ "text": a.text }))
         });
+        server.register("boom", |_| async {
+            if true {
+                panic!("handler bug");
+            }
+            Ok::<_, QmpError>(Value::Null)
+        });
         server.register("fail", |_| async {
             Err::<Value, _>(QmpError::device_not_found("Node 'x' not found"))
         });
@@ -196,6 +202,7 @@ async fn greeting_and_negotiation() {
         names,
         [
             "fail",
+            "boom",
             "echo",
             "quit",
             "query-commands",
@@ -288,6 +295,11 @@ async fn unknown_command_and_argument_errors() {
     assert_eq!(
         c.cmd(r#"{"execute": "echo"}"#).await,
         error("GenericError", "Parameter 'text' is missing")
+    );
+    // A panicking handler costs one error reply, not the connection.
+    assert_eq!(
+        c.cmd(r#"{"execute": "boom"}"#).await,
+        error("GenericError", "Command boom failed unexpectedly")
     );
     assert_eq!(
         c.cmd(r#"{"execute": "echo", "arguments": {"text": 1}}"#)
