@@ -36,6 +36,22 @@
 //! hash table (`QDict`), this module iterates in the same order, so the same error is
 //! reported.
 //!
+//! # Which QSD option uses what (checked against qemu-storage-daemon 10.0)
+//!
+//! | option | parser | implied key | `help` |
+//! |---|---|---|---|
+//! | `--blockdev` | [`parse_json_or_keyval`] | `driver` | error |
+//! | `--export` | [`parse_json_or_keyval`] | `type` | error |
+//! | `--object` | JSON or [`parse_with_help`] | `qom-type` | lists types / properties |
+//! | `--nbd-server` | [`parse_json_or_keyval`] | none | error |
+//! | `--monitor` | [`parse_json_or_keyval`] | `chardev` | error |
+//! | `--chardev` | [`parse_opts`] (QemuOpts, no JSON) | `backend` | lists options |
+//!
+//! JSON is recognised only when the argument's very first character is `{` (a leading
+//! space makes it keyval, as in QEMU). The values of a keyval argument are strings;
+//! [`coerce`], [`coerce_paths`] and the `parse_*` helpers type them as QEMU's keyval
+//! visitor does (`on`/`yes`/`true`/`y` for booleans, `0x` integers, `64k` sizes).
+//!
 //! # Example
 //!
 //! ```
@@ -574,7 +590,7 @@ fn render_value(
 }
 
 // ---------------------------------------------------------------------------------------
-// QemuOpts syntax (--chardev, --monitor)
+// QemuOpts syntax (--chardev)
 // ---------------------------------------------------------------------------------------
 
 /// The result of [`parse_opts`].
@@ -654,8 +670,7 @@ fn id_wellformed(id: &str) -> bool {
 }
 
 /// Parses `input` in QEMU's older QemuOpts syntax, which qemu-storage-daemon uses for
-/// `--chardev` (implied name `backend`) and `--monitor` (implied name `chardev`),
-/// unlike keyval:
+/// `--chardev` (implied name `backend`; no JSON form), unlike keyval:
 ///
 /// - no nesting and no lists: names are flat (`addr.type` is one name);
 /// - the implied first value may contain `,,` (`socket,,x` means `socket,x`);

@@ -155,6 +155,9 @@ fn hand_picked_arguments_match_qsd() {
     ] {
         check("--nbd-server", None, arg);
     }
+    for arg in ["c0,pretty", "c0,,x", "help", "c0,a.1=x", "{\"chardev\": 1"] {
+        check("--monitor", Some("chardev"), arg);
+    }
     for arg in [
         "nbd,id=e,bitmaps.1=b",
         "nbd,,x",
