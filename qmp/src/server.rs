@@ -438,18 +438,21 @@ impl QmpServer {
                 // Commands run to completion even if the client goes away
                 // (a half-done command would leave the daemon inconsistent).
                 let (reply, after) = self.handle(msg, &mut phase, mon).await;
-                if mon.is_dead() || !mon.send(&reply) {
-                    return;
-                }
+                let sent = !mon.is_dead() && mon.send(&reply);
                 if let After::Quit = after {
+                    // `quit` ran: signal it even if its client is gone, but
+                    // after its reply was written if the client is there.
                     let (tx, rx) = oneshot::channel();
-                    if mon.out.send(Out::Flushed(tx)).is_ok() {
+                    if sent && mon.out.send(Out::Flushed(tx)).is_ok() {
                         tokio::select! {
                             _ = rx => {}
                             _ = until_dead(&mut dead) => {}
                         }
                     }
                     self.inner.quit.send_replace(true);
+                }
+                if !sent {
+                    return;
                 }
             }
         }

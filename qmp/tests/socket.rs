@@ -638,3 +638,16 @@ async fn tcp_and_in_memory_streams() {
     server.shutdown();
     tcp.await.expect("tcp listener ends on shutdown");
 }
+
+#[tokio::test]
+async fn quit_from_a_client_that_hangs_up_at_once_still_counts() {
+    let mut d = Daemon::new(ServerLimits::default());
+    let path = d.listen("m.sock", false);
+    let mut s = UnixStream::connect(&path).await.expect("connect");
+    s.write_all(b"{\"execute\": \"qmp_capabilities\"}{\"execute\": \"quit\"}")
+        .await
+        .expect("write");
+    drop(s);
+    d.server.quit_requested().await;
+    d.stop().await;
+}
