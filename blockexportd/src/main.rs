@@ -1,3 +1,92 @@
-//! The blockexportd binary (work in progress).
+//! blockexportd: export disk images over NBD and FUSE, with qemu-storage-daemon's command line.
 
-fn main() {}
+use blockexportd::cli::{self, Command};
+use blockexportd::{commands, daemon::Daemon, process, run};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let opts = match cli::parse(std::env::args().skip(1)) {
+        Ok(Command::Help) => {
+            print!("{}", cli::USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Version) => {
+            println!("blockexportd {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Run(opts)) => opts,
+        Err(e) => {
+            eprintln!("blockexportd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BLOCKEXPORTD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let notifier = if opts.daemonize {
+        match process::daemonize() {
+            Ok(n) => Some(n),
+            Err(e) => {
+                eprintln!("blockexportd: --daemonize: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("blockexportd")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("blockexportd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let daemon = Daemon::new(
+            qmp_server::QmpServer::new(run::qmp_version()),
+            tokio::runtime::Handle::current(),
+        );
+        commands::register(&daemon);
+        let started = run::startup(&daemon, &opts).await;
+        let pidfile = match (&started, &opts.pidfile) {
+            (Ok(()), Some(path)) => match process::Pidfile::create(path) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    eprintln!(
+                        "blockexportd: cannot create PID file: {}: {e}",
+                        path.display()
+                    );
+                    daemon.shutdown().await;
+                    if let Some(n) = notifier {
+                        n.failure();
+                    }
+                    return ExitCode::FAILURE;
+                }
+            },
+            _ => None,
+        };
+        if let Err(e) = started {
+            eprintln!("blockexportd: {e}");
+            daemon.shutdown().await;
+            if let Some(n) = notifier {
+                n.failure();
+            }
+            return ExitCode::FAILURE;
+        }
+        if let Some(n) = notifier {
+            n.success();
+        }
+        run::wait_for_shutdown(&daemon).await;
+        daemon.shutdown().await;
+        drop(pidfile);
+        ExitCode::SUCCESS
+    })
+}

@@ -1,1 +1,359 @@
-//! End-to-end tests of blockexportd: see `tests/`.
+//! Support for the end-to-end tests of blockexportd: start the real binary (or
+//! qemu-storage-daemon, for comparison), talk QMP to it, and find the real client tools.
+
+#![allow(missing_docs)]
+
+use serde_json::{json, Value};
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Whether the tests run under CI, where a missing tool is an error rather than a skip.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Whether `tool` is on PATH. Under CI a missing tool fails the test loudly; elsewhere the
+/// caller skips with a message.
+pub fn require_tool(tool: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()));
+    if !found {
+        if under_ci() {
+            panic!("required tool '{tool}' is missing (CI=true): install it (see .ci/run)");
+        }
+        eprintln!("skipping: tool '{tool}' is not installed");
+    }
+    found
+}
+
+/// Requires every tool in `tools`.
+pub fn require_tools(tools: &[&str]) -> bool {
+    tools.iter().all(|t| require_tool(t))
+}
+
+/// The blockexportd binary of this workspace, built (once per test process) with the same
+/// profile as the tests.
+pub fn daemon_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current_exe");
+        // target/<profile>/deps/<test> -> target/<profile>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary lives in target/<profile>/deps")
+            .to_path_buf();
+        let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "-q", "-p", "blockexportd", "--bin", "blockexportd"])
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "building blockexportd failed");
+        profile_dir.join("blockexportd")
+    })
+    .clone()
+}
+
+/// Which daemon a test runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// This project's daemon.
+    Blockexportd,
+    /// QEMU's qemu-storage-daemon, the reference.
+    Qsd,
+}
+
+/// A running daemon with a QMP monitor on a unix socket; killed (SIGTERM) when dropped.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub qmp_path: PathBuf,
+    pub flavor: Flavor,
+}
+
+impl Daemon {
+    /// Starts blockexportd with a QMP monitor and `args`, and waits until the monitor accepts.
+    pub fn start(args: &[&str]) -> Daemon {
+        Daemon::start_flavor(Flavor::Blockexportd, args)
+    }
+
+    /// Starts the given daemon with a QMP monitor and `args`.
+    pub fn start_flavor(flavor: Flavor, args: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Daemon::start_in(flavor, dir, args)
+    }
+
+    /// Starts the daemon with its QMP socket in `dir`.
+    pub fn start_in(flavor: Flavor, dir: tempfile::TempDir, args: &[&str]) -> Daemon {
+        let qmp_path = dir.path().join("qmp.sock");
+        let chardev = format!(
+            "socket,id=qmp0,path={},server=on,wait=off",
+            qmp_path.display()
+        );
+        let program = match flavor {
+            Flavor::Blockexportd => daemon_binary(),
+            Flavor::Qsd => PathBuf::from("qemu-storage-daemon"),
+        };
+        let child = Command::new(program)
+            .args(["--chardev", &chardev, "--monitor", "chardev=qmp0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the daemon");
+        let mut d = Daemon {
+            child: Some(child),
+            dir,
+            qmp_path,
+            flavor,
+        };
+        d.wait_for_socket();
+        d
+    }
+
+    fn wait_for_socket(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    let out = self.child.take().map(|c| c.wait_with_output());
+                    let stderr = match out {
+                        Some(Ok(o)) => String::from_utf8_lossy(&o.stderr).to_string(),
+                        _ => String::new(),
+                    };
+                    panic!("daemon exited during startup ({status}): {stderr}");
+                }
+            }
+            if UnixStream::connect(&self.qmp_path).is_ok() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "QMP socket never accepted");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// A new QMP session, capabilities negotiated.
+    pub fn qmp(&self) -> Qmp {
+        let mut q = Qmp::connect(&self.qmp_path);
+        let r = q.execute("qmp_capabilities", json!({}));
+        assert_eq!(r, json!({"return": {}}), "qmp_capabilities");
+        q
+    }
+
+    /// A path inside the daemon's temporary directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns its output.
+    pub fn terminate(&mut self) -> Output {
+        let child = self.child.take().expect("running");
+        signal(child.id(), libc::SIGTERM);
+        child.wait_with_output().expect("wait")
+    }
+
+    /// Waits for the daemon to exit by itself (after `quit`).
+    pub fn wait(&mut self) -> Output {
+        self.child
+            .take()
+            .expect("running")
+            .wait_with_output()
+            .expect("wait")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), libc::SIGTERM);
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Sends a signal to a process.
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// Whether a process with this pid exists (it may be a zombie).
+pub fn process_exists(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only probes for the process; no memory is involved.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// A QMP client.
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    pub greeting: Value,
+    pub events: VecDeque<Value>,
+}
+
+impl Qmp {
+    /// Connects and reads the greeting (capabilities not negotiated).
+    pub fn connect(path: &Path) -> Qmp {
+        let stream = UnixStream::connect(path).expect("connect to QMP");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        let writer = stream.try_clone().expect("clone");
+        let mut q = Qmp {
+            reader: BufReader::new(stream),
+            writer,
+            greeting: Value::Null,
+            events: VecDeque::new(),
+        };
+        q.greeting = q.read_message();
+        q
+    }
+
+    /// Reads one message.
+    pub fn read_message(&mut self) -> Value {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).expect("read QMP");
+        assert!(n > 0, "QMP connection closed");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad QMP line {line:?}: {e}"))
+    }
+
+    /// Sends raw text.
+    pub fn send_raw(&mut self, text: &str) {
+        self.writer.write_all(text.as_bytes()).expect("write QMP");
+    }
+
+    /// Reads until a reply (not an event) arrives; events are queued.
+    pub fn reply(&mut self) -> Value {
+        loop {
+            let msg = self.read_message();
+            if msg.get("event").is_some() {
+                self.events.push_back(msg);
+            } else {
+                return msg;
+            }
+        }
+    }
+
+    /// Executes a command and returns the whole reply (`{"return": ...}` or `{"error": ...}`).
+    pub fn execute(&mut self, command: &str, arguments: Value) -> Value {
+        let msg = if arguments == json!({}) {
+            json!({"execute": command})
+        } else {
+            json!({"execute": command, "arguments": arguments})
+        };
+        self.send_raw(&format!("{msg}\n"));
+        self.reply()
+    }
+
+    /// Executes a command that must succeed, returning its `return` value.
+    pub fn ok(&mut self, command: &str, arguments: Value) -> Value {
+        let r = self.execute(command, arguments.clone());
+        match r.get("return") {
+            Some(v) => v.clone(),
+            None => panic!("{command} {arguments} failed: {r}"),
+        }
+    }
+
+    /// Executes a command that must fail, returning (class, desc).
+    pub fn err(&mut self, command: &str, arguments: Value) -> (String, String) {
+        let r = self.execute(command, arguments.clone());
+        let e = r
+            .get("error")
+            .unwrap_or_else(|| panic!("{command} {arguments} should fail: {r}"));
+        (
+            e["class"].as_str().unwrap_or_default().to_string(),
+            e["desc"].as_str().unwrap_or_default().to_string(),
+        )
+    }
+
+    /// Waits for the event `name` (queued or arriving).
+    pub fn wait_event(&mut self, name: &str) -> Value {
+        if let Some(pos) = self.events.iter().position(|e| e["event"] == name) {
+            return self.events.remove(pos).unwrap_or_default();
+        }
+        loop {
+            let msg = self.read_message();
+            if msg["event"] == name {
+                return msg;
+            }
+            if msg.get("event").is_some() {
+                self.events.push_back(msg);
+            }
+        }
+    }
+}
+
+/// Runs a command and returns its output, panicking with its stderr if it fails.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Creates an image with qemu-img.
+pub fn qemu_img_create(path: &Path, format: &str, size: &str) {
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", format])
+            .arg(path)
+            .arg(size),
+    );
+}
+
+/// Runs qemu-io with `-c` commands on an image or URI and returns stdout.
+pub fn qemu_io(args: &[&str], commands: &[&str]) -> String {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(args);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    let out = run_ok(&mut cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        !stdout.contains("Pattern verification failed") && !stdout.contains("failed:"),
+        "qemu-io {args:?} {commands:?}: {stdout}"
+    );
+    stdout
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}

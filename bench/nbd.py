@@ -1,0 +1,169 @@
+#!/usr/bin/python3
+"""NBD benchmark: blockexportd side by side with qemu-storage-daemon, qemu-nbd and nbdkit.
+
+Every server exports the same 1 GiB raw image (page-cached), one after another in one run,
+for several rounds. Printed: the median of each measurement, its ratio to QSD, and each
+daemon's peak RSS. Usage:
+
+    cargo build --release -p blockexportd
+    bench/nbd.py [--rounds 3] [--seconds 5] [--binary target/release/blockexportd]
+
+Rows: sequential read of the whole image with nbdcopy (1 and 4 connections), 4 KiB random
+read and random write at queue depth 32 with fio's nbd engine; over a unix socket and TCP.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+GiB = 1 << 30
+
+
+def wait_ready(uri, proc, timeout=20.0):
+    """Waits until a client completes the handshake (not a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read().decode(errors='replace')}")
+        r = subprocess.run(["nbdinfo", "--size", uri], capture_output=True)
+        if r.returncode == 0:
+            return
+        time.sleep(0.02)  # between connection attempts, not instead of them
+    raise RuntimeError(f"{uri} never became ready")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(name, binary, image, transport, sock, port):
+    if name in ("blockexportd", "qemu-storage-daemon"):
+        prog = binary if name == "blockexportd" else "qemu-storage-daemon"
+        if transport == "unix":
+            addr = f"addr.type=unix,addr.path={sock}"
+        else:
+            addr = f"addr.type=inet,addr.host=127.0.0.1,addr.port={port}"
+        return [prog, "--blockdev", f"driver=file,filename={image},node-name=f",
+                "--nbd-server", addr,
+                "--export", "type=nbd,id=e,node-name=f,name=e,writable=on"]
+    if name == "qemu-nbd":
+        where = ["--socket", sock] if transport == "unix" else ["-b", "127.0.0.1", "-p", str(port)]
+        return ["qemu-nbd", "-f", "raw", "-x", "e", "--shared=8", "--persistent", *where, image]
+    if name == "nbdkit":
+        where = ["-U", sock] if transport == "unix" else ["-i", "127.0.0.1", "-p", str(port)]
+        return ["nbdkit", "-f", "--exportname=e", *where, "file", image]
+    raise ValueError(name)
+
+
+def uri_for(transport, sock, port):
+    return f"nbd+unix:///e?socket={sock}" if transport == "unix" else f"nbd://127.0.0.1:{port}/e"
+
+
+def peak_rss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def nbdcopy(uri, connections):
+    t0 = time.monotonic()
+    subprocess.run(["nbdcopy", f"--connections={connections}", "--requests=64", uri, "null:"],
+                   check=True, capture_output=True)
+    return GiB / (time.monotonic() - t0) / GiB  # GiB/s
+
+
+def fio(uri, rw, seconds):
+    r = subprocess.run(["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
+                        "--bs=4k", "--iodepth=32", "--size=1g", "--time_based",
+                        f"--runtime={seconds}", "--norandommap", "--output-format=json"],
+                       check=True, capture_output=True, text=True)
+    job = json.loads(r.stdout)["jobs"][0]
+    side = "read" if "read" in rw else "write"
+    return job[side]["iops"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--binary", default="target/release/blockexportd")
+    ap.add_argument("--servers", default="blockexportd,qemu-storage-daemon,qemu-nbd,nbdkit")
+    ap.add_argument("--transports", default="unix,tcp")
+    args = ap.parse_args()
+    binary = os.path.abspath(args.binary)
+    for tool in ("nbdcopy", "nbdinfo", "fio", "qemu-storage-daemon", "qemu-nbd", "nbdkit"):
+        if not shutil.which(tool):
+            sys.exit(f"missing tool: {tool}")
+    servers = args.servers.split(",")
+    work = tempfile.mkdtemp(prefix="bench-nbd-")
+    image = os.path.join(work, "disk.raw")
+    with open(image, "wb") as f:  # real data everywhere: no holes for the clients to skip
+        chunk = os.urandom(1 << 20)
+        for _ in range(1024):
+            f.write(chunk)
+    tests = [("seq read, nbdcopy 1 conn (GiB/s)", lambda u: nbdcopy(u, 1)),
+             ("seq read, nbdcopy 4 conn (GiB/s)", lambda u: nbdcopy(u, 4)),
+             ("4k randread QD32 (IOPS)", lambda u: fio(u, "randread", args.seconds)),
+             ("4k randwrite QD32 (IOPS)", lambda u: fio(u, "randwrite", args.seconds))]
+    results = {}  # (transport, test, server) -> [values]
+    rss = {s: 0 for s in servers}
+    for rnd in range(args.rounds):
+        for transport in args.transports.split(","):
+            for server in servers:
+                sock = os.path.join(work, "nbd.sock")
+                port = free_port()
+                if os.path.exists(sock):
+                    os.unlink(sock)
+                cmd = server_command(server, binary, image, transport, sock, port)
+                proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                try:
+                    uri = uri_for(transport, sock, port)
+                    wait_ready(uri, proc)
+                    for name, fn in tests:
+                        v = fn(uri)
+                        results.setdefault((transport, name, server), []).append(v)
+                        print(f"round {rnd + 1} {transport:4} {server:20} {name:34} {v:12.2f}",
+                              file=sys.stderr, flush=True)
+                    rss[server] = max(rss[server], peak_rss_kib(proc.pid))
+                finally:
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        proc.wait(timeout=20)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+    ref = "qemu-storage-daemon"
+    print(f"| transport | test | " + " | ".join(servers) + " |")
+    print("|---|---|" + "---|" * len(servers))
+    for transport in args.transports.split(","):
+        for name, _ in tests:
+            cells = []
+            base = statistics.median(results.get((transport, name, ref), [0])) or None
+            for s in servers:
+                m = statistics.median(results[(transport, name, s)])
+                fmt = f"{m:.2f}" if "GiB" in name else f"{m / 1000:.1f}k"
+                if base and s != ref:
+                    fmt += f" ({m / base:.2f}x)"
+                cells.append(fmt)
+            print(f"| {transport} | {name} | " + " | ".join(cells) + " |")
+    print(f"| | peak RSS (MiB) | " + " | ".join(f"{rss[s] / 1024:.1f}" for s in servers) + " |")
+    shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

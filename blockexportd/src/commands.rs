@@ -1,0 +1,89 @@
+//! The QMP commands of blockexportd, registered on the daemon's QMP server.
+
+use crate::bitmaps;
+use crate::daemon::Daemon;
+use crate::qapi;
+use qmp_server::parse_arguments;
+use serde_json::{Map, Value};
+use std::sync::Arc;
+
+/// Registers every command the daemon serves.
+pub fn register(daemon: &Arc<Daemon>) {
+    let qmp = daemon.qmp().clone();
+
+    macro_rules! command {
+        ($name:expr, |$d:ident, $args:ident| $body:expr) => {{
+            let daemon = Arc::clone(daemon);
+            qmp.register($name, move |$args: Map<String, Value>| {
+                let $d = Arc::clone(&daemon);
+                async move { $body }
+            });
+        }};
+    }
+
+    command!("blockdev-add", |d, args| d.blockdev_add(args).await);
+    command!("blockdev-del", |d, args| {
+        d.blockdev_del(parse_arguments(args)?).await
+    });
+    command!("query-named-block-nodes", |d, args| {
+        d.query_named_block_nodes(parse_arguments(args)?)
+    });
+    command!("block_resize", |d, args| {
+        d.block_resize(parse_arguments(args)?).await
+    });
+    command!("object-add", |d, args| d.object_add(args, false).await);
+    command!("object-del", |d, args| {
+        d.object_del(parse_arguments(args)?).await
+    });
+    command!("nbd-server-start", |d, args| {
+        let start: qapi::NbdServerStart = parse_arguments(args)?;
+        d.nbd_server_start(start.into()).await
+    });
+    command!("nbd-server-stop", |d, args| {
+        let _: Empty = parse_arguments(args)?;
+        d.nbd_server_stop().await
+    });
+    command!("nbd-server-add", |d, args| {
+        d.nbd_server_add(parse_arguments(args)?).await
+    });
+    command!("nbd-server-remove", |d, args| {
+        let a: qapi::NbdServerRemove = parse_arguments(args)?;
+        d.block_export_del(&a.name, a.mode.unwrap_or(qapi::RemoveMode::Safe))
+            .await
+    });
+    command!("block-export-add", |d, args| {
+        d.block_export_add(Daemon::parse_export(args, false)?).await
+    });
+    command!("block-export-del", |d, args| {
+        let a: qapi::BlockExportDel = parse_arguments(args)?;
+        d.block_export_del(&a.id, a.mode.unwrap_or(qapi::RemoveMode::Safe))
+            .await
+    });
+    command!("block-dirty-bitmap-add", |d, args| {
+        bitmaps::add(d.graph(), parse_arguments(args)?)
+    });
+    command!("block-dirty-bitmap-remove", |d, args| {
+        bitmaps::remove(d.graph(), parse_arguments(args)?)
+    });
+    command!("block-dirty-bitmap-clear", |d, args| {
+        bitmaps::clear(d.graph(), parse_arguments(args)?)
+    });
+    command!("block-dirty-bitmap-enable", |d, args| {
+        bitmaps::set_enabled(d.graph(), parse_arguments(args)?, true)
+    });
+    command!("block-dirty-bitmap-disable", |d, args| {
+        bitmaps::set_enabled(d.graph(), parse_arguments(args)?, false)
+    });
+    command!("block-dirty-bitmap-merge", |d, args| {
+        bitmaps::merge(d.graph(), parse_arguments(args)?)
+    });
+    command!("query-block-exports", |d, args| {
+        let _: Empty = parse_arguments(args)?;
+        d.query_block_exports().await
+    });
+}
+
+/// The arguments of a command that takes none.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Empty {}

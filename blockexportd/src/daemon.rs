@@ -1,0 +1,848 @@
+//! The daemon: nodes, objects, chardevs, monitors, the NBD server and exports, and the
+//! commands that change them. Both the command line and QMP go through the methods here.
+
+use crate::objects::{IoThread, Object};
+use crate::qapi::{self, BlockExportOptions, RemoveMode, SocketAddress};
+use block_core::{GraphError, Node, NodeGraph};
+use qmp_server::{EventSender, QmpError, QmpServer};
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+
+/// QEMU's default connection limit of the NBD server (`NBD_DEFAULT_MAX_CONNECTIONS`).
+pub const NBD_DEFAULT_MAX_CONNECTIONS: u32 = 100;
+/// QEMU's default handshake limit of the NBD server, in seconds.
+pub const NBD_DEFAULT_HANDSHAKE_MAX_SECONDS: u32 = 10;
+
+/// A command's error: a QMP error class and QEMU's message.
+pub type CmdResult<T = Value> = Result<T, QmpError>;
+
+fn generic(msg: impl Into<String>) -> QmpError {
+    QmpError::generic(msg)
+}
+
+/// A `--chardev` that a monitor has not taken yet.
+#[derive(Debug)]
+enum Chardev {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+    Stdio,
+    /// Taken by a monitor.
+    Used,
+}
+
+struct NbdState {
+    server: nbd_server::NbdServer,
+    listeners: Vec<JoinHandle<()>>,
+    unix_path: Option<PathBuf>,
+}
+
+enum ExportKind {
+    Nbd { name: String },
+    Fuse(Option<fuse_export::FuseExport>),
+}
+
+struct Export {
+    node_name: String,
+    kind: ExportKind,
+    shutting_down: Arc<AtomicBool>,
+}
+
+impl Export {
+    fn type_name(&self) -> &'static str {
+        match self.kind {
+            ExportKind::Nbd { .. } => "nbd",
+            ExportKind::Fuse(_) => "fuse",
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    chardevs: BTreeMap<String, Chardev>,
+    monitors: Vec<JoinHandle<()>>,
+    nbd: Option<NbdState>,
+    exports: BTreeMap<String, Export>,
+    objects: BTreeMap<String, Object>,
+}
+
+/// The daemon's state, shared by the command line, every monitor and the signal handlers.
+pub struct Daemon {
+    graph: NodeGraph,
+    qmp: QmpServer,
+    events: EventSender,
+    state: Mutex<State>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Daemon {
+    /// A daemon with no nodes, exports or monitors, answering QMP through `qmp`.
+    pub fn new(qmp: QmpServer, runtime: tokio::runtime::Handle) -> Arc<Daemon> {
+        let events = qmp.events();
+        Arc::new(Daemon {
+            graph: NodeGraph::new(),
+            qmp,
+            events,
+            state: Mutex::new(State::default()),
+            runtime,
+        })
+    }
+
+    /// The QMP server of the daemon.
+    pub fn qmp(&self) -> &QmpServer {
+        &self.qmp
+    }
+
+    /// The node graph.
+    pub fn graph(&self) -> &NodeGraph {
+        &self.graph
+    }
+
+    // ----- nodes -----
+
+    /// `blockdev-add` / `--blockdev`.
+    pub async fn blockdev_add(&self, options: Map<String, Value>) -> CmdResult {
+        block_core::open::blockdev_add(&self.graph, Value::Object(options))
+            .await
+            .map_err(graph_error)?;
+        Ok(json!({}))
+    }
+
+    /// `blockdev-del`.
+    pub async fn blockdev_del(&self, args: qapi::BlockdevDel) -> CmdResult {
+        let node = self.graph.get(&args.node_name).map_err(|_| {
+            generic(format!(
+                "Failed to find node with node-name='{}'",
+                args.node_name
+            ))
+        })?;
+        if !node.users().is_empty() {
+            return Err(generic(format!("Node {} is in use", args.node_name)));
+        }
+        let node = self.graph.remove(&args.node_name).map_err(graph_error)?;
+        close_node(&node).await;
+        Ok(json!({}))
+    }
+
+    /// `query-named-block-nodes`.
+    pub fn query_named_block_nodes(&self, args: qapi::QueryNamedBlockNodes) -> CmdResult {
+        let flat = args.flat.unwrap_or(false);
+        Ok(Value::Array(
+            self.graph
+                .all()
+                .iter()
+                .map(|n| {
+                    let mut info = block_core::open::node_info(n, flat);
+                    if let (Some(bitmaps), Some(obj)) =
+                        (crate::bitmaps::info(n), info.as_object_mut())
+                    {
+                        obj.insert("dirty-bitmaps".into(), bitmaps);
+                    }
+                    info
+                })
+                .collect(),
+        ))
+    }
+
+    /// `block_resize`.
+    pub async fn block_resize(&self, args: qapi::BlockResize) -> CmdResult {
+        let name = args.node_name.or(args.device).unwrap_or_default();
+        let node = self.find_node(&name)?;
+        if args.size < 0 {
+            return Err(generic("Parameter 'size' expects a >0 size"));
+        }
+        node.resize(args.size as u64).await.map_err(|e| match e {
+            block_core::BlockError::Unsupported(_) => {
+                generic("Image format driver does not support resize")
+            }
+            block_core::BlockError::ReadOnly => generic("Image is read-only"),
+            e => generic(format!("Could not resize: {e}")),
+        })?;
+        Ok(json!({}))
+    }
+
+    fn find_node(&self, name: &str) -> CmdResult<Arc<Node>> {
+        self.graph
+            .get(name)
+            .map_err(|_| generic(format!("Cannot find device='' nor node-name='{name}'")))
+    }
+
+    // ----- objects -----
+
+    /// `object-add` / `--object`.
+    pub async fn object_add(&self, mut props: Map<String, Value>, keyval: bool) -> CmdResult {
+        let qom_type = match props.remove("qom-type") {
+            Some(Value::String(t)) => t,
+            Some(_) => {
+                return Err(generic(
+                    "Invalid parameter type for 'qom-type', expected: string",
+                ))
+            }
+            None => return Err(generic("Parameter 'qom-type' is missing")),
+        };
+        let mut state = self.state.lock().await;
+        let id = match props.get("id") {
+            Some(Value::String(id)) => id.clone(),
+            Some(_) => return Err(generic("Invalid parameter type for 'id', expected: string")),
+            None => return Err(generic("Parameter 'id' is missing")),
+        };
+        let object = match qom_type.as_str() {
+            "iothread" => {
+                if keyval {
+                    let (b, i) = qapi::IOTHREAD_TYPES;
+                    qapi::typify(&mut props, b, i).map_err(generic)?;
+                }
+                let _: qapi::IothreadProps = qmp_server::parse_arguments(props)?;
+                check_object_id(&state, &id)?;
+                let thread = IoThread::spawn(&id)
+                    .map_err(|e| generic(format!("Failed to create iothread: {e}")))?;
+                Object::IoThread(thread)
+            }
+            t if t.starts_with("tls-creds") => {
+                crate::tls::check_creds_type(t).map_err(|e| generic(e.qemu_message()))?;
+                let creds = crate::tls::TlsCredsX509::from_props(&props, keyval)
+                    .map_err(|e| generic(e.qemu_message()))?;
+                check_object_id(&state, &id)?;
+                Object::TlsCreds(Arc::new(creds))
+            }
+            t if crate::authz::is_authz_type(t) => {
+                let authz = crate::authz::create(t, &props, keyval)
+                    .map_err(|e| generic(e.qemu_message()))?;
+                check_object_id(&state, &id)?;
+                Object::Authz(authz)
+            }
+            other => {
+                return Err(generic(format!(
+                    "Parameter 'qom-type' does not accept value '{other}'"
+                )))
+            }
+        };
+        state.objects.insert(id, object);
+        Ok(json!({}))
+    }
+
+    /// `object-del`.
+    pub async fn object_del(&self, args: qapi::ObjectDel) -> CmdResult {
+        let mut state = self.state.lock().await;
+        if !state.objects.contains_key(&args.id) {
+            return Err(generic(format!("object '{}' not found", args.id)));
+        }
+        let object = state.objects.remove(&args.id);
+        drop(state);
+        // Joining the thread blocks: do it off the runtime.
+        if let Some(object) = object {
+            let _ = tokio::task::spawn_blocking(move || drop(object)).await;
+        }
+        Ok(json!({}))
+    }
+
+    // ----- chardevs and monitors -----
+
+    /// `--chardev`.
+    pub async fn chardev_add(&self, mut args: Map<String, Value>) -> CmdResult {
+        let (b, i) = qapi::CHARDEV_TYPES;
+        qapi::typify(&mut args, b, i).map_err(generic)?;
+        let opts: qapi::ChardevOptions = qmp_server::parse_arguments(args)?;
+        let mut state = self.state.lock().await;
+        if state.chardevs.contains_key(&opts.id) {
+            return Err(generic(format!(
+                "attempt to add duplicate property '{}' to object (type 'container')",
+                opts.id
+            )));
+        }
+        let chardev = match opts.backend.as_str() {
+            "stdio" => Chardev::Stdio,
+            "socket" => {
+                if opts.server != Some(true) {
+                    return Err(generic(
+                        "only server sockets (server=on) are supported for chardevs",
+                    ));
+                }
+                let chardev = if let Some(path) = &opts.path {
+                    let path = PathBuf::from(path);
+                    let _ = std::fs::remove_file(&path);
+                    let listener = UnixListener::bind(&path).map_err(|e| {
+                        generic(format!("Failed to bind socket to {}: {e}", path.display()))
+                    })?;
+                    Chardev::Unix(listener, path)
+                } else if let (Some(host), Some(port)) = (&opts.host, &opts.port) {
+                    let listener = bind_tcp(host, port).await?;
+                    Chardev::Tcp(listener)
+                } else {
+                    return Err(generic("chardev: socket: no host given"));
+                };
+                chardev
+            }
+            other => {
+                return Err(generic(format!(
+                    "'{other}' is not a valid char driver name"
+                )))
+            }
+        };
+        state.chardevs.insert(opts.id, chardev);
+        Ok(json!({}))
+    }
+
+    /// `--monitor`.
+    pub async fn monitor_add(self: &Arc<Self>, mut args: Map<String, Value>) -> CmdResult {
+        let (b, i) = qapi::MONITOR_TYPES;
+        qapi::typify(&mut args, b, i).map_err(generic)?;
+        let opts: qapi::MonitorOptions = qmp_server::parse_arguments(args)?;
+        if opts.mode.as_deref().is_some_and(|m| m != "control") {
+            return Err(generic("Only QMP is supported"));
+        }
+        let mon_opts = qmp_server::MonitorOptions {
+            pretty: opts.pretty.unwrap_or(false),
+        };
+        let mut state = self.state.lock().await;
+        let chardev = state
+            .chardevs
+            .get_mut(&opts.chardev)
+            .ok_or_else(|| generic(format!("chardev \"{}\" not found", opts.chardev)))?;
+        let qmp = self.qmp.clone();
+        let task = match std::mem::replace(chardev, Chardev::Used) {
+            Chardev::Unix(listener, _path) => {
+                tokio::spawn(async move { qmp.serve_unix(listener, mon_opts).await })
+            }
+            Chardev::Tcp(listener) => {
+                tokio::spawn(async move { qmp.serve_tcp(listener, mon_opts).await })
+            }
+            Chardev::Stdio => tokio::spawn(async move { qmp.serve_stdio(mon_opts).await }),
+            Chardev::Used => return Err(generic(format!("Device '{}' is in use", opts.chardev))),
+        };
+        state.monitors.push(task);
+        Ok(json!({}))
+    }
+
+    // ----- NBD server -----
+
+    /// `nbd-server-start` / `--nbd-server`.
+    pub async fn nbd_server_start(&self, opts: qapi::NbdServerOptions) -> CmdResult {
+        let mut state = self.state.lock().await;
+        if state.nbd.is_some() {
+            return Err(generic("NBD server already running"));
+        }
+        if opts.tls_creds.is_some() || opts.tls_authz.is_some() {
+            return Err(generic(
+                "TLS for the NBD server is not supported by this version of blockexportd",
+            ));
+        }
+        let config = nbd_server::ServerConfig {
+            max_connections: opts.max_connections.unwrap_or(NBD_DEFAULT_MAX_CONNECTIONS),
+            handshake_max: match opts
+                .handshake_max_seconds
+                .unwrap_or(NBD_DEFAULT_HANDSHAKE_MAX_SECONDS)
+            {
+                0 => None,
+                s => Some(Duration::from_secs(u64::from(s))),
+            },
+        };
+        let server = nbd_server::NbdServer::new(config);
+        let mut unix_path = None;
+        let task = match &opts.addr {
+            SocketAddress::Unix(u) => {
+                if u.abstract_ == Some(true) {
+                    return Err(generic("abstract unix sockets are not supported"));
+                }
+                let path = PathBuf::from(&u.path);
+                let listener = UnixListener::bind(&path)
+                    .map_err(|e| generic(format!("Failed to bind socket to {}: {e}", u.path)))?;
+                unix_path = Some(path);
+                let s = server.clone();
+                tokio::spawn(async move { s.serve_unix(listener).await })
+            }
+            SocketAddress::Inet(i) => {
+                if i.to.is_some() {
+                    return Err(generic("'to' is not supported for the NBD server address"));
+                }
+                let listener = bind_tcp(&i.host, &i.port).await?;
+                let s = server.clone();
+                tokio::spawn(async move { s.serve_tcp(listener).await })
+            }
+            SocketAddress::Fd(f) => {
+                let listener = listener_from_fd(&f.str)?;
+                let s = server.clone();
+                match listener {
+                    InheritedListener::Unix(l) => {
+                        tokio::spawn(async move { s.serve_unix(l).await })
+                    }
+                    InheritedListener::Tcp(l) => tokio::spawn(async move { s.serve_tcp(l).await }),
+                }
+            }
+        };
+        state.nbd = Some(NbdState {
+            server,
+            listeners: vec![task],
+            unix_path,
+        });
+        Ok(json!({}))
+    }
+
+    /// `nbd-server-stop`: ends every NBD export and every client.
+    pub async fn nbd_server_stop(&self) -> CmdResult {
+        let mut state = self.state.lock().await;
+        let nbd = state
+            .nbd
+            .take()
+            .ok_or_else(|| generic("NBD server not running"))?;
+        let ids: Vec<String> = state
+            .exports
+            .iter()
+            .filter(|(_, e)| matches!(e.kind, ExportKind::Nbd { .. }))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            if let Some(export) = state.exports.remove(&id) {
+                if let ExportKind::Nbd { name } = &export.kind {
+                    if let Ok(gone) = nbd.server.remove_export(name, nbd_server::RemoveMode::Hard) {
+                        gone.await;
+                    }
+                }
+                self.emit_deleted(&id);
+            }
+        }
+        nbd.server.stop();
+        for task in nbd.listeners {
+            task.abort();
+        }
+        if let Some(path) = nbd.unix_path {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(json!({}))
+    }
+
+    // ----- exports -----
+
+    /// Parses `block-export-add` arguments, typed by `type`.
+    pub fn parse_export(
+        mut args: Map<String, Value>,
+        keyval: bool,
+    ) -> CmdResult<BlockExportOptions> {
+        if keyval {
+            let (b, i) = qapi::EXPORT_TYPES_KEYVAL;
+            qapi::typify(&mut args, b, i).map_err(generic)?;
+        }
+        let ty = match args.remove("type") {
+            Some(Value::String(t)) => t,
+            Some(_) => {
+                return Err(generic(
+                    "Invalid parameter type for 'type', expected: string",
+                ))
+            }
+            None => return Err(generic("Parameter 'type' is missing")),
+        };
+        Ok(match ty.as_str() {
+            "nbd" => BlockExportOptions::Nbd(qmp_server::parse_arguments(args)?),
+            "fuse" => BlockExportOptions::Fuse(qmp_server::parse_arguments(args)?),
+            t if qapi::EXPORT_TYPES.contains(&t) => BlockExportOptions::Unserved(t.to_string()),
+            t => {
+                return Err(generic(format!(
+                    "Parameter 'type' does not accept value '{t}'"
+                )))
+            }
+        })
+    }
+
+    /// `block-export-add` / `--export`: validates everything, then starts the export.
+    pub async fn block_export_add(&self, options: BlockExportOptions) -> CmdResult {
+        match options {
+            BlockExportOptions::Nbd(o) => self.nbd_export_add(o).await,
+            BlockExportOptions::Fuse(o) => self.fuse_export_add(o).await,
+            BlockExportOptions::Unserved(t) => Err(generic(format!(
+                "Export type '{t}' is not supported by this version of blockexportd"
+            ))),
+        }
+    }
+
+    fn check_common(
+        &self,
+        state: &State,
+        id: &str,
+        node_name: &str,
+        iothread: Option<&str>,
+    ) -> CmdResult<Arc<Node>> {
+        if state.exports.contains_key(id) {
+            return Err(generic(format!("Block export id '{id}' is already in use")));
+        }
+        let node = self.find_node(node_name)?;
+        if let Some(iothread) = iothread {
+            if !matches!(state.objects.get(iothread), Some(Object::IoThread(_))) {
+                return Err(generic(format!("iothread \"{iothread}\" not found")));
+            }
+        }
+        Ok(node)
+    }
+
+    async fn nbd_export_add(&self, o: qapi::NbdExport) -> CmdResult {
+        let mut state = self.state.lock().await;
+        let nbd = state
+            .nbd
+            .as_ref()
+            .ok_or_else(|| generic("NBD server not running"))?;
+        let server = nbd.server.clone();
+        let node = self.check_common(&state, &o.id, &o.node_name, o.iothread.as_deref())?;
+        let name = o.name.clone().unwrap_or_else(|| o.node_name.clone());
+        if name.len() > 4096 {
+            return Err(generic(format!("export name '{name}' too long")));
+        }
+        if let Some(description) = &o.description {
+            if description.len() > 4096 {
+                return Err(generic(format!("description '{description}' too long")));
+            }
+        }
+        if server.export_names().contains(&name) {
+            return Err(generic(format!("Export '{name}' already exists")));
+        }
+        if o.bitmaps.as_ref().is_some_and(|b| !b.is_empty()) {
+            return Err(generic(
+                "Exporting dirty bitmaps over NBD is not supported by this version of blockexportd",
+            ));
+        }
+        if o.allocation_depth == Some(true) {
+            return Err(generic(
+                "qemu:allocation-depth is not supported by this version of blockexportd",
+            ));
+        }
+        let writable = o.writable.unwrap_or(false);
+        let attachment = node
+            .attach(format!("export '{}'", o.id), writable)
+            .map_err(|e| generic(e.to_string()))?;
+        server
+            .add_export(nbd_server::ExportConfig {
+                name: name.clone(),
+                description: o.description.clone(),
+                attachment,
+                writethrough: o.writethrough.unwrap_or(false),
+            })
+            .map_err(|e| generic(e.to_string()))?;
+        state.exports.insert(
+            o.id.clone(),
+            Export {
+                node_name: o.node_name,
+                kind: ExportKind::Nbd { name },
+                shutting_down: Arc::new(AtomicBool::new(false)),
+            },
+        );
+        Ok(json!({}))
+    }
+
+    async fn fuse_export_add(&self, o: qapi::FuseExport) -> CmdResult {
+        let mut state = self.state.lock().await;
+        let node = self.check_common(&state, &o.id, &o.node_name, o.iothread.as_deref())?;
+        let allow_other = match o.allow_other.as_deref() {
+            None | Some("auto") => fuse_export::AllowOther::Auto,
+            Some("on") => fuse_export::AllowOther::On,
+            Some("off") => fuse_export::AllowOther::Off,
+            Some(v) => {
+                return Err(generic(format!(
+                    "Parameter 'allow-other' does not accept value '{v}'"
+                )))
+            }
+        };
+        let writable = o.writable.unwrap_or(false);
+        let attachment = node
+            .attach(format!("export '{}'", o.id), writable)
+            .map_err(|e| generic(e.to_string()))?;
+        let config = fuse_export::FuseExportConfig {
+            mountpoint: PathBuf::from(&o.mountpoint),
+            growable: o.growable.unwrap_or(false),
+            writable,
+            writethrough: o.writethrough.unwrap_or(false),
+            allow_other,
+        };
+        let runtime = self.runtime.clone();
+        let export = tokio::task::spawn_blocking(move || {
+            fuse_export::FuseExport::mount(config, attachment, runtime)
+        })
+        .await
+        .map_err(|e| generic(format!("FUSE mount failed: {e}")))?
+        .map_err(|e| generic(e.to_string()))?;
+        state.exports.insert(
+            o.id.clone(),
+            Export {
+                node_name: o.node_name,
+                kind: ExportKind::Fuse(Some(export)),
+                shutting_down: Arc::new(AtomicBool::new(false)),
+            },
+        );
+        Ok(json!({}))
+    }
+
+    /// `block-export-del`.
+    pub async fn block_export_del(self: &Arc<Self>, id: &str, mode: RemoveMode) -> CmdResult {
+        let mut state = self.state.lock().await;
+        let export = state
+            .exports
+            .get_mut(id)
+            .ok_or_else(|| generic(format!("Export '{id}' is not found")))?;
+        if export.shutting_down.load(Ordering::Acquire) {
+            return Err(generic(format!("Export '{id}' is already shutting down")));
+        }
+        match &mut export.kind {
+            ExportKind::Nbd { name } => {
+                let name = name.clone();
+                let server = state
+                    .nbd
+                    .as_ref()
+                    .map(|n| n.server.clone())
+                    .ok_or_else(|| generic("NBD server not running"))?;
+                let nbd_mode = match mode {
+                    RemoveMode::Safe => nbd_server::RemoveMode::Safe,
+                    RemoveMode::Hard => nbd_server::RemoveMode::Hard,
+                };
+                let gone = server
+                    .remove_export(&name, nbd_mode)
+                    .map_err(|_| generic(format!("export '{id}' still in use")))?;
+                if let Some(export) = state.exports.get(id) {
+                    export.shutting_down.store(true, Ordering::Release);
+                }
+                drop(state);
+                // Most removals finish at once: then the event comes before the reply, as in
+                // QEMU. Otherwise the export shows `shutting-down` until its last request is done.
+                let mut gone = Box::pin(gone);
+                let finished = futures_now(&mut gone).await;
+                let daemon = Arc::clone(self);
+                let id = id.to_string();
+                if finished {
+                    daemon.finish_delete(&id).await;
+                } else {
+                    tokio::spawn(async move {
+                        gone.await;
+                        daemon.finish_delete(&id).await;
+                    });
+                }
+            }
+            ExportKind::Fuse(fuse) => {
+                let fuse = fuse.take();
+                state.exports.remove(id);
+                drop(state);
+                if let Some(fuse) = fuse {
+                    fuse.unmount_async()
+                        .await
+                        .map_err(|e| generic(e.to_string()))?;
+                }
+                self.emit_deleted(id);
+            }
+        }
+        Ok(json!({}))
+    }
+
+    async fn finish_delete(&self, id: &str) {
+        self.state.lock().await.exports.remove(id);
+        self.emit_deleted(id);
+    }
+
+    fn emit_deleted(&self, id: &str) {
+        self.events
+            .emit("BLOCK_EXPORT_DELETED", json!({ "id": id }));
+    }
+
+    /// `query-block-exports`.
+    pub async fn query_block_exports(&self) -> CmdResult {
+        let state = self.state.lock().await;
+        Ok(Value::Array(
+            state
+                .exports
+                .iter()
+                .map(|(id, e)| {
+                    json!({
+                        "id": id,
+                        "type": e.type_name(),
+                        "node-name": e.node_name,
+                        "shutting-down": e.shutting_down.load(Ordering::Acquire),
+                    })
+                })
+                .collect(),
+        ))
+    }
+
+    /// `nbd-server-add` (deprecated): an NBD export whose id is its name.
+    pub async fn nbd_server_add(&self, a: qapi::NbdServerAdd) -> CmdResult {
+        let name = a.name.clone().unwrap_or_else(|| a.device.clone());
+        {
+            let state = self.state.lock().await;
+            if state.nbd.is_none() {
+                return Err(generic("NBD server not running"));
+            }
+        }
+        self.nbd_export_add(qapi::NbdExport {
+            id: name.clone(),
+            node_name: a.device,
+            fixed_iothread: None,
+            iothread: None,
+            writable: a.writable,
+            writethrough: None,
+            name: Some(name),
+            description: a.description,
+            bitmaps: a.bitmap.map(|b| vec![qapi::BitmapRef::Name(b)]),
+            allocation_depth: None,
+        })
+        .await
+    }
+
+    // ----- shutdown -----
+
+    /// Ends every export (unmounting FUSE mountpoints), stops the NBD server and the monitors,
+    /// then flushes and closes every node. No acknowledged write is lost.
+    pub async fn shutdown(&self) {
+        let mut state = self.state.lock().await;
+        let exports = std::mem::take(&mut state.exports);
+        let nbd = state.nbd.take();
+        for (id, mut export) in exports {
+            match &mut export.kind {
+                ExportKind::Nbd { name } => {
+                    if let Some(nbd) = &nbd {
+                        if let Ok(gone) =
+                            nbd.server.remove_export(name, nbd_server::RemoveMode::Hard)
+                        {
+                            gone.await;
+                        }
+                    }
+                }
+                ExportKind::Fuse(fuse) => {
+                    if let Some(fuse) = fuse.take() {
+                        if let Err(e) = fuse.unmount_async().await {
+                            tracing::warn!("unmounting export '{id}': {e}");
+                        }
+                    }
+                }
+            }
+            self.emit_deleted(&id);
+        }
+        if let Some(nbd) = nbd {
+            nbd.server.stop();
+            for task in nbd.listeners {
+                task.abort();
+            }
+            if let Some(path) = nbd.unix_path {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        let objects = std::mem::take(&mut state.objects);
+        let chardevs = std::mem::take(&mut state.chardevs);
+        let monitors = std::mem::take(&mut state.monitors);
+        drop(state);
+        self.qmp.shutdown();
+        for task in monitors {
+            task.abort();
+        }
+        for chardev in chardevs.into_values() {
+            if let Chardev::Unix(_, path) = chardev {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        for node in self.graph.drain() {
+            close_node(&node).await;
+        }
+        let _ = tokio::task::spawn_blocking(move || drop(objects)).await;
+    }
+}
+
+/// Resolves to whether `fut` finishes without waiting.
+async fn futures_now<F: std::future::Future<Output = ()> + Unpin>(fut: &mut F) -> bool {
+    use std::task::Poll;
+    std::future::poll_fn(|cx| match std::pin::Pin::new(&mut *fut).poll(cx) {
+        Poll::Ready(()) => Poll::Ready(true),
+        Poll::Pending => Poll::Ready(false),
+    })
+    .await
+}
+
+async fn close_node(node: &Node) {
+    if let Err(e) = node.driver().close().await {
+        tracing::error!("closing node '{}': {e}", node.name());
+    }
+}
+
+fn check_object_id(state: &State, id: &str) -> CmdResult<()> {
+    if state.objects.contains_key(id) {
+        return Err(generic(format!(
+            "attempt to add duplicate property '{id}' to object (type 'container')"
+        )));
+    }
+    let valid = id.starts_with(|c: char| c.is_ascii_alphabetic())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if !valid {
+        return Err(generic("Parameter 'id' expects an identifier"));
+    }
+    Ok(())
+}
+
+fn graph_error(e: GraphError) -> QmpError {
+    match e {
+        GraphError::NotFound(name) => {
+            generic(format!("Cannot find device='' nor node-name='{name}'"))
+        }
+        GraphError::Failed(msg) => generic(msg),
+    }
+}
+
+async fn bind_tcp(host: &str, port: &str) -> CmdResult<TcpListener> {
+    let port: u16 = port
+        .parse()
+        .map_err(|_| generic(format!("Parameter 'port' expects a port number: '{port}'")))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    TcpListener::bind((host, port))
+        .await
+        .map_err(|e| generic(format!("Failed to bind socket: {e}")))
+}
+
+enum InheritedListener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+/// A listening socket inherited as a file descriptor (QAPI address type `fd`).
+fn listener_from_fd(s: &str) -> CmdResult<InheritedListener> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let fd: i32 = s
+        .parse()
+        .map_err(|_| generic(format!("File descriptor named '{s}' has not been found")))?;
+    // SAFETY: fcntl(F_GETFD) only queries whether `fd` is open; it touches no memory.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(generic(format!(
+            "File descriptor named '{s}' has not been found"
+        )));
+    }
+    // SAFETY: the descriptor is open (checked above) and was handed to this process for
+    // the server to own, as QEMU's `fd` address type means.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut domain: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `domain`, which is a c_int.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&mut domain as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(generic(format!("File descriptor '{s}' is not a socket")));
+    }
+    if domain == libc::AF_UNIX {
+        let l = std::os::unix::net::UnixListener::from(owned);
+        l.set_nonblocking(true)
+            .map_err(|e| generic(format!("fd {s}: {e}")))?;
+        UnixListener::from_std(l)
+            .map(InheritedListener::Unix)
+            .map_err(|e| generic(format!("fd {s}: {e}")))
+    } else {
+        let l = std::net::TcpListener::from(owned);
+        l.set_nonblocking(true)
+            .map_err(|e| generic(format!("fd {s}: {e}")))?;
+        TcpListener::from_std(l)
+            .map(InheritedListener::Tcp)
+            .map_err(|e| generic(format!("fd {s}: {e}")))
+    }
+}

@@ -1,0 +1,501 @@
+//! The QAPI types of the commands blockexportd serves, as serde types.
+//!
+//! Member names and optionality follow QEMU 10.0's schema (`block-export.json`,
+//! `sockets.json`, `block-core.json`, `qom.json`). Unknown members are refused, as QAPI does.
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+/// QAPI `InetSocketAddress`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct InetSocketAddress {
+    /// Host name or address.
+    pub host: String,
+    /// Port number or service name.
+    pub port: String,
+    /// Do not resolve names.
+    pub numeric: Option<bool>,
+    /// Try ports up to this one (refused: not supported).
+    pub to: Option<u16>,
+    /// Use IPv4 only.
+    pub ipv4: Option<bool>,
+    /// Use IPv6 only.
+    pub ipv6: Option<bool>,
+    /// TCP keep-alive.
+    pub keep_alive: Option<bool>,
+    /// Multipath TCP.
+    pub mptcp: Option<bool>,
+}
+
+/// QAPI `UnixSocketAddress`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct UnixSocketAddress {
+    /// Path of the socket.
+    pub path: String,
+    /// Abstract socket namespace.
+    #[serde(rename = "abstract")]
+    pub abstract_: Option<bool>,
+    /// Abstract name without padding.
+    pub tight: Option<bool>,
+}
+
+/// QAPI `String` (a struct with one member `str`), used by the `fd` address type.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StrWrapper {
+    /// The name or number of the descriptor.
+    pub str: String,
+}
+
+/// QAPI `SocketAddress`: the flat form of `--nbd-server` and `NbdServerOptions`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SocketAddress {
+    /// TCP.
+    Inet(InetSocketAddress),
+    /// Unix domain socket.
+    Unix(UnixSocketAddress),
+    /// An inherited descriptor.
+    Fd(StrWrapper),
+}
+
+/// QAPI `SocketAddressLegacy`: the `{"type": ..., "data": {...}}` form of `nbd-server-start`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(tag = "type", content = "data", rename_all = "lowercase")]
+pub enum SocketAddressLegacy {
+    /// TCP.
+    Inet(InetSocketAddress),
+    /// Unix domain socket.
+    Unix(UnixSocketAddress),
+    /// An inherited descriptor.
+    Fd(StrWrapper),
+}
+
+impl From<SocketAddressLegacy> for SocketAddress {
+    fn from(a: SocketAddressLegacy) -> Self {
+        match a {
+            SocketAddressLegacy::Inet(i) => SocketAddress::Inet(i),
+            SocketAddressLegacy::Unix(u) => SocketAddress::Unix(u),
+            SocketAddressLegacy::Fd(f) => SocketAddress::Fd(f),
+        }
+    }
+}
+
+/// `nbd-server-start` arguments.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NbdServerStart {
+    /// Where to listen.
+    pub addr: SocketAddressLegacy,
+    /// Id of a `tls-creds-*` object.
+    pub tls_creds: Option<String>,
+    /// Id of an `authz-*` object.
+    pub tls_authz: Option<String>,
+    /// Connection limit, 0 for none.
+    pub max_connections: Option<u32>,
+    /// Seconds a client may take for the handshake, 0 for no limit.
+    pub handshake_max_seconds: Option<u32>,
+}
+
+/// `--nbd-server` (QAPI `NbdServerOptions`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NbdServerOptions {
+    /// Where to listen.
+    pub addr: SocketAddress,
+    /// Id of a `tls-creds-*` object.
+    pub tls_creds: Option<String>,
+    /// Id of an `authz-*` object.
+    pub tls_authz: Option<String>,
+    /// Connection limit, 0 for none.
+    pub max_connections: Option<u32>,
+    /// Seconds a client may take for the handshake, 0 for no limit.
+    pub handshake_max_seconds: Option<u32>,
+}
+
+impl From<NbdServerStart> for NbdServerOptions {
+    fn from(s: NbdServerStart) -> Self {
+        NbdServerOptions {
+            addr: s.addr.into(),
+            tls_creds: s.tls_creds,
+            tls_authz: s.tls_authz,
+            max_connections: s.max_connections,
+            handshake_max_seconds: s.handshake_max_seconds,
+        }
+    }
+}
+
+/// A bitmap named alone or with its node (QAPI `BlockDirtyBitmapOrStr`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum BitmapRef {
+    /// A bitmap of the exported node.
+    Name(String),
+    /// A bitmap of any node.
+    Qualified {
+        /// The node.
+        node: String,
+        /// The bitmap.
+        name: String,
+    },
+}
+
+/// `block-export-add` with `type: nbd`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NbdExport {
+    /// Export id.
+    pub id: String,
+    /// Node to export.
+    pub node_name: String,
+    /// Refuse to move the node to another iothread.
+    pub fixed_iothread: Option<bool>,
+    /// Run the export in this iothread.
+    pub iothread: Option<String>,
+    /// Allow writes.
+    pub writable: Option<bool>,
+    /// Every write is FUA.
+    pub writethrough: Option<bool>,
+    /// Export name (default: the node name).
+    pub name: Option<String>,
+    /// Free-form description.
+    pub description: Option<String>,
+    /// Dirty bitmaps to export.
+    pub bitmaps: Option<Vec<BitmapRef>>,
+    /// Export the `qemu:allocation-depth` context.
+    pub allocation_depth: Option<bool>,
+}
+
+/// `block-export-add` with `type: fuse`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FuseExport {
+    /// Export id.
+    pub id: String,
+    /// Node to export.
+    pub node_name: String,
+    /// Refuse to move the node to another iothread.
+    pub fixed_iothread: Option<bool>,
+    /// Run the export in this iothread.
+    pub iothread: Option<String>,
+    /// Allow writes.
+    pub writable: Option<bool>,
+    /// Every write is FUA.
+    pub writethrough: Option<bool>,
+    /// The regular file to mount on.
+    pub mountpoint: String,
+    /// Writes past the end grow the node.
+    pub growable: Option<bool>,
+    /// `on`, `off` or `auto`.
+    pub allow_other: Option<String>,
+}
+
+/// `block-export-add` arguments, dispatched on `type`.
+#[derive(Debug, Clone)]
+pub enum BlockExportOptions {
+    /// `type: nbd`.
+    Nbd(NbdExport),
+    /// `type: fuse`.
+    Fuse(FuseExport),
+    /// A type QEMU has but this daemon does not serve yet (`vhost-user-blk`, `vduse-blk`).
+    Unserved(String),
+}
+
+/// The export types of QEMU's `BlockExportType`.
+pub const EXPORT_TYPES: [&str; 4] = ["nbd", "vhost-user-blk", "fuse", "vduse-blk"];
+
+/// `block-export-del` arguments.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockExportDel {
+    /// Export id.
+    pub id: String,
+    /// `safe` (default) or `hard`.
+    pub mode: Option<RemoveMode>,
+}
+
+/// QAPI `BlockExportRemoveMode`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RemoveMode {
+    /// Refuse while clients are connected.
+    Safe,
+    /// Disconnect the clients.
+    Hard,
+}
+
+/// `nbd-server-add` arguments (deprecated).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NbdServerAdd {
+    /// Node to export.
+    pub device: String,
+    /// Export name (default: the node name).
+    pub name: Option<String>,
+    /// Free-form description.
+    pub description: Option<String>,
+    /// Allow writes.
+    pub writable: Option<bool>,
+    /// A dirty bitmap to export.
+    pub bitmap: Option<String>,
+}
+
+/// `nbd-server-remove` arguments (deprecated).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NbdServerRemove {
+    /// Export name.
+    pub name: String,
+    /// `safe` (default) or `hard`.
+    pub mode: Option<RemoveMode>,
+}
+
+/// `blockdev-del` arguments.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BlockdevDel {
+    /// Node to remove.
+    pub node_name: String,
+}
+
+/// `block_resize` arguments.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BlockResize {
+    /// Device (block backend) name; this daemon has none, so only `node-name` finds a node.
+    pub device: Option<String>,
+    /// Node to resize.
+    pub node_name: Option<String>,
+    /// New size in bytes.
+    pub size: i64,
+}
+
+/// `query-named-block-nodes` arguments.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct QueryNamedBlockNodes {
+    /// Omit the nested `backing-image` chains.
+    pub flat: Option<bool>,
+}
+
+/// `object-del` arguments.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectDel {
+    /// Object id.
+    pub id: String,
+}
+
+/// `iothread` object properties.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct IothreadProps {
+    /// Object id.
+    pub id: String,
+    /// Polling time (accepted; the event loop does not busy-poll).
+    pub poll_max_ns: Option<i64>,
+    /// Accepted for compatibility.
+    pub poll_grow: Option<i64>,
+    /// Accepted for compatibility.
+    pub poll_shrink: Option<i64>,
+    /// Accepted for compatibility.
+    pub aio_max_batch: Option<i64>,
+    /// Accepted for compatibility.
+    pub thread_pool_min: Option<i64>,
+    /// Accepted for compatibility.
+    pub thread_pool_max: Option<i64>,
+}
+
+/// `--chardev` options of the backends this daemon has.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ChardevOptions {
+    /// `socket` or `stdio`.
+    pub backend: String,
+    /// Chardev id.
+    pub id: String,
+    /// Unix socket path.
+    pub path: Option<String>,
+    /// TCP host.
+    pub host: Option<String>,
+    /// TCP port.
+    pub port: Option<String>,
+    /// Listen (must be on for a monitor).
+    pub server: Option<bool>,
+    /// Wait for a client before going on.
+    pub wait: Option<bool>,
+    /// Use IPv4 only.
+    pub ipv4: Option<bool>,
+    /// Use IPv6 only.
+    pub ipv6: Option<bool>,
+    /// Disable Nagle's algorithm (accepted).
+    pub nodelay: Option<bool>,
+    /// Accepted for compatibility (stdio).
+    pub signal: Option<bool>,
+    /// Accepted for compatibility.
+    pub mux: Option<bool>,
+    /// Accepted for compatibility.
+    pub logfile: Option<String>,
+    /// Accepted for compatibility.
+    pub logappend: Option<bool>,
+}
+
+/// `--monitor` options.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitorOptions {
+    /// Chardev id.
+    pub chardev: String,
+    /// Must be `control`.
+    pub mode: Option<String>,
+    /// Pretty-print replies.
+    pub pretty: Option<bool>,
+    /// Accepted and ignored (QEMU's monitor `id`).
+    pub id: Option<String>,
+}
+
+/// Which members of a keyval option are booleans or integers: keyval gives every scalar as a
+/// string, and QEMU's keyval visitor types them by the schema. This does the same for the
+/// members of the options above.
+pub fn typify(map: &mut Map<String, Value>, bools: &[&str], ints: &[&str]) -> Result<(), String> {
+    for path in bools {
+        if let Some(v) = lookup(map, path) {
+            if let Value::String(s) = v {
+                *v = Value::Bool(match s.as_str() {
+                    "on" | "yes" | "true" | "y" => true,
+                    "off" | "no" | "false" | "n" => false,
+                    _ => return Err(format!("Parameter '{path}' expects 'on' or 'off'")),
+                });
+            }
+        }
+    }
+    for path in ints {
+        if let Some(v) = lookup(map, path) {
+            if let Value::String(s) = v {
+                let n =
+                    parse_int(s).ok_or_else(|| format!("Parameter '{path}' expects an integer"))?;
+                *v = Value::from(n);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_int(s: &str) -> Option<i64> {
+    let s = s.trim();
+    if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        i64::from_str_radix(hex, 16).ok()
+    } else {
+        s.parse().ok()
+    }
+}
+
+fn lookup<'a>(map: &'a mut Map<String, Value>, path: &str) -> Option<&'a mut Value> {
+    let mut parts = path.split('.');
+    let first = parts.next()?;
+    let mut v = map.get_mut(first)?;
+    for p in parts {
+        v = v.as_object_mut()?.get_mut(p)?;
+    }
+    Some(v)
+}
+
+/// The boolean and integer members of `--nbd-server`.
+pub const NBD_SERVER_TYPES: (&[&str], &[&str]) = (
+    &[
+        "addr.numeric",
+        "addr.ipv4",
+        "addr.ipv6",
+        "addr.keep-alive",
+        "addr.mptcp",
+        "addr.abstract",
+        "addr.tight",
+    ],
+    &["max-connections", "handshake-max-seconds", "addr.to"],
+);
+
+/// The boolean and integer members of `--export`.
+pub const EXPORT_TYPES_KEYVAL: (&[&str], &[&str]) = (
+    &[
+        "fixed-iothread",
+        "writable",
+        "writethrough",
+        "allocation-depth",
+        "growable",
+    ],
+    &["logical-block-size", "num-queues", "queue-size"],
+);
+
+/// The boolean and integer members of `--chardev`.
+pub const CHARDEV_TYPES: (&[&str], &[&str]) = (
+    &[
+        "server",
+        "wait",
+        "ipv4",
+        "ipv6",
+        "nodelay",
+        "signal",
+        "mux",
+        "logappend",
+    ],
+    &[],
+);
+
+/// The boolean and integer members of `--monitor`.
+pub const MONITOR_TYPES: (&[&str], &[&str]) = (&["pretty"], &[]);
+
+/// The boolean and integer members of `--object iothread`.
+pub const IOTHREAD_TYPES: (&[&str], &[&str]) = (
+    &[],
+    &[
+        "poll-max-ns",
+        "poll-grow",
+        "poll-shrink",
+        "aio-max-batch",
+        "thread-pool-min",
+        "thread-pool-max",
+    ],
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn typify_converts_by_path() {
+        let mut m = json!({"writable": "on", "name": "on", "addr": {"ipv4": "off"}, "max-connections": "0x10"})
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        typify(&mut m, &["writable", "addr.ipv4"], &["max-connections"]).unwrap();
+        assert_eq!(
+            Value::Object(m),
+            json!({"writable": true, "name": "on", "addr": {"ipv4": false}, "max-connections": 16})
+        );
+        let mut bad = json!({"writable": "maybe"})
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(
+            typify(&mut bad, &["writable"], &[]),
+            Err("Parameter 'writable' expects 'on' or 'off'".to_string())
+        );
+    }
+
+    #[test]
+    fn socket_addresses() {
+        let legacy: SocketAddressLegacy =
+            serde_json::from_value(json!({"type": "unix", "data": {"path": "/x"}})).unwrap();
+        assert_eq!(
+            SocketAddress::from(legacy),
+            serde_json::from_value::<SocketAddress>(json!({"type": "unix", "path": "/x"})).unwrap()
+        );
+        assert!(serde_json::from_value::<SocketAddress>(
+            json!({"type": "unix", "path": "/x", "bogus": 1})
+        )
+        .is_err());
+    }
+}
