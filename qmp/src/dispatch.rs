@@ -15,9 +15,17 @@
 //!   already complete, command ignored"
 //! ```
 //!
-//! qmp-spec.rst: "the Server is in capabilities negotiation mode [after the
-//! greeting] ... the only command available is qmp_capabilities"; "when the
-//! command is successful, the Server enters in Command mode".
+//! qmp-spec.rst, "Capabilities Negotiation": "In this mode only the
+//! `qmp_capabilities` command is allowed to run; all other commands will
+//! return the `CommandNotFound` error. Asynchronous messages are not
+//! delivered either." ... "When the `qmp_capabilities` command is issued,
+//! and if it does not return an error, the Server enters Command mode where
+//! capabilities changes take effect, all commands (except
+//! `qmp_capabilities`) are allowed and asynchronous messages are delivered."
+//!
+//! "Error": "Some errors can occur before the Server is able to read the
+//! `id` member; in these cases the `id` member will not be part of the error
+//! response" (parse errors and non-object input, here).
 
 use serde_json::{Map, Value};
 

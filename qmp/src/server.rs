@@ -584,9 +584,14 @@ impl EventSender {
     /// object is left out, as QEMU does for events without data. A client too
     /// slow to take it is disconnected; this never waits.
     pub fn emit(&self, name: &str, data: Value) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+        // qmp-spec.rst: "if there is a failure to retrieve host time, both
+        // members of the timestamp will be set to -1".
+        let timestamp = match SystemTime::now().duration_since(UNIX_EPOCH) {
+            Ok(now) => {
+                serde_json::json!({"seconds": now.as_secs(), "microseconds": now.subsec_micros()})
+            }
+            Err(_) => serde_json::json!({"seconds": -1, "microseconds": -1}),
+        };
         let mut ev = Map::new();
         ev.insert("event".into(), name.into());
         let empty = match &data {
@@ -597,10 +602,7 @@ impl EventSender {
         if !empty {
             ev.insert("data".into(), data);
         }
-        ev.insert(
-            "timestamp".into(),
-            serde_json::json!({"seconds": now.as_secs(), "microseconds": now.subsec_micros()}),
-        );
+        ev.insert("timestamp".into(), timestamp);
         let ev = Value::Object(ev);
         let (mut compact, mut pretty) = (None, None);
         let monitors = self

@@ -21,7 +21,11 @@
 //!
 //! After a lexical error QEMU (and we) skip input until a byte at which a
 //! message plausibly starts, so one bad byte produces one error, not one per
-//! following byte. A client can force a reset by sending a newline or 0xFF.
+//! following byte. qmp-spec.rst, "Forcing the JSON parser into known-good
+//! state": "the client should provoke a lexical error. The cleanest way to
+//! do that is sending an ASCII control character other than `\t`
+//! (horizontal tab), `\r` (carriage return), or `\n` (new line)" (or, for
+//! older servers, 0xFF): both are lexical errors here and end recovery.
 //!
 //! Memory is bounded per monitor: the bytes of one pending message, its token
 //! count and its nesting depth are limited ([`StreamLimits`]), and a message
