@@ -103,6 +103,19 @@ pub trait BlockDriver: Send + Sync + Debug {
         false
     }
 
+    /// Called once by [`Node::with_config`](crate::Node::with_config) with the node that owns
+    /// this driver, for drivers that need their node at close (qcow2 stores the node's
+    /// persistent dirty bitmaps then). Nothing by default.
+    fn attach_node(&self, node: std::sync::Weak<crate::Node>) {
+        let _ = node;
+    }
+
+    /// Whether this layer can store persistent dirty bitmaps (a writable qcow2); false by
+    /// default.
+    fn supports_persistent_bitmaps(&self) -> bool {
+        false
+    }
+
     /// Facts about the image for `query-named-block-nodes`; nothing by default.
     fn image_details(&self) -> ImageDetails {
         ImageDetails::default()

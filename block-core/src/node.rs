@@ -137,7 +137,7 @@ impl Node {
         children: Vec<(ChildRole, Arc<Node>)>,
         config: NodeConfig,
     ) -> Arc<Node> {
-        Arc::new(Node {
+        let node = Arc::new(Node {
             name: name.into(),
             driver,
             children,
@@ -146,7 +146,9 @@ impl Node {
             next_user: AtomicU64::new(1),
             bitmaps: RwLock::new(Vec::new()),
             config,
-        })
+        });
+        node.driver.attach_node(Arc::downgrade(&node));
+        node
     }
 
     /// The generic options of the node.

@@ -8,10 +8,16 @@
 //! again when their parent fails to open. A qcow2 node whose `backing` is omitted opens the
 //! backing file named in its header, read-only, relative to the image's directory.
 
+// A build without every driver leaves parts of the option handling unused.
+#![cfg_attr(
+    not(all(feature = "file", feature = "raw", feature = "qcow2", feature = "null")),
+    allow(unused)
+)]
+
 use crate::graph::{GraphError, NodeGraph};
 use crate::node::{ChildRole, DetectZeroes, Node, NodeConfig};
 use crate::qapi::{BlockRef, OptionError, Opts};
-use crate::BlockDriver;
+use crate::{BlockDriver, DirtyBitmap};
 use serde_json::{json, Value};
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -322,122 +328,128 @@ fn open_node<'a>(
             }
         };
 
-        let (drv, children): (Arc<dyn BlockDriver>, Children) = match spec {
-            #[cfg(feature = "file")]
-            Spec::File {
-                filename,
-                locking,
-                host_device,
-            } => {
-                use crate::drivers::file::{FileDriver, FileOptions, Locking};
-                let opts = FileOptions {
-                    filename: PathBuf::from(filename),
-                    read_only: common.read_only,
-                    auto_read_only: common.auto_read_only,
-                    direct: common.config.cache_direct,
-                    no_flush: common.config.cache_no_flush,
-                    locking: match locking {
-                        "on" => Locking::On,
-                        "off" => Locking::Off,
-                        _ => Locking::Auto,
-                    },
-                    force_share: common.force_share,
+        // The driver, its children, and persistent dirty bitmaps found in the image for the
+        // node to adopt.
+        let (drv, children, loaded_bitmaps): (Arc<dyn BlockDriver>, Children, Vec<DirtyBitmap>) =
+            match spec {
+                #[cfg(feature = "file")]
+                Spec::File {
+                    filename,
+                    locking,
                     host_device,
-                    no_inline: false,
-                };
-                let drv = tokio::task::spawn_blocking(move || FileDriver::open(&opts))
-                    .await
-                    .map_err(|e| GraphError::Failed(e.to_string()))?
-                    .map_err(|e| failed(&e))?;
-                (Arc::new(drv), Vec::new())
-            }
-            #[cfg(feature = "null")]
-            Spec::Null {
-                size,
-                read_zeroes,
-                latency_ns,
-            } => (
-                Arc::new(crate::drivers::null::NullDriver::new(
+                } => {
+                    use crate::drivers::file::{FileDriver, FileOptions, Locking};
+                    let opts = FileOptions {
+                        filename: PathBuf::from(filename),
+                        read_only: common.read_only,
+                        auto_read_only: common.auto_read_only,
+                        direct: common.config.cache_direct,
+                        no_flush: common.config.cache_no_flush,
+                        locking: match locking {
+                            "on" => Locking::On,
+                            "off" => Locking::Off,
+                            _ => Locking::Auto,
+                        },
+                        force_share: common.force_share,
+                        host_device,
+                        no_inline: false,
+                    };
+                    let drv = tokio::task::spawn_blocking(move || FileDriver::open(&opts))
+                        .await
+                        .map_err(|e| GraphError::Failed(e.to_string()))?
+                        .map_err(|e| failed(&e))?;
+                    (Arc::new(drv), Vec::new(), Vec::new())
+                }
+                #[cfg(feature = "null")]
+                Spec::Null {
                     size,
                     read_zeroes,
-                    common.read_only,
                     latency_ns,
-                )),
-                Vec::new(),
-            ),
-            #[cfg(feature = "raw")]
-            Spec::Raw { file, offset, size } => {
-                let child =
-                    child_node(graph, file, child_inh, child_prefix("file"), created).await?;
-                let read_only = common.read_only || child.read_only();
-                let drv = crate::drivers::raw::RawDriver::open(
-                    Arc::clone(&child),
-                    offset,
-                    size,
-                    read_only,
-                )
-                .map_err(|e| failed(&e))?;
-                (Arc::new(drv), vec![(ChildRole::File, child)])
-            }
-            #[cfg(feature = "qcow2")]
-            Spec::Qcow2 { file, backing } => {
-                use crate::drivers::qcow2::Qcow2Driver;
-                let child =
-                    child_node(graph, file, child_inh, child_prefix("file"), created).await?;
-                let read_only = common.read_only || child.read_only();
-                let opener = Qcow2Driver::open(Arc::clone(&child), read_only)
-                    .await
+                } => (
+                    Arc::new(crate::drivers::null::NullDriver::new(
+                        size,
+                        read_zeroes,
+                        common.read_only,
+                        latency_ns,
+                    )),
+                    Vec::new(),
+                    Vec::new(),
+                ),
+                #[cfg(feature = "raw")]
+                Spec::Raw { file, offset, size } => {
+                    let child =
+                        child_node(graph, file, child_inh, child_prefix("file"), created).await?;
+                    let read_only = common.read_only || child.read_only();
+                    let drv = crate::drivers::raw::RawDriver::open(
+                        Arc::clone(&child),
+                        offset,
+                        size,
+                        read_only,
+                    )
                     .map_err(|e| failed(&e))?;
-                let backing_inh = Inherited {
-                    read_only: true,
-                    auto_read_only: false,
-                    ..child_inh
-                };
-                let backing_node = match backing {
-                    Some(BlockRef::Null) => None,
-                    Some(r) => Some(
-                        child_node(graph, r, backing_inh, child_prefix("backing"), created).await?,
-                    ),
-                    None => match opener.backing_file() {
-                        None => None,
-                        Some(name) => {
-                            let options = implicit_backing(
-                                &name,
-                                opener.backing_format().as_deref(),
-                                opener.base_dir().as_deref(),
-                            );
-                            let node = open_node(
-                                graph,
-                                options,
-                                backing_inh,
-                                child_prefix("backing"),
-                                created,
-                            )
-                            .await
-                            .map_err(|e| {
-                                GraphError::Failed(format!("Could not open backing file: {e}"))
-                            })?;
-                            Some(node)
-                        }
-                    },
-                };
-                let drv = opener
-                    .finish(backing_node.clone())
-                    .await
-                    .map_err(|e| failed(&e))?;
-                let mut children = vec![(ChildRole::File, child)];
-                if let Some(b) = backing_node {
-                    children.push((ChildRole::Backing, b));
+                    (Arc::new(drv), vec![(ChildRole::File, child)], Vec::new())
                 }
-                (Arc::new(drv), children)
-            }
-            #[allow(unreachable_patterns)]
-            _ => {
-                return Err(GraphError::Failed(format!(
-                    "Driver '{driver}' is not built into this version of blockexportd"
-                )))
-            }
-        };
+                #[cfg(feature = "qcow2")]
+                Spec::Qcow2 { file, backing } => {
+                    use crate::drivers::qcow2::Qcow2Driver;
+                    let child =
+                        child_node(graph, file, child_inh, child_prefix("file"), created).await?;
+                    let read_only = common.read_only || child.read_only();
+                    let opener = Qcow2Driver::open(Arc::clone(&child), read_only)
+                        .await
+                        .map_err(|e| failed(&e))?;
+                    let backing_inh = Inherited {
+                        read_only: true,
+                        auto_read_only: false,
+                        ..child_inh
+                    };
+                    let backing_node = match backing {
+                        Some(BlockRef::Null) => None,
+                        Some(r) => Some(
+                            child_node(graph, r, backing_inh, child_prefix("backing"), created)
+                                .await?,
+                        ),
+                        None => match opener.backing_file() {
+                            None => None,
+                            Some(name) => {
+                                let options = implicit_backing(
+                                    &name,
+                                    opener.backing_format().as_deref(),
+                                    opener.base_dir().as_deref(),
+                                );
+                                let node = open_node(
+                                    graph,
+                                    options,
+                                    backing_inh,
+                                    child_prefix("backing"),
+                                    created,
+                                )
+                                .await
+                                .map_err(|e| {
+                                    GraphError::Failed(format!("Could not open backing file: {e}"))
+                                })?;
+                                Some(node)
+                            }
+                        },
+                    };
+                    let drv = opener
+                        .finish(backing_node.clone())
+                        .await
+                        .map_err(|e| failed(&e))?;
+                    let loaded = drv.take_loaded_bitmaps();
+                    let mut children = vec![(ChildRole::File, child)];
+                    if let Some(b) = backing_node {
+                        children.push((ChildRole::Backing, b));
+                    }
+                    (Arc::new(drv), children, loaded)
+                }
+                #[allow(unreachable_patterns)]
+                _ => {
+                    return Err(GraphError::Failed(format!(
+                        "Driver '{driver}' is not built into this version of blockexportd"
+                    )))
+                }
+            };
 
         let name = common.node_name.unwrap_or_else(|| graph.generate_name());
         let node = Node::with_config(name, drv, children, common.config);
@@ -446,6 +458,10 @@ fn open_node<'a>(
             return Err(e);
         }
         created.push(node.name().to_string());
+        for bitmap in loaded_bitmaps {
+            node.add_bitmap(Arc::new(bitmap))
+                .map_err(|e| GraphError::Failed(e.to_string()))?;
+        }
         Ok(node)
     })
 }

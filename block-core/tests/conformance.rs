@@ -1189,3 +1189,74 @@ async fn explicit_backing_choices() {
     );
     assert!(graph.all().is_empty(), "nothing left behind");
 }
+
+#[tokio::test]
+async fn persistent_bitmaps_survive_a_close() {
+    if !have_tools() {
+        return;
+    }
+    let images = Images::create(Kind::Qcow2);
+    run("qemu-img", &["bitmap", "--add", &images.top(), "b0"]);
+    let bitmap_flags = |name: &str| -> Option<Vec<String>> {
+        let out = run("qemu-img", &["info", "-U", "--output=json", &images.top()]);
+        let info: Value = serde_json::from_slice(&out.stdout).expect("qemu-img info JSON");
+        let bitmaps = info["format-specific"]["data"]["bitmaps"]
+            .as_array()?
+            .clone();
+        bitmaps.iter().find(|b| b["name"] == name).map(|b| {
+            b["flags"]
+                .as_array()
+                .expect("flags")
+                .iter()
+                .map(|f| f.as_str().expect("flag").to_string())
+                .collect()
+        })
+    };
+
+    let stack = images.open(false).await;
+    assert!(stack.node.driver().supports_persistent_bitmaps());
+    let b0 = stack.node.bitmap("b0").expect("b0 loaded from the image");
+    assert!(b0.persistent() && b0.enabled() && !b0.inconsistent());
+    assert_eq!(b0.granularity(), 65536);
+    // While we hold the image, QEMU sees the bitmap in use.
+    assert_eq!(
+        bitmap_flags("b0"),
+        Some(vec!["in-use".to_string(), "auto".to_string()])
+    );
+    stack
+        .node
+        .write(MIB, &[1; 4096], WriteFlags::default())
+        .await
+        .expect("write");
+    let new = block_core::DirtyBitmap::new("b1", SIZE, 131072, true);
+    new.set_enabled(false);
+    new.set_range(2 * MIB, 1);
+    stack.node.add_bitmap(Arc::new(new)).expect("add b1");
+    stack
+        .node
+        .add_bitmap(Arc::new(block_core::DirtyBitmap::new(
+            "temp", SIZE, 65536, false,
+        )))
+        .expect("add a transient bitmap");
+    stack.close().await;
+
+    assert_eq!(bitmap_flags("b0"), Some(vec!["auto".to_string()]));
+    assert_eq!(bitmap_flags("b1"), Some(vec![]));
+    assert_eq!(
+        bitmap_flags("temp"),
+        None,
+        "transient bitmaps are not stored"
+    );
+    run("qemu-img", &["check", "-q", &images.top()]);
+
+    // Read back: the dirty chunks are where the writes were.
+    let stack = images.open(true).await;
+    let b0 = stack.node.bitmap("b0").expect("b0");
+    assert_eq!(b0.extent(0, MIB), (MIB, false));
+    assert!(b0.extent(MIB, SIZE - MIB).1);
+    let b1 = stack.node.bitmap("b1").expect("b1");
+    assert!(!b1.enabled());
+    assert_eq!(b1.granularity(), 131072);
+    assert!(b1.extent(2 * MIB, 1).1);
+    stack.close().await;
+}

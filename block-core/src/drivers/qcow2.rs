@@ -13,9 +13,11 @@
 //! itself still goes through the child node (whose `file` driver does its own I/O inline or
 //! on the blocking pool).
 
+use crate::bitmap::DirtyBitmap;
 use crate::driver::{BlockDriver, Extent, ImageDetails, WriteFlags, ZeroFlags};
 use crate::error::{BlockError, Result};
 use crate::node::Node;
+use crate::qcow2_bitmaps::{self, BitmapError, BitmapsLayout, ImageFile, StoredBitmap};
 use async_trait::async_trait;
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::qcow2::Qcow2;
@@ -29,7 +31,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 /// Why a qcow2 node could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +48,15 @@ pub enum Qcow2Error {
     /// The worker thread could not be started.
     #[error("Could not start the qcow2 worker thread")]
     Worker(#[source] io::Error),
+    /// The persistent dirty bitmaps could not be read or marked in use.
+    #[error("Could not open the persistent bitmaps of node '{node}'")]
+    Bitmaps {
+        /// The file node.
+        node: String,
+        /// What went wrong.
+        #[source]
+        source: BitmapError,
+    },
     /// The image needs a feature this driver does not provide.
     #[error("{0}")]
     Unsupported(String),
@@ -198,6 +209,60 @@ impl Storage for NodeStorage {
     }
 }
 
+/// The image file as [`qcow2_bitmaps`] reads and writes it: our file node, driven from a
+/// blocking thread of the runtime (`handle`).
+struct NodeImage {
+    node: Arc<Node>,
+    handle: tokio::runtime::Handle,
+}
+
+impl ImageFile for NodeImage {
+    fn image_read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let size = self.node.size();
+        let inside = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        buf[inside..].fill(0);
+        self.handle
+            .block_on(self.node.read(offset, &mut buf[..inside]))
+            .map_err(to_io)
+    }
+
+    fn image_write(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.handle.block_on(async {
+            let end = offset + buf.len() as u64;
+            if end > self.node.size() {
+                self.node.resize(end).await.map_err(to_io)?;
+            }
+            self.node
+                .write(offset, buf, WriteFlags::default())
+                .await
+                .map_err(to_io)
+        })
+    }
+
+    fn image_sync(&self) -> io::Result<()> {
+        self.handle.block_on(self.node.flush()).map_err(to_io)
+    }
+}
+
+/// Runs `f` on the image file from a blocking thread.
+async fn with_image<T: Send + 'static>(
+    file: &Arc<Node>,
+    f: impl FnOnce(&NodeImage) -> Result<T, BitmapError> + Send + 'static,
+) -> Result<T, BitmapError> {
+    let image = NodeImage {
+        node: Arc::clone(file),
+        handle: tokio::runtime::Handle::current(),
+    };
+    tokio::task::spawn_blocking(move || f(&image))
+        .await
+        .unwrap_or_else(|e| {
+            Err(BitmapError::Io {
+                context: "running the bitmap thread",
+                source: io::Error::other(e.to_string()),
+            })
+        })
+}
+
 type Job = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()>>> + Send>;
 
 /// A thread running non-`Send` futures on a single-threaded runtime.
@@ -266,7 +331,24 @@ type Access = FormatAccess<NodeStorage>;
 struct State {
     /// Shared by ordinary requests; taken exclusively by discard and resize, which imago
     /// requires to have no concurrent data mappings.
-    access: tokio::sync::RwLock<Access>,
+    /// `None` once the node is closed (imago must be gone before the bitmaps are stored).
+    access: tokio::sync::RwLock<Option<Access>>,
+}
+
+fn closed_error() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "the qcow2 node is closed")
+}
+
+impl State {
+    async fn shared(&self) -> io::Result<tokio::sync::RwLockReadGuard<'_, Access>> {
+        tokio::sync::RwLockReadGuard::try_map(self.access.read().await, Option::as_ref)
+            .map_err(|_| closed_error())
+    }
+
+    async fn exclusive(&self) -> io::Result<tokio::sync::RwLockMappedWriteGuard<'_, Access>> {
+        tokio::sync::RwLockWriteGuard::try_map(self.access.write().await, Option::as_mut)
+            .map_err(|_| closed_error())
+    }
 }
 
 /// A qcow2 image whose header is read, waiting for its backing node (see
@@ -278,6 +360,8 @@ pub struct Qcow2Opener {
     read_only: bool,
     cluster_size: u64,
     facts: HeaderFacts,
+    stored: Vec<StoredBitmap>,
+    layout: Option<BitmapsLayout>,
 }
 
 impl fmt::Debug for Qcow2Opener {
@@ -316,6 +400,8 @@ impl Qcow2Opener {
             read_only,
             cluster_size,
             facts,
+            stored,
+            layout,
         } = self;
         let backing_layer = match &backing {
             None => None,
@@ -345,7 +431,7 @@ impl Qcow2Opener {
         Ok(Qcow2Driver {
             worker,
             state: Arc::new(State {
-                access: tokio::sync::RwLock::new(access),
+                access: tokio::sync::RwLock::new(Some(access)),
             }),
             size: AtomicU64::new(size),
             read_only,
@@ -356,6 +442,9 @@ impl Qcow2Opener {
             backing_format,
             facts,
             closed: std::sync::atomic::AtomicBool::new(false),
+            loaded: Mutex::new(stored.iter().map(StoredBitmap::to_dirty_bitmap).collect()),
+            layout,
+            node: OnceLock::new(),
         })
     }
 }
@@ -374,6 +463,12 @@ pub struct Qcow2Driver {
     backing_format: Option<String>,
     facts: HeaderFacts,
     closed: std::sync::atomic::AtomicBool,
+    /// Persistent bitmaps read at open, until the node takes them.
+    loaded: Mutex<Vec<DirtyBitmap>>,
+    /// Where the bitmaps were when they were marked in use (writable nodes).
+    layout: Option<BitmapsLayout>,
+    /// The node of this driver, to store its persistent bitmaps at close.
+    node: OnceLock<Weak<Node>>,
 }
 
 impl Drop for Qcow2Driver {
@@ -389,8 +484,7 @@ impl Drop for Qcow2Driver {
             let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<()>(1);
             let job: Job = Box::new(move || {
                 Box::pin(async move {
-                    {
-                        let acc = st.access.read().await;
+                    if let Ok(acc) = st.shared().await {
                         if let Err(e) = acc.flush().await {
                             tracing::error!("flushing a dropped qcow2 image: {e}");
                         }
@@ -513,6 +607,23 @@ impl Qcow2Driver {
         let facts = HeaderFacts::parse(&header[..n])
             .ok_or_else(|| Qcow2Error::Unsupported("Image is not in qcow2 format".into()))?;
         let cluster_size = 1u64.checked_shl(facts.cluster_bits).unwrap_or(0);
+        // Persistent bitmaps: read them, and mark them in use before imago opens the image
+        // writable (see `qcow2_bitmaps` for the contract).
+        let bitmaps_error = |source| Qcow2Error::Bitmaps {
+            node: file.name().to_string(),
+            source,
+        };
+        let (stored, layout) = with_image(&file, move |image| {
+            let stored = qcow2_bitmaps::load(image)?;
+            let layout = if read_only {
+                None
+            } else {
+                qcow2_bitmaps::mark_in_use(image)?
+            };
+            Ok((stored, layout))
+        })
+        .await
+        .map_err(bitmaps_error)?;
         let storage = NodeStorage::new(Arc::clone(&file));
         let qcow2 = worker
             .run(move || async move {
@@ -534,6 +645,14 @@ impl Qcow2Driver {
                 "qcow2 images with an external data file are not supported".into(),
             ));
         }
+        if let Some(layout) = layout.clone() {
+            // imago cleared the bitmaps autoclear bit: set it again before any I/O.
+            with_image(&file, move |image| {
+                qcow2_bitmaps::restore_autoclear_bit(image, &layout)
+            })
+            .await
+            .map_err(bitmaps_error)?;
+        }
         Ok(Qcow2Opener {
             worker,
             qcow2,
@@ -541,6 +660,42 @@ impl Qcow2Driver {
             read_only,
             cluster_size,
             facts,
+            stored,
+            layout,
+        })
+    }
+
+    /// The persistent dirty bitmaps read from the image at open, for the node to adopt
+    /// (`blockdev_add` adds them to the node). Returns them once.
+    pub fn take_loaded_bitmaps(&self) -> Vec<DirtyBitmap> {
+        std::mem::take(&mut *self.loaded.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Writes the node's persistent bitmaps into the image, after imago is gone.
+    async fn store_bitmaps(&self) -> Result<()> {
+        let Some(node) = self.node.get().and_then(Weak::upgrade) else {
+            return Ok(());
+        };
+        let size = self.size();
+        let bitmaps: Vec<StoredBitmap> = node
+            .bitmaps()
+            .iter()
+            .filter(|b| b.persistent())
+            .map(|b| StoredBitmap::from_dirty_bitmap(b, size))
+            .collect();
+        if bitmaps.is_empty() && self.layout.is_none() {
+            return Ok(());
+        }
+        let layout = self.layout.clone();
+        with_image(&self.file, move |image| {
+            qcow2_bitmaps::store_replacing(image, &bitmaps, layout.as_ref())
+        })
+        .await
+        .map_err(|e| {
+            BlockError::io(
+                format!("storing the persistent bitmaps of '{}'", node.name()),
+                io::Error::other(crate::open::error_text(&e)),
+            )
         })
     }
 
@@ -580,7 +735,7 @@ impl Qcow2Driver {
         let st = Arc::clone(&self.state);
         self.worker
             .run(move || async move {
-                let acc = st.access.read().await;
+                let acc = st.shared().await?;
                 acc.flush().await?;
                 acc.sync().await
             })
@@ -592,7 +747,7 @@ impl Qcow2Driver {
         let st = Arc::clone(&self.state);
         self.worker
             .run(move || async move {
-                let acc = st.access.read().await;
+                let acc = st.shared().await?;
                 let (m, n) = acc.get_shallow_mapping(offset, len).await?;
                 let m = match m {
                     ShallowMapping::Raw { .. } | ShallowMapping::Special { .. } => Mapped::Data,
@@ -652,7 +807,7 @@ impl BlockDriver for Qcow2Driver {
             .worker
             .run(move || async move {
                 let mut v = vec![0u8; len];
-                let acc = st.access.read().await;
+                let acc = st.shared().await?;
                 acc.read(&mut v[..], offset).await.map(|()| v)
             })
             .await?
@@ -666,7 +821,7 @@ impl BlockDriver for Qcow2Driver {
         let st = Arc::clone(&self.state);
         self.worker
             .run(move || async move {
-                let acc = st.access.read().await;
+                let acc = st.shared().await?;
                 acc.write(&data[..], offset).await
             })
             .await?
@@ -697,7 +852,7 @@ impl BlockDriver for Qcow2Driver {
         let st = Arc::clone(&self.state);
         self.worker
             .run(move || async move {
-                let mut acc = st.access.write().await;
+                let mut acc = st.exclusive().await?;
                 acc.discard_to_zero(start, end - start).await
             })
             .await?
@@ -716,10 +871,10 @@ impl BlockDriver for Qcow2Driver {
         self.worker
             .run(move || async move {
                 if unmap {
-                    let mut acc = st.access.write().await;
+                    let mut acc = st.exclusive().await?;
                     acc.discard_to_zero(offset, len).await
                 } else {
-                    let acc = st.access.read().await;
+                    let acc = st.shared().await?;
                     acc.write_zeroes(offset, len).await
                 }
             })
@@ -774,8 +929,33 @@ impl BlockDriver for Qcow2Driver {
 
     async fn close(&self) -> Result<()> {
         self.flush_metadata().await?;
+        if !self.read_only {
+            // imago must be flushed and gone before the bitmaps are written next to it.
+            let st = Arc::clone(&self.state);
+            self.worker
+                .run(move || async move {
+                    let access = st.access.write().await.take();
+                    if let Some(access) = access {
+                        access.flush().await?;
+                    }
+                    Ok::<_, io::Error>(())
+                })
+                .await?
+                .map_err(|e| Self::err("closing qcow2", e))?;
+            self.closed.store(true, Ordering::Release);
+            self.store_bitmaps().await?;
+            self.file.flush().await?;
+        }
         self.closed.store(true, Ordering::Release);
         Ok(())
+    }
+
+    fn attach_node(&self, node: Weak<Node>) {
+        let _ = self.node.set(node);
+    }
+
+    fn supports_persistent_bitmaps(&self) -> bool {
+        !self.read_only
     }
 
     async fn resize(&self, new_size: u64) -> Result<()> {
@@ -783,7 +963,7 @@ impl BlockDriver for Qcow2Driver {
         let size = self
             .worker
             .run(move || async move {
-                let mut acc = st.access.write().await;
+                let mut acc = st.exclusive().await?;
                 acc.resize(new_size, imago::format::PreallocateMode::None)
                     .await?;
                 acc.flush().await?;
