@@ -22,15 +22,47 @@ enum Kind {
     Qcow2,
     Qcow2Backing,
     Null,
+    /// `file` with `cache.direct=on` (O_DIRECT, bounce buffers).
+    FileDirect,
+    /// `qcow2` over a `file` with `cache.direct=on` (imago's unaligned metadata I/O).
+    Qcow2Direct,
 }
 
-const IMAGE_KINDS: [Kind; 4] = [Kind::File, Kind::RawOffset, Kind::Qcow2, Kind::Qcow2Backing];
-const ALL_KINDS: [Kind; 5] = [
+impl Kind {
+    /// The image layout this stack uses.
+    fn base(self) -> Kind {
+        match self {
+            Kind::FileDirect => Kind::File,
+            Kind::Qcow2Direct => Kind::Qcow2,
+            k => k,
+        }
+    }
+
+    fn direct(self) -> bool {
+        matches!(self, Kind::FileDirect | Kind::Qcow2Direct)
+    }
+
+    fn is_qcow2(self) -> bool {
+        matches!(self.base(), Kind::Qcow2 | Kind::Qcow2Backing)
+    }
+}
+
+const IMAGE_KINDS: [Kind; 6] = [
+    Kind::File,
+    Kind::RawOffset,
+    Kind::Qcow2,
+    Kind::Qcow2Backing,
+    Kind::FileDirect,
+    Kind::Qcow2Direct,
+];
+const ALL_KINDS: [Kind; 7] = [
     Kind::File,
     Kind::RawOffset,
     Kind::Qcow2,
     Kind::Qcow2Backing,
     Kind::Null,
+    Kind::FileDirect,
+    Kind::Qcow2Direct,
 ];
 
 /// Whether the QEMU tools are here; fails loudly under `CI=true` when they are not.
@@ -73,7 +105,8 @@ impl Images {
         let dir = tempfile::tempdir().expect("tempdir");
         let images = Images { kind, dir };
         let size = SIZE.to_string();
-        match kind {
+        match kind.base() {
+            Kind::FileDirect | Kind::Qcow2Direct => unreachable!("base() is never a direct kind"),
             Kind::File => {
                 run(
                     "qemu-img",
@@ -148,7 +181,7 @@ impl Images {
     }
 
     fn top(&self) -> String {
-        self.path(match self.kind {
+        self.path(match self.kind.base() {
             Kind::Qcow2 | Kind::Qcow2Backing => "top.qcow2",
             _ => "top.raw",
         })
@@ -156,7 +189,8 @@ impl Images {
 
     /// The image as `qemu-io`/`qemu-img` should open it (`--image-opts` syntax).
     fn image_opts(&self) -> String {
-        match self.kind {
+        match self.kind.base() {
+            Kind::FileDirect | Kind::Qcow2Direct => unreachable!("base() is never a direct kind"),
             Kind::File => format!("driver=raw,file.driver=file,file.filename={}", self.top()),
             Kind::RawOffset => format!(
                 "driver=raw,offset={RAW_OFFSET},size={SIZE},file.driver=file,file.filename={}",
@@ -189,7 +223,8 @@ impl Images {
 
     fn options(&self, read_only: bool) -> Value {
         let file = json!({"driver": "file", "filename": self.top()});
-        let mut v = match self.kind {
+        let mut v = match self.kind.base() {
+            Kind::FileDirect | Kind::Qcow2Direct => unreachable!("base() is never a direct kind"),
             Kind::File => json!({"driver": "file", "filename": self.top()}),
             Kind::RawOffset => {
                 json!({"driver": "raw", "offset": RAW_OFFSET, "size": SIZE, "file": file})
@@ -201,6 +236,9 @@ impl Images {
         obj.insert("node-name".into(), json!("top"));
         obj.insert("read-only".into(), json!(read_only));
         obj.insert("discard".into(), json!("unmap"));
+        if self.kind.direct() {
+            obj.insert("cache".into(), json!({"direct": true}));
+        }
         v
     }
 
@@ -243,6 +281,16 @@ async fn reads_what_qemu_io_wrote() {
         let images = Images::create(kind);
         images.qemu_io(&["write -P 0xab 0 64k", "write -P 0xcd 3M 4k"]);
         let stack = images.open(true).await;
+        if kind.direct() {
+            // The file layer (the node itself, or the qcow2's file child) is O_DIRECT.
+            let file = stack
+                .node
+                .child(block_core::ChildRole::File)
+                .cloned()
+                .unwrap_or_else(|| Arc::clone(&stack.node));
+            assert!(file.driver().request_alignment() >= 512, "{kind:?}");
+            assert_eq!(open::node_info(&file, false)["cache"]["direct"], true);
+        }
         let mut buf = vec![0u8; 64 * 1024];
         stack.node.read(0, &mut buf).await.expect("read");
         assert!(buf.iter().all(|&b| b == 0xab), "{kind:?}: data at 0");
@@ -321,7 +369,7 @@ async fn qemu_reads_what_we_wrote() {
             "{kind:?}: qemu-img compare: {}",
             String::from_utf8_lossy(&out.stdout)
         );
-        if matches!(kind, Kind::Qcow2 | Kind::Qcow2Backing) {
+        if kind.is_qcow2() {
             run("qemu-img", &["check", "-q", &images.top()]);
         }
         if kind == Kind::RawOffset {
@@ -380,7 +428,7 @@ async fn zeroes_and_discard_read_back_as_zeroes() {
             "{kind:?}: middle kept"
         );
         stack.close().await;
-        if matches!(kind, Kind::Qcow2 | Kind::Qcow2Backing) {
+        if kind.is_qcow2() {
             run("qemu-img", &["check", "-q", &images.top()]);
         }
         images.qemu_io(&["read -P 0 1M 128k", "read -P 0xff 0 64k"]);
@@ -411,7 +459,7 @@ async fn block_status_matches_qemu_img_map() {
     for kind in ALL_KINDS {
         let images = Images::create(kind);
         let mut commands = vec!["write -P 0xab 0 64k", "write -P 1 3M 4k"];
-        if matches!(kind, Kind::Qcow2 | Kind::Qcow2Backing) {
+        if kind.is_qcow2() {
             commands.push("write -z 512k 64k");
         }
         if kind != Kind::Null {
@@ -510,7 +558,7 @@ async fn many_requests_in_flight_from_many_tasks() {
             }
         }
         stack.close().await;
-        if matches!(kind, Kind::Qcow2 | Kind::Qcow2Backing) {
+        if kind.is_qcow2() {
             run("qemu-img", &["check", "-q", &images.top()]);
         }
     }
@@ -752,7 +800,7 @@ async fn resize_where_the_format_allows_it() {
         let info: Value = serde_json::from_slice(&out.stdout).expect("qemu-img info JSON");
         assert_eq!(info["virtual-size"], new_size, "{kind:?}");
         images.qemu_io(&["read -P 0x77 5238784 4096"]);
-        if matches!(kind, Kind::Qcow2 | Kind::Qcow2Backing) {
+        if kind.is_qcow2() {
             run("qemu-img", &["check", "-q", &images.top()]);
         }
     }

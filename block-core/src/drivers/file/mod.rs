@@ -186,7 +186,7 @@ impl FileDriver {
             meta.len().div_ceil(512) * 512
         };
         let align = if opts.direct {
-            logical_block_size(&file).unwrap_or(512).max(512)
+            logical_block_size(&file).unwrap_or_else(|| probe_direct_alignment(&file))
         } else {
             1
         };
@@ -343,7 +343,7 @@ impl FileDriver {
         let len = (end - start) as usize;
         let bounce = self
             .blocking("reading", move |f| {
-                let mut b = AlignedBuf::new(len, align as usize)?;
+                let mut b = AlignedBuf::new(len, BUFFER_ALIGN)?;
                 read_full(f, b.as_mut_slice(), start)?;
                 Ok(b)
             })
@@ -359,7 +359,7 @@ impl FileDriver {
         let end = (offset + buf.len() as u64).div_ceil(align) * align;
         let len = (end - start) as usize;
         let aligned = start == offset && end == offset + buf.len() as u64;
-        let mut bounce = AlignedBuf::new(len, align as usize)
+        let mut bounce = AlignedBuf::new(len, BUFFER_ALIGN)
             .map_err(|e| self.io_err("allocating a buffer for", e))?;
         let skip = (offset - start) as usize;
         if aligned {
@@ -434,6 +434,25 @@ fn device_size(file: &File) -> io::Result<u64> {
     } else {
         Ok(size)
     }
+}
+
+/// Memory alignment of `O_DIRECT` bounce buffers (enough for any request alignment we use).
+const BUFFER_ALIGN: usize = 4096;
+
+/// The smallest request alignment `O_DIRECT` reads accept on this file, found as QEMU does
+/// (`raw_probe_alignment`): the first of 512, 1024, 2048 and 4096 that the kernel does not
+/// refuse with `EINVAL`; 4096 when none works.
+fn probe_direct_alignment(file: &File) -> u32 {
+    let Ok(mut buf) = AlignedBuf::new(4096, BUFFER_ALIGN) else {
+        return 4096;
+    };
+    for align in [512usize, 1024, 2048, 4096] {
+        match file.read_at(&mut buf.as_mut_slice()[..align], 0) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => continue,
+            _ => return align as u32,
+        }
+    }
+    4096
 }
 
 fn logical_block_size(file: &File) -> Option<u32> {
