@@ -127,6 +127,9 @@ pub enum KeyvalError {
     /// Something follows the JSON object.
     #[error("Expecting at most one JSON value")]
     JsonTrailing,
+    /// JSON braces and brackets nest more than 1024 deep.
+    #[error("JSON nesting depth limit exceeded")]
+    JsonTooDeep,
     /// A keyval string does not convert to the requested type. `expected` is QEMU's
     /// wording: `integer`, `'on' or 'off'`, `a size`, `uint16_t`, ...
     #[error("Parameter '{name}' expects {expected}")]
@@ -1136,114 +1139,286 @@ pub fn parse_number(s: &str) -> Option<f64> {
 // JSON
 // ---------------------------------------------------------------------------------------
 
-/// A JSON parser with QEMU's extensions and error messages (`qobject/json-*.c`):
-/// strings may also be single-quoted (with `\'` as an escape), duplicate keys are an
-/// error, nesting is limited to 1024 levels.
+/// QEMU's JSON reader (`qobject/json-lexer.c`, `json-streamer.c`, `json-parser.c`),
+/// with its extensions and error messages: strings may also be single-quoted (with
+/// `\'` as an escape in both kinds), duplicate keys are an error, braces and brackets
+/// nest at most 1024 deep.
+///
+/// Like QEMU it works in three stages: the lexer cuts the input into tokens (a
+/// character that cannot continue a token is "stray"); the streamer collects tokens
+/// until braces and brackets balance, and a lexer error there wins over anything the
+/// parser would say; the parser then builds the value. Anything after the first
+/// value is an error of its own.
 mod json {
     use super::{KeyvalError, Map, Number, Value, MAX_NESTING};
 
-    pub(super) fn parse(input: &str) -> Result<Value, KeyvalError> {
-        let mut p = Parser {
-            s: input.as_bytes(),
-            text: input,
-            pos: 0,
-            depth: 0,
-        };
-        let value = p.value()?;
-        p.skip_ws();
-        if p.pos < p.s.len() {
-            return Err(KeyvalError::JsonTrailing);
-        }
-        Ok(value)
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Kind {
+        LCurly,
+        RCurly,
+        LSquare,
+        RSquare,
+        Colon,
+        Comma,
+        Str,
+        Int,
+        Float,
+        Keyword,
     }
 
-    struct Parser<'a> {
-        s: &'a [u8],
-        text: &'a str,
-        pos: usize,
-        depth: usize,
+    /// A token and where its text is in the input.
+    #[derive(Debug, Clone, Copy)]
+    struct Token {
+        kind: Kind,
+        start: usize,
+        end: usize,
     }
 
     fn err(msg: impl Into<String>) -> KeyvalError {
         KeyvalError::Json(msg.into())
     }
 
-    impl Parser<'_> {
-        fn skip_ws(&mut self) {
-            while self
-                .s
-                .get(self.pos)
-                .is_some_and(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
-            {
-                self.pos += 1;
+    /// `text[start..end]`, widened to whole characters.
+    fn slice(text: &str, start: usize, end: usize) -> &str {
+        let mut end = end.min(text.len());
+        while !text.is_char_boundary(end) {
+            end += 1;
+        }
+        let mut start = start.min(end);
+        while !text.is_char_boundary(start) {
+            start -= 1;
+        }
+        text.get(start..end).unwrap_or_default()
+    }
+
+    /// The lexer: the next token at or after `*pos` (skipping white space), `None` at
+    /// the end of the input, or a "stray" error quoting the token read so far up to
+    /// and including the character that cannot continue it.
+    fn next_token(text: &str, pos: &mut usize) -> Option<Result<Token, KeyvalError>> {
+        let s = text.as_bytes();
+        while s
+            .get(*pos)
+            .is_some_and(|c| matches!(c, b' ' | b'\t' | b'\r' | b'\n'))
+        {
+            *pos += 1;
+        }
+        let start = *pos;
+        if start >= s.len() {
+            return None;
+        }
+        Some(match lex(s, start) {
+            Ok((kind, end)) => {
+                *pos = end;
+                Ok(Token { kind, start, end })
             }
+            Err(bad) => {
+                let quoted = slice(text, start, bad + 1);
+                *pos = start + quoted.len();
+                Err(err(format!("stray '{quoted}'")))
+            }
+        })
+    }
+
+    /// One token at `start` (not white space): its kind and end, or the index of the
+    /// character that cannot continue it (`s.len()` if the input ran out). QEMU's
+    /// lexer state table, as code.
+    fn lex(s: &[u8], start: usize) -> Result<(Kind, usize), usize> {
+        let at = |i: usize| s.get(i).copied();
+        let digits = |mut i: usize| {
+            while at(i).is_some_and(|c| c.is_ascii_digit()) {
+                i += 1;
+            }
+            i
+        };
+        // At least one digit at `i`, then more.
+        let some_digits = |i: usize| {
+            if at(i).is_some_and(|c| c.is_ascii_digit()) {
+                Ok(digits(i))
+            } else {
+                Err(i)
+            }
+        };
+        let first = at(start).ok_or(start)?;
+        Ok(match first {
+            b'{' => (Kind::LCurly, start + 1),
+            b'}' => (Kind::RCurly, start + 1),
+            b'[' => (Kind::LSquare, start + 1),
+            b']' => (Kind::RSquare, start + 1),
+            b':' => (Kind::Colon, start + 1),
+            b',' => (Kind::Comma, start + 1),
+            b'a'..=b'z' => {
+                let mut i = start;
+                while at(i).is_some_and(|c| c.is_ascii_lowercase()) {
+                    i += 1;
+                }
+                (Kind::Keyword, i)
+            }
+            b'"' | b'\'' => {
+                // Any character but control characters; after a backslash too.
+                let mut i = start + 1;
+                loop {
+                    match at(i) {
+                        None => return Err(i),
+                        Some(c) if c == first => break (Kind::Str, i + 1),
+                        Some(c) if c < 0x20 => return Err(i),
+                        Some(b'\\') => match at(i + 1) {
+                            Some(c) if c >= 0x20 => i += 2,
+                            _ => return Err(i + 1),
+                        },
+                        Some(_) => i += 1,
+                    }
+                }
+            }
+            b'-' | b'0'..=b'9' => {
+                let int_start = if first == b'-' { start + 1 } else { start };
+                let mut i = match at(int_start) {
+                    // A leading zero: no more digits, and no exponent after it.
+                    Some(b'0') => match at(int_start + 1) {
+                        Some(c) if c.is_ascii_digit() => return Err(int_start + 1),
+                        Some(b'.') => int_start + 1,
+                        _ => return Ok((Kind::Int, int_start + 1)),
+                    },
+                    Some(b'1'..=b'9') => digits(int_start),
+                    _ => return Err(int_start),
+                };
+                let mut kind = Kind::Int;
+                if at(i) == Some(b'.') {
+                    kind = Kind::Float;
+                    i = some_digits(i + 1)?;
+                }
+                if matches!(at(i), Some(b'e' | b'E')) {
+                    kind = Kind::Float;
+                    i += 1;
+                    if matches!(at(i), Some(b'+' | b'-')) {
+                        i += 1;
+                    }
+                    i = some_digits(i)?;
+                }
+                (kind, i)
+            }
+            _ => return Err(start),
+        })
+    }
+
+    pub(super) fn parse(text: &str) -> Result<Value, KeyvalError> {
+        // The streamer: gather tokens until braces and brackets balance (or one of
+        // them goes negative), then parse them. The first outcome decides; anything
+        // after a value is an error.
+        let mut pos = 0;
+        let mut tokens = Vec::new();
+        let (mut braces, mut brackets) = (0_i64, 0_i64);
+        let first = loop {
+            let Some(next) = next_token(text, &mut pos) else {
+                if tokens.is_empty() {
+                    return Err(err("premature EOI"));
+                }
+                break Parser::run(text, &tokens);
+            };
+            let tok = next?;
+            match tok.kind {
+                Kind::LCurly => braces += 1,
+                Kind::RCurly => braces -= 1,
+                Kind::LSquare => brackets += 1,
+                Kind::RSquare => brackets -= 1,
+                _ => {}
+            }
+            if braces + brackets > MAX_NESTING as i64 {
+                return Err(KeyvalError::JsonTooDeep);
+            }
+            tokens.push(tok);
+            if (braces > 0 || brackets > 0) && braces >= 0 && brackets >= 0 {
+                continue;
+            }
+            break Parser::run(text, &tokens);
+        };
+        let value = first?;
+        if next_token(text, &mut pos).is_some() {
+            return Err(KeyvalError::JsonTrailing);
+        }
+        Ok(value)
+    }
+
+    /// The parser, over the tokens of one value.
+    struct Parser<'a> {
+        text: &'a str,
+        tokens: &'a [Token],
+        next: usize,
+    }
+
+    impl<'a> Parser<'a> {
+        fn run(text: &'a str, tokens: &'a [Token]) -> Result<Value, KeyvalError> {
+            Parser {
+                text,
+                tokens,
+                next: 0,
+            }
+            .value()
         }
 
-        fn peek(&mut self) -> Option<u8> {
-            self.skip_ws();
-            self.s.get(self.pos).copied()
+        fn peek(&self) -> Option<Token> {
+            self.tokens.get(self.next).copied()
         }
 
-        /// "stray '...'": QEMU's lexer reports the token read so far, up to and
-        /// including the character that does not fit.
-        fn stray(&self, start: usize, end: usize) -> KeyvalError {
-            let end = end.min(self.s.len());
-            let mut end_char = end;
-            while !self.text.is_char_boundary(end_char) {
-                end_char += 1;
-            }
-            err(format!(
-                "stray '{}'",
-                self.text.get(start..end_char).unwrap_or_default()
-            ))
+        fn pop(&mut self) -> Option<Token> {
+            let t = self.peek();
+            self.next += 1;
+            t
+        }
+
+        fn text_of(&self, t: Token) -> &'a str {
+            self.text.get(t.start..t.end).unwrap_or_default()
         }
 
         fn value(&mut self) -> Result<Value, KeyvalError> {
-            match self.peek() {
-                None => Err(err("premature EOI")),
-                Some(b'{') => self.nested(Self::object),
-                Some(b'[') => self.nested(Self::array),
-                Some(q @ (b'"' | b'\'')) => self.string(q).map(Value::String),
-                Some(b'-' | b'0'..=b'9') => self.number(),
-                Some(c) if c.is_ascii_alphabetic() => self.keyword(),
-                Some(b':' | b',' | b'}' | b']') => Err(err("expecting value")),
-                Some(_) => Err(self.stray(self.pos, self.pos + 1)),
+            let Some(t) = self.peek() else {
+                return Err(err("premature EOI"));
+            };
+            match t.kind {
+                Kind::LCurly => self.object(),
+                Kind::LSquare => self.array(),
+                Kind::Str => {
+                    self.next += 1;
+                    self.string(t).map(Value::String)
+                }
+                Kind::Int | Kind::Float => {
+                    self.next += 1;
+                    self.number(t)
+                }
+                Kind::Keyword => {
+                    self.next += 1;
+                    match self.text_of(t) {
+                        "true" => Ok(Value::Bool(true)),
+                        "false" => Ok(Value::Bool(false)),
+                        "null" => Ok(Value::Null),
+                        other => Err(err(format!("invalid keyword '{other}'"))),
+                    }
+                }
+                _ => Err(err("expecting value")),
             }
-        }
-
-        fn nested(
-            &mut self,
-            f: fn(&mut Self) -> Result<Value, KeyvalError>,
-        ) -> Result<Value, KeyvalError> {
-            self.depth += 1;
-            if self.depth > MAX_NESTING {
-                return Err(err("nesting too deep"));
-            }
-            let v = f(self);
-            self.depth -= 1;
-            v
         }
 
         fn object(&mut self) -> Result<Value, KeyvalError> {
-            self.pos += 1; // '{'
+            self.next += 1; // '{'
             let mut map = Map::new();
             match self.peek() {
                 None => return Err(err("premature EOI")),
-                Some(b'}') => {
-                    self.pos += 1;
+                Some(t) if t.kind == Kind::RCurly => {
+                    self.next += 1;
                     return Ok(Value::Object(map));
                 }
                 Some(_) => {}
             }
             loop {
+                if self.peek().is_none() {
+                    return Err(err("premature EOI"));
+                }
                 // The first error wins, as in QEMU.
-                let key = match self.value()? {
-                    Value::String(k) => k,
-                    _ => return Err(err("key is not a string in object")),
+                let Value::String(key) = self.value()? else {
+                    return Err(err("key is not a string in object"));
                 };
-                match self.peek() {
+                match self.pop() {
                     None => return Err(err("premature EOI")),
-                    Some(b':') => self.pos += 1,
+                    Some(t) if t.kind == Kind::Colon => {}
                     Some(_) => return Err(err("missing : in object pair")),
                 }
                 let value = self.value()?;
@@ -1251,95 +1426,41 @@ mod json {
                     return Err(err("duplicate key"));
                 }
                 map.insert(key, value);
-                match self.peek() {
+                match self.pop() {
                     None => return Err(err("premature EOI")),
-                    Some(b',') => self.pos += 1,
-                    Some(b'}') => {
-                        self.pos += 1;
-                        return Ok(Value::Object(map));
-                    }
+                    Some(t) if t.kind == Kind::RCurly => return Ok(Value::Object(map)),
+                    Some(t) if t.kind == Kind::Comma => {}
                     Some(_) => return Err(err("expected separator in dict")),
                 }
             }
         }
 
         fn array(&mut self) -> Result<Value, KeyvalError> {
-            self.pos += 1; // '['
+            self.next += 1; // '['
             let mut list = Vec::new();
             match self.peek() {
                 None => return Err(err("premature EOI")),
-                Some(b']') => {
-                    self.pos += 1;
+                Some(t) if t.kind == Kind::RSquare => {
+                    self.next += 1;
                     return Ok(Value::Array(list));
                 }
                 Some(_) => {}
             }
             loop {
                 list.push(self.value()?);
-                match self.peek() {
+                match self.pop() {
                     None => return Err(err("premature EOI")),
-                    Some(b',') => self.pos += 1,
-                    Some(b']') => {
-                        self.pos += 1;
-                        return Ok(Value::Array(list));
-                    }
+                    Some(t) if t.kind == Kind::RSquare => return Ok(Value::Array(list)),
+                    Some(t) if t.kind == Kind::Comma => {}
                     Some(_) => return Err(err("expected separator in list")),
                 }
             }
         }
 
-        fn keyword(&mut self) -> Result<Value, KeyvalError> {
-            let start = self.pos;
-            while self.s.get(self.pos).is_some_and(u8::is_ascii_alphabetic) {
-                self.pos += 1;
-            }
-            match self.text.get(start..self.pos).unwrap_or_default() {
-                "true" => Ok(Value::Bool(true)),
-                "false" => Ok(Value::Bool(false)),
-                "null" => Ok(Value::Null),
-                other => Err(err(format!("invalid keyword '{other}'"))),
-            }
-        }
-
-        fn number(&mut self) -> Result<Value, KeyvalError> {
-            let start = self.pos;
-            let digits = |p: &mut Self| {
-                let n = p.s.get(p.pos..).unwrap_or_default();
-                let k = n.iter().take_while(|c| c.is_ascii_digit()).count();
-                p.pos += k;
-                k
-            };
-            if self.s.get(self.pos) == Some(&b'-') {
-                self.pos += 1;
-            }
-            let int_start = self.pos;
-            let n = digits(self);
-            if n == 0 {
-                return Err(self.stray(start, self.pos + 1));
-            }
-            if n > 1 && self.s.get(int_start) == Some(&b'0') {
-                return Err(self.stray(start, int_start + 2));
-            }
-            let mut float = false;
-            if self.s.get(self.pos) == Some(&b'.') {
-                float = true;
-                self.pos += 1;
-                if digits(self) == 0 {
-                    return Err(self.stray(start, self.pos + 1));
-                }
-            }
-            if matches!(self.s.get(self.pos), Some(b'e' | b'E')) {
-                float = true;
-                self.pos += 1;
-                if matches!(self.s.get(self.pos), Some(b'+' | b'-')) {
-                    self.pos += 1;
-                }
-                if digits(self) == 0 {
-                    return Err(self.stray(start, self.pos + 1));
-                }
-            }
-            let text = self.text.get(start..self.pos).unwrap_or_default();
-            if !float {
+        /// Integers as `i64` if they fit, else `u64`, else (like floats) `f64`.
+        fn number(&self, t: Token) -> Result<Value, KeyvalError> {
+            let text = self.text_of(t);
+            if t.kind == Kind::Int {
                 if let Ok(v) = text.parse::<i64>() {
                     return Ok(Value::from(v));
                 }
@@ -1347,45 +1468,37 @@ mod json {
                     return Ok(Value::from(v));
                 }
             }
+            // QEMU keeps an overflowing number as an infinite double, which JSON
+            // values here cannot hold.
             text.parse::<f64>()
                 .ok()
                 .and_then(Number::from_f64)
                 .map(Value::Number)
-                .ok_or_else(|| self.stray(start, self.pos))
+                .ok_or_else(|| err(format!("number '{text}' out of range")))
         }
 
-        fn string(&mut self, quote: u8) -> Result<String, KeyvalError> {
-            let start = self.pos;
-            self.pos += 1;
+        /// Decodes a string token (quotes included).
+        fn string(&self, t: Token) -> Result<String, KeyvalError> {
+            let tok = self.text_of(t);
+            let b = tok.as_bytes();
+            // Without its quotes.
+            let body_end = b.len().saturating_sub(1);
             let mut out = String::new();
-            loop {
-                let Some(&c) = self.s.get(self.pos) else {
-                    return Err(err("premature EOI"));
-                };
-                if c == quote {
-                    self.pos += 1;
-                    return Ok(out);
-                }
-                if c < 0x20 {
-                    return Err(self.stray(start, self.pos + 1));
-                }
+            let mut i = 1;
+            while i < body_end {
+                let Some(&c) = b.get(i) else { break };
                 if c != b'\\' {
-                    // Copy one whole UTF-8 character.
-                    let ch = self
-                        .text
-                        .get(self.pos..)
-                        .and_then(|t| t.chars().next())
+                    let ch = tok
+                        .get(i..)
+                        .and_then(|r| r.chars().next())
                         .unwrap_or('\u{fffd}');
                     out.push(ch);
-                    self.pos += ch.len_utf8().max(1);
+                    i += ch.len_utf8();
                     continue;
                 }
-                let esc = self.pos;
-                self.pos += 1;
-                let Some(&e) = self.s.get(self.pos) else {
-                    return Err(err("premature EOI"));
-                };
-                self.pos += 1;
+                let esc = i;
+                let e = b.get(i + 1).copied().unwrap_or(0);
+                i += 2;
                 match e {
                     b'"' => out.push('"'),
                     b'\'' => out.push('\''),
@@ -1396,66 +1509,44 @@ mod json {
                     b'n' => out.push('\n'),
                     b'r' => out.push('\r'),
                     b't' => out.push('\t'),
-                    b'u' => out.push(self.unicode_escape(esc, quote)?),
+                    b'u' => {
+                        let hex4 = |at: usize| -> Option<u32> {
+                            let h = b.get(at..at + 4)?;
+                            let mut v = 0;
+                            for &c in h {
+                                v = v * 16 + char::from(c).to_digit(16)?;
+                            }
+                            Some(v)
+                        };
+                        let mut cp = hex4(i);
+                        i += 4;
+                        if let Some(hi @ 0xD800..=0xDBFF) = cp {
+                            if b.get(i..i + 2) == Some(b"\\u") {
+                                cp = match hex4(i + 2) {
+                                    Some(lo @ 0xDC00..=0xDFFF) => {
+                                        i += 6;
+                                        Some(0x10000 + ((hi & 0x3FF) << 10) + (lo & 0x3FF))
+                                    }
+                                    _ => None,
+                                };
+                            }
+                        }
+                        match cp.and_then(char::from_u32) {
+                            Some(ch) => out.push(ch),
+                            None => {
+                                // QEMU prints the escape as far as it read, but not
+                                // past the end of the token.
+                                return Err(err(format!(
+                                    "{} is not a valid Unicode character",
+                                    slice(tok, esc, i)
+                                )));
+                            }
+                        }
+                    }
                     _ => return Err(err("invalid escape sequence in string")),
                 }
             }
-        }
-
-        fn hex4(&mut self) -> Option<u32> {
-            let h = self.s.get(self.pos..self.pos + 4)?;
-            let mut v = 0;
-            for &c in h {
-                v = v * 16 + char::from(c).to_digit(16)?;
-            }
-            self.pos += 4;
-            Some(v)
-        }
-
-        /// `\uXXXX` (after the `u`), with surrogate pairs; `esc` is where the `\` is, `quote`
-        /// the string's quote character.
-        fn unicode_escape(&mut self, esc: usize, quote: u8) -> Result<char, KeyvalError> {
-            // QEMU prints the escape up to 6 characters, but not past the end of
-            // the string token (its closing quote).
-            let quote_end = self
-                .s
-                .iter()
-                .enumerate()
-                .skip(esc + 2)
-                .find(|&(_, &c)| c == quote)
-                .map_or(self.s.len(), |(i, _)| i + 1);
-            let invalid = |p: &Self, at: usize| {
-                let mut end = (at + 6).min(quote_end).min(p.s.len());
-                while !p.text.is_char_boundary(end) {
-                    end += 1;
-                }
-                err(format!(
-                    "{} is not a valid Unicode character",
-                    p.text.get(at..end).unwrap_or_default()
-                ))
-            };
-            let hi = self.hex4().ok_or_else(|| invalid(self, esc))?;
-            let cp = if (0xD800..0xDC00).contains(&hi) {
-                let lo_at = self.pos;
-                let lo = if self.s.get(self.pos..self.pos + 2) == Some(b"\\u") {
-                    self.pos += 2;
-                    self.hex4()
-                } else {
-                    None
-                };
-                match lo {
-                    Some(lo) if (0xDC00..0xE000).contains(&lo) => {
-                        0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)
-                    }
-                    _ => {
-                        self.pos = lo_at;
-                        return Err(invalid(self, esc));
-                    }
-                }
-            } else {
-                hi
-            };
-            char::from_u32(cp).ok_or_else(|| invalid(self, esc))
+            Ok(out)
         }
     }
 }
@@ -1771,6 +1862,36 @@ mod tests {
             ("{\"x\": 1.}", "JSON parse error, stray '1.}'"),
             ("{\"x\": 1e}", "JSON parse error, stray '1e}'"),
             ("{\"x\": [1,]}", "JSON parse error, expecting value"),
+            // Lexer errors win over parser errors in the same value.
+            ("{\"a\" 1 @}", "JSON parse error, stray '@'"),
+            ("{\"a\": True}", "JSON parse error, stray 'T'"),
+            ("{\"a\": -}", "JSON parse error, stray '-}'"),
+            ("{\"a\": \"abc", "JSON parse error, stray '\"abc'"),
+            ("{\"a\": 1.", "JSON parse error, stray '1.'"),
+            ("{\"a\": \"a\nb\"}", "JSON parse error, stray '\"a\n'"),
+            // "0" takes no exponent: "0", then the keyword "e", then 5.
+            (
+                "{\"a\": 0e5}",
+                "JSON parse error, expected separator in dict",
+            ),
+            ("{\"a\": ]}", "JSON parse error, expecting value"),
+            ("{\"a\": [}", "JSON parse error, expecting value"),
+            (
+                "{\"a\": \"x\", \"a\": [}",
+                "JSON parse error, expecting value",
+            ),
+            (
+                "{\"a\": \"\\u1\\\"x\"}",
+                "JSON parse error, \\u1\\\"x is not a valid Unicode character",
+            ),
+            (
+                "{\"a\": \"\\udc00\"}",
+                "JSON parse error, \\udc00 is not a valid Unicode character",
+            ),
+            (
+                "{\"driver\": \"null-co\"} @",
+                "Expecting at most one JSON value",
+            ),
         ];
         for (input, msg) in cases {
             match parse_json_or_keyval(input, None) {
@@ -1778,6 +1899,12 @@ mod tests {
                 Err(e) => assert_eq!(e.to_string(), msg, "{input:?}"),
             }
         }
+        let nested = |n: usize| format!("{{\"a\":{}{}}}", "[".repeat(n), "]".repeat(n));
+        assert_eq!(
+            parse_json_or_keyval(&nested(1024), None),
+            Err(KeyvalError::JsonTooDeep)
+        );
+        assert!(parse_json_or_keyval(&nested(1023), None).is_ok());
         assert_eq!(
             parse_json_or_keyval("{\"x\": \"\\ud83d\\ude00\\u00e9\"}", None).map(Value::Object),
             Ok(json!({"x": "😀é"}))

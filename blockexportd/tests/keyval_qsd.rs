@@ -142,6 +142,22 @@ fn hand_picked_arguments_match_qsd() {
         "{\"x\": 1.}",
         "{\"x\": 1e}",
         "{\"x\": [1,]}",
+        "{\"a\" 1 @}",
+        "{\"a\": True}",
+        "{\"a\": -}",
+        "{\"a\": \"abc",
+        "{\"a\": 1.",
+        "{\"a\": 0e5}",
+        "{\"a\": 0.5e1, \"b\": -0, \"c\": 1E+2}",
+        "{\"a\": ]}",
+        "{\"a\": [}",
+        "{\"a\": \"x\", \"a\": [}",
+        "{\"a\": \"\\u1\\\"x\"}",
+        "{\"a\": \"\\udc00\"}",
+        "{\"a\": \"\\ud83d\\ude00\"}",
+        "{\"driver\": \"null-co\"} @",
+        &format!("{{\"a\":{}{}}}", "[".repeat(1024), "]".repeat(1024)),
+        &format!("{{\"a\":{}{}}}", "[".repeat(1023), "]".repeat(1023)),
     ];
     for arg in blockdev {
         check("--blockdev", Some("driver"), arg);
@@ -307,5 +323,47 @@ fn chardev_opts_syntax_matches_qsd() {
             stdout.starts_with("chardev options:"),
             "{arg:?}: {stdout:?}"
         );
+    }
+}
+
+#[test]
+fn random_json_matches_qsd() {
+    if !have_qsd() {
+        return;
+    }
+    let tokens = [
+        "{",
+        "}",
+        "[",
+        "]",
+        ":",
+        ":",
+        ",",
+        ",",
+        " ",
+        "\"a\"",
+        "\"b\"",
+        "'c'",
+        "\"\\u0041\"",
+        "\"\\q\"",
+        "1",
+        "0",
+        "-",
+        ".",
+        "e",
+        "5",
+        "true",
+        "null",
+        "True",
+        "@",
+        "\"d\":",
+    ];
+    let mut rng = Lcg(0x6a73_6f6e);
+    for _ in 0..200 {
+        let len = 1 + rng.next(8);
+        let arg: String = std::iter::once("{")
+            .chain((0..len).map(|_| tokens[rng.next(tokens.len())]))
+            .collect();
+        check("--blockdev", Some("driver"), &arg);
     }
 }
