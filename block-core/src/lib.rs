@@ -9,6 +9,33 @@
 //!   `BlockdevOptions` JSON.
 //!
 //! Errors carry an errno ([`BlockError::errno`]) that each export maps onto its protocol.
+//!
+//! ```no_run
+//! use block_core::{open, NodeGraph, WriteFlags};
+//! use serde_json::json;
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let graph = NodeGraph::new();
+//! let disk = open::blockdev_add(&graph, json!({
+//!     "driver": "qcow2",
+//!     "node-name": "disk0",
+//!     "file": {"driver": "file", "filename": "disk.qcow2"},
+//! })).await?;
+//!
+//! let mut buf = vec![0u8; 4096];
+//! disk.read(0, &mut buf).await?;
+//! disk.write(0, &buf, WriteFlags::default()).await?;
+//! disk.flush().await?;
+//! println!("{}", open::node_info(&disk, false));
+//!
+//! // Close parents before children: qcow2 writes its metadata and bitmaps then.
+//! drop(disk);
+//! for node in graph.drain() {
+//!     node.driver().close().await?;
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 #![warn(missing_docs)]
 
