@@ -68,10 +68,6 @@ pub enum ParseError {
     /// The tokens ended inside a value.
     #[error("JSON parse error, premature EOI")]
     PrematureEoi,
-    /// A number too large for a finite double. QEMU accepts it as infinity
-    /// and then prints invalid JSON (`inf`); we refuse it.
-    #[error("JSON parse error, number out of range")]
-    NumberOutOfRange,
     /// Tokens left after a complete value (cannot happen with the stream
     /// cutter's messages; kept so that the parser never panics).
     #[error("JSON parse error, expecting end of input")]
@@ -124,7 +120,7 @@ impl Parser<'_> {
             }
             TokenKind::Integer | TokenKind::Float => {
                 self.pos += 1;
-                parse_number(self.text(t), t.kind).map(Value::Number)
+                Ok(Value::Number(parse_number(self.text(t), t.kind)))
             }
             TokenKind::Keyword => {
                 self.pos += 1;
@@ -234,6 +230,54 @@ fn decode_utf8(bytes: &[u8]) -> Option<(u32, usize)> {
     is_valid_codepoint(cp).then_some((cp, len))
 }
 
+/// Decodes bytes as QEMU's `mod_utf8_codepoint` loop does when it prints
+/// them: the lead byte gives the length, continuation bytes are taken while
+/// they come, and each invalid sequence (as far as it got) becomes one
+/// U+FFFD.
+pub(crate) fn qemu_lossy(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b < 0x80 {
+            out.push(char::from(b));
+            i += 1;
+            continue;
+        }
+        if b >= 0xFE || b & 0x40 == 0 {
+            out.push('\u{FFFD}');
+            i += 1;
+            continue;
+        }
+        let len = b.leading_ones() as usize; // 2..=6
+        let mut cp = u32::from(b) & (0x7F >> len);
+        let mut j = 1;
+        let mut complete = true;
+        while j < len {
+            match bytes.get(i + j) {
+                Some(&c) if c & 0xC0 == 0x80 => {
+                    cp = (cp << 6) | u32::from(c & 0x3F);
+                    j += 1;
+                }
+                _ => {
+                    complete = false;
+                    break;
+                }
+            }
+        }
+        i += j;
+        const MIN: [u32; 5] = [0x80, 0x800, 0x10000, 0x20_0000, 0x400_0000];
+        let overlong = cp < MIN[len - 2] && !(cp == 0 && len == 2);
+        let c = if complete && is_valid_codepoint(cp) && !overlong {
+            char::from_u32(cp)
+        } else {
+            None
+        };
+        out.push(c.unwrap_or('\u{FFFD}'));
+    }
+    out
+}
+
 /// Unescapes a string token, quotes included (`"..."` or `'...'`).
 fn parse_string(tok: &[u8]) -> Result<String, ParseError> {
     // The lexer guarantees an opening and a closing quote.
@@ -301,21 +345,30 @@ fn parse_string(tok: &[u8]) -> Result<String, ParseError> {
 
 /// Parses a number token as QEMU does: an integer token is an `i64` if it
 /// fits, else a `u64`, else a double; a float token is a double.
-fn parse_number(tok: &[u8], kind: TokenKind) -> Result<Number, ParseError> {
+///
+/// A number beyond the range of a double is infinity for QEMU (`strtod`),
+/// which JSON cannot carry; it becomes the largest finite double of its sign
+/// (QEMU would print it back as the invalid JSON `inf`).
+fn parse_number(tok: &[u8], kind: TokenKind) -> Number {
     // The lexer only lets ASCII digits, signs, '.', 'e' and 'E' through.
-    let s = std::str::from_utf8(tok).map_err(|_| ParseError::NumberOutOfRange)?;
+    let s = std::str::from_utf8(tok).unwrap_or("0");
     if kind == TokenKind::Integer {
         if let Ok(v) = s.parse::<i64>() {
-            return Ok(Number::from(v));
+            return Number::from(v);
         }
         if let Ok(v) = s.parse::<u64>() {
-            return Ok(Number::from(v));
+            return Number::from(v);
         }
     }
-    s.parse::<f64>()
-        .ok()
-        .and_then(Number::from_f64)
-        .ok_or(ParseError::NumberOutOfRange)
+    let v = s.parse::<f64>().unwrap_or(0.0);
+    let v = if v.is_finite() {
+        v
+    } else if v.is_sign_negative() {
+        f64::MIN
+    } else {
+        f64::MAX
+    };
+    Number::from_f64(v).unwrap_or_else(|| Number::from(0))
 }
 
 #[cfg(test)]
@@ -375,8 +428,19 @@ mod tests {
     }
 
     #[test]
+    fn lossy_decoding_like_qemu() {
+        assert_eq!(qemu_lossy(b"a\xc3\xa9"), "aé");
+        // One replacement per sequence as far as it got, like QEMU.
+        assert_eq!(qemu_lossy(b"\"\xf4\x90\x04"), "\"\u{FFFD}\u{4}");
+        assert_eq!(qemu_lossy(b"\xff\x80\xc3"), "\u{FFFD}\u{FFFD}\u{FFFD}");
+        assert_eq!(qemu_lossy(b"\xc0\x80\xc1\xbf"), "\u{0}\u{FFFD}");
+        assert_eq!(qemu_lossy(b"\xef\xbf\xbf\xed\xa0\x80"), "\u{FFFD}\u{FFFD}");
+        assert_eq!(qemu_lossy(b"\xfd\xbf\xbf\xbf\xbf\xbf"), "\u{FFFD}");
+    }
+
+    #[test]
     fn numbers_pick_qemu_types() {
-        let n = |s: &str, k| parse_number(s.as_bytes(), k).unwrap();
+        let n = |s: &str, k| parse_number(s.as_bytes(), k);
         assert_eq!(n("-0", TokenKind::Integer), Number::from(0));
         assert_eq!(
             n("18446744073709551615", TokenKind::Integer),
@@ -385,9 +449,9 @@ mod tests {
         assert!(n("18446744073709551616", TokenKind::Integer).is_f64());
         assert!(n("-9223372036854775809", TokenKind::Integer).is_f64());
         assert_eq!(n("1.5e3", TokenKind::Float).as_f64(), Some(1500.0));
-        assert_eq!(
-            parse_number(b"1e400", TokenKind::Float),
-            Err(ParseError::NumberOutOfRange)
-        );
+        assert_eq!(n("1e400", TokenKind::Float).as_f64(), Some(f64::MAX));
+        assert_eq!(n("-1e400", TokenKind::Float).as_f64(), Some(f64::MIN));
+        let huge = "9".repeat(400);
+        assert_eq!(n(&huge, TokenKind::Integer).as_f64(), Some(f64::MAX));
     }
 }

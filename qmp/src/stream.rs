@@ -16,7 +16,7 @@
 //!                                 Nonzero/MantissaDigits --e/E--> ExpE --+/- --> ExpSign --digit--> ExpDigits
 //!  Start --a..z--> Keyword
 //!  any state --byte it cannot take--> error token, then Recovery
-//!  Recovery --control char except TAB, 0xFE, 0xFF, or one of []{}--> Start (byte not consumed)
+//!  Recovery --control char except TAB, 0xFE, 0xFF, or one of []{}:,--> Start (byte not consumed)
 //! ```
 //!
 //! After a lexical error QEMU (and we) skip input until a byte at which a
@@ -197,11 +197,13 @@ impl JsonStream {
             .unwrap_or_default()
             .to_vec();
         text.push(b);
+        // QEMU formats the token as a C string: a NUL byte ends it.
+        if let Some(nul) = text.iter().position(|&c| c == 0) {
+            text.truncate(nul);
+        }
         self.reset_message();
         self.state = State::Recovery;
-        out(Err(StreamError::Stray(
-            String::from_utf8_lossy(&text).into_owned(),
-        )));
+        out(Err(StreamError::Stray(parser::qemu_lossy(&text))));
         Step::Consumed
     }
 
@@ -379,7 +381,7 @@ impl JsonStream {
             },
             Recovery => match b {
                 b'\t' => Step::Consumed,
-                0x00..=0x1F | 0xFE | 0xFF | b'[' | b']' | b'{' | b'}' => {
+                0x00..=0x1F | 0xFE | 0xFF | b'[' | b']' | b'{' | b'}' | b':' | b',' => {
                     self.state = Start;
                     Step::Again
                 }
