@@ -1,9 +1,11 @@
 //! QEMU's `KEY=VALUE,...` ("keyval") command-line syntax.
 //!
-//! qemu-storage-daemon reads the arguments of `--blockdev`, `--export`, `--object` and
-//! `--nbd-server` with QEMU's `keyval_parse()` (`util/keyval.c`), or as JSON when the
-//! argument starts with `{`. This module reproduces both, error messages included, so
-//! that a command line written for QSD behaves the same here.
+//! qemu-storage-daemon reads the arguments of `--blockdev`, `--export`, `--object`,
+//! `--nbd-server` and `--monitor` with QEMU's `keyval_parse()` (`util/keyval.c`), or as
+//! JSON when the argument starts with `{`, and `--chardev` with the older QemuOpts
+//! parser. This module reproduces all three, error messages included, so that a
+//! command line written for QSD behaves the same here. The tests check it against the
+//! real `qemu-storage-daemon` and `qemu-img`.
 //!
 //! # Grammar (from `util/keyval.c`)
 //!
@@ -52,6 +54,19 @@
 //! [`coerce`], [`coerce_paths`] and the `parse_*` helpers type them as QEMU's keyval
 //! visitor does (`on`/`yes`/`true`/`y` for booleans, `0x` integers, `64k` sizes).
 //!
+//! # Known differences from QEMU
+//!
+//! Only for inputs no real command line contains:
+//!
+//! - keyval keys nest at most 1024 levels ([`KeyvalError::TooDeep`]; QEMU has no
+//!   limit and recurses);
+//! - a JSON number beyond the `f64` range is an error (QEMU keeps an infinity), and
+//!   `\u0000` decodes to U+0000 (QEMU: modified UTF-8);
+//! - a stray non-ASCII character in JSON is quoted whole (QEMU quotes its first byte);
+//! - [`parse_number`] knows no C hexadecimal floats;
+//! - [`parse_opts`] does not know the option names, so it goes on (and collects
+//!   warnings) past a name QEMU would already have rejected.
+//!
 //! # Example
 //!
 //! ```
@@ -90,7 +105,9 @@ const MAX_NESTING: usize = 1024;
 const QDICT_BUCKETS: u32 = 512;
 
 /// Everything that can go wrong in this module. Messages are QEMU's, word for word
-/// (QSD prints them as `qemu-storage-daemon: --blockdev ARG: MESSAGE`).
+/// (QSD prints them as `qemu-storage-daemon: --blockdev ARG: MESSAGE`), except for
+/// [`KeyvalError::TooDeep`] and [`KeyvalError::Unrepresentable`], which QEMU has no
+/// counterpart for.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum KeyvalError {
@@ -142,8 +159,9 @@ pub enum KeyvalError {
     /// [`coerce`] was asked for a scalar where the parsed tree has an object or list.
     #[error("Parameters '{0}.*' are unexpected")]
     UnexpectedNested(String),
-    /// [`coerce`] was given a value that keyval parsing cannot produce (a JSON number,
-    /// boolean or null).
+    /// QEMU's type error, which its keyval visitor gives for a `number` that does not
+    /// parse; [`coerce`] also gives it for a value keyval parsing cannot produce (a
+    /// JSON number, boolean or null).
     #[error("Invalid parameter type for '{name}', expected: {expected}")]
     InvalidType {
         /// The parameter's full name.
@@ -163,7 +181,7 @@ pub enum KeyvalError {
 
 /// Parses `input` in keyval syntax. `implied_key` names the key of a first element
 /// given without `=` (QSD: `driver` for `--blockdev`, `type` for `--export`, `qom-type`
-/// for `--object`, none for `--nbd-server`).
+/// for `--object`, `chardev` for `--monitor`, none for `--nbd-server`).
 ///
 /// `help` or `?` anywhere fails with [`KeyvalError::HelpNotAvailable`], as QEMU's
 /// `keyval_parse()` does when the caller does not ask for help; use
