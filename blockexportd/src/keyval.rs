@@ -148,7 +148,7 @@ pub enum KeyvalError {
     #[error("JSON nesting depth limit exceeded")]
     JsonTooDeep,
     /// A keyval string does not convert to the requested type. `expected` is QEMU's
-    /// wording: `integer`, `'on' or 'off'`, `a size`, `uint16_t`, ...
+    /// wording: `integer`, `'on' or 'off'`, `size`, `uint16_t`, ...
     #[error("Parameter '{name}' expects {expected}")]
     InvalidValue {
         /// The parameter's name as QEMU prints it.
@@ -860,7 +860,7 @@ pub fn coerce(name: &str, value: &Value, kind: Kind) -> Result<Value, KeyvalErro
         Kind::Uint32 => unsigned(u32::MAX.into(), "uint32_t"),
         Kind::Size => parse_size(s)
             .map(Value::from)
-            .ok_or_else(|| invalid("a size")),
+            .ok_or_else(|| invalid("size")),
         Kind::Number => parse_number(s)
             .and_then(Number::from_f64)
             .map(Value::Number)
@@ -2156,7 +2156,7 @@ mod tests {
         }
         assert_eq!(
             coerce("logical-block-size", &json!("4x"), Kind::Size).map_err(|e| e.to_string()),
-            Err("Parameter 'logical-block-size' expects a size".to_owned())
+            Err("Parameter 'logical-block-size' expects size".to_owned())
         );
         assert_eq!(coerce("s", &json!("4k"), Kind::Size), Ok(json!(4096)));
     }

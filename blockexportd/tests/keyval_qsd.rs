@@ -367,3 +367,136 @@ fn random_json_matches_qsd() {
         check("--blockdev", Some("driver"), &arg);
     }
 }
+
+/// One typed parameter of a QSD option, to check [`keyval::coerce`] against QSD's own
+/// conversion: QSD gets `{prefix}{name}={value}`, and when we accept the value QSD must
+/// fail (or go on) for another reason, which `accepted` recognises.
+struct Typed {
+    option: &'static str,
+    prefix: &'static str,
+    name: &'static str,
+    kind: keyval::Kind,
+    accepted: fn(&str) -> bool,
+}
+
+fn check_typed(t: &Typed, value: &str) {
+    let arg = format!("{}{}={}", t.prefix, t.name, value);
+    let ours = keyval::coerce(t.name, &serde_json::Value::String(value.to_owned()), t.kind);
+    let theirs = qsd_error(t.option, &arg);
+    match ours {
+        Err(e) => assert_eq!(
+            theirs.as_deref(),
+            Some(e.to_string().as_str()),
+            "{} {arg:?}: we reject it",
+            t.option
+        ),
+        Ok(v) => {
+            // No message means QSD went on to the trailing option and failed there.
+            let msg = theirs.unwrap_or_default();
+            assert!(
+                (t.accepted)(&msg),
+                "{} {arg:?}: we read {v}, QSD says {msg:?}",
+                t.option
+            );
+        }
+    }
+}
+
+#[test]
+fn typed_values_match_qsd() {
+    if !have_qsd() {
+        return;
+    }
+    let typed = [
+        Typed {
+            option: "--nbd-server",
+            prefix: "addr.type=unix,addr.path=/nonexistent/keyval-test,",
+            name: "max-connections",
+            kind: keyval::Kind::Uint32,
+            accepted: |m| m.starts_with("Failed to bind socket"),
+        },
+        Typed {
+            option: "--nbd-server",
+            prefix: "addr.type=unix,addr.path=/nonexistent/keyval-test,",
+            name: "addr.abstract",
+            kind: keyval::Kind::Bool,
+            // Abstract sockets bind anywhere; a path does not.
+            accepted: |m| m.is_empty() || m.starts_with("Failed to bind socket"),
+        },
+        Typed {
+            option: "--object",
+            prefix: "iothread,id=keyval-test,",
+            name: "poll-max-ns",
+            kind: keyval::Kind::Int64,
+            accepted: |m| m.is_empty() || m.starts_with("poll-max-ns value must be in range"),
+        },
+        Typed {
+            option: "--export",
+            prefix: "type=vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path=/x,",
+            name: "logical-block-size",
+            kind: keyval::Kind::Size,
+            accepted: |m| m == "Cannot find device='' nor node-name='n'",
+        },
+        Typed {
+            option: "--export",
+            prefix: "type=vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path=/x,",
+            name: "num-queues",
+            kind: keyval::Kind::Uint16,
+            accepted: |m| m == "Cannot find device='' nor node-name='n'",
+        },
+    ];
+    let values = [
+        "0",
+        "1",
+        "16",
+        "0x10",
+        "010",
+        "08",
+        "-1",
+        "-0x10",
+        "+5",
+        " 7",
+        "7 ",
+        "65535",
+        "65536",
+        "4294967295",
+        "4294967296",
+        "9223372036854775807",
+        "9223372036854775808",
+        "18446744073709551615",
+        "18446744073709551616",
+        "-9223372036854775809",
+        "1k",
+        "4k",
+        "1.5k",
+        "0x1000",
+        "1e3",
+        "",
+        "x",
+        "on",
+        "off",
+        "yes",
+        "no",
+        "true",
+        "false",
+        "y",
+        "n",
+        "On",
+        "TRUE",
+        "1.",
+    ];
+    for t in &typed {
+        for v in values {
+            check_typed(t, v);
+        }
+    }
+    let pieces = ["0", "1", "9", "x", "k", "M", ".", "-", "+", "5", "e", "f"];
+    let mut rng = Lcg(0x7479_7065);
+    for _ in 0..60 {
+        let len = 1 + rng.next(5);
+        let v: String = (0..len).map(|_| pieces[rng.next(pieces.len())]).collect();
+        for t in &typed {
+            check_typed(t, &v);
+        }
+    }
+}
