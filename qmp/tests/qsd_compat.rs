@@ -319,56 +319,109 @@ fn argument_inputs() -> Vec<Vec<u8>> {
     .collect()
 }
 
-fn compare(ours: &Path, theirs: &Path) {
-    let mut a = Conn::new(theirs);
-    let mut b = Conn::new(ours);
-    assert_eq!(b.message(), a.message(), "greeting");
+/// A QSD and our server side by side: two monitors each (compact, pretty),
+/// our server reporting QSD's version so that greetings match. Dropping it
+/// stops both (the runtime and QSD).
+struct Pair {
+    /// Connected to QSD's compact monitor, greeting read.
+    theirs: Conn,
+    greeting: String,
+    qsd_pretty: PathBuf,
+    ours_compact: PathBuf,
+    ours_pretty: PathBuf,
+    _rt: tokio::runtime::Runtime,
+    _qsd: Qsd,
+    _dir: tempfile::TempDir,
+}
+
+impl Pair {
+    /// `None` (after a message) when QSD is missing outside CI.
+    fn start() -> Option<Self> {
+        if !qsd_available() {
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (qsd, qsd_compact, qsd_pretty) = start_qsd(dir.path());
+        let mut theirs = Conn::new(&qsd_compact);
+        let greeting = theirs.message();
+        let parsed: Value = serde_json::from_str(&greeting).expect("JSON");
+        let v = &parsed["QMP"]["version"];
+        let num = |k: &str| v["qemu"][k].as_u64().expect("version number") as u32;
+        let version = VersionInfo {
+            major: num("major"),
+            minor: num("minor"),
+            micro: num("micro"),
+            package: v["package"].as_str().expect("package").to_string(),
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let server = QmpServer::new(version);
+        register_mirrors(&server);
+        let ours_compact = dir.path().join("ours.sock");
+        let ours_pretty = dir.path().join("ours-pretty.sock");
+        for (path, pretty) in [(&ours_compact, false), (&ours_pretty, true)] {
+            let listener = {
+                let _guard = rt.enter();
+                tokio::net::UnixListener::bind(path).expect("bind")
+            };
+            let s = server.clone();
+            rt.spawn(async move { s.serve_unix(listener, MonitorOptions { pretty }).await });
+        }
+        Some(Self {
+            theirs,
+            greeting,
+            qsd_pretty,
+            ours_compact,
+            ours_pretty,
+            _rt: rt,
+            _qsd: qsd,
+            _dir: dir,
+        })
+    }
+
+    /// Our compact monitor, greeting checked against QSD's.
+    fn ours(&self) -> Conn {
+        let mut c = Conn::new(&self.ours_compact);
+        assert_eq!(c.message(), self.greeting, "greeting");
+        c
+    }
+}
+
+fn runner() -> proptest::test_runner::TestRunner {
+    proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+        // More with e.g. QSD_DIFF_CASES=20000.
+        cases: std::env::var("QSD_DIFF_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300),
+        failure_persistence: None,
+        ..Default::default()
+    })
+}
+
+fn compare(ours: &mut Conn, theirs: &mut Conn) {
     for input in inputs().into_iter().chain(argument_inputs()) {
-        let want = a.exchange(&input);
-        let got = b.exchange(&input);
+        let want = theirs.exchange(&input);
+        let got = ours.exchange(&input);
         assert_eq!(got, want, "input {:?}", String::from_utf8_lossy(&input));
     }
 }
 
 #[test]
 fn same_bytes_as_qemu_storage_daemon() {
-    if !qsd_available() {
+    let Some(mut pair) = Pair::start() else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (_qsd, qsd_compact, qsd_pretty) = start_qsd(dir.path());
-
-    // Take QSD's version so that the greeting and query-version match.
-    let greeting: Value = serde_json::from_str(&Conn::new(&qsd_compact).message()).expect("JSON");
-    let v = &greeting["QMP"]["version"];
-    let num = |k: &str| v["qemu"][k].as_u64().expect("version number") as u32;
-    let version = VersionInfo {
-        major: num("major"),
-        minor: num("minor"),
-        micro: num("micro"),
-        package: v["package"].as_str().expect("package").to_string(),
     };
+    let mut ours = pair.ours();
+    compare(&mut ours, &mut pair.theirs);
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let server = QmpServer::new(version);
-    register_mirrors(&server);
-    let ours_compact = dir.path().join("ours.sock");
-    let ours_pretty = dir.path().join("ours-pretty.sock");
-    let _guard = rt.enter();
-    let l1 = tokio::net::UnixListener::bind(&ours_compact).expect("bind");
-    let l2 = tokio::net::UnixListener::bind(&ours_pretty).expect("bind");
-    let s = server.clone();
-    rt.spawn(async move { s.serve_unix(l1, MonitorOptions { pretty: false }).await });
-    let s = server.clone();
-    rt.spawn(async move { s.serve_unix(l2, MonitorOptions { pretty: true }).await });
-
-    compare(&ours_compact, &qsd_compact);
-    compare(&ours_pretty, &qsd_pretty);
-    server.shutdown();
+    let mut theirs = Conn::new(&pair.qsd_pretty);
+    let mut ours = Conn::new(&pair.ours_pretty);
+    assert_eq!(ours.message(), theirs.message(), "pretty greeting");
+    compare(&mut ours, &mut theirs);
 }
 
 /// Random JSON-ish input (and random bytes) to both servers; the outputs
@@ -377,57 +430,19 @@ fn same_bytes_as_qemu_storage_daemon() {
 #[test]
 fn random_input_same_bytes_as_qemu_storage_daemon() {
     use proptest::prelude::*;
-    use proptest::test_runner::{Config, TestRunner};
 
-    if !qsd_available() {
+    let Some(pair) = Pair::start() else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (_qsd, qsd_compact, _) = start_qsd(dir.path());
-    let theirs = std::cell::RefCell::new(Conn::new(&qsd_compact));
-    let greeting = theirs.borrow_mut().message();
-    let parsed: Value = serde_json::from_str(&greeting).expect("JSON");
-    let v = &parsed["QMP"]["version"];
-    let num = |k: &str| v["qemu"][k].as_u64().expect("version number") as u32;
-    let version = VersionInfo {
-        major: num("major"),
-        minor: num("minor"),
-        micro: num("micro"),
-        package: v["package"].as_str().expect("package").to_string(),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let server = QmpServer::new(version);
-    let ours_path = dir.path().join("ours.sock");
-    let _guard = rt.enter();
-    let listener = tokio::net::UnixListener::bind(&ours_path).expect("bind");
-    let s = server.clone();
-    rt.spawn(async move {
-        s.serve_unix(listener, MonitorOptions { pretty: false })
-            .await
-    });
-    let ours = std::cell::RefCell::new(Conn::new(&ours_path));
-    assert_eq!(ours.borrow_mut().message(), greeting);
-
+    let ours = std::cell::RefCell::new(pair.ours());
+    let theirs = std::cell::RefCell::new(pair.theirs);
     let alphabet: Vec<u8> =
         b"{}[]:,\"'\\ \t\r\n0123456789-+.eEtrufalsn\x01\x7f\xc3\xa9\xff%@u".to_vec();
     let input = prop_oneof![
         prop::collection::vec(prop::sample::select(alphabet), 0..200),
         prop::collection::vec(any::<u8>(), 0..64),
     ];
-    let mut runner = TestRunner::new(Config {
-        // More with e.g. QSD_DIFF_CASES=20000.
-        cases: std::env::var("QSD_DIFF_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(300),
-        failure_persistence: None,
-        ..Config::default()
-    });
-    runner
+    runner()
         .run(&input, |bytes| {
             // A control character always ends in a lexical error with an
             // empty buffer, and the newline resyncs: the sentinel is read.
@@ -439,7 +454,6 @@ fn random_input_same_bytes_as_qemu_storage_daemon() {
             Ok(())
         })
         .expect("same output as QSD");
-    server.shutdown();
 }
 
 /// Random requests after negotiation (ids of every JSON type, misplaced and
@@ -448,41 +462,13 @@ fn random_input_same_bytes_as_qemu_storage_daemon() {
 #[test]
 fn random_requests_same_bytes_as_qemu_storage_daemon() {
     use proptest::prelude::*;
-    use proptest::test_runner::{Config, TestRunner};
     use serde_json::Map;
 
-    if !qsd_available() {
+    let Some(pair) = Pair::start() else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (_qsd, qsd_compact, _) = start_qsd(dir.path());
-    let theirs = std::cell::RefCell::new(Conn::new(&qsd_compact));
-    let greeting = theirs.borrow_mut().message();
-    let parsed: Value = serde_json::from_str(&greeting).expect("JSON");
-    let v = &parsed["QMP"]["version"];
-    let num = |k: &str| v["qemu"][k].as_u64().expect("version number") as u32;
-    let version = VersionInfo {
-        major: num("major"),
-        minor: num("minor"),
-        micro: num("micro"),
-        package: v["package"].as_str().expect("package").to_string(),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let server = QmpServer::new(version);
-    let ours_path = dir.path().join("ours.sock");
-    let _guard = rt.enter();
-    let listener = tokio::net::UnixListener::bind(&ours_path).expect("bind");
-    let s = server.clone();
-    rt.spawn(async move {
-        s.serve_unix(listener, MonitorOptions { pretty: false })
-            .await
-    });
-    let ours = std::cell::RefCell::new(Conn::new(&ours_path));
-    assert_eq!(ours.borrow_mut().message(), greeting);
+    let ours = std::cell::RefCell::new(pair.ours());
+    let theirs = std::cell::RefCell::new(pair.theirs);
     let negotiate = br#"{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}"#;
     assert_eq!(
         ours.borrow_mut().exchange(negotiate),
@@ -553,15 +539,7 @@ fn random_requests_same_bytes_as_qemu_storage_daemon() {
             }
             Value::Object(m)
         });
-    let mut runner = TestRunner::new(Config {
-        cases: std::env::var("QSD_DIFF_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(300),
-        failure_persistence: None,
-        ..Config::default()
-    });
-    runner
+    runner()
         .run(&request, |req| {
             let bytes = serde_json::to_vec(&req).expect("serialize");
             let want = theirs.borrow_mut().exchange(&bytes);
@@ -570,5 +548,4 @@ fn random_requests_same_bytes_as_qemu_storage_daemon() {
             Ok(())
         })
         .expect("same output as QSD");
-    server.shutdown();
 }
