@@ -113,7 +113,8 @@ impl std::fmt::Debug for QmpServer {
 }
 
 /// Emits events to every monitor that has completed capabilities
-/// negotiation. Cheap to clone; never blocks.
+/// negotiation. Cheap to clone; never blocks; usable from any thread (also
+/// outside the tokio runtime, e.g. from an I/O thread).
 #[derive(Clone)]
 pub struct EventSender {
     inner: Arc<Inner>,

@@ -411,8 +411,12 @@ async fn two_monitors_receive_an_event_but_not_before_negotiation() {
         "{text}"
     );
     assert!(text.ends_with("    \"event\": \"BLOCK_EXPORT_DELETED\",\r\n    \"data\": {\r\n        \"id\": \"e0\"\r\n    }\r\n}\r\n"), "{text}");
-    // An event without data has no "data" member, as in QEMU.
-    d.server.events().emit("RESUME", json!({}));
+    // An event without data has no "data" member, as in QEMU; events can
+    // be emitted from any thread, also outside the runtime.
+    let events = d.server.events();
+    std::thread::spawn(move || events.emit("RESUME", json!({})))
+        .join()
+        .expect("emitting thread");
     let ev = a.recv().await;
     assert_eq!(ev["event"], "RESUME");
     assert!(ev.get("data").is_none(), "{ev}");
