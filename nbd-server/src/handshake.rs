@@ -4,15 +4,17 @@
 //!  server greeting ──> client flags ──> option* ──┬─> NBD_OPT_GO ack ─────────> transmission
 //!                                                 ├─> NBD_OPT_EXPORT_NAME ok ─> transmission
 //!                                                 ├─> NBD_OPT_ABORT ──────────> closed
+//!                                                 ├─> NBD_OPT_STARTTLS ack ───> TLS handshake,
+//!                                                 │     authorization, option* over TLS
 //!                                                 └─> protocol violation ─────> hard disconnect
 //! ```
 //!
 //! `Negotiator` is the state machine: it takes one decoded option at a time, appends the
 //! bytes of its replies to an output buffer and says what happens next. It does no I/O;
-//! `negotiate` drives it over a stream. TLS will slot in as a state of the negotiator
-//! (`NBD_OPT_STARTTLS` answered with `NBD_REP_ACK`, then the driver wraps the stream and
-//! the negotiator forgets every earlier option, as the spec requires); today `STARTTLS` is
-//! refused with `NBD_REP_ERR_POLICY`, as QEMU does without `tls-creds`.
+//! `negotiate` drives it over a stream. TLS is a state of the negotiator (`TlsState`):
+//! without TLS configured `NBD_OPT_STARTTLS` is refused with `NBD_REP_ERR_POLICY`; with it,
+//! every other option (but `NBD_OPT_ABORT`) is refused until `NBD_OPT_STARTTLS` succeeds,
+//! then the driver wraps the stream and the negotiator forgets every earlier option.
 
 use crate::export::Export;
 use crate::meta::{self, MetaContext, QueryMode};
@@ -20,6 +22,7 @@ use crate::proto::{
     self, client_flags, encode_option_reply, handshake_flags, InfoRequest, InfoType,
     MetaContextRequest, OptionCode, OptionHeader, ReplyType, MAX_PAYLOAD, MAX_STRING_SIZE,
 };
+use crate::tls::{MaybeTls, TlsConfig};
 use std::io;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -69,6 +72,19 @@ pub enum HandshakeError {
     /// The server is stopping or the export was removed.
     #[error("the server is shutting down")]
     Shutdown,
+    /// TLS is required and the client sent `NBD_OPT_EXPORT_NAME` before it: "as this
+    /// request cannot error, it MUST terminate the session".
+    #[error("option {0} not permitted before TLS")]
+    TlsRequired(OptionCode),
+    /// `NBD_OPT_STARTTLS` came with data; QEMU drops such a client after the error reply.
+    #[error("NBD_OPT_STARTTLS with data")]
+    StartTlsData,
+    /// The TLS handshake failed (bad or missing client certificate, protocol error, ...).
+    #[error("TLS handshake failed")]
+    Tls(#[source] io::Error),
+    /// The authorization hook refused the client.
+    #[error("client not authorized: {0}")]
+    Unauthorized(String),
 }
 
 /// What kind of headers the transmission phase uses.
@@ -117,6 +133,22 @@ pub(crate) enum Step {
     Abort,
     /// Close the connection without sending anything more.
     Disconnect(HandshakeError),
+    /// Send the replies and close the connection.
+    Fail(HandshakeError),
+    /// Send the replies (an `NBD_REP_ACK` to `NBD_OPT_STARTTLS`), run the TLS handshake on
+    /// the stream, then call [`Negotiator::tls_started`] and read the next option over TLS.
+    StartTls,
+}
+
+/// Where the negotiation stands with TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TlsState {
+    /// The server has no TLS (the spec's NOTLS mode).
+    Off,
+    /// TLS is configured and not started yet: only `STARTTLS` and `ABORT` are served.
+    Required,
+    /// The negotiation runs over TLS.
+    Active,
 }
 
 /// Where the negotiator finds exports.
@@ -135,6 +167,7 @@ pub(crate) struct Negotiator {
     mode: Mode,
     /// The export named by the last `NBD_OPT_SET_META_CONTEXT` and the contexts it selected.
     contexts: Option<(String, Vec<MetaContext>)>,
+    tls: TlsState,
 }
 
 impl Negotiator {
@@ -142,8 +175,9 @@ impl Negotiator {
     pub(crate) const HANDSHAKE_FLAGS: u16 =
         handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES;
 
-    /// Starts a negotiation from the client flags.
-    pub(crate) fn new(client: u32) -> Result<Self, HandshakeError> {
+    /// Starts a negotiation from the client flags; `tls` says whether the server requires
+    /// TLS.
+    pub(crate) fn new(client: u32, tls: bool) -> Result<Self, HandshakeError> {
         let known = client_flags::FIXED_NEWSTYLE | client_flags::NO_ZEROES;
         // "the server MUST drop the TCP connection if the client sets an unknown flag, or a
         // flag that does not match something advertised by the server."
@@ -160,7 +194,67 @@ impl Negotiator {
                 Mode::ExportName
             },
             contexts: None,
+            tls: if tls {
+                TlsState::Required
+            } else {
+                TlsState::Off
+            },
         })
+    }
+
+    /// The TLS handshake succeeded: the negotiation starts over, as in QEMU. "If the client
+    /// requests `NBD_OPT_STARTTLS` after this option, it MUST renegotiate structured replies
+    /// and any other dependent extensions"; contexts count only when selected "with no
+    /// intervening `NBD_OPT_STARTTLS`".
+    pub(crate) fn tls_started(&mut self) {
+        self.tls = TlsState::Active;
+        self.mode = Mode::Simple;
+        self.contexts = None;
+    }
+
+    /// Options before TLS in FORCEDTLS mode, as QEMU's `nbd_negotiate_options` serves them.
+    fn before_tls(&mut self, option: OptionCode, data: &OptionData<'_>, out: &mut Vec<u8>) -> Step {
+        match option {
+            OptionCode::STARTTLS => {
+                if !matches!(data, OptionData::Read(&[])) {
+                    // "the server SHOULD reject a request that includes data with
+                    // NBD_REP_ERR_INVALID"; QEMU then drops the connection "if the client
+                    // can't start a TLS negotiation correctly".
+                    error_reply(
+                        out,
+                        option,
+                        ReplyType::ERR_INVALID,
+                        &format!("option '{option}' has unexpected length"),
+                    );
+                    return Step::Fail(HandshakeError::StartTlsData);
+                }
+                // "If the server receives NBD_OPT_STARTTLS prior to negotiating TLS, it
+                // MUST reply with NBD_REP_ACK."; "the server MUST be prepared for a TLS
+                // handshake".
+                encode_option_reply(out, option, ReplyType::ACK, &[]);
+                Step::StartTls
+            }
+            OptionCode::ABORT => {
+                encode_option_reply(out, option, ReplyType::ACK, &[]);
+                Step::Abort
+            }
+            // "If the server receives a request to enter transmission mode via
+            // NBD_OPT_EXPORT_NAME when TLS has not been initiated, then as this request
+            // cannot error, it MUST terminate the session."
+            OptionCode::EXPORT_NAME => Step::Disconnect(HandshakeError::TlsRequired(option)),
+            _ => {
+                // "If the server receives any other option, including NBD_OPT_INFO and
+                // unsupported options, it MUST reply with NBD_REP_ERR_TLS_REQD if TLS has
+                // not been initiated".
+                error_reply(
+                    out,
+                    option,
+                    ReplyType::ERR_TLS_REQD,
+                    &format!("Option 0x{:x} not permitted before TLS", option.0),
+                );
+                Step::Continue
+            }
+        }
     }
 
     /// Handles one option, appending its replies to `out`.
@@ -174,6 +268,9 @@ impl Negotiator {
         if !self.fixed_newstyle && option != OptionCode::EXPORT_NAME {
             // Non-fixed newstyle: "the server would immediately close the connection".
             return Step::Disconnect(HandshakeError::NotFixedNewstyle(option));
+        }
+        if self.tls == TlsState::Required {
+            return self.before_tls(option, &data, out);
         }
         let data = match data {
             OptionData::Read(d) => d,
@@ -207,9 +304,17 @@ impl Negotiator {
                 if !data.is_empty() {
                     return reject_length(option, out);
                 }
-                // NOTLS mode: "If the server receives NBD_OPT_STARTTLS it MUST respond with
-                // NBD_REP_ERR_POLICY (if it does not support TLS for policy reasons)".
-                error_reply(out, option, ReplyType::ERR_POLICY, "TLS not configured");
+                if self.tls == TlsState::Active {
+                    // "If the server receives NBD_OPT_STARTTLS when TLS has already been
+                    // negotiated, it MUST reply with NBD_REP_ERR_INVALID" (QEMU: "TLS
+                    // already enabled").
+                    error_reply(out, option, ReplyType::ERR_INVALID, "TLS already enabled");
+                } else {
+                    // NOTLS mode: "If the server receives NBD_OPT_STARTTLS it MUST respond
+                    // with NBD_REP_ERR_POLICY (if it does not support TLS for policy
+                    // reasons)".
+                    error_reply(out, option, ReplyType::ERR_POLICY, "TLS not configured");
+                }
                 Step::Continue
             }
             OptionCode::INFO | OptionCode::GO => self.info(option, data, exports, out),
@@ -523,14 +628,17 @@ fn sanitize(name: &str) -> String {
     s
 }
 
-/// Runs the handshake on `stream` until the client enters transmission.
+/// Runs the handshake on `stream` until the client enters transmission; with `tls`, the
+/// client must start TLS first, and the stream returned is the TLS stream.
 pub(crate) async fn negotiate<S>(
-    stream: &mut S,
+    stream: S,
     exports: &(dyn ExportSource + Sync),
-) -> Result<Session, HandshakeError>
+    tls: Option<&TlsConfig>,
+) -> Result<(MaybeTls<S>, Session), HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut stream = MaybeTls::Plain(stream);
     let mut greeting = Vec::with_capacity(18);
     greeting.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
     greeting.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
@@ -540,7 +648,7 @@ where
         .await
         .map_err(HandshakeError::Io)?;
     let client = stream.read_u32().await.map_err(HandshakeError::Io)?;
-    let mut negotiator = Negotiator::new(client)?;
+    let mut negotiator = Negotiator::new(client, tls.is_some())?;
     let mut data = Vec::new();
     let mut out = Vec::new();
     loop {
@@ -558,7 +666,7 @@ where
         }
         let drain = header.length > OPTION_DATA_LIMIT || header.option.name().is_none();
         let option_data = if drain {
-            drain_exact(stream, header.length.into()).await?;
+            drain_exact(&mut stream, header.length.into()).await?;
             OptionData::Drained
         } else {
             data.clear();
@@ -581,7 +689,7 @@ where
             Step::Continue => {}
             Step::Go(session) => {
                 stream.flush().await.map_err(HandshakeError::Io)?;
-                return Ok(session);
+                return Ok((stream, session));
             }
             Step::Abort => {
                 // "the client SHOULD gracefully handle the server closing the connection".
@@ -589,6 +697,34 @@ where
                 return Err(HandshakeError::Aborted);
             }
             Step::Disconnect(e) => return Err(e),
+            Step::Fail(e) => {
+                let _ = stream.flush().await;
+                return Err(e);
+            }
+            Step::StartTls => {
+                stream.flush().await.map_err(HandshakeError::Io)?;
+                let (MaybeTls::Plain(plain), Some(tls)) = (stream, tls) else {
+                    // The negotiator only asks for TLS when it is configured and not
+                    // started yet.
+                    return Err(HandshakeError::Tls(io::Error::other("TLS already started")));
+                };
+                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.server_config));
+                let secured = acceptor.accept(plain).await.map_err(HandshakeError::Tls)?;
+                if let Some(authorize) = &tls.authorize {
+                    let cert = secured
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .map(|c| c.as_ref());
+                    match authorize(cert) {
+                        Ok(dn) => tracing::debug!(dn, "NBD client authorized"),
+                        Err(reason) => return Err(HandshakeError::Unauthorized(reason)),
+                    }
+                }
+                stream = MaybeTls::Tls(Box::new(secured));
+                negotiator.tls_started();
+            }
         }
     }
 }
@@ -717,19 +853,19 @@ mod tests {
     #[test]
     fn client_flags() {
         assert!(matches!(
-            Negotiator::new(4),
+            Negotiator::new(4, false),
             Err(HandshakeError::UnknownClientFlags(4))
         ));
-        let n = Negotiator::new(3).unwrap();
+        let n = Negotiator::new(3, false).unwrap();
         assert_eq!(n.mode, Mode::Simple);
         assert!(n.no_zeroes);
-        assert_eq!(Negotiator::new(0).unwrap().mode, Mode::ExportName);
+        assert_eq!(Negotiator::new(0, false).unwrap().mode, Mode::ExportName);
     }
 
     #[test]
     fn non_fixed_newstyle_only_allows_export_name() {
         let ex = exports();
-        let mut n = Negotiator::new(0).unwrap();
+        let mut n = Negotiator::new(0, false).unwrap();
         let (step, r) = opt(&mut n, &ex, OptionCode::LIST, &[]);
         assert!(matches!(
             step,
@@ -755,7 +891,7 @@ mod tests {
     #[test]
     fn structured_and_extended_negotiation() {
         let ex = exports();
-        let mut n = Negotiator::new(3).unwrap();
+        let mut n = Negotiator::new(3, false).unwrap();
         let (_, r) = opt(&mut n, &ex, OptionCode::STRUCTURED_REPLY, b"x");
         assert_eq!(r[0].1, ReplyType::ERR_INVALID);
         let (_, r) = opt(&mut n, &ex, OptionCode::STRUCTURED_REPLY, &[]);
@@ -778,7 +914,7 @@ mod tests {
     #[test]
     fn meta_contexts_follow_the_export_name() {
         let ex = exports();
-        let mut n = Negotiator::new(3).unwrap();
+        let mut n = Negotiator::new(3, false).unwrap();
         // Listing works before structured replies; ids are zero.
         let (_, r) = opt(&mut n, &ex, OptionCode::LIST_META_CONTEXT, &meta("a", &[]));
         assert_eq!(r.len(), 2);
@@ -810,7 +946,7 @@ mod tests {
         assert_eq!(r[0].1, ReplyType::META_CONTEXT);
         // With extended headers, NBD_OPT_INFO shows BLOCK_STAT_PAYLOAD (as QEMU does);
         // NBD_OPT_GO only once contexts are selected for the export.
-        let mut e = Negotiator::new(3).unwrap();
+        let mut e = Negotiator::new(3, false).unwrap();
         opt(&mut e, &ex, OptionCode::EXTENDED_HEADERS, &[]);
         let export_flags = |r: &[(u32, ReplyType, Vec<u8>)]| {
             let info = r
@@ -839,7 +975,7 @@ mod tests {
         assert_eq!(session.mode, Mode::Structured);
         assert_ne!(session.flags & proto::transmission_flags::SEND_DF, 0);
         // GO to the same export: base:allocation.
-        let mut n = Negotiator::new(3).unwrap();
+        let mut n = Negotiator::new(3, false).unwrap();
         opt(&mut n, &ex, OptionCode::STRUCTURED_REPLY, &[]);
         opt(
             &mut n,
@@ -853,7 +989,7 @@ mod tests {
         };
         assert_eq!(session.contexts, vec![MetaContext::BaseAllocation]);
         // A failing SET clears the earlier selection.
-        let mut n = Negotiator::new(3).unwrap();
+        let mut n = Negotiator::new(3, false).unwrap();
         opt(&mut n, &ex, OptionCode::STRUCTURED_REPLY, &[]);
         opt(
             &mut n,
@@ -873,7 +1009,7 @@ mod tests {
     #[test]
     fn info_replies_and_drained_options() {
         let ex = exports();
-        let mut n = Negotiator::new(3).unwrap();
+        let mut n = Negotiator::new(3, false).unwrap();
         let mut d = Vec::new();
         InfoRequest {
             name: "a".into(),
@@ -901,6 +1037,93 @@ mod tests {
         assert_eq!(r[0].1, ReplyType::ACK);
     }
 
+    #[test]
+    fn forced_tls() {
+        let ex = exports();
+        let mut n = Negotiator::new(3, true).unwrap();
+        // Everything but STARTTLS and ABORT is refused before TLS, unknown options included.
+        for code in [
+            OptionCode::LIST,
+            OptionCode::GO,
+            OptionCode::INFO,
+            OptionCode::STRUCTURED_REPLY,
+            OptionCode(99),
+        ] {
+            let (step, r) = opt(&mut n, &ex, code, &go("a"));
+            assert!(matches!(step, Step::Continue));
+            assert_eq!(r.len(), 1);
+            assert_eq!((r[0].0, r[0].1), (code.0, ReplyType::ERR_TLS_REQD));
+        }
+        let mut out = Vec::new();
+        let step = n.on_option(OptionCode::LIST, OptionData::Drained, &ex, &mut out);
+        assert!(matches!(step, Step::Continue));
+        assert_eq!(replies(&out)[0].1, ReplyType::ERR_TLS_REQD);
+        // EXPORT_NAME cannot be refused with a reply: the connection ends.
+        let (step, r) = opt(&mut n, &ex, OptionCode::EXPORT_NAME, b"a");
+        assert!(matches!(
+            step,
+            Step::Disconnect(HandshakeError::TlsRequired(_))
+        ));
+        assert!(r.is_empty());
+        // STARTTLS with data: an error, then the end (as QEMU).
+        let (step, r) = opt(&mut n, &ex, OptionCode::STARTTLS, b"x");
+        assert!(matches!(step, Step::Fail(HandshakeError::StartTlsData)));
+        assert_eq!(r[0].1, ReplyType::ERR_INVALID);
+        // ABORT is acknowledged.
+        let (step, r) = opt(&mut n, &ex, OptionCode::ABORT, &[]);
+        assert!(matches!(step, Step::Abort));
+        assert_eq!(r[0].1, ReplyType::ACK);
+        // STARTTLS: ACK, then the driver runs the TLS handshake.
+        let mut n = Negotiator::new(3, true).unwrap();
+        let (step, r) = opt(&mut n, &ex, OptionCode::STARTTLS, &[]);
+        assert!(matches!(step, Step::StartTls));
+        assert_eq!(r[0].1, ReplyType::ACK);
+        n.tls_started();
+        let (_, r) = opt(&mut n, &ex, OptionCode::STARTTLS, &[]);
+        assert_eq!(r[0].1, ReplyType::ERR_INVALID);
+        let (_, r) = opt(&mut n, &ex, OptionCode::LIST, &[]);
+        assert_eq!(r.last().unwrap().1, ReplyType::ACK);
+        let mut out = Vec::new();
+        let step = n.on_option(
+            OptionCode::EXPORT_NAME,
+            OptionData::Read(b"a"),
+            &ex,
+            &mut out,
+        );
+        assert!(matches!(step, Step::Go(_)));
+    }
+
+    #[test]
+    fn starttls_forgets_earlier_negotiation() {
+        let ex = exports();
+        // A client may negotiate nothing before STARTTLS in FORCEDTLS mode; the state a
+        // plain negotiation could have built is reset all the same.
+        let mut n = Negotiator::new(3, false).unwrap();
+        opt(&mut n, &ex, OptionCode::EXTENDED_HEADERS, &[]);
+        opt(
+            &mut n,
+            &ex,
+            OptionCode::SET_META_CONTEXT,
+            &meta("a", &["base:allocation"]),
+        );
+        n.tls_started();
+        let (step, _) = opt(&mut n, &ex, OptionCode::GO, &go("a"));
+        let Step::Go(session) = step else {
+            panic!("no go")
+        };
+        assert_eq!(session.mode, Mode::Simple);
+        assert!(session.contexts.is_empty());
+    }
+
+    #[test]
+    fn starttls_without_tls_is_policy() {
+        let ex = exports();
+        let mut n = Negotiator::new(3, false).unwrap();
+        let (step, r) = opt(&mut n, &ex, OptionCode::STARTTLS, &[]);
+        assert!(matches!(step, Step::Continue));
+        assert_eq!(r[0].1, ReplyType::ERR_POLICY);
+    }
+
     proptest::proptest! {
         /// Any sequence of options, with any data, gives replies or an end, never a panic;
         /// every reply is well formed and answers the option asked.
@@ -910,7 +1133,7 @@ mod tests {
             options in proptest::collection::vec((0u32..14, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40), proptest::prelude::any::<bool>()), 0..12),
         ) {
             let ex = exports();
-            let Ok(mut n) = Negotiator::new(client) else { return Ok(()) };
+            let Ok(mut n) = Negotiator::new(client, false) else { return Ok(()) };
             for (code, data, drained) in options {
                 let mut out = Vec::new();
                 let d = if drained { OptionData::Drained } else { OptionData::Read(&data) };

@@ -9,8 +9,10 @@
 //! - Connection limit, handshake deadline, safe and hard export removal.
 //!
 //! The wire format lives in [`proto`]; the handshake is a state machine without I/O
-//! ([`handshake`]); transports are generic over `AsyncRead + AsyncWrite`, so that TLS can
-//! wrap the stream after `NBD_OPT_STARTTLS` (refused with `NBD_REP_ERR_POLICY` for now).
+//! ([`handshake`]); transports are generic over `AsyncRead + AsyncWrite`.
+//! - TLS ([`TlsConfig`], through `tokio-rustls`): `NBD_OPT_STARTTLS` required before any
+//!   other option, as QEMU with `tls-creds`, and an authorization hook on the client's
+//!   certificate after the TLS handshake (QEMU's `tls-authz`).
 //!
 //! ```no_run
 //! # async fn run(node: std::sync::Arc<block_core::Node>) -> Result<(), Box<dyn std::error::Error>> {
@@ -34,7 +36,9 @@ pub mod handshake;
 pub mod meta;
 pub mod proto;
 mod server;
+mod tls;
 pub mod transmission;
 
 pub use export::{ExportConfig, ExportGone, RemoveMode};
 pub use server::{NbdError, NbdServer, ServerConfig};
+pub use tls::{Authorize, TlsConfig};

@@ -3,6 +3,7 @@
 use crate::export::{Export, ExportConfig, ExportGone, RemoveMode};
 use crate::handshake::{self, ExportSource, HandshakeError};
 use crate::proto::MAX_STRING_SIZE;
+use crate::tls::TlsConfig;
 use crate::transmission;
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -34,7 +35,7 @@ pub enum NbdError {
 }
 
 /// Settings of an [`NbdServer`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Most clients connected at once, 0 for no limit. At the limit the server stops
     /// accepting until a client leaves (as QEMU does); 1 also clears
@@ -43,6 +44,9 @@ pub struct ServerConfig {
     /// A client that has not finished the handshake within this time is dropped
     /// (`handshake-max-seconds`; `None` for no limit).
     pub handshake_max: Option<Duration>,
+    /// TLS (`tls-creds`, `tls-authz`): with it, clients must start TLS before anything
+    /// else. The handshake deadline covers the TLS handshake too.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -51,6 +55,7 @@ impl Default for ServerConfig {
         ServerConfig {
             max_connections: 100,
             handshake_max: Some(Duration::from_secs(10)),
+            tls: None,
         }
     }
 }
@@ -180,9 +185,10 @@ impl NbdServer {
         }
     }
 
-    /// Serves one already-connected client (any byte stream: a socket from an inherited fd,
-    /// or later a TLS stream) until it disconnects or the server stops. Such a client is not
-    /// counted against `max_connections`.
+    /// Serves one already-connected client (any byte stream, e.g. a socket from an
+    /// inherited fd) until it disconnects or the server stops; with TLS configured the
+    /// client must start TLS on it. Such a client is not counted against
+    /// `max_connections`.
     pub async fn serve_connection<S>(&self, stream: S)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -190,7 +196,7 @@ impl NbdServer {
         self.run_client(stream, None).await
     }
 
-    async fn run_client<S>(&self, mut stream: S, permit: Option<OwnedSemaphorePermit>)
+    async fn run_client<S>(&self, stream: S, permit: Option<OwnedSemaphorePermit>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -200,7 +206,8 @@ impl NbdServer {
             return;
         }
         let handshake = async {
-            let negotiation = handshake::negotiate(&mut stream, &*self.inner);
+            let negotiation =
+                handshake::negotiate(stream, &*self.inner, self.inner.config.tls.as_ref());
             match self.inner.config.handshake_max {
                 Some(limit) => tokio::time::timeout(limit, negotiation)
                     .await
@@ -212,9 +219,14 @@ impl NbdServer {
             r = handshake => r,
             _ = stop.changed() => Err(HandshakeError::Shutdown),
         };
-        let session = match session {
+        let (stream, session) = match session {
             Ok(s) => s,
             Err(HandshakeError::Aborted) => return,
+            Err(HandshakeError::Unauthorized(reason)) => {
+                // QEMU fails the TLS negotiation: the client sees the connection closed.
+                tracing::warn!(reason, "NBD client refused by tls-authz");
+                return;
+            }
             Err(e) => {
                 tracing::info!(error = %e, "NBD handshake failed");
                 return;

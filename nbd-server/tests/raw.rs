@@ -203,6 +203,7 @@ fn handshake_deadline_drops_silent_client() {
         ServerConfig {
             max_connections: 0,
             handshake_max: Some(Duration::from_millis(200)),
+            tls: None,
         },
         true,
     );
@@ -227,6 +228,7 @@ fn connection_limit_waits_for_a_free_slot() {
         ServerConfig {
             max_connections: 1,
             handshake_max: None,
+            tls: None,
         },
         true,
     );

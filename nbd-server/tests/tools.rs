@@ -219,6 +219,7 @@ fn nbdinfo_json_list_map() {
         ServerConfig {
             max_connections: 1,
             handshake_max: None,
+            tls: None,
         },
         true,
     );

@@ -1,0 +1,425 @@
+//! NBD over TLS against the real clients: qemu-img, qemu-io (QEMU's gnutls client), nbdinfo
+//! and nbdcopy (libnbd). Certificates are made with `certtool` in a temp dir, in QEMU's
+//! layout; the rustls server configuration is built here (a client verifier over the CA, as
+//! QEMU's `verify-peer=on`).
+
+mod common;
+
+use common::*;
+use nbd_server::{Authorize, ServerConfig, TlsConfig};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+const MIB: u64 = 1 << 20;
+
+/// The tools every test here needs.
+fn have_tools() -> bool {
+    ["certtool", "qemu-img", "qemu-io", "nbdinfo", "nbdcopy"]
+        .iter()
+        .all(|t| have(t))
+}
+
+/// A CA, a second (foreign) CA, and directories in QEMU's layout: `server/`, and client
+/// directories `good/` (CN=good-client), `denied/` (CN=denied-client), `rogue/` (a client
+/// certificate signed by the foreign CA) and `nocert/` (only the CA certificate).
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+fn certtool(args: &[&str]) {
+    run(Command::new("certtool").args(args));
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+        let template = |name: &str, text: &str| {
+            std::fs::write(p(name), text).unwrap();
+            p(name)
+        };
+        let key = |name: &str| {
+            certtool(&[
+                "--generate-privkey",
+                "--key-type=rsa",
+                "--bits=2048",
+                "--outfile",
+                &p(name),
+            ])
+        };
+        for (ca, cn) in [("ca", "Test CA"), ("other-ca", "Foreign CA")] {
+            key(&format!("{ca}-key.pem"));
+            let t = template(
+                &format!("{ca}.info"),
+                &format!("cn = {cn}\nca\ncert_signing_key\nexpiration_days = 2\n"),
+            );
+            certtool(&[
+                "--generate-self-signed",
+                "--load-privkey",
+                &p(&format!("{ca}-key.pem")),
+                "--template",
+                &t,
+                "--outfile",
+                &p(&format!("{ca}-cert.pem")),
+            ]);
+        }
+        // (directory, file prefix, CA, template)
+        let leaves = [
+            (
+                "server",
+                "server",
+                "ca",
+                "organization = Test\ncn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\nsigning_key\nencryption_key\nexpiration_days = 2\n",
+            ),
+            (
+                "good",
+                "client",
+                "ca",
+                "organization = Test\ncn = good-client\ntls_www_client\nsigning_key\nencryption_key\nexpiration_days = 2\n",
+            ),
+            (
+                "denied",
+                "client",
+                "ca",
+                "organization = Test\ncn = denied-client\ntls_www_client\nsigning_key\nencryption_key\nexpiration_days = 2\n",
+            ),
+            (
+                "rogue",
+                "client",
+                "other-ca",
+                "organization = Test\ncn = good-client\ntls_www_client\nsigning_key\nencryption_key\nexpiration_days = 2\n",
+            ),
+        ];
+        for (sub, prefix, ca, text) in leaves {
+            std::fs::create_dir(p(sub)).unwrap();
+            let keyfile = format!("{sub}/{prefix}-key.pem");
+            key(&keyfile);
+            let t = template(&format!("{sub}.info"), text);
+            certtool(&[
+                "--generate-certificate",
+                "--load-privkey",
+                &p(&keyfile),
+                "--load-ca-certificate",
+                &p(&format!("{ca}-cert.pem")),
+                "--load-ca-privkey",
+                &p(&format!("{ca}-key.pem")),
+                "--template",
+                &t,
+                "--outfile",
+                &p(&format!("{sub}/{prefix}-cert.pem")),
+            ]);
+        }
+        std::fs::create_dir(p("nocert")).unwrap();
+        // Every client trusts the real CA (so that only the server's decision matters).
+        for sub in ["server", "good", "denied", "rogue", "nocert"] {
+            std::fs::copy(p("ca-cert.pem"), p(&format!("{sub}/ca-cert.pem"))).unwrap();
+        }
+        Pki { dir }
+    }
+
+    fn path(&self, sub: &str) -> PathBuf {
+        self.dir.path().join(sub)
+    }
+
+    /// The server's rustls configuration: its certificate, client certificates required and
+    /// verified against the CA.
+    fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(self.path("server/ca-cert.pem")).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+                .build()
+                .unwrap();
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(self.path("server/server-cert.pem"))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+        let key = PrivateKeyDer::from_pem_file(self.path("server/server-key.pem")).unwrap();
+        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .unwrap();
+        Arc::new(cfg)
+    }
+
+    fn server(&self, authorize: Option<Arc<Authorize>>) -> TestServer {
+        let config = ServerConfig {
+            tls: Some(TlsConfig {
+                server_config: self.server_config(),
+                authorize,
+            }),
+            ..ServerConfig::default()
+        };
+        TestServer::start(MemDisk::new(4 * MIB), config, true)
+    }
+}
+
+fn tls_uri(t: &TestServer, certs: &Path) -> String {
+    format!(
+        "nbds+unix:///e?socket={}&tls-certificates={}",
+        t.socket.display(),
+        certs.display()
+    )
+}
+
+fn output(cmd: &mut Command) -> Output {
+    cmd.output().expect("failed to spawn")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `qemu-img`/`qemu-io` arguments for the export through QEMU's TLS client.
+fn qemu_tls_args(t: &TestServer, certs: &Path) -> Vec<String> {
+    vec![
+        "--object".into(),
+        format!(
+            "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+            certs.display()
+        ),
+        "--image-opts".into(),
+        format!(
+            "driver=nbd,server.type=unix,server.path={},export=e,tls-creds=tls0,tls-hostname=localhost",
+            t.socket.display()
+        ),
+    ]
+}
+
+fn qemu_img_info(t: &TestServer, certs: &Path) -> Output {
+    let mut cmd = Command::new("qemu-img");
+    cmd.arg("info").args(qemu_tls_args(t, certs));
+    output(&mut cmd)
+}
+
+/// Whether libnbd can read the export's size over TLS with the certificates in `certs`.
+fn nbdinfo_size(t: &TestServer, certs: &Path) -> Output {
+    output(Command::new("nbdinfo").arg("--size").arg(tls_uri(t, certs)))
+}
+
+/// An authorization hook that refuses certificates whose DER holds the common name `cn`
+/// (the subject `CN=denied-client`), as a `tls-authz` list would by DN.
+fn deny_cn(cn: &'static str) -> Arc<Authorize> {
+    Arc::new(move |cert: Option<&[u8]>| {
+        let Some(der) = cert else {
+            return Err("no client certificate".to_string());
+        };
+        if der.windows(cn.len()).any(|w| w == cn.as_bytes()) {
+            Err(format!("CN={cn} is not allowed"))
+        } else {
+            Ok("allowed".to_string())
+        }
+    })
+}
+
+#[test]
+fn tls_clients_read_and_write_byte_for_byte() {
+    if !have_tools() {
+        return;
+    }
+    let pki = Pki::new();
+    let t = pki.server(None);
+    let good = pki.path("good");
+    // qemu-io writes and reads back through QEMU's TLS client.
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-c", "write -P 0x5a 0 64k", "-c", "write -P 0xa5 1M 4k"])
+        .args(["-c", "read -P 0x5a 0 64k", "-c", "read -P 0xa5 1M 4k"])
+        .args(qemu_tls_args(&t, &good));
+    let out = run(&mut cmd);
+    let out = text(&out);
+    assert!(
+        !out.contains("failed") && !out.contains("error"),
+        "qemu-io: {out}"
+    );
+    let data = t.disk.contents();
+    assert!(data[..65536].iter().all(|&b| b == 0x5a));
+    assert!(data[MIB as usize..MIB as usize + 4096]
+        .iter()
+        .all(|&b| b == 0xa5));
+    assert!(data[65536..MIB as usize].iter().all(|&b| b == 0));
+
+    // qemu-img info sees the size; qemu-img compare matches a local copy byte for byte.
+    let info = qemu_img_info(&t, &good);
+    assert!(info.status.success(), "qemu-img info: {}", text(&info));
+    assert!(text(&info).contains("4 MiB"), "{}", text(&info));
+    let local = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(local.path(), &data).unwrap();
+    let mut cmd = Command::new("qemu-img");
+    cmd.arg("compare")
+        .args(qemu_tls_args(&t, &good))
+        .arg(format!(
+            "driver=raw,file.driver=file,file.filename={}",
+            local.path().display()
+        ));
+    run(&mut cmd);
+
+    // nbdcopy writes a new pattern over TLS and copies it back out.
+    let pattern = pattern(4 * MIB as usize, 7);
+    let src = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(src.path(), &pattern).unwrap();
+    run(Command::new("nbdcopy")
+        .arg(src.path())
+        .arg(tls_uri(&t, &good)));
+    assert!(t.disk.contents() == pattern, "nbdcopy upload differs");
+    let dst = tempfile::tempdir().unwrap();
+    let back = dst.path().join("back.img");
+    run(Command::new("nbdcopy").arg(tls_uri(&t, &good)).arg(&back));
+    assert!(
+        std::fs::read(&back).unwrap() == pattern,
+        "nbdcopy download differs"
+    );
+    let size = nbdinfo_size(&t, &good);
+    assert!(size.status.success(), "nbdinfo: {}", text(&size));
+    assert_eq!(text(&size).trim(), (4 * MIB).to_string());
+}
+
+#[test]
+fn plaintext_clients_are_refused() {
+    if !have_tools() {
+        return;
+    }
+    let pki = Pki::new();
+    let t = pki.server(None);
+    // On the wire: NBD_OPT_GO before TLS gets NBD_REP_ERR_TLS_REQD (and the connection
+    // lives on: NBD_OPT_LIST gets the same).
+    let mut s = t.connect();
+    raw_greet(&mut s);
+    let mut go = Vec::new();
+    go.extend_from_slice(&1u32.to_be_bytes());
+    go.extend_from_slice(b"e");
+    go.extend_from_slice(&0u16.to_be_bytes());
+    send_option(&mut s, 7, &go);
+    let (opt, ty, _) = read_option_reply(&mut s);
+    assert_eq!((opt, ty), (7, (1 << 31) + 5));
+    send_option(&mut s, 3, &[]);
+    let (opt, ty, _) = read_option_reply(&mut s);
+    assert_eq!((opt, ty), (3, (1 << 31) + 5));
+    // NBD_OPT_EXPORT_NAME cannot be refused with a reply: the server hangs up.
+    send_option(&mut s, 1, b"e");
+    let mut buf = [0u8; 1];
+    use std::io::Read;
+    assert_eq!(s.read(&mut buf).unwrap_or(0), 0, "connection not closed");
+
+    // The real clients without TLS are refused.
+    let plain = output(Command::new("nbdinfo").arg("--size").arg(t.uri()));
+    assert!(!plain.status.success(), "nbdinfo without TLS succeeded");
+    let out = output(
+        Command::new("qemu-img")
+            .arg("info")
+            .arg(format!("nbd+unix:///e?socket={}", t.socket.display())),
+    );
+    assert!(!out.status.success(), "qemu-img without TLS succeeded");
+    assert!(text(&out).contains("TLS"), "{}", text(&out));
+    // The same server still serves a TLS client.
+    let ok = nbdinfo_size(&t, &pki.path("good"));
+    assert!(ok.status.success(), "{}", text(&ok));
+}
+
+#[test]
+fn clients_with_foreign_or_no_certificate_are_refused() {
+    if !have_tools() {
+        return;
+    }
+    let pki = Pki::new();
+    let t = pki.server(None);
+    for dir in ["rogue", "nocert"] {
+        let out = qemu_img_info(&t, &pki.path(dir));
+        assert!(!out.status.success(), "{dir}: qemu-img info succeeded");
+        let out = nbdinfo_size(&t, &pki.path(dir));
+        assert!(!out.status.success(), "{dir}: nbdinfo succeeded");
+    }
+    let ok = qemu_img_info(&t, &pki.path("good"));
+    assert!(ok.status.success(), "{}", text(&ok));
+}
+
+#[test]
+fn authorization_refuses_one_client_and_admits_another() {
+    if !have_tools() {
+        return;
+    }
+    let pki = Pki::new();
+    let t = pki.server(Some(deny_cn("denied-client")));
+    let denied = qemu_img_info(&t, &pki.path("denied"));
+    assert!(!denied.status.success(), "denied client got in");
+    let denied = nbdinfo_size(&t, &pki.path("denied"));
+    assert!(!denied.status.success(), "denied client got in");
+    let ok = qemu_img_info(&t, &pki.path("good"));
+    assert!(ok.status.success(), "{}", text(&ok));
+    let ok = nbdinfo_size(&t, &pki.path("good"));
+    assert!(ok.status.success(), "{}", text(&ok));
+}
+
+#[test]
+fn authorization_is_asked_at_each_connection() {
+    if !have_tools() {
+        return;
+    }
+    let pki = Pki::new();
+    let allow = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<bool>::new()));
+    let hook: Arc<Authorize> = {
+        let (allow, seen) = (Arc::clone(&allow), Arc::clone(&seen));
+        Arc::new(move |cert: Option<&[u8]>| {
+            seen.lock().unwrap().push(cert.is_some());
+            if allow.load(Ordering::SeqCst) {
+                Ok("CN=good-client".to_string())
+            } else {
+                Err("CN=good-client is not allowed".to_string())
+            }
+        })
+    };
+    let t = pki.server(Some(hook));
+    let out = qemu_img_info(&t, &pki.path("good"));
+    assert!(!out.status.success(), "client admitted while denied");
+    allow.store(true, Ordering::SeqCst);
+    let out = qemu_img_info(&t, &pki.path("good"));
+    assert!(out.status.success(), "{}", text(&out));
+    // The hook saw the client's certificate each time.
+    let seen = seen.lock().unwrap();
+    assert!(seen.len() >= 2 && seen.iter().all(|&c| c), "{seen:?}");
+}
+
+#[test]
+fn handshake_deadline_covers_the_tls_handshake() {
+    if !have("certtool") {
+        return;
+    }
+    let pki = Pki::new();
+    let config = ServerConfig {
+        handshake_max: Some(std::time::Duration::from_millis(300)),
+        tls: Some(TlsConfig {
+            server_config: pki.server_config(),
+            authorize: None,
+        }),
+        ..ServerConfig::default()
+    };
+    let t = TestServer::start(MemDisk::new(MIB), config, true);
+    let mut s = t.connect();
+    raw_greet(&mut s);
+    // STARTTLS is acknowledged; the client then never starts the TLS handshake.
+    send_option(&mut s, 5, &[]);
+    let (opt, ty, data) = read_option_reply(&mut s);
+    assert_eq!((opt, ty, data.len()), (5, 1, 0));
+    let mut buf = [0u8; 1];
+    use std::io::Read;
+    assert_eq!(
+        s.read(&mut buf).unwrap_or(0),
+        0,
+        "the server kept a client stuck before its TLS handshake"
+    );
+}
