@@ -19,12 +19,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     )
     .await?;
     let server = NbdServer::new(ServerConfig::default());
-    server.add_export(ExportConfig {
-        name: "e".into(),
-        description: None,
-        attachment: node.attach("export 'e'", writable)?,
-        writethrough: false,
-    })?;
+    server.add_export(ExportConfig::new("e", node.attach("export 'e'", writable)?))?;
     let _ = std::fs::remove_file(&args[2]);
     let listener = tokio::net::UnixListener::bind(&args[2])?;
     let s = server.clone();

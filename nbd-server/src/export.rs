@@ -1,7 +1,7 @@
 //! Exports: a named node with its NBD settings, and the count of clients using it.
 
 use crate::proto::transmission_flags as tf;
-use block_core::Attachment;
+use block_core::{Attachment, DirtyBitmap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,6 +20,28 @@ pub struct ExportConfig {
     pub attachment: Attachment,
     /// Every write is done with FUA, as QEMU's `writethrough` export option.
     pub writethrough: bool,
+    /// Dirty bitmaps exported as `qemu:dirty-bitmap:<bitmap name>` (QEMU's `bitmaps`), in
+    /// this order (context ids 2, 3, ...). The caller checks them as QEMU does (found,
+    /// not busy or inconsistent, not enabled on a read-only export of a writable node); the
+    /// export marks them busy while it exists.
+    pub bitmaps: Vec<Arc<DirtyBitmap>>,
+    /// Offer `qemu:allocation-depth` (QEMU's `allocation-depth`).
+    pub allocation_depth: bool,
+}
+
+impl ExportConfig {
+    /// An export of `attachment` named `name`, with no description, no writethrough, no
+    /// bitmap and no allocation depth context.
+    pub fn new(name: impl Into<String>, attachment: Attachment) -> Self {
+        ExportConfig {
+            name: name.into(),
+            description: None,
+            attachment,
+            writethrough: false,
+            bitmaps: Vec::new(),
+            allocation_depth: false,
+        }
+    }
 }
 
 /// How [`NbdServer::remove_export`](crate::NbdServer::remove_export) treats connected clients.
@@ -59,6 +81,8 @@ pub(crate) struct Export {
     pub(crate) description: Option<String>,
     pub(crate) attachment: Attachment,
     pub(crate) writethrough: bool,
+    pub(crate) bitmaps: Vec<Arc<DirtyBitmap>>,
+    pub(crate) allocation_depth: bool,
     multi_conn: bool,
     /// Number of connections in transmission phase on this export.
     clients: watch::Sender<usize>,
@@ -68,15 +92,26 @@ pub(crate) struct Export {
 
 impl Export {
     pub(crate) fn new(cfg: ExportConfig, multi_conn: bool) -> Arc<Export> {
+        // As QEMU's nbd_export_create: the bitmaps are busy (no QMP change) while exported.
+        for bitmap in &cfg.bitmaps {
+            bitmap.set_busy(true);
+        }
         Arc::new(Export {
             name: cfg.name,
             description: cfg.description,
             attachment: cfg.attachment,
             writethrough: cfg.writethrough,
+            bitmaps: cfg.bitmaps,
+            allocation_depth: cfg.allocation_depth,
             multi_conn,
             clients: watch::channel(0).0,
             closed: watch::channel(false).0,
         })
+    }
+
+    /// The metadata contexts the export offers.
+    pub(crate) fn contexts(&self) -> Vec<crate::meta::MetaContext> {
+        crate::meta::available(self.allocation_depth, self.bitmaps.iter().map(|b| b.name()))
     }
 
     /// Whether clients may write.
@@ -152,6 +187,14 @@ impl Export {
                 // `changed` fails once the sender, a field of the export, is dropped.
                 while rx.changed().await.is_ok() {}
             }),
+        }
+    }
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        for bitmap in &self.bitmaps {
+            bitmap.set_busy(false);
         }
     }
 }

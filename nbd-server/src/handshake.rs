@@ -579,7 +579,7 @@ impl Negotiator {
             return Step::Continue;
         };
         let mode = if set { QueryMode::Set } else { QueryMode::List };
-        let selected = meta::select(&meta::available(), &request.queries, mode);
+        let selected = meta::select(&export.contexts(), &request.queries, mode);
         for ctx in &selected {
             // "The metadata context ID in these replies is reserved and SHOULD be set to
             // zero" when listing.
@@ -792,12 +792,7 @@ mod tests {
         let make = |name: &str, size: u64| {
             let node = Node::new(name, Arc::new(Zeroes(size)), Vec::new());
             Export::new(
-                ExportConfig {
-                    name: name.into(),
-                    description: None,
-                    attachment: node.attach("test", true).unwrap(),
-                    writethrough: false,
-                },
+                ExportConfig::new(name, node.attach("test", true).unwrap()),
                 true,
             )
         };

@@ -1,7 +1,8 @@
 //! An NBD (Network Block Device) server that serves any [`block_core`] node.
 //!
 //! - Fixed newstyle handshake with `NBD_OPT_INFO`/`GO`, `LIST`, `STRUCTURED_REPLY`,
-//!   `EXTENDED_HEADERS`, `LIST_META_CONTEXT`/`SET_META_CONTEXT` (`base:allocation`), and
+//!   `EXTENDED_HEADERS`, `LIST_META_CONTEXT`/`SET_META_CONTEXT` (`base:allocation`,
+//!   `qemu:allocation-depth`, `qemu:dirty-bitmap:NAME`), and
 //!   `NBD_REP_ERR_UNSUP` for anything else, the connection living on.
 //! - Transmission with many requests in flight per connection, replies out of order;
 //!   simple, structured (sparse reads, error chunks with messages) and extended replies.
@@ -18,12 +19,7 @@
 //! # async fn run(node: std::sync::Arc<block_core::Node>) -> Result<(), Box<dyn std::error::Error>> {
 //! use nbd_server::{ExportConfig, NbdServer, ServerConfig};
 //! let server = NbdServer::new(ServerConfig::default());
-//! server.add_export(ExportConfig {
-//!     name: "disk".into(),
-//!     description: None,
-//!     attachment: node.attach("export 'disk'", true)?,
-//!     writethrough: false,
-//! })?;
+//! server.add_export(ExportConfig::new("disk", node.attach("export 'disk'", true)?))?;
 //! let listener = tokio::net::UnixListener::bind("/tmp/nbd.sock")?;
 //! server.serve_unix(listener).await; // until server.stop()
 //! # Ok(()) }

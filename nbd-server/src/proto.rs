@@ -104,12 +104,14 @@ pub mod cmd_flags {
 /// `NBD_REPLY_FLAG_DONE`: the last chunk of a structured or extended reply.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
 
-/// `base:allocation` status flags.
+/// Block status flags: `base:allocation`'s, and `qemu:dirty-bitmap:`'s.
 pub mod state {
-    /// `NBD_STATE_HOLE`.
+    /// `NBD_STATE_HOLE` (`base:allocation`).
     pub const HOLE: u32 = 1 << 0;
-    /// `NBD_STATE_ZERO`.
+    /// `NBD_STATE_ZERO` (`base:allocation`).
     pub const ZERO: u32 = 1 << 1;
+    /// `NBD_STATE_DIRTY` (`qemu:dirty-bitmap:NAME`, QEMU's `docs/interop/nbd.rst`).
+    pub const DIRTY: u32 = 1 << 0;
 }
 
 macro_rules! open_code {

@@ -20,7 +20,7 @@ use crate::proto::{
     Command, NbdErrno, RequestHeader, COMPACT_REQUEST_SIZE, EXTENDED_REQUEST_SIZE, MAX_PAYLOAD,
     MAX_STRING_SIZE, REPLY_FLAG_DONE,
 };
-use block_core::{Node, WriteFlags, ZeroFlags};
+use block_core::{DirtyBitmap, Node, WriteFlags, ZeroFlags};
 use bytes::{Buf, BytesMut};
 use futures::stream::{FuturesUnordered, StreamExt};
 use std::collections::VecDeque;
@@ -41,8 +41,9 @@ pub const SPARSE_READ_MIN: u64 = 64 * 1024;
 /// Once a connection stops reading and its requests are done, the client gets this long to
 /// take the remaining replies before the connection is dropped.
 const FINAL_FLUSH_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
-/// Most extents in one block status chunk (the spec: "SHOULD NOT send more than 2^20").
-const MAX_EXTENTS: usize = 1 << 20;
+/// Most extents in one block status chunk: QEMU's `NBD_MAX_BLOCK_STATUS_EXTENTS` (1 MiB / 8,
+/// a 1 MiB chunk in compact form), below the spec's "SHOULD NOT send more than 2^20".
+const MAX_EXTENTS: usize = 1024 * 1024 / 8;
 
 /// Why a connection ended abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -704,6 +705,16 @@ impl Conn {
         for (i, ctx) in contexts.iter().enumerate() {
             let extents = match ctx {
                 MetaContext::BaseAllocation => self.allocation_extents(offset, len, max).await,
+                MetaContext::AllocationDepth => self.depth_extents(offset, len, max).await,
+                MetaContext::DirtyBitmap { index, .. } => {
+                    match self.export.bitmaps.get(*index as usize) {
+                        Some(bitmap) => Ok(bitmap_extents(bitmap, offset, len, max)),
+                        // Contexts are made from the export's own bitmaps: not reached.
+                        None => Err(block_core::BlockError::Invalid(format!(
+                            "no dirty bitmap {index}"
+                        ))),
+                    }
+                }
             };
             let extents = match extents {
                 Ok(e) => e,
@@ -765,7 +776,7 @@ impl Conn {
         len: u64,
         max: usize,
     ) -> Result<Vec<(u64, u32)>, block_core::BlockError> {
-        let mut extents: Vec<(u64, u32)> = Vec::new();
+        let mut extents = Extents::new(max);
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
@@ -778,18 +789,98 @@ impl Conn {
             if e.zero {
                 flags |= state::ZERO;
             }
-            match extents.last_mut() {
-                Some((l, f)) if *f == flags => *l += n,
-                _ => {
-                    if extents.len() == max {
-                        break;
-                    }
-                    extents.push((n, flags));
-                }
+            if !extents.add(n, flags) {
+                break;
             }
             pos += n;
         }
-        Ok(extents)
+        Ok(extents.list)
+    }
+
+    /// `qemu:allocation-depth` extents: the depth of the backing chain layer that allocates
+    /// each range (QEMU's `blockalloc_to_extents`: 0 unallocated, 1 this layer, 2+ backing).
+    async fn depth_extents(
+        &self,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, u32)>, block_core::BlockError> {
+        let mut extents = Extents::new(max);
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let e = self.node.block_status(pos, end - pos).await?;
+            let n = e.len.min(end - pos);
+            if !extents.add(n, e.depth) {
+                break;
+            }
+            pos += n;
+        }
+        Ok(extents.list)
+    }
+}
+
+/// `qemu:dirty-bitmap:NAME` extents over `[offset, offset+len)`: flag 1
+/// (`NBD_STATE_DIRTY`) where the bitmap is dirty, as QEMU's `bitmap_to_extents` (which
+/// covers the whole range unless the extent list is full).
+fn bitmap_extents(bitmap: &DirtyBitmap, offset: u64, len: u64, max: usize) -> Vec<(u64, u32)> {
+    let granularity = u64::from(bitmap.granularity()).max(1);
+    let mut extents = Extents::new(max);
+    let end = offset + len;
+    let mut pos = offset;
+    while pos < end {
+        let (n, dirty) = bitmap.extent(pos, end - pos);
+        let flags = if dirty { state::DIRTY } else { 0 };
+        // `extent` stops at the bitmap's end: past it (a node grown after the bitmap was
+        // made, before the bitmap follows), the range is clean.
+        let chunk_end = ((pos / granularity) + 1) * granularity;
+        let full = chunk_end.min(end) - pos;
+        let n = n.min(end - pos);
+        if n == 0 || n < full {
+            if n > 0 && !extents.add(n, flags) {
+                break;
+            }
+            extents.add(end - pos - n, 0);
+            break;
+        }
+        if !extents.add(n, flags) {
+            break;
+        }
+        pos += n;
+    }
+    extents.list
+}
+
+/// Extents being collected for one context: consecutive extents with the same flags merged
+/// (QEMU's `nbd_extent_array_add`), at most `max` of them.
+struct Extents {
+    list: Vec<(u64, u32)>,
+    max: usize,
+}
+
+impl Extents {
+    fn new(max: usize) -> Self {
+        Extents {
+            list: Vec::new(),
+            max,
+        }
+    }
+
+    /// Adds an extent; false (and nothing added) once the list is full.
+    fn add(&mut self, len: u64, flags: u32) -> bool {
+        if len == 0 {
+            return true;
+        }
+        match self.list.last_mut() {
+            Some((l, f)) if *f == flags => *l += len,
+            _ => {
+                if self.list.len() == self.max {
+                    return false;
+                }
+                self.list.push((len, flags));
+            }
+        }
+        true
     }
 }
 
@@ -999,6 +1090,36 @@ where
 mod tests {
     use super::*;
     use crate::proto::Command;
+
+    #[test]
+    fn bitmap_extents_merge_cap_and_stop_at_the_bitmap_end() {
+        let b = DirtyBitmap::new("b", 1 << 20, 4096, false);
+        b.set_range(0, 8192);
+        b.set_range(16384, 4096);
+        assert_eq!(
+            bitmap_extents(&b, 0, 1 << 20, MAX_EXTENTS),
+            vec![
+                (8192, state::DIRTY),
+                (8192, 0),
+                (4096, state::DIRTY),
+                ((1 << 20) - 20480, 0)
+            ]
+        );
+        // Unaligned start, and the cap (REQ_ONE).
+        assert_eq!(
+            bitmap_extents(&b, 100, 1 << 20, 1),
+            vec![(8192 - 100, state::DIRTY)]
+        );
+        assert_eq!(bitmap_extents(&b, 100, 50, 1), vec![(50, state::DIRTY)]);
+        // Past the bitmap's end (a node grown before its bitmap): clean, in one extent.
+        assert_eq!(bitmap_extents(&b, 1 << 20, 1 << 30, 8), vec![(1 << 30, 0)]);
+        let odd = DirtyBitmap::new("odd", 6000, 4096, false);
+        odd.set_range(4096, 1904);
+        assert_eq!(
+            bitmap_extents(&odd, 0, 1 << 20, 8),
+            vec![(4096, 0), (1904, state::DIRTY), ((1 << 20) - 6000, 0)]
+        );
+    }
 
     #[test]
     fn out_queue_partial_writes() {

@@ -419,18 +419,14 @@ fn safe_removal_without_clients_and_name_reuse() {
     // The name is free again.
     t.server
         .add_export(nbd_server::ExportConfig {
-            name: "e".into(),
-            description: None,
-            attachment: t.node.attach("export 'e'", false).unwrap(),
             writethrough: true,
+            ..nbd_server::ExportConfig::new("e", t.node.attach("export 'e'", false).unwrap())
         })
         .unwrap();
-    let dup = t.server.add_export(nbd_server::ExportConfig {
-        name: "e".into(),
-        description: None,
-        attachment: t.node.attach("export 'e'", false).unwrap(),
-        writethrough: false,
-    });
+    let dup = t.server.add_export(nbd_server::ExportConfig::new(
+        "e",
+        t.node.attach("export 'e'", false).unwrap(),
+    ));
     assert_eq!(
         dup.unwrap_err().to_string(),
         "NBD server already has export named 'e'"

@@ -24,6 +24,9 @@ pub struct MemDisk {
     /// Reads at this offset wait for a permit of `gate` (to hold a request in flight).
     pub gated_offset: Option<u64>,
     pub gate: tokio::sync::Semaphore,
+    /// Per block: a backing chain depth reported instead of the default (1 if allocated,
+    /// else 0); 0 keeps the default. Lets tests pretend a block lives in a backing file.
+    depths: RwLock<Vec<u32>>,
 }
 
 impl MemDisk {
@@ -39,6 +42,7 @@ impl MemDisk {
             read_only,
             gated_offset: None,
             gate: tokio::sync::Semaphore::new(0),
+            depths: RwLock::new(vec![0; blocks]),
         }
     }
 
@@ -58,6 +62,14 @@ impl MemDisk {
         s.0[offset as usize..offset as usize + data.len()].copy_from_slice(data);
         for b in offset / BLOCK..(offset + data.len() as u64).div_ceil(BLOCK) {
             s.1[b as usize] = true;
+        }
+    }
+
+    /// Reports `depth` for the blocks of `[offset, offset+len)` (block aligned).
+    pub fn set_depth(&self, offset: u64, len: u64, depth: u32) {
+        let mut d = self.depths.write().unwrap();
+        for b in offset / BLOCK..(offset + len).div_ceil(BLOCK) {
+            d[b as usize] = depth;
         }
     }
 
@@ -138,17 +150,26 @@ impl BlockDriver for MemDisk {
 
     async fn block_status(&self, offset: u64, len: u64) -> block_core::Result<Extent> {
         let s = self.state.read().unwrap();
+        let depths = self.depths.read().unwrap();
+        let status = |b: usize| {
+            let allocated = s.1[b];
+            let depth = match depths[b] {
+                0 => u32::from(allocated),
+                d => d,
+            };
+            (allocated, depth)
+        };
         let first = (offset / BLOCK) as usize;
-        let allocated = s.1[first];
+        let (allocated, depth) = status(first);
         let mut end = (first as u64 + 1) * BLOCK;
-        while end < offset + len && s.1[(end / BLOCK) as usize] == allocated {
+        while end < offset + len && status((end / BLOCK) as usize) == (allocated, depth) {
             end += BLOCK;
         }
         Ok(Extent {
             len: end.min(offset + len) - offset,
-            data: allocated,
-            zero: !allocated,
-            depth: u32::from(allocated),
+            data: depth > 0,
+            zero: !allocated && depth == 0,
+            depth,
         })
     }
 }
@@ -166,6 +187,19 @@ pub struct TestServer {
 impl TestServer {
     /// A server exporting `disk` as `e` (writable unless `writable` is false).
     pub fn start(disk: MemDisk, config: ServerConfig, writable: bool) -> Self {
+        Self::start_with(disk, config, move |node| {
+            let mut e = ExportConfig::new("e", node.attach("export 'e'", writable).unwrap());
+            e.description = Some("a test export".into());
+            e
+        })
+    }
+
+    /// A server exporting `disk` as `export` makes it from the node.
+    pub fn start_with(
+        disk: MemDisk,
+        config: ServerConfig,
+        export: impl FnOnce(&Arc<Node>) -> ExportConfig,
+    ) -> Self {
         let disk = Arc::new(disk);
         let node = Node::new("n", disk.clone() as Arc<dyn BlockDriver>, Vec::new());
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -176,14 +210,7 @@ impl TestServer {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("nbd.sock");
         let server = NbdServer::new(config);
-        server
-            .add_export(ExportConfig {
-                name: "e".into(),
-                description: Some("a test export".into()),
-                attachment: node.attach("export 'e'", writable).unwrap(),
-                writethrough: false,
-            })
-            .unwrap();
+        server.add_export(export(&node)).unwrap();
         // Bound before the accept loop starts: clients can connect as soon as this returns.
         let listener = {
             let _guard = runtime.enter();
