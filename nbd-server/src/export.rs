@@ -21,9 +21,8 @@ pub struct ExportConfig {
     /// Every write is done with FUA, as QEMU's `writethrough` export option.
     pub writethrough: bool,
     /// Dirty bitmaps exported as `qemu:dirty-bitmap:<bitmap name>` (QEMU's `bitmaps`), in
-    /// this order (context ids 2, 3, ...). The caller checks them as QEMU does (found,
-    /// not busy or inconsistent, not enabled on a read-only export of a writable node); the
-    /// export marks them busy while it exists.
+    /// this order (context ids 2, 3, ...). [`add_export`](crate::NbdServer::add_export)
+    /// checks them as QEMU does and marks them busy while the export exists.
     pub bitmaps: Vec<Arc<DirtyBitmap>>,
     /// Offer `qemu:allocation-depth` (QEMU's `allocation-depth`).
     pub allocation_depth: bool,

@@ -235,6 +235,8 @@ impl Negotiator {
                 Step::StartTls
             }
             OptionCode::ABORT => {
+                // "The server MUST reply with NBD_REP_ACK" (QEMU answers
+                // NBD_REP_ERR_TLS_REQD here; either way the connection then closes).
                 encode_option_reply(out, option, ReplyType::ACK, &[]);
                 Step::Abort
             }

@@ -32,6 +32,15 @@ pub enum NbdError {
     /// A safe removal was asked while clients are connected.
     #[error("export '{0}' still in use")]
     InUse(String),
+    /// A bitmap to export is busy (exported elsewhere, or used by another operation).
+    #[error("Bitmap '{0}' is currently in use by another operation and cannot be used")]
+    BitmapBusy(String),
+    /// A bitmap to export is inconsistent (a persistent bitmap not stored cleanly).
+    #[error("Bitmap '{0}' is inconsistent and cannot be used")]
+    BitmapInconsistent(String),
+    /// An enabled bitmap would change under a read-only export of a writable node.
+    #[error("Enabled bitmap '{0}' incompatible with readonly export")]
+    BitmapEnabled(String),
 }
 
 /// Settings of an [`NbdServer`].
@@ -240,7 +249,9 @@ impl NbdServer {
     }
 
     /// Adds an export. Its name must be unique and at most 4096 bytes long, as must its
-    /// description.
+    /// description. Its bitmaps must not be busy or inconsistent, nor enabled if the export
+    /// is read-only and the node writable (QEMU's checks and messages); they are busy until
+    /// the export is gone.
     pub fn add_export(&self, cfg: ExportConfig) -> Result<(), NbdError> {
         if cfg.name.len() > MAX_STRING_SIZE {
             return Err(NbdError::NameTooLong(cfg.name));
@@ -248,6 +259,22 @@ impl NbdServer {
         if let Some(desc) = &cfg.description {
             if desc.len() > MAX_STRING_SIZE {
                 return Err(NbdError::DescriptionTooLong(desc.clone()));
+            }
+        }
+        // QEMU's nbd_export_create: bitmaps are checked with BDRV_BITMAP_ALLOW_RO (not busy,
+        // not inconsistent), and an enabled one refused on a read-only export of a writable
+        // node (it would keep changing under the export).
+        let writable_node = !cfg.attachment.node().read_only();
+        for bitmap in &cfg.bitmaps {
+            let name = bitmap.name().to_string();
+            if bitmap.busy() {
+                return Err(NbdError::BitmapBusy(name));
+            }
+            if bitmap.inconsistent() {
+                return Err(NbdError::BitmapInconsistent(name));
+            }
+            if !cfg.attachment.writable() && writable_node && bitmap.enabled() {
+                return Err(NbdError::BitmapEnabled(name));
             }
         }
         let mut exports = self.inner.lock();

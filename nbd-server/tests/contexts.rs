@@ -208,3 +208,36 @@ print("ok")
     let out = run(Command::new("/usr/bin/python3").args(["-c", script, &t.uri()]));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
 }
+
+#[test]
+fn exported_bitmaps_are_checked_as_qemu_does() {
+    let (t, b0) = server();
+    let attach = |writable: bool| t.node.attach("export 'x'", writable).unwrap();
+    let with = |name: &str, writable: bool, bitmap: &Arc<DirtyBitmap>| {
+        let mut e = ExportConfig::new(name, attach(writable));
+        e.bitmaps = vec![Arc::clone(bitmap)];
+        t.server.add_export(e)
+    };
+    // b0 is exported by "e": busy.
+    assert_eq!(
+        with("x", true, &b0).unwrap_err().to_string(),
+        "Bitmap 'b0' is currently in use by another operation and cannot be used"
+    );
+    let bad = Arc::new(DirtyBitmap::new("bad", SIZE, 65536, true));
+    bad.set_inconsistent(true);
+    assert_eq!(
+        with("x", true, &bad).unwrap_err().to_string(),
+        "Bitmap 'bad' is inconsistent and cannot be used"
+    );
+    // An enabled bitmap under a read-only export of a writable node would keep changing.
+    let live = Arc::new(DirtyBitmap::new("live", SIZE, 65536, false));
+    assert_eq!(
+        with("x", false, &live).unwrap_err().to_string(),
+        "Enabled bitmap 'live' incompatible with readonly export"
+    );
+    assert!(!live.busy(), "a refused export leaves the bitmap alone");
+    live.set_enabled(false);
+    with("x", false, &live).unwrap();
+    assert!(live.busy());
+    assert_eq!(t.server.export_names(), ["e", "x"]);
+}

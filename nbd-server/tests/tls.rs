@@ -423,3 +423,63 @@ fn handshake_deadline_covers_the_tls_handshake() {
         "the server kept a client stuck before its TLS handshake"
     );
 }
+
+#[test]
+fn tls_over_tcp() {
+    if !have_tools() {
+        return;
+    }
+    let pki = Pki::new();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let disk = Arc::new(MemDisk::new(MIB));
+    disk.fill(4096, &[0x77; 4096]);
+    let node = block_core::Node::new("n", disk as Arc<dyn block_core::BlockDriver>, Vec::new());
+    let server = nbd_server::NbdServer::new(ServerConfig {
+        tls: Some(TlsConfig {
+            server_config: pki.server_config(),
+            authorize: Some(deny_cn("denied-client")),
+        }),
+        ..ServerConfig::default()
+    });
+    server
+        .add_export(nbd_server::ExportConfig::new(
+            "e",
+            node.attach("export 'e'", false).unwrap(),
+        ))
+        .unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let s = server.clone();
+    runtime.spawn(async move { s.serve_tcp(listener).await });
+    let uri = |dir: &str| {
+        format!(
+            "nbds://localhost:{port}/e?tls-certificates={}",
+            pki.path(dir).display()
+        )
+    };
+    let out = run(Command::new("nbdinfo").arg("--size").arg(uri("good")));
+    assert_eq!(text(&out).trim(), MIB.to_string());
+    let denied = output(Command::new("nbdinfo").arg("--size").arg(uri("denied")));
+    assert!(!denied.status.success(), "denied client got in over TCP");
+    // QEMU's client over TCP checks the server's certificate against the host name.
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-r", "-c", "read -P 0x77 4k 4k", "-c", "read -P 0 8k 4k"])
+        .arg("--object")
+        .arg(format!(
+            "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+            pki.path("good").display()
+        ))
+        .arg("--image-opts")
+        .arg(format!(
+            "driver=nbd,server.type=inet,server.host=localhost,server.port={port},export=e,tls-creds=tls0"
+        ));
+    let out = text(&run(&mut cmd));
+    assert!(!out.contains("failed") && !out.contains("error"), "{out}");
+    server.stop();
+}
