@@ -80,6 +80,22 @@ fn have_tools() -> bool {
     true
 }
 
+/// Tests run one at a time: a child process forked by one test holds copies of the other
+/// tests' open files until it execs, and with them their image locks, which would make a
+/// close-then-reopen in another test fail at random.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Starts a test: `None` (the test passes without running) when the tools are missing and
+/// `CI` is not `true`; otherwise the guard that serializes the tests.
+async fn begin() -> Option<tokio::sync::MutexGuard<'static, ()>> {
+    let serial = SERIAL.lock().await;
+    static TOOLS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*TOOLS.get_or_init(have_tools) {
+        return None;
+    }
+    Some(serial)
+}
+
 fn run(program: &str, args: &[&str]) -> Output {
     let out = Command::new(program)
         .args(args)
@@ -274,9 +290,9 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 
 #[tokio::test]
 async fn reads_what_qemu_io_wrote() {
-    if !have_tools() {
+    let Some(_serial) = begin().await else {
         return;
-    }
+    };
     for kind in IMAGE_KINDS {
         let images = Images::create(kind);
         images.qemu_io(&["write -P 0xab 0 64k", "write -P 0xcd 3M 4k"]);
@@ -319,9 +335,9 @@ async fn reads_what_qemu_io_wrote() {
 
 #[tokio::test]
 async fn qemu_reads_what_we_wrote() {
-    if !have_tools() {
+    let Some(_serial) = begin().await else {
         return;
-    }
+    };
     for kind in IMAGE_KINDS {
         let images = Images::create(kind);
         let stack = images.open(false).await;
@@ -385,9 +401,9 @@ async fn qemu_reads_what_we_wrote() {
 
 #[tokio::test]
 async fn zeroes_and_discard_read_back_as_zeroes() {
-    if !have_tools() {
+    let Some(_serial) = begin().await else {
         return;
-    }
+    };
     for kind in IMAGE_KINDS {
         let images = Images::create(kind);
         let stack = images.open(false).await;
@@ -453,9 +469,9 @@ fn merge(extents: Vec<(u64, u64, bool, bool, u32)>) -> Vec<(u64, u64, bool, bool
 
 #[tokio::test]
 async fn block_status_matches_qemu_img_map() {
-    if !have_tools() {
+    let Some(_serial) = begin().await else {
         return;
-    }
+    };
     for kind in ALL_KINDS {
         let images = Images::create(kind);
         let mut commands = vec!["write -P 0xab 0 64k", "write -P 1 3M 4k"];
@@ -511,9 +527,9 @@ async fn block_status_matches_qemu_img_map() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_requests_in_flight_from_many_tasks() {
-    if !have_tools() {
+    let Some(_serial) = begin().await else {
         return;
-    }
+    };
     for kind in ALL_KINDS {
         let images = Images::create(kind);
         let stack = images.open(false).await;
@@ -570,9 +586,9 @@ fn errno(r: Result<(), BlockError>) -> i32 {
 
 #[tokio::test]
 async fn out_of_range_is_einval_and_read_only_is_eperm() {
-    if !have_tools() {
+    let Some(_serial) = begin().await else {
         return;
-    }
+    };
     for kind in ALL_KINDS {
         let images = Images::create(kind);
         let stack = images.open(false).await;
@@ -652,9 +668,9 @@ impl Drop for Qsd {
 
 #[tokio::test]
 async fn locking_against_qemu() {
-    if !have_tools() {
+    let Some(_serial) = begin().await else {
         return;
-    }
+    };
     for kind in [Kind::File, Kind::Qcow2] {
         let images = Images::create(kind);
         let stack = images.open(false).await;
@@ -714,9 +730,9 @@ async fn locking_against_qemu() {
 
 #[tokio::test]
 async fn node_info_has_the_shape_of_qsd() {
-    if !have_tools() {
+    let Some(_serial) = begin().await else {
         return;
-    }
+    };
     let images = Images::create(Kind::Qcow2Backing);
     let stack = images.open(false).await;
     let info = open::node_info(&stack.node, false);
@@ -758,9 +774,9 @@ async fn node_info_has_the_shape_of_qsd() {
 
 #[tokio::test]
 async fn resize_where_the_format_allows_it() {
-    if !have_tools() {
+    let Some(_serial) = begin().await else {
         return;
-    }
+    };
     let new_size = SIZE + MIB;
     for kind in ALL_KINDS {
         let images = Images::create(kind);
@@ -808,9 +824,9 @@ async fn resize_where_the_format_allows_it() {
 
 #[tokio::test]
 async fn detect_zeroes_unmap_punches_holes() {
-    if !have_tools() {
+    let Some(_serial) = begin().await else {
         return;
-    }
+    };
     for kind in [Kind::File, Kind::Qcow2] {
         let images = Images::create(kind);
         images.qemu_io(&["write -P 0xab 0 1M"]);
@@ -837,9 +853,9 @@ async fn detect_zeroes_unmap_punches_holes() {
 
 #[tokio::test]
 async fn a_qcow2_file_has_one_writer() {
-    if !have_tools() {
+    let Some(_serial) = begin().await else {
         return;
-    }
+    };
     let images = Images::create(Kind::Qcow2);
     let graph = NodeGraph::new();
     open::blockdev_add(
@@ -921,9 +937,9 @@ impl Drop for LoopDevice {
 
 #[tokio::test]
 async fn host_device_on_a_loop_device() {
-    if !have_tools() {
+    let Some(_serial) = begin().await else {
         return;
-    }
+    };
     let images = Images::create(Kind::File);
     let Some(dev) = loop_device(&images.top()) else {
         return;
@@ -1055,9 +1071,9 @@ fn comparable(nodes: Vec<Value>) -> Vec<Value> {
 
 #[tokio::test]
 async fn query_named_block_nodes_matches_qsd() {
-    if !have_tools() {
+    let Some(_serial) = begin().await else {
         return;
-    }
+    };
     for kind in [Kind::File, Kind::Qcow2, Kind::Qcow2Backing, Kind::Null] {
         let images = Images::create(kind);
         let blockdev = match kind {
@@ -1121,9 +1137,9 @@ async fn query_named_block_nodes_matches_qsd() {
 
 #[tokio::test]
 async fn fast_zeroes_and_a_dropped_qcow2_keeps_its_data() {
-    if !have_tools() {
+    let Some(_serial) = begin().await else {
         return;
-    }
+    };
     // fast write-zeroes: file (fallocate) and aligned qcow2 ranges are fast; an unaligned
     // qcow2 range would need writing zeroes, so it is refused with NotFast (ENOTSUP).
     let fast = ZeroFlags {
@@ -1173,9 +1189,9 @@ async fn fast_zeroes_and_a_dropped_qcow2_keeps_its_data() {
 
 #[tokio::test]
 async fn explicit_backing_choices() {
-    if !have_tools() {
+    let Some(_serial) = begin().await else {
         return;
-    }
+    };
     let images = Images::create(Kind::Qcow2Backing);
     let file = json!({"driver": "file", "filename": images.top()});
     let read_at_1m = |node: Arc<Node>| async move {
@@ -1240,9 +1256,9 @@ async fn explicit_backing_choices() {
 
 #[tokio::test]
 async fn persistent_bitmaps_survive_a_close() {
-    if !have_tools() {
+    let Some(_serial) = begin().await else {
         return;
-    }
+    };
     let images = Images::create(Kind::Qcow2);
     run("qemu-img", &["bitmap", "--add", &images.top(), "b0"]);
     let bitmap_flags = |name: &str| -> Option<Vec<String>> {
@@ -1311,9 +1327,9 @@ async fn persistent_bitmaps_survive_a_close() {
 
 #[tokio::test]
 async fn compressed_qcow2_reads_back() {
-    if !have_tools() {
+    let Some(_serial) = begin().await else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let raw = dir.path().join("src.raw");
     let mut data = vec![0u8; SIZE as usize];

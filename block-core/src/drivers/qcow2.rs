@@ -7,9 +7,11 @@
 //!
 //! # Threads
 //! imago's async functions return futures that are not `Send`, while every
-//! [`BlockDriver`] future must be. Each qcow2 node therefore owns one worker thread running
-//! a single-threaded tokio runtime with a `LocalSet`; every request is sent there with owned
-//! buffers and runs as a local task, so that many requests are in flight at once. The data
+//! [`BlockDriver`] future must be. Each qcow2 node therefore owns [`WORKER_THREADS`] worker
+//! threads, each running a single-threaded tokio runtime with a `LocalSet`; every request is
+//! sent to one of them (round-robin) with owned buffers and runs there as a local task, so
+//! that many requests are in flight at once. imago's `FormatAccess` is `Sync`, so the
+//! threads share one. The data
 //! itself still goes through the child node (whose `file` driver does its own I/O inline or
 //! on the blocking pool).
 
@@ -317,11 +319,58 @@ impl Worker {
         let (otx, orx) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move || {
             Box::pin(async move {
-                let _ = otx.send(f().await);
+                // The job's future (and what it holds, e.g. the node's state) is dropped at
+                // the end of this statement, before the caller hears back: once a request
+                // returns, no worker keeps the image open behind the caller's back.
+                let result = f().await;
+                let _ = otx.send(result);
             })
         });
         self.tx.send(job).map_err(|_| worker_stopped())?;
         orx.await.map_err(|_| worker_stopped())
+    }
+}
+
+/// How many worker threads a qcow2 node runs its requests on.
+pub const WORKER_THREADS: usize = 2;
+
+/// The worker threads of one qcow2 node; requests go round-robin.
+///
+/// imago's `FormatAccess` is `Sync`: its futures may not move between threads, but futures
+/// on different threads may use it at once.
+#[derive(Debug)]
+struct Workers {
+    threads: Vec<Worker>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Workers {
+    fn spawn(name: &str, count: usize) -> io::Result<Workers> {
+        let threads = (0..count.max(1))
+            .map(|i| Worker::spawn(format!("{name}/{i}")))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Workers {
+            threads,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    fn pick(&self) -> &Worker {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.threads.len();
+        &self.threads[i]
+    }
+
+    async fn run<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = T> + 'static,
+        T: Send + 'static,
+    {
+        self.pick().run(f).await
+    }
+
+    fn send(&self, job: Job) -> bool {
+        self.pick().tx.send(job).is_ok()
     }
 }
 
@@ -354,7 +403,7 @@ impl State {
 /// A qcow2 image whose header is read, waiting for its backing node (see
 /// [`Qcow2Driver::open`]).
 pub struct Qcow2Opener {
-    worker: Worker,
+    worker: Workers,
     qcow2: Qcow2<NodeStorage>,
     file: Arc<Node>,
     read_only: bool,
@@ -452,7 +501,7 @@ impl Qcow2Opener {
 /// The `qcow2` driver.
 #[derive(Debug)]
 pub struct Qcow2Driver {
-    worker: Worker,
+    worker: Workers,
     state: Arc<State>,
     size: AtomicU64,
     read_only: bool,
@@ -493,7 +542,7 @@ impl Drop for Qcow2Driver {
                     let _ = done_tx.send(());
                 })
             });
-            if self.worker.tx.send(job).is_ok() {
+            if self.worker.send(job) {
                 let _ = done_rx.recv();
             }
         }
@@ -595,7 +644,8 @@ impl Qcow2Driver {
     /// Reads the qcow2 header from `file` (first step of opening; the caller then opens the
     /// backing node the header or the options name and calls [`Qcow2Opener::finish`]).
     pub async fn open(file: Arc<Node>, read_only: bool) -> Result<Qcow2Opener, Qcow2Error> {
-        let worker = Worker::spawn(format!("qcow2 {}", file.name())).map_err(Qcow2Error::Worker)?;
+        let worker = Workers::spawn(&format!("qcow2 {}", file.name()), WORKER_THREADS)
+            .map_err(Qcow2Error::Worker)?;
         let mut header = [0u8; HEADER_FACTS_LEN];
         let n = file.size().min(HEADER_FACTS_LEN as u64) as usize;
         file.read(0, &mut header[..n])

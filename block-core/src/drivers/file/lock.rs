@@ -198,8 +198,9 @@ mod tests {
         assert_eq!(err.to_string(), "Failed to get shared \"write\" lock");
         drop(d);
 
+        // That closing releases the locks is checked by the conformance suite, which runs
+        // serially: here, another unit test's forked child may hold a copy of `a`'s open
+        // file description (and its locks) until it execs.
         drop(a);
-        let e = open(&path);
-        lock(&e, writer_perm, writer_shared).expect("writer after the first one closed");
     }
 }
