@@ -69,7 +69,6 @@ struct State {
     monitors: Vec<JoinHandle<()>>,
     nbd: Option<NbdState>,
     exports: BTreeMap<String, Export>,
-    objects: BTreeMap<String, Object>,
 }
 
 /// The daemon's state, shared by the command line, every monitor and the signal handlers.
@@ -78,6 +77,9 @@ pub struct Daemon {
     qmp: QmpServer,
     events: EventSender,
     state: Mutex<State>,
+    /// Objects by id. A plain mutex: the NBD server looks authz objects up from
+    /// synchronous code when a client connects.
+    objects: Arc<std::sync::Mutex<BTreeMap<String, Object>>>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -90,6 +92,7 @@ impl Daemon {
             qmp,
             events,
             state: Mutex::new(State::default()),
+            objects: Arc::default(),
             runtime,
         })
     }
@@ -186,7 +189,6 @@ impl Daemon {
             }
             None => return Err(generic("Parameter 'qom-type' is missing")),
         };
-        let mut state = self.state.lock().await;
         let id = match props.get("id") {
             Some(Value::String(id)) => id.clone(),
             Some(_) => return Err(generic("Invalid parameter type for 'id', expected: string")),
@@ -195,11 +197,11 @@ impl Daemon {
         let object = match qom_type.as_str() {
             "iothread" => {
                 if keyval {
-                    let (b, i) = qapi::IOTHREAD_TYPES;
-                    qapi::typify(&mut props, b, i).map_err(generic)?;
+                    crate::keyval::coerce_paths(&mut props, qapi::IOTHREAD_TYPES)
+                        .map_err(|e| generic(e.to_string()))?;
                 }
                 let _: qapi::IothreadProps = qmp_server::parse_arguments(props)?;
-                check_object_id(&state, &id)?;
+                self.check_object_id(&id)?;
                 let thread = IoThread::spawn(&id)
                     .map_err(|e| generic(format!("Failed to create iothread: {e}")))?;
                 Object::IoThread(thread)
@@ -208,13 +210,13 @@ impl Daemon {
                 crate::tls::check_creds_type(t).map_err(|e| generic(e.qemu_message()))?;
                 let creds = crate::tls::TlsCredsX509::from_props(&props, keyval)
                     .map_err(|e| generic(e.qemu_message()))?;
-                check_object_id(&state, &id)?;
+                self.check_object_id(&id)?;
                 Object::TlsCreds(Arc::new(creds))
             }
             t if crate::authz::is_authz_type(t) => {
                 let authz = crate::authz::create(t, &props, keyval)
                     .map_err(|e| generic(e.qemu_message()))?;
-                check_object_id(&state, &id)?;
+                self.check_object_id(&id)?;
                 Object::Authz(authz)
             }
             other => {
@@ -223,22 +225,48 @@ impl Daemon {
                 )))
             }
         };
-        state.objects.insert(id, object);
+        let mut objects = self.lock_objects();
+        self.check_object_id_locked(&objects, &id)?;
+        objects.insert(id, object);
         Ok(json!({}))
+    }
+
+    fn lock_objects(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Object>> {
+        self.objects.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check_object_id(&self, id: &str) -> CmdResult<()> {
+        self.check_object_id_locked(&self.lock_objects(), id)
+    }
+
+    fn check_object_id_locked(
+        &self,
+        objects: &BTreeMap<String, Object>,
+        id: &str,
+    ) -> CmdResult<()> {
+        if objects.contains_key(id) {
+            return Err(generic(format!(
+                "attempt to add duplicate property '{id}' to object (type 'container')"
+            )));
+        }
+        let valid = id.starts_with(|c: char| c.is_ascii_alphabetic())
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+        if !valid {
+            return Err(generic("Parameter 'id' expects an identifier"));
+        }
+        Ok(())
     }
 
     /// `object-del`.
     pub async fn object_del(&self, args: qapi::ObjectDel) -> CmdResult {
-        let mut state = self.state.lock().await;
-        if !state.objects.contains_key(&args.id) {
-            return Err(generic(format!("object '{}' not found", args.id)));
-        }
-        let object = state.objects.remove(&args.id);
-        drop(state);
-        // Joining the thread blocks: do it off the runtime.
-        if let Some(object) = object {
-            let _ = tokio::task::spawn_blocking(move || drop(object)).await;
-        }
+        let object = self
+            .lock_objects()
+            .remove(&args.id)
+            .ok_or_else(|| generic(format!("object '{}' not found", args.id)))?;
+        // Joining an iothread blocks: do it off the runtime.
+        let _ = tokio::task::spawn_blocking(move || drop(object)).await;
         Ok(json!({}))
     }
 
@@ -246,8 +274,8 @@ impl Daemon {
 
     /// `--chardev`.
     pub async fn chardev_add(&self, mut args: Map<String, Value>) -> CmdResult {
-        let (b, i) = qapi::CHARDEV_TYPES;
-        qapi::typify(&mut args, b, i).map_err(generic)?;
+        crate::keyval::coerce_paths(&mut args, qapi::CHARDEV_TYPES)
+            .map_err(|e| generic(e.to_string()))?;
         let opts: qapi::ChardevOptions = qmp_server::parse_arguments(args)?;
         let mut state = self.state.lock().await;
         if state.chardevs.contains_key(&opts.id) {
@@ -290,9 +318,15 @@ impl Daemon {
     }
 
     /// `--monitor`.
-    pub async fn monitor_add(self: &Arc<Self>, mut args: Map<String, Value>) -> CmdResult {
-        let (b, i) = qapi::MONITOR_TYPES;
-        qapi::typify(&mut args, b, i).map_err(generic)?;
+    pub async fn monitor_add(
+        self: &Arc<Self>,
+        mut args: Map<String, Value>,
+        keyval: bool,
+    ) -> CmdResult {
+        if keyval {
+            crate::keyval::coerce_paths(&mut args, qapi::MONITOR_TYPES)
+                .map_err(|e| generic(e.to_string()))?;
+        }
         let opts: qapi::MonitorOptions = qmp_server::parse_arguments(args)?;
         if opts.mode.as_deref().is_some_and(|m| m != "control") {
             return Err(generic("Only QMP is supported"));
@@ -328,11 +362,7 @@ impl Daemon {
         if state.nbd.is_some() {
             return Err(generic("NBD server already running"));
         }
-        if opts.tls_creds.is_some() || opts.tls_authz.is_some() {
-            return Err(generic(
-                "TLS for the NBD server is not supported by this version of blockexportd",
-            ));
-        }
+        let tls = self.nbd_tls_config(&opts)?;
         let config = nbd_server::ServerConfig {
             max_connections: opts.max_connections.unwrap_or(NBD_DEFAULT_MAX_CONNECTIONS),
             handshake_max: match opts
@@ -342,6 +372,7 @@ impl Daemon {
                 0 => None,
                 s => Some(Duration::from_secs(u64::from(s))),
             },
+            tls,
         };
         let server = nbd_server::NbdServer::new(config);
         let mut unix_path = None;
@@ -382,6 +413,50 @@ impl Daemon {
             unix_path,
         });
         Ok(json!({}))
+    }
+
+    /// The TLS configuration of the NBD server: the server credentials now, the authz object
+    /// by id whenever a client connects (so that it can be deleted and recreated while the
+    /// server runs, as in QEMU).
+    fn nbd_tls_config(
+        &self,
+        opts: &qapi::NbdServerOptions,
+    ) -> CmdResult<Option<nbd_server::TlsConfig>> {
+        let Some(creds_id) = &opts.tls_creds else {
+            return Ok(None);
+        };
+        let creds = match self.lock_objects().get(creds_id) {
+            Some(Object::TlsCreds(c)) => Arc::clone(c),
+            _ => return Err(generic(format!("No TLS credentials with id '{creds_id}'"))),
+        };
+        let server_config = creds
+            .server_config()
+            .map_err(|e| generic(e.qemu_message()))?;
+        // QEMU checks the client's name only when it verified the client's certificate.
+        let authorize: Option<Arc<nbd_server::Authorize>> = match &opts.tls_authz {
+            Some(authz_id) if creds.verify_peer() => {
+                let objects = Arc::downgrade(&self.objects);
+                let authz_id = authz_id.clone();
+                Some(Arc::new(move |cert: Option<&[u8]>| {
+                    let authz = objects.upgrade().and_then(|objects| {
+                        match objects
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get(&authz_id)
+                        {
+                            Some(Object::Authz(a)) => Some(Arc::clone(a)),
+                            _ => None,
+                        }
+                    });
+                    crate::authz::authorize(authz.as_deref(), cert)
+                }))
+            }
+            _ => None,
+        };
+        Ok(Some(nbd_server::TlsConfig {
+            server_config,
+            authorize,
+        }))
     }
 
     /// `nbd-server-stop`: ends every NBD export and every client.
@@ -425,8 +500,8 @@ impl Daemon {
         keyval: bool,
     ) -> CmdResult<BlockExportOptions> {
         if keyval {
-            let (b, i) = qapi::EXPORT_TYPES_KEYVAL;
-            qapi::typify(&mut args, b, i).map_err(generic)?;
+            crate::keyval::coerce_paths(&mut args, qapi::EXPORT_TYPES_KEYVAL)
+                .map_err(|e| generic(e.to_string()))?;
         }
         let ty = match args.remove("type") {
             Some(Value::String(t)) => t,
@@ -472,7 +547,7 @@ impl Daemon {
         }
         let node = self.find_node(node_name)?;
         if let Some(iothread) = iothread {
-            if !matches!(state.objects.get(iothread), Some(Object::IoThread(_))) {
+            if !matches!(self.lock_objects().get(iothread), Some(Object::IoThread(_))) {
                 return Err(generic(format!("iothread \"{iothread}\" not found")));
             }
         }
@@ -724,7 +799,7 @@ impl Daemon {
                 let _ = std::fs::remove_file(path);
             }
         }
-        let objects = std::mem::take(&mut state.objects);
+        let objects = std::mem::take(&mut *self.lock_objects());
         let chardevs = std::mem::take(&mut state.chardevs);
         let monitors = std::mem::take(&mut state.monitors);
         drop(state);
@@ -758,22 +833,6 @@ async fn close_node(node: &Node) {
     if let Err(e) = node.driver().close().await {
         tracing::error!("closing node '{}': {e}", node.name());
     }
-}
-
-fn check_object_id(state: &State, id: &str) -> CmdResult<()> {
-    if state.objects.contains_key(id) {
-        return Err(generic(format!(
-            "attempt to add duplicate property '{id}' to object (type 'container')"
-        )));
-    }
-    let valid = id.starts_with(|c: char| c.is_ascii_alphabetic())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
-    if !valid {
-        return Err(generic("Parameter 'id' expects an identifier"));
-    }
-    Ok(())
 }
 
 fn graph_error(e: GraphError) -> QmpError {

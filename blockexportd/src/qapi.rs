@@ -4,7 +4,6 @@
 //! `sockets.json`, `block-core.json`, `qom.json`). Unknown members are refused, as QAPI does.
 
 use serde::Deserialize;
-use serde_json::{Map, Value};
 
 /// QAPI `InetSocketAddress`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -356,134 +355,65 @@ pub struct MonitorOptions {
     pub id: Option<String>,
 }
 
-/// Which members of a keyval option are booleans or integers: keyval gives every scalar as a
-/// string, and QEMU's keyval visitor types them by the schema. This does the same for the
-/// members of the options above.
-pub fn typify(map: &mut Map<String, Value>, bools: &[&str], ints: &[&str]) -> Result<(), String> {
-    for path in bools {
-        if let Some(v) = lookup(map, path) {
-            if let Value::String(s) = v {
-                *v = Value::Bool(match s.as_str() {
-                    "on" | "yes" | "true" | "y" => true,
-                    "off" | "no" | "false" | "n" => false,
-                    _ => return Err(format!("Parameter '{path}' expects 'on' or 'off'")),
-                });
-            }
-        }
-    }
-    for path in ints {
-        if let Some(v) = lookup(map, path) {
-            if let Value::String(s) = v {
-                let n =
-                    parse_int(s).ok_or_else(|| format!("Parameter '{path}' expects an integer"))?;
-                *v = Value::from(n);
-            }
-        }
-    }
-    Ok(())
-}
+use crate::keyval::Kind;
 
-fn parse_int(s: &str) -> Option<i64> {
-    let s = s.trim();
-    if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        i64::from_str_radix(hex, 16).ok()
-    } else {
-        s.parse().ok()
-    }
-}
+/// The typed members of `--nbd-server`: keyval gives every scalar as a string, and QEMU's
+/// keyval visitor types them by the schema; [`crate::keyval::coerce_paths`] does the same
+/// with these tables.
+pub const NBD_SERVER_TYPES: &[(&str, Kind)] = &[
+    ("addr.numeric", Kind::Bool),
+    ("addr.ipv4", Kind::Bool),
+    ("addr.ipv6", Kind::Bool),
+    ("addr.keep-alive", Kind::Bool),
+    ("addr.mptcp", Kind::Bool),
+    ("addr.abstract", Kind::Bool),
+    ("addr.tight", Kind::Bool),
+    ("addr.to", Kind::Uint16),
+    ("max-connections", Kind::Uint32),
+    ("handshake-max-seconds", Kind::Uint32),
+];
 
-fn lookup<'a>(map: &'a mut Map<String, Value>, path: &str) -> Option<&'a mut Value> {
-    let mut parts = path.split('.');
-    let first = parts.next()?;
-    let mut v = map.get_mut(first)?;
-    for p in parts {
-        v = v.as_object_mut()?.get_mut(p)?;
-    }
-    Some(v)
-}
+/// The typed members of `--export`.
+pub const EXPORT_TYPES_KEYVAL: &[(&str, Kind)] = &[
+    ("fixed-iothread", Kind::Bool),
+    ("writable", Kind::Bool),
+    ("writethrough", Kind::Bool),
+    ("allocation-depth", Kind::Bool),
+    ("growable", Kind::Bool),
+    ("logical-block-size", Kind::Size),
+    ("num-queues", Kind::Uint16),
+    ("queue-size", Kind::Uint16),
+];
 
-/// The boolean and integer members of `--nbd-server`.
-pub const NBD_SERVER_TYPES: (&[&str], &[&str]) = (
-    &[
-        "addr.numeric",
-        "addr.ipv4",
-        "addr.ipv6",
-        "addr.keep-alive",
-        "addr.mptcp",
-        "addr.abstract",
-        "addr.tight",
-    ],
-    &["max-connections", "handshake-max-seconds", "addr.to"],
-);
+/// The typed members of `--chardev`.
+pub const CHARDEV_TYPES: &[(&str, Kind)] = &[
+    ("server", Kind::Bool),
+    ("wait", Kind::Bool),
+    ("ipv4", Kind::Bool),
+    ("ipv6", Kind::Bool),
+    ("nodelay", Kind::Bool),
+    ("signal", Kind::Bool),
+    ("mux", Kind::Bool),
+    ("logappend", Kind::Bool),
+];
 
-/// The boolean and integer members of `--export`.
-pub const EXPORT_TYPES_KEYVAL: (&[&str], &[&str]) = (
-    &[
-        "fixed-iothread",
-        "writable",
-        "writethrough",
-        "allocation-depth",
-        "growable",
-    ],
-    &["logical-block-size", "num-queues", "queue-size"],
-);
+/// The typed members of `--monitor`.
+pub const MONITOR_TYPES: &[(&str, Kind)] = &[("pretty", Kind::Bool)];
 
-/// The boolean and integer members of `--chardev`.
-pub const CHARDEV_TYPES: (&[&str], &[&str]) = (
-    &[
-        "server",
-        "wait",
-        "ipv4",
-        "ipv6",
-        "nodelay",
-        "signal",
-        "mux",
-        "logappend",
-    ],
-    &[],
-);
-
-/// The boolean and integer members of `--monitor`.
-pub const MONITOR_TYPES: (&[&str], &[&str]) = (&["pretty"], &[]);
-
-/// The boolean and integer members of `--object iothread`.
-pub const IOTHREAD_TYPES: (&[&str], &[&str]) = (
-    &[],
-    &[
-        "poll-max-ns",
-        "poll-grow",
-        "poll-shrink",
-        "aio-max-batch",
-        "thread-pool-min",
-        "thread-pool-max",
-    ],
-);
+/// The typed members of `--object iothread`.
+pub const IOTHREAD_TYPES: &[(&str, Kind)] = &[
+    ("poll-max-ns", Kind::Int64),
+    ("poll-grow", Kind::Int64),
+    ("poll-shrink", Kind::Int64),
+    ("aio-max-batch", Kind::Int64),
+    ("thread-pool-min", Kind::Int64),
+    ("thread-pool-max", Kind::Int64),
+];
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
-
-    #[test]
-    fn typify_converts_by_path() {
-        let mut m = json!({"writable": "on", "name": "on", "addr": {"ipv4": "off"}, "max-connections": "0x10"})
-            .as_object()
-            .cloned()
-            .unwrap_or_default();
-        typify(&mut m, &["writable", "addr.ipv4"], &["max-connections"]).unwrap();
-        assert_eq!(
-            Value::Object(m),
-            json!({"writable": true, "name": "on", "addr": {"ipv4": false}, "max-connections": 16})
-        );
-        let mut bad = json!({"writable": "maybe"})
-            .as_object()
-            .cloned()
-            .unwrap_or_default();
-        assert_eq!(
-            typify(&mut bad, &["writable"], &[]),
-            Err("Parameter 'writable' expects 'on' or 'off'".to_string())
-        );
-    }
 
     #[test]
     fn socket_addresses() {

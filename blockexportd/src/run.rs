@@ -30,11 +30,11 @@ async fn apply(daemon: &Arc<Daemon>, item: &Item) -> Result<(), String> {
         ItemKind::Blockdev => daemon.blockdev_add(args).await,
         ItemKind::Object => daemon.object_add(args, item.keyval).await,
         ItemKind::Chardev => daemon.chardev_add(args).await,
-        ItemKind::Monitor => daemon.monitor_add(args).await,
+        ItemKind::Monitor => daemon.monitor_add(args, item.keyval).await,
         ItemKind::NbdServer => {
             if item.keyval {
-                let (b, i) = qapi::NBD_SERVER_TYPES;
-                qapi::typify(&mut args, b, i)?;
+                crate::keyval::coerce_paths(&mut args, qapi::NBD_SERVER_TYPES)
+                    .map_err(|e| e.to_string())?;
             }
             match qmp_server::parse_arguments::<qapi::NbdServerOptions>(args) {
                 Ok(opts) => daemon.nbd_server_start(opts).await,

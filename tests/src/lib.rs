@@ -105,8 +105,13 @@ impl Daemon {
             Flavor::Blockexportd => daemon_binary(),
             Flavor::Qsd => PathBuf::from("qemu-storage-daemon"),
         };
+        // The pidfile is written once startup is complete (both daemons): the tests wait for
+        // it, since the monitor, being first on the command line, accepts earlier.
+        let pidfile = dir.path().join("daemon.pid");
         let child = Command::new(program)
             .args(["--chardev", &chardev, "--monitor", "chardev=qmp0"])
+            .arg("--pidfile")
+            .arg(&pidfile)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -136,10 +141,13 @@ impl Daemon {
                     panic!("daemon exited during startup ({status}): {stderr}");
                 }
             }
-            if UnixStream::connect(&self.qmp_path).is_ok() {
+            if self.path("daemon.pid").exists() && UnixStream::connect(&self.qmp_path).is_ok() {
                 return;
             }
-            assert!(Instant::now() < deadline, "QMP socket never accepted");
+            assert!(
+                Instant::now() < deadline,
+                "the daemon never finished its startup"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -356,4 +364,145 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
+}
+
+/// A test PKI made with certtool, in QEMU's file layout.
+pub struct Pki {
+    /// Server directory: `ca-cert.pem`, `server-cert.pem`, `server-key.pem`.
+    pub server: PathBuf,
+    /// A good client: `ca-cert.pem`, `client-cert.pem`, `client-key.pem`, DN
+    /// `C=GB,O=Example,CN=client` (QEMU's order).
+    pub client: PathBuf,
+    /// A second client signed by the same CA, DN `C=GB,O=Example,CN=intruder`.
+    pub other_client: PathBuf,
+    /// A client whose certificate another CA signed.
+    pub foreign_client: PathBuf,
+}
+
+fn certtool(args: &[&str], dir: &Path) {
+    run_ok(Command::new("certtool").args(args).current_dir(dir));
+}
+
+fn make_ca(dir: &Path, name: &str) {
+    std::fs::write(
+        dir.join(format!("{name}.info")),
+        format!("cn = {name}\nca\ncert_signing_key\n"),
+    )
+    .expect("write template");
+    certtool(
+        &[
+            "--generate-privkey",
+            "--outfile",
+            &format!("{name}-key.pem"),
+        ],
+        dir,
+    );
+    certtool(
+        &[
+            "--generate-self-signed",
+            "--load-privkey",
+            &format!("{name}-key.pem"),
+            "--template",
+            &format!("{name}.info"),
+            "--outfile",
+            &format!("{name}-cert.pem"),
+        ],
+        dir,
+    );
+}
+
+fn issue(dir: &Path, ca: &str, name: &str, template: &str) {
+    std::fs::write(dir.join(format!("{name}.info")), template).expect("write template");
+    certtool(
+        &[
+            "--generate-privkey",
+            "--outfile",
+            &format!("{name}-key.pem"),
+        ],
+        dir,
+    );
+    certtool(
+        &[
+            "--generate-certificate",
+            "--load-privkey",
+            &format!("{name}-key.pem"),
+            "--load-ca-certificate",
+            &format!("{ca}-cert.pem"),
+            "--load-ca-privkey",
+            &format!("{ca}-key.pem"),
+            "--template",
+            &format!("{name}.info"),
+            "--outfile",
+            &format!("{name}-cert.pem"),
+        ],
+        dir,
+    );
+}
+
+impl Pki {
+    /// Makes the PKI under `root`.
+    pub fn create(root: &Path) -> Pki {
+        let work = root.join("pki-work");
+        std::fs::create_dir_all(&work).expect("mkdir");
+        make_ca(&work, "ca");
+        make_ca(&work, "otherca");
+        let client_tpl = |cn: &str| {
+            format!("country = GB\norganization = Example\ncn = {cn}\ntls_www_client\nencryption_key\nsigning_key\n")
+        };
+        issue(
+            &work,
+            "ca",
+            "server",
+            "organization = Example\ncn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\nencryption_key\nsigning_key\n",
+        );
+        issue(&work, "ca", "client", &client_tpl("client"));
+        issue(&work, "ca", "intruder", &client_tpl("intruder"));
+        issue(&work, "otherca", "foreign", &client_tpl("client"));
+        let layout = |dir: &str, files: &[(&str, &str)]| {
+            let d = root.join(dir);
+            std::fs::create_dir_all(&d).expect("mkdir");
+            for (from, to) in files {
+                std::fs::copy(work.join(from), d.join(to)).expect("copy");
+            }
+            d
+        };
+        let client_files = |name: &'static str| {
+            [
+                ("ca-cert.pem", "ca-cert.pem"),
+                (
+                    if name == "client" {
+                        "client-cert.pem"
+                    } else if name == "intruder" {
+                        "intruder-cert.pem"
+                    } else {
+                        "foreign-cert.pem"
+                    },
+                    "client-cert.pem",
+                ),
+                (
+                    if name == "client" {
+                        "client-key.pem"
+                    } else if name == "intruder" {
+                        "intruder-key.pem"
+                    } else {
+                        "foreign-key.pem"
+                    },
+                    "client-key.pem",
+                ),
+            ]
+        };
+        Pki {
+            server: layout(
+                "server",
+                &[
+                    ("ca-cert.pem", "ca-cert.pem"),
+                    ("server-cert.pem", "server-cert.pem"),
+                    ("server-key.pem", "server-key.pem"),
+                ],
+            ),
+            client: layout("client", &client_files("client")),
+            other_client: layout("intruder", &client_files("intruder")),
+            foreign_client: layout("foreign", &client_files("foreign")),
+        }
+    }
 }

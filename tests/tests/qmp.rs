@@ -276,13 +276,9 @@ fn help_and_version() {
 
 #[test]
 fn quit_and_sigterm_shut_down_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
-    let pidfile = dir.path().join("pid");
-    let mut d = Daemon::start_in(
-        Flavor::Blockexportd,
-        dir,
-        &["--pidfile", pidfile.to_str().unwrap()],
-    );
+    // The harness starts every daemon with `--pidfile DIR/daemon.pid`.
+    let mut d = Daemon::start(&[]);
+    let pidfile = d.path("daemon.pid");
     let pid: u32 = std::fs::read_to_string(&pidfile)
         .unwrap()
         .trim()
@@ -296,8 +292,10 @@ fn quit_and_sigterm_shut_down_cleanly() {
     assert!(!pidfile.exists(), "pidfile must be removed");
 
     let mut d = Daemon::start(&[]);
+    let pidfile = d.path("daemon.pid");
     let out = d.terminate();
     assert!(out.status.success(), "{out:?}");
+    assert!(!pidfile.exists(), "pidfile must be removed at SIGTERM");
 }
 
 #[test]
