@@ -9,7 +9,8 @@ daemon's peak RSS. Usage:
     bench/nbd.py [--rounds 3] [--seconds 5] [--binary target/release/blockexportd]
 
 Rows: sequential read of the whole image with nbdcopy (1 and 4 connections), 4 KiB random
-read and random write at queue depth 32 with fio's nbd engine; over a unix socket and TCP.
+read and random write at queue depth 32 with fio's nbd engine; over a unix socket, TCP, and
+TLS over a unix socket (certificates made with certtool, the same for every server).
 """
 
 import argparse
@@ -46,27 +47,65 @@ def free_port():
         return s.getsockname()[1]
 
 
-def server_command(name, binary, image, transport, sock, port):
+def server_command(name, binary, image, transport, sock, port, pki):
+    tls = transport == "tls"
     if name in ("blockexportd", "qemu-storage-daemon"):
         prog = binary if name == "blockexportd" else "qemu-storage-daemon"
-        if transport == "unix":
+        if transport in ("unix", "tls"):
             addr = f"addr.type=unix,addr.path={sock}"
         else:
             addr = f"addr.type=inet,addr.host=127.0.0.1,addr.port={port}"
-        return [prog, "--blockdev", f"driver=file,filename={image},node-name=f",
+        obj = []
+        if tls:
+            obj = ["--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={pki}/server"]
+            addr += ",tls-creds=tls0"
+        return [prog, *obj, "--blockdev", f"driver=file,filename={image},node-name=f",
                 "--nbd-server", addr,
                 "--export", "type=nbd,id=e,node-name=f,name=e,writable=on"]
     if name == "qemu-nbd":
-        where = ["--socket", sock] if transport == "unix" else ["-b", "127.0.0.1", "-p", str(port)]
+        where = ["--socket", sock] if transport in ("unix", "tls") else ["-b", "127.0.0.1", "-p", str(port)]
+        if tls:
+            where += ["--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={pki}/server",
+                      "--tls-creds", "tls0"]
         return ["qemu-nbd", "-f", "raw", "-x", "e", "--shared=8", "--persistent", *where, image]
     if name == "nbdkit":
-        where = ["-U", sock] if transport == "unix" else ["-i", "127.0.0.1", "-p", str(port)]
+        where = ["-U", sock] if transport in ("unix", "tls") else ["-i", "127.0.0.1", "-p", str(port)]
+        if tls:
+            where += ["--tls=require", f"--tls-certificates={pki}/server", "--tls-verify-peer"]
         return ["nbdkit", "-f", "--exportname=e", *where, "file", image]
     raise ValueError(name)
 
 
-def uri_for(transport, sock, port):
+def uri_for(transport, sock, port, pki):
+    if transport == "tls":
+        return f"nbds+unix:///e?socket={sock}&tls-certificates={pki}/client"
     return f"nbd+unix:///e?socket={sock}" if transport == "unix" else f"nbd://127.0.0.1:{port}/e"
+
+
+def make_pki(root):
+    """A CA, a server and a client certificate, in the layout QEMU, nbdkit and libnbd read."""
+    def certtool(*args, cwd):
+        subprocess.run(["certtool", *args], cwd=cwd, check=True, capture_output=True)
+    work = os.path.join(root, "work")
+    os.makedirs(work)
+    for name, tpl, signer in (("ca", "cn = bench CA\nca\ncert_signing_key\n", None),
+                              ("server", "cn = localhost\ntls_www_server\nencryption_key\nsigning_key\n", "ca"),
+                              ("client", "cn = client\ntls_www_client\nencryption_key\nsigning_key\n", "ca")):
+        with open(os.path.join(work, f"{name}.info"), "w") as f:
+            f.write(tpl)
+        certtool("--generate-privkey", "--outfile", f"{name}-key.pem", cwd=work)
+        if signer is None:
+            certtool("--generate-self-signed", "--load-privkey", f"{name}-key.pem", "--template",
+                     f"{name}.info", "--outfile", f"{name}-cert.pem", cwd=work)
+        else:
+            certtool("--generate-certificate", "--load-privkey", f"{name}-key.pem",
+                     "--load-ca-certificate", "ca-cert.pem", "--load-ca-privkey", "ca-key.pem",
+                     "--template", f"{name}.info", "--outfile", f"{name}-cert.pem", cwd=work)
+    for side in ("server", "client"):
+        d = os.path.join(root, side)
+        os.makedirs(d)
+        for f in ("ca-cert.pem", f"{side}-cert.pem", f"{side}-key.pem"):
+            shutil.copy(os.path.join(work, f), d)
 
 
 def peak_rss_kib(pid):
@@ -103,14 +142,16 @@ def main():
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--binary", default="target/release/blockexportd")
     ap.add_argument("--servers", default="blockexportd,qemu-storage-daemon,qemu-nbd,nbdkit")
-    ap.add_argument("--transports", default="unix,tcp")
+    ap.add_argument("--transports", default="unix,tcp,tls")
     args = ap.parse_args()
     binary = os.path.abspath(args.binary)
-    for tool in ("nbdcopy", "nbdinfo", "fio", "qemu-storage-daemon", "qemu-nbd", "nbdkit"):
+    for tool in ("nbdcopy", "nbdinfo", "fio", "qemu-storage-daemon", "qemu-nbd", "nbdkit", "certtool"):
         if not shutil.which(tool):
             sys.exit(f"missing tool: {tool}")
     servers = args.servers.split(",")
     work = tempfile.mkdtemp(prefix="bench-nbd-")
+    pki = os.path.join(work, "pki")
+    make_pki(pki)
     image = os.path.join(work, "disk.raw")
     with open(image, "wb") as f:  # real data everywhere: no holes for the clients to skip
         chunk = os.urandom(1 << 20)
@@ -129,12 +170,14 @@ def main():
                 port = free_port()
                 if os.path.exists(sock):
                     os.unlink(sock)
-                cmd = server_command(server, binary, image, transport, sock, port)
+                cmd = server_command(server, binary, image, transport, sock, port, pki)
                 proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 try:
-                    uri = uri_for(transport, sock, port)
+                    uri = uri_for(transport, sock, port, pki)
                     wait_ready(uri, proc)
                     for name, fn in tests:
+                        if transport == "tls" and "randwrite" in name:
+                            continue
                         v = fn(uri)
                         results.setdefault((transport, name, server), []).append(v)
                         print(f"round {rnd + 1} {transport:4} {server:20} {name:34} {v:12.2f}",
@@ -154,6 +197,8 @@ def main():
         for name, _ in tests:
             cells = []
             base = statistics.median(results.get((transport, name, ref), [0])) or None
+            if (transport, name, servers[0]) not in results:
+                continue
             for s in servers:
                 m = statistics.median(results[(transport, name, s)])
                 fmt = f"{m:.2f}" if "GiB" in name else f"{m / 1000:.1f}k"

@@ -107,7 +107,7 @@ pub fn add(graph: &NodeGraph, a: BitmapAdd) -> CmdResult {
         return Err(generic(format!("Bitmap already exists: {}", a.name)));
     }
     let persistent = a.persistent.unwrap_or(false);
-    if persistent {
+    if persistent && !node.driver().supports_persistent_bitmaps() {
         return Err(generic(format!(
             "Can't store persistent bitmaps to {}: Operation not supported",
             a.node

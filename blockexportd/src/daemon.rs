@@ -574,27 +574,25 @@ impl Daemon {
         if server.export_names().contains(&name) {
             return Err(generic(format!("Export '{name}' already exists")));
         }
-        if o.bitmaps.as_ref().is_some_and(|b| !b.is_empty()) {
-            return Err(generic(
-                "Exporting dirty bitmaps over NBD is not supported by this version of blockexportd",
-            ));
-        }
-        if o.allocation_depth == Some(true) {
-            return Err(generic(
-                "qemu:allocation-depth is not supported by this version of blockexportd",
-            ));
-        }
+        let bitmaps = o
+            .bitmaps
+            .iter()
+            .flatten()
+            .map(|b| self.export_bitmap(&node, b))
+            .collect::<CmdResult<Vec<_>>>()?;
         let writable = o.writable.unwrap_or(false);
         let attachment = node
             .attach(format!("export '{}'", o.id), writable)
             .map_err(|e| generic(e.to_string()))?;
+        let mut config = nbd_server::ExportConfig::new(name.clone(), attachment);
+        config.description = o.description.clone();
+        config.writethrough = o.writethrough.unwrap_or(false);
+        config.bitmaps = bitmaps;
+        config.allocation_depth = o.allocation_depth.unwrap_or(false);
+        // The server checks, as QEMU does, that each bitmap may be exported (not busy, not
+        // inconsistent, not recording on a read-only export) and marks them busy.
         server
-            .add_export(nbd_server::ExportConfig {
-                name: name.clone(),
-                description: o.description.clone(),
-                attachment,
-                writethrough: o.writethrough.unwrap_or(false),
-            })
+            .add_export(config)
             .map_err(|e| generic(e.to_string()))?;
         state.exports.insert(
             o.id.clone(),
@@ -605,6 +603,35 @@ impl Daemon {
             },
         );
         Ok(json!({}))
+    }
+
+    /// Finds a bitmap named by an export: by name on the exported node or down its chain of
+    /// children (as QEMU looks through filters and backing files), or on a named node.
+    fn export_bitmap(
+        &self,
+        node: &Arc<Node>,
+        bitmap: &qapi::BitmapRef,
+    ) -> CmdResult<Arc<block_core::DirtyBitmap>> {
+        let not_found = |name: &str| generic(format!("Bitmap '{name}' is not found"));
+        match bitmap {
+            qapi::BitmapRef::Name(name) => {
+                let mut layer = Some(Arc::clone(node));
+                while let Some(n) = layer {
+                    if let Some(b) = n.bitmap(name) {
+                        return Ok(b);
+                    }
+                    layer = n
+                        .child(block_core::ChildRole::Backing)
+                        .or_else(|| n.child(block_core::ChildRole::File))
+                        .cloned();
+                }
+                Err(not_found(name))
+            }
+            qapi::BitmapRef::Qualified { node, name } => self
+                .find_node(node)?
+                .bitmap(name)
+                .ok_or_else(|| not_found(name)),
+        }
     }
 
     async fn fuse_export_add(&self, o: qapi::FuseExport) -> CmdResult {
