@@ -52,6 +52,9 @@ struct Export {
     node_name: String,
     kind: ExportKind,
     shutting_down: Arc<AtomicBool>,
+    /// The iothread the export's I/O runs in (FUSE exports), which may not be deleted
+    /// while the export lives.
+    iothread: Option<String>,
 }
 
 impl Export {
@@ -261,6 +264,19 @@ impl Daemon {
 
     /// `object-del`.
     pub async fn object_del(&self, args: qapi::ObjectDel) -> CmdResult {
+        if let Some((id, _)) = self
+            .state
+            .lock()
+            .await
+            .exports
+            .iter()
+            .find(|(_, e)| e.iothread.as_deref() == Some(args.id.as_str()))
+        {
+            return Err(generic(format!(
+                "object '{}' is in use by export '{id}' and cannot be deleted",
+                args.id
+            )));
+        }
         let object = self
             .lock_objects()
             .remove(&args.id)
@@ -600,6 +616,7 @@ impl Daemon {
                 node_name: o.node_name,
                 kind: ExportKind::Nbd { name },
                 shutting_down: Arc::new(AtomicBool::new(false)),
+                iothread: None,
             },
         );
         Ok(json!({}))
@@ -658,7 +675,14 @@ impl Daemon {
             writethrough: o.writethrough.unwrap_or(false),
             allow_other,
         };
-        let runtime = self.runtime.clone();
+        // The export's requests run in its iothread's event loop when it names one.
+        let runtime = match o.iothread.as_deref() {
+            Some(name) => match self.lock_objects().get(name) {
+                Some(Object::IoThread(t)) => t.handle().clone(),
+                _ => return Err(generic(format!("iothread \"{name}\" not found"))),
+            },
+            None => self.runtime.clone(),
+        };
         let export = tokio::task::spawn_blocking(move || {
             fuse_export::FuseExport::mount(config, attachment, runtime)
         })
@@ -671,6 +695,7 @@ impl Daemon {
                 node_name: o.node_name,
                 kind: ExportKind::Fuse(Some(export)),
                 shutting_down: Arc::new(AtomicBool::new(false)),
+                iothread: o.iothread,
             },
         );
         Ok(json!({}))

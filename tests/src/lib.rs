@@ -199,6 +199,16 @@ pub fn signal(pid: u32, sig: i32) {
     }
 }
 
+/// Lets a descriptor be inherited by the processes this test starts.
+pub fn clear_cloexec(fd: i32) {
+    // SAFETY: fcntl on a descriptor the caller owns; no memory is involved.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    assert!(flags >= 0, "F_GETFD");
+    // SAFETY: as above.
+    let rc = unsafe { libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) };
+    assert_eq!(rc, 0, "F_SETFD");
+}
+
 /// Whether a process with this pid exists (it may be a zombie).
 pub fn process_exists(pid: i32) -> bool {
     // SAFETY: kill with signal 0 only probes for the process; no memory is involved.

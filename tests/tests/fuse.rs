@@ -109,3 +109,46 @@ fn fuse_export_on_command_line_is_unmounted_at_sigterm() {
         "unmounted at exit"
     );
 }
+
+#[test]
+fn fuse_export_runs_in_its_iothread() {
+    if !fuse_usable() {
+        return;
+    }
+    let d = Daemon::start(&["--object", "iothread,id=io0"]);
+    let image = d.path("disk.raw");
+    qemu_img_create(&image, "raw", "1M");
+    let mountpoint = d.path("mnt");
+    std::fs::write(&mountpoint, b"").unwrap();
+    let mut q = d.qmp();
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "f", "filename": image.to_str().unwrap()}),
+    );
+    let (_, desc) = q.err(
+        "block-export-add",
+        json!({"type": "fuse", "id": "fx", "node-name": "f", "iothread": "nope",
+               "mountpoint": mountpoint.to_str().unwrap()}),
+    );
+    assert_eq!(desc, "iothread \"nope\" not found");
+    q.ok(
+        "block-export-add",
+        json!({"type": "fuse", "id": "fx", "node-name": "f", "iothread": "io0", "writable": true,
+               "mountpoint": mountpoint.to_str().unwrap()}),
+    );
+    let data = pattern(4096, 3);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&mountpoint)
+        .unwrap();
+    f.write_all(&data).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    assert!(std::fs::read(&mountpoint).unwrap()[..4096] == data[..]);
+    let (_, desc) = q.err("object-del", json!({"id": "io0"}));
+    assert!(desc.contains("in use"), "{desc}");
+    q.ok("block-export-del", json!({"id": "fx"}));
+    q.wait_event("BLOCK_EXPORT_DELETED");
+    q.ok("object-del", json!({"id": "io0"}));
+    assert!(std::fs::read(&image).unwrap()[..4096] == data[..]);
+}

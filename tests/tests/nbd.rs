@@ -275,3 +275,57 @@ fn nbd_server_on_tcp() {
     assert_eq!(q.ok("query-block-exports", json!({}))[0]["id"], "e");
     let _ = pattern(1, 1);
 }
+
+#[test]
+fn nbd_server_on_ipv6_and_inherited_fd() {
+    use std::os::fd::AsRawFd;
+    if !require_tools(&["qemu-io"]) {
+        return;
+    }
+    // IPv6 loopback, when the machine has it.
+    if std::net::TcpListener::bind("[::1]:0").is_ok() {
+        let port = blockexportd_tests::free_port().to_string();
+        let d = Daemon::start(&[
+            "--blockdev",
+            "driver=null-co,node-name=n0,size=65536,read-zeroes=on",
+            "--nbd-server",
+            &format!("addr.type=inet,addr.host=::1,addr.port={port}"),
+            "--export",
+            "nbd,id=e,node-name=n0",
+        ]);
+        qemu_io(
+            &["-r", "-f", "raw", &format!("nbd://[::1]:{port}/n0")],
+            &["read -P 0 0 64k"],
+        );
+        drop(d);
+    }
+    // A listening socket handed over as a descriptor (`addr.type=fd`).
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("inherited.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let fd = listener.as_raw_fd();
+    blockexportd_tests::clear_cloexec(fd);
+    let d = Daemon::start_in(
+        blockexportd_tests::Flavor::Blockexportd,
+        tempfile::tempdir().unwrap(),
+        &[
+            "--blockdev",
+            "driver=null-co,node-name=n0,size=65536,read-zeroes=on",
+            "--nbd-server",
+            &format!("addr.type=fd,addr.str={fd}"),
+            "--export",
+            "nbd,id=e,node-name=n0",
+        ],
+    );
+    drop(listener);
+    qemu_io(
+        &[
+            "-r",
+            "-f",
+            "raw",
+            &format!("nbd+unix:///n0?socket={}", sock.display()),
+        ],
+        &["read -P 0 0 64k"],
+    );
+    drop(d);
+}
