@@ -579,17 +579,6 @@ impl Daemon {
         let server = nbd.server.clone();
         let node = self.check_common(&state, &o.id, &o.node_name, o.iothread.as_deref())?;
         let name = o.name.clone().unwrap_or_else(|| o.node_name.clone());
-        if name.len() > 4096 {
-            return Err(generic(format!("export name '{name}' too long")));
-        }
-        if let Some(description) = &o.description {
-            if description.len() > 4096 {
-                return Err(generic(format!("description '{description}' too long")));
-            }
-        }
-        if server.export_names().contains(&name) {
-            return Err(generic(format!("Export '{name}' already exists")));
-        }
         let bitmaps = o
             .bitmaps
             .iter()
@@ -723,9 +712,13 @@ impl Daemon {
                     RemoveMode::Safe => nbd_server::RemoveMode::Safe,
                     RemoveMode::Hard => nbd_server::RemoveMode::Hard,
                 };
-                let gone = server
-                    .remove_export(&name, nbd_mode)
-                    .map_err(|_| generic(format!("export '{id}' still in use")))?;
+                let gone = server.remove_export(&name, nbd_mode).map_err(|e| match e {
+                    // QEMU names the export by its id here.
+                    nbd_server::NbdError::InUse(_) => {
+                        generic(format!("export '{id}' still in use"))
+                    }
+                    e => generic(e.to_string()),
+                })?;
                 if let Some(export) = state.exports.get(id) {
                     export.shutting_down.store(true, Ordering::Release);
                 }

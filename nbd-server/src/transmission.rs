@@ -957,10 +957,20 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Writes as much of the queue as the socket takes at once (cancel-safe).
+/// Writes as much of the queue as the stream takes at once or, once the queue is empty,
+/// flushes what the stream itself buffered (cancel-safe). Returns the bytes written, 0 for a
+/// completed flush. The flush matters for TLS: rustls accepts plaintext into its own buffer
+/// and sends it on a later write or flush, so without one the last replies could wait for a
+/// request that the client sends only after it has them.
 async fn write_some<W: AsyncWrite + Unpin>(wr: &mut W, out: &OutQueue) -> io::Result<usize> {
+    if out.is_empty() {
+        return wr.flush().await.map(|()| 0);
+    }
     let slices = out.slices();
-    wr.write_vectored(&slices).await
+    match wr.write_vectored(&slices).await? {
+        0 => Err(io::ErrorKind::WriteZero.into()),
+        n => Ok(n),
+    }
 }
 
 /// Serves the transmission phase of one connection until the client disconnects, the export
@@ -1010,6 +1020,8 @@ where
     tokio::pin!(shutdown);
     let mut outcome: Result<(), ConnError> = Ok(());
     let mut final_flush: Option<tokio::time::Instant> = None;
+    // Written since the last flush.
+    let mut unflushed = false;
     loop {
         if !reading && inflight.is_empty() {
             if out.is_empty() {
@@ -1028,10 +1040,13 @@ where
                 inflight_bytes -= cost;
                 out.push(reply);
             }
-            written = write_some(&mut wr, &out), if !out.is_empty() => {
+            written = write_some(&mut wr, &out), if !out.is_empty() || unflushed => {
                 match written {
-                    Ok(0) => return Err(ConnError::Io(io::ErrorKind::WriteZero.into())),
-                    Ok(n) => out.advance(n),
+                    Ok(0) => unflushed = false,
+                    Ok(n) => {
+                        out.advance(n);
+                        unflushed = true;
+                    }
                     Err(e) => return Err(ConnError::Io(e)),
                 }
             }
