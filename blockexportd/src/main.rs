@@ -49,7 +49,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         let daemon = Daemon::new(
             qmp_server::QmpServer::new(run::qmp_version()),
             tokio::runtime::Handle::current(),
@@ -88,5 +88,9 @@ fn main() -> ExitCode {
         daemon.shutdown().await;
         drop(pidfile);
         ExitCode::SUCCESS
-    })
+    });
+    // Everything was flushed and closed above; a stdio monitor may still be blocked reading
+    // standard input, which must not keep the process alive.
+    runtime.shutdown_background();
+    code
 }

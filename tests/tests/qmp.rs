@@ -374,3 +374,34 @@ fn nodes_and_objects() {
     q.ok("blockdev-del", json!({"node-name": "n0"}));
     assert_eq!(q.ok("query-named-block-nodes", json!({})), json!([]));
 }
+
+#[test]
+fn monitor_on_stdio() {
+    use std::io::{BufRead, BufReader, Write};
+    let mut child = Command::new(daemon_binary())
+        .args(["--chardev", "stdio,id=s", "--monitor", "s"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let greeting: Value = serde_json::from_str(&line).unwrap();
+    assert!(greeting["QMP"]["version"].is_object(), "{line}");
+    for (cmd, check) in [
+        ("qmp_capabilities", json!({})),
+        ("query-block-exports", json!([])),
+        ("quit", json!({})),
+    ] {
+        writeln!(stdin, "{}", json!({"execute": cmd})).unwrap();
+        line.clear();
+        stdout.read_line(&mut line).unwrap();
+        let reply: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(reply["return"], check, "{cmd}: {line}");
+    }
+    // stdin stays open: the daemon must exit after quit all the same.
+    assert!(child.wait().unwrap().success());
+    drop(stdin);
+}
