@@ -9,8 +9,8 @@ daemon's peak RSS. Usage:
     bench/nbd.py [--rounds 3] [--seconds 5] [--binary target/release/blockexportd]
 
 Rows: sequential read of the whole image with nbdcopy (1 and 4 connections), 4 KiB random
-read and random write at queue depth 32 with fio's nbd engine; over a unix socket, TCP, and
-TLS over a unix socket (certificates made with certtool, the same for every server).
+read and random write at queue depth 32 with fio's nbd engine; over a unix socket, TCP, and TLS over a unix socket (certificates
+made with certtool, the same for every server).
 """
 
 import argparse
@@ -101,11 +101,17 @@ def make_pki(root):
             certtool("--generate-certificate", "--load-privkey", f"{name}-key.pem",
                      "--load-ca-certificate", "ca-cert.pem", "--load-ca-privkey", "ca-key.pem",
                      "--template", f"{name}.info", "--outfile", f"{name}-cert.pem", cwd=work)
-    for side in ("server", "client"):
+    for side in ("server", "client", "home/.pki/libnbd"):
         d = os.path.join(root, side)
         os.makedirs(d)
-        for f in ("ca-cert.pem", f"{side}-cert.pem", f"{side}-key.pem"):
-            shutil.copy(os.path.join(work, f), d)
+        who = "server" if side == "server" else "client"
+        for f in ("ca-cert.pem", f"{who}-cert.pem", f"{who}-key.pem"):
+            shutil.copy(os.path.join(work, f), os.path.join(d, f.replace(who, "client") if side.endswith("libnbd") else f))
+    # fio runs as nobody for the TLS rows: it must reach the socket and the client files.
+    for dirpath, dirnames, filenames in os.walk(os.path.dirname(root)):
+        os.chmod(dirpath, 0o755)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o644)
 
 
 def peak_rss_kib(pid):
@@ -127,11 +133,21 @@ def nbdcopy(uri, connections):
 
 
 def fio(uri, rw, seconds):
-    r = subprocess.run(["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
+    # fio's nbd engine refuses tls-certificates in the URI (local file access), and libnbd's
+    # default certificate directory for root is /etc/pki/libnbd: run it as nobody with a HOME
+    # whose .pki/libnbd holds the client certificates instead.
+    prefix = []
+    if uri.startswith("nbds"):
+        home = uri.split("tls-certificates=")[1].rsplit("/", 1)[0] + "/home"
+        uri = uri.split("&tls-certificates=")[0]
+        prefix = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                  "env", f"HOME={home}"]
+    r = subprocess.run([*prefix, "fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
                         "--bs=4k", "--iodepth=32", "--size=1g", "--time_based",
                         f"--runtime={seconds}", "--norandommap", "--output-format=json"],
                        check=True, capture_output=True, text=True)
-    job = json.loads(r.stdout)["jobs"][0]
+    # fio's nbd engine prints "fio: connected to NBD server" before the JSON.
+    job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
     side = "read" if "read" in rw else "write"
     return job[side]["iops"]
 
@@ -175,6 +191,8 @@ def main():
                 try:
                     uri = uri_for(transport, sock, port, pki)
                     wait_ready(uri, proc)
+                    if transport == "tls":
+                        os.chmod(sock, 0o777)  # fio runs as nobody, see fio()
                     for name, fn in tests:
                         if transport == "tls" and "randwrite" in name:
                             continue

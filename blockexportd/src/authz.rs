@@ -1,4 +1,4 @@
-//! Authorization objects: `authz-simple`, `authz-list` and `authz-listfile`, as QEMU's
+//! Authorization objects: `authz-simple`, `authz-list` and `authz-list-file` (alias `authz-listfile`), as QEMU's
 //! `authz/*.c` define them (`qapi/authz.json`), and [`authorize`], the check an NBD server runs
 //! on a TLS client's certificate when `tls-authz` names one of them.
 //!
@@ -9,7 +9,7 @@
 //! any text (also empty, also `/`), `?` exactly one character; every other character,
 //! `[` and `\` included, matches itself.
 //!
-//! `authz-listfile` with `refresh` (the default) reads its file again at each check (a small
+//! `authz-list-file` with `refresh` (the default) reads its file again at each check (a small
 //! file, read once per client connection) and reparses it when its contents changed, so an
 //! edit, or an editor's rename over it, takes effect for the next client without a restart;
 //! QEMU uses inotify to the same effect. A file that fails to load denies
@@ -87,7 +87,7 @@ pub trait Authz: Send + Sync + fmt::Debug {
 pub fn is_authz_type(qom_type: &str) -> bool {
     matches!(
         qom_type,
-        "authz-simple" | "authz-list" | "authz-listfile" | "authz-pam"
+        "authz-simple" | "authz-list" | "authz-list-file" | "authz-listfile" | "authz-pam"
     )
 }
 
@@ -102,7 +102,8 @@ pub fn create(
     Ok(match qom_type {
         "authz-simple" => Arc::new(AuthzSimple::from_props(props, keyval)?),
         "authz-list" => Arc::new(AuthzList::from_props(props, keyval)?),
-        "authz-listfile" => Arc::new(AuthzListFile::from_props(props, keyval)?),
+        // QEMU's type is `authz-list-file`; `authz-listfile` is accepted as an alias.
+        "authz-list-file" | "authz-listfile" => Arc::new(AuthzListFile::from_props(props, keyval)?),
         _ => return Err(AuthzError::UnsupportedType(qom_type.to_string())),
     })
 }
@@ -320,7 +321,7 @@ struct FileState {
     rules: Option<RuleSet>,
 }
 
-/// `authz-listfile`: an `authz-list` whose `policy` and `rules` come from a JSON file
+/// `authz-list-file`: an `authz-list` whose `policy` and `rules` come from a JSON file
 /// (`{"policy": "deny", "rules": [{"match": "...", "policy": "allow", "format": "glob"}]}`).
 #[derive(Debug)]
 pub struct AuthzListFile {
@@ -417,7 +418,7 @@ impl Authz for AuthzListFile {
     }
 
     fn qom_type(&self) -> &'static str {
-        "authz-listfile"
+        "authz-list-file"
     }
 }
 

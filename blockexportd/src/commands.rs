@@ -77,10 +77,56 @@ pub fn register(daemon: &Arc<Daemon>) {
     command!("block-dirty-bitmap-merge", |d, args| {
         bitmaps::merge(d.graph(), parse_arguments(args)?)
     });
+    command!("qom-list", |d, args| {
+        let a: QomList = parse_arguments(args)?;
+        d.qom_list(&a.path)
+    });
+    command!("qom-get", |d, args| {
+        let a: QomGet = parse_arguments(args)?;
+        d.qom_get(&a.path, &a.property)
+    });
+    command!("qom-list-types", |_d, args| {
+        let a: QomListTypes = parse_arguments(args)?;
+        Ok(Value::Array(
+            crate::objects::TYPES
+                .iter()
+                .filter(|(name, parent)| {
+                    a.implements
+                        .as_deref()
+                        .is_none_or(|i| i == *name || i == *parent || i == "object")
+                })
+                .map(|(name, parent)| serde_json::json!({"name": name, "parent": parent}))
+                .collect(),
+        ))
+    });
     command!("query-block-exports", |d, args| {
         let _: Empty = parse_arguments(args)?;
         d.query_block_exports().await
     });
+}
+
+/// `qom-list` arguments.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QomList {
+    path: String,
+}
+
+/// `qom-get` arguments.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QomGet {
+    path: String,
+    property: String,
+}
+
+/// `qom-list-types` arguments.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QomListTypes {
+    implements: Option<String>,
+    #[serde(rename = "abstract")]
+    _abstract: Option<bool>,
 }
 
 /// The arguments of a command that takes none.

@@ -1,7 +1,7 @@
 //! The daemon: nodes, objects, chardevs, monitors, the NBD server and exports, and the
 //! commands that change them. Both the command line and QMP go through the methods here.
 
-use crate::objects::{IoThread, Object};
+use crate::objects::{IoThread, Object, ObjectEntry};
 use crate::qapi::{self, BlockExportOptions, RemoveMode, SocketAddress};
 use block_core::{GraphError, Node, NodeGraph};
 use qmp_server::{EventSender, QmpError, QmpServer};
@@ -82,7 +82,7 @@ pub struct Daemon {
     state: Mutex<State>,
     /// Objects by id. A plain mutex: the NBD server looks authz objects up from
     /// synchronous code when a client connects.
-    objects: Arc<std::sync::Mutex<BTreeMap<String, Object>>>,
+    objects: Arc<std::sync::Mutex<BTreeMap<String, ObjectEntry>>>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -197,6 +197,8 @@ impl Daemon {
             Some(_) => return Err(generic("Invalid parameter type for 'id', expected: string")),
             None => return Err(generic("Parameter 'id' is missing")),
         };
+        let mut stored = props.clone();
+        stored.remove("id");
         let object = match qom_type.as_str() {
             "iothread" => {
                 if keyval {
@@ -230,11 +232,18 @@ impl Daemon {
         };
         let mut objects = self.lock_objects();
         self.check_object_id_locked(&objects, &id)?;
-        objects.insert(id, object);
+        objects.insert(
+            id,
+            ObjectEntry {
+                object,
+                qom_type,
+                props: stored,
+            },
+        );
         Ok(json!({}))
     }
 
-    fn lock_objects(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Object>> {
+    fn lock_objects(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, ObjectEntry>> {
         self.objects.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -244,7 +253,7 @@ impl Daemon {
 
     fn check_object_id_locked(
         &self,
-        objects: &BTreeMap<String, Object>,
+        objects: &BTreeMap<String, ObjectEntry>,
         id: &str,
     ) -> CmdResult<()> {
         if objects.contains_key(id) {
@@ -260,6 +269,69 @@ impl Daemon {
             return Err(generic("Parameter 'id' expects an identifier"));
         }
         Ok(())
+    }
+
+    /// `qom-list`: the children of `/` and `/objects`, the properties of `/objects/ID`.
+    pub fn qom_list(&self, path: &str) -> CmdResult {
+        let prop = |name: &str, ty: &str| json!({"name": name, "type": ty});
+        let objects = self.lock_objects();
+        match path.trim_end_matches('/') {
+            "" => Ok(json!([
+                prop("type", "string"),
+                prop("objects", "child<container>"),
+                prop("chardevs", "child<container>"),
+            ])),
+            "/objects" => {
+                let mut list = vec![prop("type", "string")];
+                list.extend(
+                    objects
+                        .iter()
+                        .map(|(id, e)| prop(id, &format!("child<{}>", e.qom_type))),
+                );
+                Ok(Value::Array(list))
+            }
+            p => match p.strip_prefix("/objects/").and_then(|id| objects.get(id)) {
+                Some(e) => {
+                    let mut list = vec![prop("type", "string")];
+                    list.extend(
+                        crate::objects::properties(&e.qom_type)
+                            .iter()
+                            .map(|(name, ty, _)| prop(name, ty)),
+                    );
+                    Ok(Value::Array(list))
+                }
+                None => Err(QmpError::device_not_found(format!(
+                    "Device '{path}' not found"
+                ))),
+            },
+        }
+    }
+
+    /// `qom-get` of an object's property.
+    pub fn qom_get(&self, path: &str, property: &str) -> CmdResult {
+        let objects = self.lock_objects();
+        let entry = path
+            .trim_end_matches('/')
+            .strip_prefix("/objects/")
+            .and_then(|id| objects.get(id))
+            .ok_or_else(|| QmpError::device_not_found(format!("Device '{path}' not found")))?;
+        if property == "type" {
+            return Ok(json!(entry.qom_type));
+        }
+        let (_, _, default) = crate::objects::properties(&entry.qom_type)
+            .into_iter()
+            .find(|(name, _, _)| *name == property)
+            .ok_or_else(|| {
+                generic(format!(
+                    "Property '{}.{property}' not found",
+                    entry.qom_type
+                ))
+            })?;
+        Ok(entry
+            .props
+            .get(property)
+            .cloned()
+            .unwrap_or_else(|| default.clone()))
     }
 
     /// `object-del`.
@@ -441,7 +513,7 @@ impl Daemon {
         let Some(creds_id) = &opts.tls_creds else {
             return Ok(None);
         };
-        let creds = match self.lock_objects().get(creds_id) {
+        let creds = match self.lock_objects().get(creds_id).map(|e| &e.object) {
             Some(Object::TlsCreds(c)) => Arc::clone(c),
             _ => return Err(generic(format!("No TLS credentials with id '{creds_id}'"))),
         };
@@ -459,6 +531,7 @@ impl Daemon {
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .get(&authz_id)
+                            .map(|e| &e.object)
                         {
                             Some(Object::Authz(a)) => Some(Arc::clone(a)),
                             _ => None,
@@ -563,7 +636,10 @@ impl Daemon {
         }
         let node = self.find_node(node_name)?;
         if let Some(iothread) = iothread {
-            if !matches!(self.lock_objects().get(iothread), Some(Object::IoThread(_))) {
+            if !matches!(
+                self.lock_objects().get(iothread).map(|e| &e.object),
+                Some(Object::IoThread(_))
+            ) {
                 return Err(generic(format!("iothread \"{iothread}\" not found")));
             }
         }
@@ -666,7 +742,7 @@ impl Daemon {
         };
         // The export's requests run in its iothread's event loop when it names one.
         let runtime = match o.iothread.as_deref() {
-            Some(name) => match self.lock_objects().get(name) {
+            Some(name) => match self.lock_objects().get(name).map(|e| &e.object) {
                 Some(Object::IoThread(t)) => t.handle().clone(),
                 _ => return Err(generic(format!("iothread \"{name}\" not found"))),
             },

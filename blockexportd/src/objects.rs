@@ -50,6 +50,61 @@ impl Drop for IoThread {
     }
 }
 
+/// An object with what it was created with, for `qom-list` and `qom-get`.
+#[derive(Debug)]
+pub struct ObjectEntry {
+    /// The object.
+    pub object: Object,
+    /// Its QOM type as created (`authz-list-file`, `iothread`, ...).
+    pub qom_type: String,
+    /// The properties it was created with (without `qom-type` and `id`).
+    pub props: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The properties of a QOM type of this daemon: name, QOM type name, and the value
+/// `qom-get` answers when the object was created without it (QEMU's defaults).
+pub fn properties(qom_type: &str) -> Vec<(&'static str, &'static str, serde_json::Value)> {
+    use serde_json::{json, Value};
+    match qom_type {
+        "iothread" => vec![
+            ("thread-pool-min", "int", json!(0)),
+            ("aio-max-batch", "int", json!(0)),
+            ("thread-pool-max", "int", json!(64)),
+            ("poll-max-ns", "int", json!(32768)),
+            ("poll-grow", "int", json!(0)),
+            ("poll-shrink", "int", json!(0)),
+        ],
+        "tls-creds-x509" => vec![
+            ("loaded", "bool", json!(true)),
+            ("sanity-check", "bool", json!(true)),
+            ("passwordid", "string", Value::Null),
+            ("dir", "string", Value::Null),
+            ("endpoint", "QCryptoTLSCredsEndpoint", json!("server")),
+            ("priority", "string", Value::Null),
+            ("verify-peer", "bool", json!(true)),
+        ],
+        "authz-simple" => vec![("identity", "string", Value::Null)],
+        "authz-list" => vec![
+            ("policy", "QAuthZListPolicy", json!("deny")),
+            ("rules", "QAuthZListRule", json!([])),
+        ],
+        "authz-list-file" | "authz-listfile" => vec![
+            ("filename", "string", Value::Null),
+            ("refresh", "bool", json!(true)),
+        ],
+        _ => Vec::new(),
+    }
+}
+
+/// The QOM types `object-add` creates here, with their parents, for `qom-list-types`.
+pub const TYPES: [(&str, &str); 5] = [
+    ("iothread", "object"),
+    ("tls-creds-x509", "tls-creds"),
+    ("authz-simple", "authz"),
+    ("authz-list", "authz"),
+    ("authz-list-file", "authz"),
+];
+
 /// An object of the daemon, by type.
 #[derive(Debug)]
 pub enum Object {
@@ -57,7 +112,7 @@ pub enum Object {
     IoThread(IoThread),
     /// `tls-creds-x509`.
     TlsCreds(std::sync::Arc<crate::tls::TlsCredsX509>),
-    /// `authz-simple`, `authz-list`, `authz-listfile`.
+    /// `authz-simple`, `authz-list`, `authz-list-file`.
     Authz(std::sync::Arc<dyn crate::authz::Authz>),
 }
 

@@ -127,6 +127,12 @@ fn compat_script(image: &str) -> Vec<(&'static str, Value)> {
         ("nbd-server-stop", json!({})),
         ("object-add", json!({"qom-type": "iothread", "id": "io0"})),
         ("object-add", json!({"qom-type": "iothread", "id": "io0"})),
+        ("qom-list", json!({"path": "/objects/io0"})),
+        (
+            "qom-get",
+            json!({"path": "/objects/io0", "property": "poll-max-ns"}),
+        ),
+        ("qom-list", json!({"path": "/nope"})),
         ("object-add", json!({"qom-type": "nope", "id": "io1"})),
         ("object-del", json!({"id": "nope"})),
         ("object-del", json!({"id": "io0"})),
@@ -369,8 +375,31 @@ fn nodes_and_objects() {
         desc,
         "attempt to add duplicate property 'io0' to object (type 'container')"
     );
+    assert_eq!(
+        q.ok("qom-list", json!({"path": "/objects"})),
+        json!([{"name": "type", "type": "string"}, {"name": "io0", "type": "child<iothread>"}])
+    );
+    let props = q.ok("qom-list", json!({"path": "/objects/io0"}));
+    assert_eq!(props.as_array().unwrap().len(), 7, "{props}");
+    assert_eq!(
+        q.ok(
+            "qom-get",
+            json!({"path": "/objects/io0", "property": "poll-max-ns"})
+        ),
+        32768
+    );
     q.ok("object-del", json!({"id": "io0"}));
-    q.ok("object-add", json!({"qom-type": "iothread", "id": "io0"}));
+    q.ok(
+        "object-add",
+        json!({"qom-type": "iothread", "id": "io0", "poll-max-ns": 5}),
+    );
+    assert_eq!(
+        q.ok(
+            "qom-get",
+            json!({"path": "/objects/io0", "property": "poll-max-ns"})
+        ),
+        5
+    );
     q.ok("blockdev-del", json!({"node-name": "n0"}));
     assert_eq!(q.ok("query-named-block-nodes", json!({})), json!([]));
 }

@@ -58,7 +58,7 @@ impl RawDriver {
             return Err(RawError::OffsetTooLarge { offset, file_size });
         }
         if let Some(size) = size {
-            if offset.checked_add(size).map_or(true, |end| end > file_size) {
+            if offset.checked_add(size).is_none_or(|end| end > file_size) {
                 return Err(RawError::TooLarge {
                     offset,
                     size,
