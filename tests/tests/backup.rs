@@ -233,7 +233,6 @@ fn incremental_backup_copies_exactly_the_dirty_extents() {
     assert_eq!(depth_at(2 << 20), 2);
     assert_eq!(depth_at(20 << 20), 0);
     assert_eq!(depth_at(31 << 20), 1);
-    drop(q);
 }
 
 #[test]
