@@ -27,11 +27,12 @@ fn generic(msg: impl Into<String>) -> QmpError {
     QmpError::generic(msg)
 }
 
-/// A `--chardev` that a monitor has not taken yet.
+/// A `--chardev` that a monitor has not taken yet. With `wait=on` (QEMU's default for
+/// server sockets) its first client was accepted before startup went on.
 #[derive(Debug)]
 enum Chardev {
-    Unix(UnixListener, PathBuf),
-    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf, Option<tokio::net::UnixStream>),
+    Tcp(TcpListener, Option<tokio::net::TcpStream>),
     Stdio,
     /// Taken by a monitor.
     Used,
@@ -386,10 +387,33 @@ impl Daemon {
                     let listener = UnixListener::bind(&path).map_err(|e| {
                         generic(format!("Failed to bind socket to {}: {e}", path.display()))
                     })?;
-                    Chardev::Unix(listener, path)
+                    let first = if opts.wait == Some(false) {
+                        None
+                    } else {
+                        eprintln!(
+                            "blockexportd: waiting for connection on: disconnected:unix:{},server=on",
+                            path.display()
+                        );
+                        let (stream, _) = listener.accept().await.map_err(|e| {
+                            generic(format!("Failed to accept on {}: {e}", path.display()))
+                        })?;
+                        Some(stream)
+                    };
+                    Chardev::Unix(listener, path, first)
                 } else if let (Some(host), Some(port)) = (&opts.host, &opts.port) {
                     let listener = bind_tcp(host, port).await?;
-                    Chardev::Tcp(listener)
+                    let first = if opts.wait == Some(false) {
+                        None
+                    } else {
+                        eprintln!(
+                            "blockexportd: waiting for connection on: disconnected:tcp:{host}:{port},server=on"
+                        );
+                        let (stream, _) = listener.accept().await.map_err(|e| {
+                            generic(format!("Failed to accept on {host}:{port}: {e}"))
+                        })?;
+                        Some(stream)
+                    };
+                    Chardev::Tcp(listener, first)
                 } else {
                     return Err(generic("chardev: socket: no host given"));
                 };
@@ -429,12 +453,18 @@ impl Daemon {
             .ok_or_else(|| generic(format!("chardev \"{}\" not found", opts.chardev)))?;
         let qmp = self.qmp.clone();
         let task = match std::mem::replace(chardev, Chardev::Used) {
-            Chardev::Unix(listener, _path) => {
-                tokio::spawn(async move { qmp.serve_unix(listener, mon_opts).await })
-            }
-            Chardev::Tcp(listener) => {
-                tokio::spawn(async move { qmp.serve_tcp(listener, mon_opts).await })
-            }
+            Chardev::Unix(listener, _path, first) => tokio::spawn(async move {
+                if let Some(stream) = first {
+                    qmp.serve_stream(stream, mon_opts).await;
+                }
+                qmp.serve_unix(listener, mon_opts).await
+            }),
+            Chardev::Tcp(listener, first) => tokio::spawn(async move {
+                if let Some(stream) = first {
+                    qmp.serve_stream(stream, mon_opts).await;
+                }
+                qmp.serve_tcp(listener, mon_opts).await
+            }),
             Chardev::Stdio => tokio::spawn(async move { qmp.serve_stdio(mon_opts).await }),
             Chardev::Used => return Err(generic(format!("Device '{}' is in use", opts.chardev))),
         };
@@ -929,7 +959,7 @@ impl Daemon {
             task.abort();
         }
         for chardev in chardevs.into_values() {
-            if let Chardev::Unix(_, path) = chardev {
+            if let Chardev::Unix(_, path, _) = chardev {
                 let _ = std::fs::remove_file(path);
             }
         }

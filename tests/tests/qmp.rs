@@ -434,3 +434,35 @@ fn monitor_on_stdio() {
     assert!(child.wait().unwrap().success());
     drop(stdin);
 }
+
+#[test]
+fn chardev_wait_on_holds_startup_until_a_client_connects() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("qmp.sock");
+    let pidfile = dir.path().join("pid");
+    let mut child = Command::new(daemon_binary())
+        // wait=on is QEMU's default for a server socket
+        .args([
+            "--chardev",
+            &format!("socket,id=m,path={},server=on", sock.display()),
+        ])
+        .args(["--monitor", "m", "--pidfile", pidfile.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed().as_secs() < 20, "no socket");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // The daemon now blocks in accept: startup is not complete.
+    assert!(!pidfile.exists(), "startup must wait for the first client");
+    let mut q = Qmp::connect(&sock);
+    q.ok("qmp_capabilities", json!({}));
+    while !pidfile.exists() {
+        assert!(start.elapsed().as_secs() < 20, "startup never completed");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    q.ok("quit", json!({}));
+    assert!(child.wait().unwrap().success());
+}
