@@ -477,13 +477,7 @@ impl Negotiator {
                 return Step::Continue;
             }
         };
-        let Some(export) = exports.find(&request.name) else {
-            error_reply(
-                out,
-                option,
-                ReplyType::ERR_UNKNOWN,
-                &format!("export '{}' not present", sanitize(&request.name)),
-            );
+        let Some(export) = find_or_refuse(exports, &request.name, option, out) else {
             return Step::Continue;
         };
         let wants = |t: InfoType| request.requests.contains(&t);
@@ -571,13 +565,7 @@ impl Negotiator {
                 return Step::Continue;
             }
         };
-        let Some(export) = exports.find(&request.name) else {
-            error_reply(
-                out,
-                option,
-                ReplyType::ERR_UNKNOWN,
-                &format!("export '{}' not present", sanitize(&request.name)),
-            );
+        let Some(export) = find_or_refuse(exports, &request.name, option, out) else {
             return Step::Continue;
         };
         let mode = if set { QueryMode::Set } else { QueryMode::List };
@@ -596,6 +584,25 @@ impl Negotiator {
         }
         Step::Continue
     }
+}
+
+/// The export `name`, or `None` after answering `NBD_REP_ERR_UNKNOWN` to `option`.
+fn find_or_refuse(
+    exports: &(dyn ExportSource + Sync),
+    name: &str,
+    option: OptionCode,
+    out: &mut Vec<u8>,
+) -> Option<Arc<Export>> {
+    let export = exports.find(name);
+    if export.is_none() {
+        error_reply(
+            out,
+            option,
+            ReplyType::ERR_UNKNOWN,
+            &format!("export '{}' not present", sanitize(name)),
+        );
+    }
+    export
 }
 
 fn error_reply(out: &mut Vec<u8>, option: OptionCode, ty: ReplyType, message: &str) {
