@@ -116,7 +116,13 @@ fn fio_verifies_with_many_requests_in_flight() {
             "--do_verify=1",
             "--numjobs=1",
         ])
-        .arg(format!("--filename={}", fx.path().display())));
+        .arg(format!("--filename={}", fx.path().display()))
+        // fio leaves its verify state file in the working directory.
+        .current_dir(
+            fx.path()
+                .parent()
+                .expect("the image is in the fixture's directory"),
+        ));
 }
 
 #[test]
