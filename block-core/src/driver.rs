@@ -11,6 +11,8 @@
 use crate::error::Result;
 use async_trait::async_trait;
 use std::fmt::Debug;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
 
 /// Flags of a write request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -123,6 +125,17 @@ pub trait BlockDriver: Send + Sync + Debug {
 
     /// Fills `buf` with the bytes at `offset`.
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Appends the `len` bytes at `offset` to a pipe (`pipe` is its write end) without
+    /// copying them through this process's memory (`splice(2)` from the page cache), when
+    /// this layer can: `Ok(true)`. `Ok(false)` (the default) means it cannot, e.g. a format
+    /// layer or `O_DIRECT`; the caller then reads with [`read`](Self::read), and must
+    /// discard the pipe, which may hold part of the range. The pipe must have room for `len`
+    /// bytes; its write end is non-blocking.
+    async fn splice_read(&self, offset: u64, len: usize, pipe: &Arc<OwnedFd>) -> Result<bool> {
+        let _ = (offset, len, pipe);
+        Ok(false)
+    }
 
     /// Writes `buf` at `offset`.
     async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()>;

@@ -8,6 +8,7 @@ use crate::bitmap::DirtyBitmap;
 use crate::driver::{BlockDriver, Extent, WriteFlags, ZeroFlags};
 use crate::error::{BlockError, Result};
 use std::fmt;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -342,6 +343,18 @@ impl Node {
             return Ok(());
         }
         self.driver.read(offset, buf).await
+    }
+
+    /// Appends the `len` bytes at `offset` to a pipe without copying them, when every layer
+    /// down to the file can (a `raw` node over a `file` node without `O_DIRECT`): see
+    /// [`BlockDriver::splice_read`]. On `Ok(false)` read with [`read`](Self::read) instead
+    /// and discard the pipe.
+    pub async fn splice_read(&self, offset: u64, len: usize, pipe: &Arc<OwnedFd>) -> Result<bool> {
+        self.check_range(offset, len as u64)?;
+        if len == 0 {
+            return Ok(true);
+        }
+        self.driver.splice_read(offset, len, pipe).await
     }
 
     /// Writes `buf` at `offset`.

@@ -20,6 +20,7 @@ use crate::proto::{
     Command, NbdErrno, RequestHeader, COMPACT_REQUEST_SIZE, EXTENDED_REQUEST_SIZE, MAX_PAYLOAD,
     MAX_STRING_SIZE, REPLY_FLAG_DONE,
 };
+use crate::splice::{self, Pipe, Pipes, SpliceSink, SPLICE_MIN};
 use block_core::{DirtyBitmap, Node, WriteFlags, ZeroFlags};
 use bytes::{Buf, BytesMut};
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -444,6 +445,8 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
 
 /// The per-connection state shared by request futures.
 struct Conn {
+    /// Pipes for zero-copy reads, when the connection can splice.
+    pipes: Option<Pipes>,
     export: Arc<Export>,
     node: Arc<Node>,
     params: Params,
@@ -507,7 +510,7 @@ impl Conn {
     }
 
     /// Runs one request and returns the encoded reply.
-    async fn execute(&self, h: RequestHeader, op: Op) -> Vec<u8> {
+    async fn execute(&self, h: RequestHeader, op: Op) -> Reply {
         let mut out = Vec::new();
         let result = match op {
             Op::Read {
@@ -521,7 +524,7 @@ impl Conn {
                     if let Err(e) = self.node.flush().await {
                         let r = self.block_error("flush failed", &e);
                         self.error_reply(&mut out, h.cookie, h.offset, &r);
-                        return out;
+                        return Reply::Bytes(out);
                     }
                 }
                 return self.read(h, offset, len, df).await;
@@ -566,39 +569,100 @@ impl Conn {
                 len,
                 req_one,
                 contexts,
-            } => return self.block_status(h, offset, len, req_one, &contexts).await,
+            } => return Reply::Bytes(self.block_status(h, offset, len, req_one, &contexts).await),
         };
         match result {
             Ok(()) => self.ok_reply(&mut out, h.cookie, h.offset),
             Err(r) => self.error_reply(&mut out, h.cookie, h.offset, &r),
         }
-        out
+        Reply::Bytes(out)
     }
 
-    async fn read(&self, h: RequestHeader, offset: u64, len: u64, df: bool) -> Vec<u8> {
+    /// The zero-copy read: `header`, then the `len` bytes at `offset` in pipes filled from
+    /// the page cache (see [`crate::splice`]). `Ok(None)`: this read cannot take that path
+    /// (no pipes on this connection, too short, a node that cannot splice, no descriptor
+    /// left) and must be copied; pipes filled so far are dropped, not reused.
+    async fn try_splice(
+        &self,
+        header: &[u8],
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Reply>, block_core::BlockError> {
+        let Some(pool) = &self.pipes else {
+            return Ok(None);
+        };
+        if len < SPLICE_MIN {
+            return Ok(None);
+        }
+        let mut pipes = Vec::with_capacity(len.div_ceil(pool.capacity() as u64) as usize);
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(pool.capacity() as u64) as usize;
+            let Some(pipe) = pool.take() else {
+                return Ok(None);
+            };
+            if !self
+                .node
+                .splice_read(offset + done, n, pipe.write_end())
+                .await?
+            {
+                return Ok(None);
+            }
+            pipes.push((pipe, n));
+            done += n as u64;
+        }
+        Ok(Some(Reply::Spliced {
+            header: header.to_vec(),
+            pipes,
+        }))
+    }
+
+    async fn read(&self, h: RequestHeader, offset: u64, len: u64, df: bool) -> Reply {
         let len_usize = len as usize; // <= 32 MiB, checked by validate()
         let mut out = Vec::new();
         if !self.structured() {
             // Simple reply: header then data; on error no payload ("If it chooses not to
             // [disconnect], it MUST NOT send any payload for this request").
-            out.reserve(16 + len_usize);
             encode_simple_reply(&mut out, NbdErrno(0), h.cookie);
+            match self.try_splice(&out, offset, len).await {
+                Ok(Some(reply)) => return reply,
+                Ok(None) => {}
+                Err(e) => {
+                    out.clear();
+                    let r = self.block_error("reading from file failed", &e);
+                    self.error_reply(&mut out, h.cookie, h.offset, &r);
+                    return Reply::Bytes(out);
+                }
+            }
+            out.reserve(len_usize);
             out.resize(16 + len_usize, 0);
             if let Err(e) = self.node.read(offset, &mut out[16..]).await {
                 out.clear();
                 let r = self.block_error("reading from file failed", &e);
                 self.error_reply(&mut out, h.cookie, h.offset, &r);
             }
-            return out;
+            return Reply::Bytes(out);
         }
         if len == 0 {
             self.ok_reply_chunk(&mut out, h);
-            return out;
+            return Reply::Bytes(out);
         }
         let ext = self.extended();
-        if df || len < SPARSE_READ_MIN {
+        // A sparse read of a range that is all data is one data chunk, as a dense one.
+        let mut dense = df || len < SPARSE_READ_MIN;
+        if !dense && self.pipes.is_some() {
+            match self.node.block_status(offset, len).await {
+                Ok(e) if e.data && !e.zero && e.len >= len => dense = true,
+                Ok(_) => {}
+                Err(e) => {
+                    let r = self.block_error("reading from file failed", &e);
+                    self.error_reply(&mut out, h.cookie, h.offset, &r);
+                    return Reply::Bytes(out);
+                }
+            }
+        }
+        if dense {
             let hdr = if ext { 32 } else { 20 };
-            out.reserve(hdr + 8 + len_usize);
             encode_chunk_header(
                 &mut out,
                 ext,
@@ -609,6 +673,17 @@ impl Conn {
                 8 + len as u32,
             );
             out.extend_from_slice(&offset.to_be_bytes());
+            match self.try_splice(&out, offset, len).await {
+                Ok(Some(reply)) => return reply,
+                Ok(None) => {}
+                Err(e) => {
+                    out.clear();
+                    let r = self.block_error("reading from file failed", &e);
+                    self.error_reply(&mut out, h.cookie, h.offset, &r);
+                    return Reply::Bytes(out);
+                }
+            }
+            out.reserve(hdr + 8 + len_usize);
             let start = out.len();
             out.resize(start + len_usize, 0);
             if let Err(e) = self.node.read(offset, &mut out[start..]).await {
@@ -616,19 +691,16 @@ impl Conn {
                 let r = self.block_error("reading from file failed", &e);
                 self.error_reply(&mut out, h.cookie, h.offset, &r);
             }
-            return out;
+            return Reply::Bytes(out);
         }
         // Sparse read: one content chunk per extent; the reply is sent only once complete,
         // so an error replaces all content chunks with one error chunk.
-        match self.sparse_read(&mut out, h, offset, len).await {
-            Ok(()) => out,
-            Err(e) => {
-                out.clear();
-                let r = self.block_error("reading from file failed", &e);
-                self.error_reply(&mut out, h.cookie, h.offset, &r);
-                out
-            }
+        if let Err(e) = self.sparse_read(&mut out, h, offset, len).await {
+            out.clear();
+            let r = self.block_error("reading from file failed", &e);
+            self.error_reply(&mut out, h.cookie, h.offset, &r);
         }
+        Reply::Bytes(out)
     }
 
     fn ok_reply_chunk(&self, out: &mut Vec<u8>, h: RequestHeader) {
@@ -884,12 +956,41 @@ impl Extents {
     }
 }
 
-/// Replies waiting to be sent: whole reply buffers, written with vectored writes so that
-/// read data is never copied again after the driver filled it.
+/// A reply ready to send.
+#[derive(Debug)]
+pub(crate) enum Reply {
+    /// All of it in one buffer.
+    Bytes(Vec<u8>),
+    /// A header, then data waiting in pipes (the zero-copy read, see [`crate::splice`]).
+    Spliced {
+        header: Vec<u8>,
+        pipes: Vec<(Pipe, usize)>,
+    },
+}
+
+/// One thing in the queue: bytes, or a pipe holding this many bytes.
+#[derive(Debug)]
+enum Item {
+    Bytes(Vec<u8>),
+    Pipe(Pipe, usize),
+}
+
+impl Item {
+    fn len(&self) -> usize {
+        match self {
+            Item::Bytes(b) => b.len(),
+            Item::Pipe(_, n) => *n,
+        }
+    }
+}
+
+/// Replies waiting to be sent, in order: whole reply buffers, written with vectored writes so
+/// that read data is never copied again after the driver filled it, and pipes, spliced into
+/// the socket.
 #[derive(Debug, Default)]
 struct OutQueue {
-    bufs: VecDeque<Vec<u8>>,
-    /// Bytes of the front buffer already written.
+    items: VecDeque<Item>,
+    /// Bytes of the front item already written.
     front_done: usize,
     /// Bytes still to write.
     len: usize,
@@ -905,22 +1006,37 @@ impl OutQueue {
         }
         self.len += buf.len();
         // Coalesce small replies (headers, short reads) to keep the slice count low.
-        if let Some(last) = self.bufs.back_mut() {
+        if let Some(Item::Bytes(last)) = self.items.back_mut() {
             if buf.len() <= 512 && last.len() < 64 * 1024 {
                 last.extend_from_slice(&buf);
                 return;
             }
         }
-        self.bufs.push_back(buf);
+        self.items.push_back(Item::Bytes(buf));
+    }
+
+    fn push_reply(&mut self, reply: Reply) {
+        match reply {
+            Reply::Bytes(b) => self.push(b),
+            Reply::Spliced { header, pipes } => {
+                self.push(header);
+                for (pipe, n) in pipes {
+                    self.len += n;
+                    self.items.push_back(Item::Pipe(pipe, n));
+                }
+            }
+        }
     }
 
     fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    /// The bytes at the front, up to the first pipe.
     fn slices(&self) -> Vec<IoSlice<'_>> {
-        let mut v = Vec::with_capacity(self.bufs.len().min(Self::MAX_SLICES));
-        for (i, b) in self.bufs.iter().take(Self::MAX_SLICES).enumerate() {
+        let mut v = Vec::with_capacity(self.items.len().min(Self::MAX_SLICES));
+        for (i, item) in self.items.iter().take(Self::MAX_SLICES).enumerate() {
+            let Item::Bytes(b) = item else { break };
             let part = if i == 0 {
                 &b[self.front_done..]
             } else {
@@ -931,16 +1047,29 @@ impl OutQueue {
         v
     }
 
-    fn advance(&mut self, mut n: usize) {
+    /// The pipe at the front and how many bytes are left in it.
+    fn front_pipe(&self) -> Option<(&Pipe, usize)> {
+        match self.items.front() {
+            Some(Item::Pipe(p, n)) => Some((p, n - self.front_done)),
+            _ => None,
+        }
+    }
+
+    /// Drops the first `n` bytes; pipes emptied go back to `pool`.
+    fn advance(&mut self, mut n: usize, pool: Option<&Pipes>) {
         self.len -= n;
         while n > 0 {
-            let Some(front) = self.bufs.front() else {
+            let Some(front) = self.items.front() else {
                 break;
             };
             let left = front.len() - self.front_done;
             if n >= left {
                 n -= left;
-                self.bufs.pop_front();
+                if let Some(Item::Pipe(pipe, _)) = self.items.pop_front() {
+                    if let Some(pool) = pool {
+                        pool.put(pipe);
+                    }
+                }
                 self.front_done = 0;
             } else {
                 self.front_done += n;
@@ -962,9 +1091,20 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
 /// completed flush. The flush matters for TLS: rustls accepts plaintext into its own buffer
 /// and sends it on a later write or flush, so without one the last replies could wait for a
 /// request that the client sends only after it has them.
-async fn write_some<W: AsyncWrite + Unpin>(wr: &mut W, out: &OutQueue) -> io::Result<usize> {
+async fn write_some<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    out: &OutQueue,
+    sink: Option<&SpliceSink>,
+) -> io::Result<usize> {
     if out.is_empty() {
         return wr.flush().await.map(|()| 0);
+    }
+    if let Some((pipe, left)) = out.front_pipe() {
+        // Pipes are queued only on connections that have a sink.
+        let Some(sink) = sink else {
+            return Err(io::Error::other("no socket to splice into"));
+        };
+        return sink.splice_from(pipe, left).await;
     }
     let slices = out.slices();
     match wr.write_vectored(&slices).await? {
@@ -983,10 +1123,14 @@ pub(crate) async fn run<S>(
     stop: watch::Receiver<bool>,
 ) -> Result<(), ConnError>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     let export = Arc::clone(&session.export);
+    // Zero-copy reads need the plaintext socket under the stream and pipes.
+    let sink = splice::socket_fd(&stream).and_then(|fd| SpliceSink::new(fd).ok());
+    let pipes = sink.as_ref().and_then(|_| Pipes::new());
     let conn = Conn {
+        pipes,
         node: Arc::clone(export.attachment.node()),
         params: Params {
             mode: session.mode,
@@ -1038,13 +1182,13 @@ where
             _ = &mut shutdown, if reading => reading = false,
             Some((reply, cost)) = inflight.next(), if !inflight.is_empty() => {
                 inflight_bytes -= cost;
-                out.push(reply);
+                out.push_reply(reply);
             }
-            written = write_some(&mut wr, &out), if !out.is_empty() || unflushed => {
+            written = write_some(&mut wr, &out, sink.as_ref()), if !out.is_empty() || unflushed => {
                 match written {
                     Ok(0) => unflushed = false,
                     Ok(n) => {
-                        out.advance(n);
+                        out.advance(n, conn.pipes.as_ref());
                         unflushed = true;
                     }
                     Err(e) => return Err(ConnError::Io(e)),
@@ -1145,18 +1289,48 @@ mod tests {
         q.push(Vec::new());
         assert_eq!(q.len, 3010);
         assert_eq!(q.slices().len(), 2);
-        q.advance(1005);
+        q.advance(1005, None);
         let s = q.slices();
         assert_eq!(s[0].len(), 5);
         assert_eq!(s[0][0], 2);
         assert_eq!(s[1].len(), 2000);
         drop(s);
-        q.advance(5 + 1999);
+        q.advance(5 + 1999, None);
         assert_eq!(q.len, 1);
         assert_eq!(q.slices()[0][..], [3]);
-        q.advance(1);
+        q.advance(1, None);
         assert!(q.is_empty());
         assert!(q.slices().is_empty());
+    }
+
+    #[test]
+    fn out_queue_keeps_pipes_in_order_and_returns_them_drained() {
+        let pool = Pipes::new().expect("pipes");
+        let (a, b) = (pool.take().expect("pipe"), pool.take().expect("pipe"));
+        let mut q = OutQueue::default();
+        q.push(vec![1; 20]);
+        q.push_reply(Reply::Spliced {
+            header: vec![2; 28],
+            pipes: vec![(a, 1000), (b, 24)],
+        });
+        q.push(vec![3; 16]); // after a pipe: not coalesced across it
+        assert_eq!(q.len, 20 + 28 + 1000 + 24 + 16);
+        // The bytes before the first pipe, then the pipe.
+        assert_eq!(q.slices().iter().map(|s| s.len()).sum::<usize>(), 48);
+        assert!(q.front_pipe().is_none());
+        q.advance(48, Some(&pool));
+        assert!(q.slices().is_empty());
+        assert_eq!(q.front_pipe().map(|(_, n)| n), Some(1000));
+        q.advance(600, Some(&pool));
+        assert_eq!(q.front_pipe().map(|(_, n)| n), Some(400));
+        assert_eq!(pool.idle(), 0);
+        q.advance(400, Some(&pool));
+        assert_eq!(pool.idle(), 1);
+        q.advance(24, Some(&pool));
+        assert_eq!(pool.idle(), 2);
+        assert_eq!(q.slices()[0].len(), 16);
+        q.advance(16, Some(&pool));
+        assert!(q.is_empty());
     }
 
     fn params(mode: Mode) -> Params {

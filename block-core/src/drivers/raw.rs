@@ -5,6 +5,7 @@ use crate::driver::{BlockDriver, Extent, ImageDetails, WriteFlags, ZeroFlags};
 use crate::error::{BlockError, Result};
 use crate::node::Node;
 use async_trait::async_trait;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 /// Why a `raw` node could not be opened (QEMU's messages).
@@ -125,6 +126,12 @@ impl BlockDriver for RawDriver {
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.child.read(self.offset + offset, buf).await
+    }
+
+    async fn splice_read(&self, offset: u64, len: usize, pipe: &Arc<OwnedFd>) -> Result<bool> {
+        self.child
+            .splice_read(self.offset + offset, len, pipe)
+            .await
     }
 
     async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {

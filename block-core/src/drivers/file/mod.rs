@@ -7,6 +7,10 @@
 //! tokio's blocking thread pool with an owned buffer. If the kernel refuses `RWF_NOWAIT`
 //! altogether (`EOPNOTSUPP`), the driver stops trying it for that kind of request.
 //!
+//! `splice_read` hands page-cache pages to a pipe (`splice(2)`), for exports that send them
+//! on to a socket without copying. It runs inline when `cachestat(2)` says every page of the
+//! range is cached, and in the blocking pool otherwise (reading from the disk blocks).
+//!
 //! With `cache.direct=on` (`O_DIRECT`) every request goes through the pool via a bounce
 //! buffer aligned to [`BlockDriver::request_alignment`]; misaligned writes are done as
 //! read-modify-write under an exclusive lock so that they cannot race with other writes.
@@ -23,7 +27,7 @@ use crate::error::{BlockError, Result};
 use async_trait::async_trait;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,6 +37,8 @@ use std::sync::Arc;
 const RWF_DSYNC: libc::c_int = 0x02;
 /// `RWF_NOWAIT` from `linux/fs.h`: fail with `EAGAIN` instead of blocking.
 const RWF_NOWAIT: libc::c_int = 0x08;
+/// `cachestat(2)` (Linux 6.5), numbered alike on every architecture.
+const SYS_CACHESTAT: libc::c_long = 451;
 /// `BLKGETSIZE64` from `linux/fs.h`: `_IOR(0x12, 114, size_t)`.
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
@@ -118,6 +124,10 @@ pub struct FileDriver {
     size: AtomicU64,
     nowait_read: AtomicBool,
     nowait_write: AtomicBool,
+    /// `splice` from this file works (cleared at its first `EINVAL`).
+    splice: Arc<AtomicBool>,
+    /// `cachestat` works (cleared at its first `ENOSYS`).
+    cachestat: AtomicBool,
     /// Taken shared by aligned `O_DIRECT` writes and exclusively by read-modify-write.
     rmw: tokio::sync::RwLock<()>,
 }
@@ -227,6 +237,8 @@ impl FileDriver {
             size: AtomicU64::new(size),
             nowait_read: AtomicBool::new(!opts.direct && !opts.no_inline),
             nowait_write: AtomicBool::new(!opts.direct && !opts.no_inline),
+            splice: Arc::new(AtomicBool::new(!opts.direct)),
+            cachestat: AtomicBool::new(!opts.no_inline),
             rmw: tokio::sync::RwLock::new(()),
         })
     }
@@ -334,6 +346,54 @@ impl FileDriver {
             }
             _ => Err(self.io_err("writing", e)),
         }
+    }
+
+    /// Whether every page of the range is in the page cache (`cachestat`); false when that
+    /// cannot be told.
+    fn cached(&self, offset: u64, len: usize) -> bool {
+        if !self.cachestat.load(Ordering::Relaxed) {
+            return false;
+        }
+        #[repr(C)]
+        struct Range {
+            off: u64,
+            len: u64,
+        }
+        #[repr(C)]
+        #[derive(Default)]
+        struct Stat {
+            nr_cache: u64,
+            nr_dirty: u64,
+            nr_writeback: u64,
+            nr_evicted: u64,
+            nr_recently_evicted: u64,
+        }
+        let range = Range {
+            off: offset,
+            len: len as u64,
+        };
+        let mut stat = Stat::default();
+        // SAFETY: cachestat(fd, const struct cachestat_range *, struct cachestat *, flags):
+        // both structs have the kernel's layout (u64 members, repr(C)) and live across the
+        // call; the fd is open while `self.file` lives.
+        let r = unsafe {
+            libc::syscall(
+                SYS_CACHESTAT,
+                self.file.as_raw_fd(),
+                &range as *const Range,
+                &mut stat as *mut Stat,
+                0,
+            )
+        };
+        if r < 0 {
+            if errno(&io::Error::last_os_error()) == libc::ENOSYS {
+                self.cachestat.store(false, Ordering::Relaxed);
+            }
+            return false;
+        }
+        let page = page_size();
+        let pages = (offset + len as u64).div_ceil(page) - offset / page;
+        stat.nr_cache >= pages
     }
 
     async fn read_direct(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -463,6 +523,64 @@ fn logical_block_size(file: &File) -> Option<u32> {
 }
 
 /// Reads until `buf` is full; what lies beyond the end of the file reads as zeroes.
+fn page_size() -> u64 {
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf has no preconditions.
+        let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if n > 0 {
+            n as u64
+        } else {
+            4096
+        }
+    })
+}
+
+/// Moves `len` bytes at `offset` of `f` into the pipe `pipe` with `splice(2)`. `Ok(false)`:
+/// the file ended first, the pipe was full, or splicing from this file is not supported
+/// (`EINVAL`; `unsupported` is then set).
+fn splice_full(
+    f: &File,
+    pipe: &OwnedFd,
+    offset: u64,
+    len: usize,
+    unsupported: &AtomicBool,
+) -> io::Result<bool> {
+    let mut off = offset as libc::loff_t;
+    let mut left = len;
+    while left > 0 {
+        // SAFETY: both fds are open for the call (`f` and `pipe` are borrowed); `off` is a
+        // valid in/out offset for the input and the output offset is null, as a pipe requires.
+        let n = unsafe {
+            libc::splice(
+                f.as_raw_fd(),
+                &mut off,
+                pipe.as_raw_fd(),
+                std::ptr::null_mut(),
+                left,
+                libc::SPLICE_F_MOVE,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            match errno(&e) {
+                libc::EINTR => continue,
+                libc::EAGAIN => return Ok(false),
+                libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP => {
+                    unsupported.store(false, Ordering::Relaxed);
+                    return Ok(false);
+                }
+                _ => return Err(e),
+            }
+        }
+        if n == 0 {
+            return Ok(false);
+        }
+        left -= n as usize;
+    }
+    Ok(true)
+}
+
 fn read_full(f: &File, buf: &mut [u8], mut offset: u64) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
@@ -627,6 +745,22 @@ impl BlockDriver for FileDriver {
         Ok(())
     }
 
+    async fn splice_read(&self, offset: u64, len: usize, pipe: &Arc<OwnedFd>) -> Result<bool> {
+        if !self.splice.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        if self.cached(offset, len) {
+            return splice_full(&self.file, pipe, offset, len, &self.splice)
+                .map_err(|e| self.io_err("reading", e));
+        }
+        let pipe = Arc::clone(pipe);
+        let splice = Arc::clone(&self.splice);
+        self.blocking("reading", move |f| {
+            splice_full(f, &pipe, offset, len, &splice)
+        })
+        .await
+    }
+
     async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
         if self.direct {
             return self.write_direct(offset, buf, flags.fua).await;
@@ -778,6 +912,75 @@ mod tests {
         let path = dir.path().join("img");
         std::fs::write(&path, vec![0u8; len]).expect("create image");
         (dir, path)
+    }
+
+    /// A pipe big enough for `len` bytes: (read end, write end).
+    fn pipe(len: usize) -> (File, Arc<OwnedFd>) {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+        let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK) };
+        assert_eq!(r, 0);
+        // SAFETY: pipe2 succeeded, so both are open descriptors that nothing else owns.
+        let (r, w) = unsafe {
+            use std::os::fd::FromRawFd;
+            (File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+        };
+        // SAFETY: F_SETPIPE_SZ on an open pipe.
+        let size = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, len as libc::c_int) };
+        assert!(size as usize >= len, "pipe of {len} bytes: {size}");
+        (r, Arc::new(w))
+    }
+
+    fn drain(r: &mut File, len: usize) -> Vec<u8> {
+        use std::io::Read;
+        let mut v = vec![0u8; len];
+        r.read_exact(&mut v).expect("read the pipe");
+        v
+    }
+
+    #[tokio::test]
+    async fn splice_read_hands_cached_and_uncached_pages_to_a_pipe() {
+        let (_dir, path) = image(0);
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
+        std::fs::write(&path, &data).expect("write image");
+        let drv = FileDriver::open(&FileOptions {
+            filename: path.clone(),
+            ..FileOptions::default()
+        })
+        .expect("open");
+        let (mut r, w) = pipe(256 << 10);
+        // Cached (just written): inline.
+        assert!(drv.cached(4096, 200_000));
+        assert!(drv.splice_read(4096, 200_000, &w).await.expect("splice"));
+        assert_eq!(drain(&mut r, 200_000), &data[4096..204_096]);
+        // Evicted: through the blocking pool, same bytes.
+        let f = File::open(&path).expect("open");
+        f.sync_all().expect("sync");
+        // SAFETY: posix_fadvise on an open fd.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert!(!drv.cached(512 << 10, 100_000));
+        assert!(drv
+            .splice_read(512 << 10, 100_000, &w)
+            .await
+            .expect("splice"));
+        assert_eq!(
+            drain(&mut r, 100_000),
+            &data[512 << 10..(512 << 10) + 100_000]
+        );
+        // Past the end of the file: refused, the caller reads instead.
+        assert!(!drv
+            .splice_read((1 << 20) - 10, 20, &w)
+            .await
+            .expect("splice"));
+        // O_DIRECT never splices.
+        let direct = FileDriver::open(&FileOptions {
+            filename: path,
+            direct: true,
+            ..FileOptions::default()
+        });
+        if let Ok(direct) = direct {
+            assert!(!direct.splice_read(0, 4096, &w).await.expect("splice"));
+        }
     }
 
     #[tokio::test]

@@ -1,0 +1,260 @@
+//! Zero-copy read replies: page-cache pages go from the image file into a pipe and from the
+//! pipe into the socket with `splice(2)`, never through this process's memory.
+//!
+//! A read of a plain file (a `raw` node over a `file` node without `O_DIRECT`, see
+//! [`Node::splice_read`](block_core::Node::splice_read)) on a plaintext unix or TCP socket
+//! fills one or more pipes from a per-connection [`Pipes`] pool while the request executes;
+//! the reply then queues its header bytes followed by the pipes, and the writer moves each
+//! pipe's pages to the socket through a [`SpliceSink`]. The server copies no data: the only
+//! copy left is the client's own receive. Anything that cannot take this path (TLS, a format
+//! layer, a pool out of descriptors, a short splice) falls back to the copying read.
+//!
+//! The pages are the page cache's, referenced rather than copied: a write that lands on the
+//! same range after the read completed but before the client took the reply can show in it.
+//! That is a read concurrent with a write from the client's side (it has no reply yet), for
+//! which NBD, like any block device, promises no order.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+/// Reads shorter than this are copied: for small reads one `preadv2` and a share of a
+/// `writev` cost less than two `splice` calls.
+pub(crate) const SPLICE_MIN: u64 = 32 * 1024;
+/// The capacity asked of each pipe.
+const PIPE_SIZE: usize = 1 << 20;
+/// Idle pipes kept per connection.
+const POOL_MAX: usize = 16;
+
+/// A pipe whose pages are on their way to the socket.
+#[derive(Debug)]
+pub(crate) struct Pipe {
+    read: OwnedFd,
+    write: Arc<OwnedFd>,
+}
+
+impl Pipe {
+    /// A non-blocking pipe of (at least) `size` bytes, or less when the host limits pipe
+    /// sizes (`/proc/sys/fs/pipe-max-size` for unprivileged processes); returns it with its
+    /// capacity.
+    fn new(size: usize) -> io::Result<(Pipe, usize)> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded: both are open descriptors that nothing else owns.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: F_SETPIPE_SZ and F_GETPIPE_SZ on an open pipe take and return an int.
+        let mut cap =
+            unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
+        if cap < 0 {
+            // SAFETY: as above.
+            cap = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        }
+        if cap <= 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((
+            Pipe {
+                read,
+                write: Arc::new(write),
+            },
+            cap as usize,
+        ))
+    }
+
+    /// The write end, for [`Node::splice_read`](block_core::Node::splice_read).
+    pub(crate) fn write_end(&self) -> &Arc<OwnedFd> {
+        &self.write
+    }
+}
+
+/// A connection's idle pipes, all of the same capacity.
+#[derive(Debug)]
+pub(crate) struct Pipes {
+    free: Mutex<Vec<Pipe>>,
+    capacity: usize,
+}
+
+impl Pipes {
+    /// A pool, or `None` when the host gives no pipes.
+    pub(crate) fn new() -> Option<Pipes> {
+        let (first, capacity) = Pipe::new(PIPE_SIZE).ok()?;
+        Some(Pipes {
+            free: Mutex::new(vec![first]),
+            capacity,
+        })
+    }
+
+    /// The bytes one pipe holds.
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// An empty pipe; `None` when none can be made (e.g. out of descriptors).
+    pub(crate) fn take(&self) -> Option<Pipe> {
+        if let Some(p) = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            return Some(p);
+        }
+        match Pipe::new(self.capacity) {
+            Ok((p, cap)) if cap >= self.capacity => Some(p),
+            _ => None,
+        }
+    }
+
+    /// Idle pipes in the pool.
+    #[cfg(test)]
+    pub(crate) fn idle(&self) -> usize {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Returns a pipe that was drained completely.
+    pub(crate) fn put(&self, pipe: Pipe) {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < POOL_MAX {
+            free.push(pipe);
+        }
+    }
+}
+
+/// The socket side: a second registration of the connection's socket (a duplicate
+/// descriptor) that waits for it to be writable and splices pipes into it.
+#[derive(Debug)]
+pub(crate) struct SpliceSink {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl SpliceSink {
+    /// Registers a duplicate of `socket` with the current runtime.
+    pub(crate) fn new(socket: RawFd) -> io::Result<SpliceSink> {
+        // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller keeps open for the call.
+        let dup = unsafe { libc::fcntl(socket, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `dup` is a new descriptor owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(dup) };
+        // SAFETY: `fd` is owned by the AsyncFd from here on, so it stays open for as long as
+        // it is registered (the I/O-safety condition of `register_with_interest`).
+        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::WRITABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        Ok(SpliceSink { fd })
+    }
+
+    /// Moves up to `len` bytes from `pipe` into the socket once it is writable; returns how
+    /// many moved (at least one). Cancel-safe.
+    pub(crate) async fn splice_from(&self, pipe: &Pipe, len: usize) -> io::Result<usize> {
+        loop {
+            let mut ready = self.fd.writable().await?;
+            let r = ready.try_io(|fd| {
+                // SAFETY: both descriptors are open for the call; null offsets, as pipes and
+                // sockets require.
+                let n = unsafe {
+                    libc::splice(
+                        pipe.read.as_raw_fd(),
+                        std::ptr::null_mut(),
+                        fd.as_raw_fd(),
+                        std::ptr::null_mut(),
+                        len,
+                        libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+                    )
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            });
+            match r {
+                Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(Ok(n)) => return Ok(n),
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Err(e)) => return Err(e),
+                // Would block: the readiness was cleared, wait again.
+                Err(_) => continue,
+            }
+        }
+    }
+}
+
+/// The socket under a plaintext stream of one of the types the server accepts, found by
+/// type (`None` for TLS and for other streams).
+pub(crate) fn socket_fd<S: 'static>(stream: &S) -> Option<RawFd> {
+    use crate::tls::MaybeTls;
+    use std::any::Any;
+    let any = stream as &dyn Any;
+    if let Some(s) = any.downcast_ref::<tokio::net::UnixStream>() {
+        return Some(s.as_raw_fd());
+    }
+    if let Some(s) = any.downcast_ref::<tokio::net::TcpStream>() {
+        return Some(s.as_raw_fd());
+    }
+    if let Some(MaybeTls::Plain(s)) = any.downcast_ref::<MaybeTls<tokio::net::UnixStream>>() {
+        return Some(s.as_raw_fd());
+    }
+    if let Some(MaybeTls::Plain(s)) = any.downcast_ref::<MaybeTls<tokio::net::TcpStream>>() {
+        return Some(s.as_raw_fd());
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn pipes_carry_bytes_into_a_socket() {
+        let pipes = Pipes::new().expect("pipes");
+        assert!(pipes.capacity() >= 64 * 1024);
+        let pipe = pipes.take().expect("pipe");
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let mut src = tempfile_with(&data);
+        // Fill the pipe the way a node does.
+        let mut off: libc::loff_t = 0;
+        let mut left = data.len();
+        while left > 0 {
+            // SAFETY: open descriptors, valid offset pointer.
+            let n = unsafe {
+                libc::splice(
+                    src.as_raw_fd(),
+                    &mut off,
+                    pipe.write_end().as_raw_fd(),
+                    std::ptr::null_mut(),
+                    left,
+                    0,
+                )
+            };
+            assert!(n > 0, "splice: {}", io::Error::last_os_error());
+            left -= n as usize;
+        }
+        let (a, mut b) = tokio::net::UnixStream::pair().expect("pair");
+        let sink = SpliceSink::new(socket_fd(&a).expect("unix fd")).expect("sink");
+        let reader = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut got = vec![0u8; 100_000];
+            b.read_exact(&mut got).await.expect("read");
+            got
+        });
+        let mut left = data.len();
+        while left > 0 {
+            left -= sink.splice_from(&pipe, left).await.expect("splice");
+        }
+        pipes.put(pipe);
+        assert_eq!(reader.await.expect("reader"), data);
+        let _ = &mut src;
+        // Streams the server cannot splice into.
+        let (x, _y) = tokio::io::duplex(64);
+        assert!(socket_fd(&x).is_none());
+    }
+
+    fn tempfile_with(data: &[u8]) -> std::fs::File {
+        use std::io::{Seek, Write};
+        let mut f = tempfile::tempfile().expect("tempfile");
+        f.write_all(data).expect("write");
+        f.rewind().expect("rewind");
+        f
+    }
+}
