@@ -39,4 +39,5 @@ pub mod transmission;
 
 pub use export::{ExportConfig, ExportGone, RemoveMode};
 pub use server::{NbdError, NbdServer, ServerConfig};
+pub use splice::spliced_bytes;
 pub use tls::{Authorize, TlsConfig};

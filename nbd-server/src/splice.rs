@@ -16,6 +16,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -27,6 +28,14 @@ pub(crate) const SPLICE_MIN: u64 = 32 * 1024;
 const PIPE_SIZE: usize = 1 << 20;
 /// Idle pipes kept per connection.
 const POOL_MAX: usize = 16;
+
+static SPLICED: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes this process has sent in read replies without copying them (spliced from the page
+/// cache into sockets), over all servers and connections since it started.
+pub fn spliced_bytes() -> u64 {
+    SPLICED.load(Ordering::Relaxed)
+}
 
 /// A pipe whose pages are on their way to the socket.
 #[derive(Debug)]
@@ -170,7 +179,10 @@ impl SpliceSink {
             });
             match r {
                 Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(Ok(n)) => return Ok(n),
+                Ok(Ok(n)) => {
+                    SPLICED.fetch_add(n as u64, Ordering::Relaxed);
+                    return Ok(n);
+                }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Ok(Err(e)) => return Err(e),
                 // Would block: the readiness was cleared, wait again.
