@@ -7,6 +7,14 @@
 //! tokio's blocking thread pool with an owned buffer. If the kernel refuses `RWF_NOWAIT`
 //! altogether (`EOPNOTSUPP`), the driver stops trying it for that kind of request.
 //!
+//! ext4 refuses `RWF_NOWAIT` for buffered writes. There a write is still done inline when
+//! the page cache can take it without reading from the disk (it covers whole pages, or
+//! `cachestat(2)` finds its pages cached): a copy into the cache costs a few microseconds,
+//! a hop to the pool and back several times that. The kernel may still make such a write
+//! wait when it throttles writers with too many dirty pages; a write that takes longer than
+//! [`SLOW_INLINE_WRITE`] sends the writes of the next [`POOL_AFTER_SLOW_WRITE`] to the pool,
+//! so that the calling event loop is held up once, not at every write.
+//!
 //! `splice_read` hands page-cache pages to a pipe (`splice(2)`), for exports that send them
 //! on to a socket without copying. It runs inline when `cachestat(2)` says every page of the
 //! range is cached, and in the blocking pool otherwise (reading from the disk blocks).
@@ -39,6 +47,10 @@ const RWF_DSYNC: libc::c_int = 0x02;
 const RWF_NOWAIT: libc::c_int = 0x08;
 /// `cachestat(2)` (Linux 6.5), numbered alike on every architecture.
 const SYS_CACHESTAT: libc::c_long = 451;
+/// An inline write slower than this means the kernel is throttling writers.
+pub const SLOW_INLINE_WRITE: std::time::Duration = std::time::Duration::from_millis(1);
+/// How long writes then go to the blocking pool.
+pub const POOL_AFTER_SLOW_WRITE: std::time::Duration = std::time::Duration::from_secs(1);
 /// `BLKGETSIZE64` from `linux/fs.h`: `_IOR(0x12, 114, size_t)`.
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
@@ -128,6 +140,10 @@ pub struct FileDriver {
     splice: Arc<AtomicBool>,
     /// `cachestat` works (cleared at its first `ENOSYS`).
     cachestat: AtomicBool,
+    /// Buffered writes that `RWF_NOWAIT` refuses may be done inline (see the module docs).
+    inline_write: bool,
+    /// Until when (nanoseconds after [`clock`]) writes go to the pool after a slow one.
+    pool_writes_until: AtomicU64,
     /// Taken shared by aligned `O_DIRECT` writes and exclusively by read-modify-write.
     rmw: tokio::sync::RwLock<()>,
 }
@@ -239,6 +255,8 @@ impl FileDriver {
             nowait_write: AtomicBool::new(!opts.direct && !opts.no_inline),
             splice: Arc::new(AtomicBool::new(!opts.direct)),
             cachestat: AtomicBool::new(!opts.no_inline),
+            inline_write: !opts.direct && !opts.no_inline,
+            pool_writes_until: AtomicU64::new(0),
             rmw: tokio::sync::RwLock::new(()),
         })
     }
@@ -346,6 +364,16 @@ impl FileDriver {
             }
             _ => Err(self.io_err("writing", e)),
         }
+    }
+
+    /// Whether a buffered write of the range may run on the calling thread: it needs no read
+    /// from the disk (whole pages, or pages all cached) and no write was slow lately.
+    fn may_write_inline(&self, offset: u64, len: usize) -> bool {
+        if !self.inline_write || clock() < self.pool_writes_until.load(Ordering::Relaxed) {
+            return false;
+        }
+        let page = page_size();
+        (offset % page == 0 && len as u64 % page == 0) || self.cached(offset, len)
     }
 
     /// Whether every page of the range is in the page cache (`cachestat`); false when that
@@ -522,7 +550,15 @@ fn logical_block_size(file: &File) -> Option<u32> {
     (r == 0 && size > 0).then_some(size as u32)
 }
 
-/// Reads until `buf` is full; what lies beyond the end of the file reads as zeroes.
+/// Nanoseconds on a monotonic clock (since its first use in this process).
+fn clock() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
+}
+
 fn page_size() -> u64 {
     static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *PAGE.get_or_init(|| {
@@ -581,6 +617,7 @@ fn splice_full(
     Ok(true)
 }
 
+/// Reads until `buf` is full; what lies beyond the end of the file reads as zeroes.
 fn read_full(f: &File, buf: &mut [u8], mut offset: u64) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
@@ -777,8 +814,20 @@ impl BlockDriver for FileDriver {
                 return Ok(());
             }
         }
-        let data = buf[done..].to_vec();
         let start = offset + done as u64;
+        if !flags.fua && self.may_write_inline(start, buf.len() - done) {
+            let began = clock();
+            let r = write_full(&self.file, &buf[done..], start, false);
+            let took = clock() - began;
+            if took > SLOW_INLINE_WRITE.as_nanos() as u64 {
+                self.pool_writes_until.store(
+                    clock() + POOL_AFTER_SLOW_WRITE.as_nanos() as u64,
+                    Ordering::Relaxed,
+                );
+            }
+            return r.map_err(|e| self.io_err("writing", e));
+        }
+        let data = buf[done..].to_vec();
         self.blocking("writing", move |f| write_full(f, &data, start, flags.fua))
             .await
     }
@@ -981,6 +1030,52 @@ mod tests {
         if let Ok(direct) = direct {
             assert!(!direct.splice_read(0, 4096, &w).await.expect("splice"));
         }
+    }
+
+    #[tokio::test]
+    async fn buffered_writes_run_inline_only_when_the_cache_takes_them_at_once() {
+        let (_dir, path) = image(1 << 20);
+        let drv = FileDriver::open(&FileOptions {
+            filename: path.clone(),
+            ..FileOptions::default()
+        })
+        .expect("open");
+        let page = page_size() as usize;
+        // Whole pages never need a read from the disk.
+        assert!(drv.may_write_inline(page as u64, 2 * page));
+        // Part of a page: inline only while the page is cached.
+        let f = File::open(&path).expect("open");
+        f.sync_all().expect("sync");
+        // SAFETY: posix_fadvise on an open fd.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert!(!drv.may_write_inline(512, 512));
+        drv.write(512, &[7u8; 512], WriteFlags::default())
+            .await
+            .expect("write through the pool");
+        assert!(drv.may_write_inline(1024, 512), "the page is cached now");
+        drv.write(1024, &[8u8; 512], WriteFlags::default())
+            .await
+            .expect("inline write");
+        let mut back = vec![0u8; 1024];
+        drv.read(512, &mut back).await.expect("read");
+        assert_eq!(&back[..512], &[7u8; 512]);
+        assert_eq!(&back[512..], &[8u8; 512]);
+        // After a slow write, the pool for a while.
+        drv.pool_writes_until.store(
+            clock() + POOL_AFTER_SLOW_WRITE.as_nanos() as u64,
+            Ordering::Relaxed,
+        );
+        assert!(!drv.may_write_inline(0, page));
+        // O_DIRECT and no_inline never write inline.
+        let pooled = FileDriver::open(&FileOptions {
+            filename: path,
+            no_inline: true,
+            force_share: true,
+            read_only: true,
+            ..FileOptions::default()
+        })
+        .expect("open");
+        assert!(!pooled.may_write_inline(0, page));
     }
 
     #[tokio::test]
