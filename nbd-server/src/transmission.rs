@@ -35,7 +35,7 @@ pub const MAX_IN_FLIGHT: usize = 128;
 /// No new request is read while the data of requests in flight exceeds this many bytes.
 const IN_FLIGHT_BYTES: usize = 8 << 20;
 /// No new request is read while this many reply bytes wait to be sent.
-const OUT_HIGH_WATER: usize = 4 << 20;
+const OUT_HIGH_WATER: usize = 1 << 20;
 /// Reads at least this long are answered sparsely (holes as `OFFSET_HOLE` chunks, found by
 /// block status); shorter reads skip the block status lookup and send one data chunk.
 pub const SPARSE_READ_MIN: u64 = 64 * 1024;
