@@ -8,6 +8,9 @@
 //!   simple, structured (sparse reads, error chunks with messages) and extended replies.
 //! - Errors as the spec maps them ([`proto::NbdErrno::from_errno`]).
 //! - Connection limit, handshake deadline, safe and hard export removal.
+//! - Per-export event loops ([`ExportConfig::runtime`], QEMU's `iothread`): the listeners
+//!   and handshakes run where the server was started; a client that picked such an export
+//!   moves there, socket included (deregistered from one reactor, registered with the other).
 //!
 //! The wire format lives in [`proto`]; the handshake is a state machine without I/O
 //! ([`handshake`]); transports are generic over `AsyncRead + AsyncWrite`.
@@ -32,6 +35,7 @@ pub mod handshake;
 pub mod meta;
 pub mod proto;
 mod server;
+mod socket;
 mod tls;
 pub mod transmission;
 

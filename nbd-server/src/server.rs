@@ -3,6 +3,7 @@
 use crate::export::{Export, ExportConfig, ExportGone, RemoveMode};
 use crate::handshake::{self, ExportSource, HandshakeError};
 use crate::proto::MAX_STRING_SIZE;
+use crate::socket::{Fixed, Rebind, Socket};
 use crate::tls::TlsConfig;
 use crate::transmission;
 use std::collections::BTreeMap;
@@ -11,7 +12,7 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 /// Errors of the export and server management API. Messages follow QEMU's.
@@ -103,24 +104,21 @@ pub struct NbdServer {
 
 /// A listening socket the server can accept clients from.
 trait Listener {
-    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    fn accept_stream(&self) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+    fn accept_socket(&self) -> impl Future<Output = io::Result<Socket>> + Send;
 }
 
 impl Listener for UnixListener {
-    type Stream = UnixStream;
-    async fn accept_stream(&self) -> io::Result<UnixStream> {
-        Ok(self.accept().await?.0)
+    async fn accept_socket(&self) -> io::Result<Socket> {
+        Ok(Socket::Unix(self.accept().await?.0))
     }
 }
 
 impl Listener for TcpListener {
-    type Stream = TcpStream;
-    async fn accept_stream(&self) -> io::Result<TcpStream> {
+    async fn accept_socket(&self) -> io::Result<Socket> {
         let (stream, _) = self.accept().await?;
         // Small replies must leave at once: no Nagle delay.
         stream.set_nodelay(true)?;
-        Ok(stream)
+        Ok(Socket::Tcp(stream))
     }
 }
 
@@ -174,7 +172,7 @@ impl NbdServer {
                 },
             };
             let stream = tokio::select! {
-                s = listener.accept_stream() => s,
+                s = listener.accept_socket() => s,
                 _ = stop.changed() => continue,
             };
             match stream {
@@ -197,19 +195,24 @@ impl NbdServer {
     /// Serves one already-connected client (any byte stream, e.g. a socket from an
     /// inherited fd) until it disconnects or the server stops; with TLS configured the
     /// client must start TLS on it. Such a client is not counted against
-    /// `max_connections`.
+    /// `max_connections`. If the export it picks has a [`runtime`](ExportConfig::runtime),
+    /// the transmission phase runs there, but the stream stays registered with the reactor
+    /// it was made in (the server cannot move a stream it does not know).
     pub async fn serve_connection<S>(&self, stream: S)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        self.run_client(stream, None).await
+        self.run_client(Fixed(stream), None).await
     }
 
+    /// The handshake here; then the transmission phase here or, if the export has a
+    /// runtime, in a task there with the stream moved to that runtime's reactor. Returns
+    /// when the connection is over either way, so that the permit and the export lease are
+    /// held (by the task that serves the connection) exactly as long as it lives.
     async fn run_client<S>(&self, stream: S, permit: Option<OwnedSemaphorePermit>)
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: AsyncRead + AsyncWrite + Rebind + Unpin + Send + 'static,
     {
-        let _permit = permit;
         let mut stop = self.inner.stop.subscribe();
         if *stop.borrow() {
             return;
@@ -241,9 +244,37 @@ impl NbdServer {
                 return;
             }
         };
-        let _lease = session.export.lease();
+        let lease = session.export.lease();
         let name = session.export.name.clone();
-        if let Err(e) = transmission::run(stream, session, stop).await {
+        let served = match session.export.runtime.clone() {
+            None => {
+                let _held = (permit, lease);
+                transmission::run(stream, session, stop).await
+            }
+            Some(runtime) => {
+                let mut stream = stream;
+                if let Err(e) = stream.rebind(&runtime) {
+                    tracing::warn!(export = %name, error = %e, "NBD client could not move to the export's iothread");
+                    return;
+                }
+                // The task owns what the connection holds: if this future is dropped (its
+                // runtime shutting down), the connection still ends with its requests
+                // answered and only then releases the export.
+                let task = runtime.spawn(async move {
+                    let _held = (permit, lease);
+                    transmission::run(stream, session, stop).await
+                });
+                match task.await {
+                    Ok(served) => served,
+                    Err(e) => {
+                        // The iothread's runtime was shut down under the connection.
+                        tracing::info!(export = %name, error = %e, "NBD client dropped");
+                        return;
+                    }
+                }
+            }
+        };
+        if let Err(e) = served {
             tracing::info!(export = %name, error = %e, "NBD client disconnected");
         }
     }
