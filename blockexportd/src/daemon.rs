@@ -491,6 +491,8 @@ impl Daemon {
                 s => Some(Duration::from_secs(u64::from(s))),
             },
             tls,
+            // Connections of exports without an iothread: one event loop per core.
+            event_loops: std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
         let server = nbd_server::NbdServer::new(config);
         let mut unix_path = None;

@@ -26,11 +26,18 @@ pub struct ExportConfig {
     pub bitmaps: Vec<Arc<DirtyBitmap>>,
     /// Offer `qemu:allocation-depth` (QEMU's `allocation-depth`).
     pub allocation_depth: bool,
+    /// The event loop this export's connections run in after the handshake (QEMU's
+    /// `iothread`); `None`: the one that accepted them. The listener and the handshake stay
+    /// where they are; once a client picked this export, its socket moves to this runtime's
+    /// reactor and every request of it (reading, decoding, the node's I/O, replying) runs
+    /// there.
+    pub runtime: Option<tokio::runtime::Handle>,
 }
 
 impl ExportConfig {
     /// An export of `attachment` named `name`, with no description, no writethrough, no
-    /// bitmap and no allocation depth context.
+    /// bitmap, no allocation depth context, and running in the runtime that accepts its
+    /// clients.
     pub fn new(name: impl Into<String>, attachment: Attachment) -> Self {
         ExportConfig {
             name: name.into(),
@@ -39,6 +46,7 @@ impl ExportConfig {
             writethrough: false,
             bitmaps: Vec::new(),
             allocation_depth: false,
+            runtime: None,
         }
     }
 }
@@ -82,6 +90,8 @@ pub(crate) struct Export {
     pub(crate) writethrough: bool,
     pub(crate) bitmaps: Vec<Arc<DirtyBitmap>>,
     pub(crate) allocation_depth: bool,
+    /// Where the connections run after the handshake (`None`: where they were accepted).
+    pub(crate) runtime: Option<tokio::runtime::Handle>,
     multi_conn: bool,
     /// Number of connections in transmission phase on this export.
     clients: watch::Sender<usize>,
@@ -102,6 +112,7 @@ impl Export {
             writethrough: cfg.writethrough,
             bitmaps: cfg.bitmaps,
             allocation_depth: cfg.allocation_depth,
+            runtime: cfg.runtime,
             multi_conn,
             clients: watch::channel(0).0,
             closed: watch::channel(false).0,

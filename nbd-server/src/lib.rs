@@ -8,6 +8,9 @@
 //!   simple, structured (sparse reads, error chunks with messages) and extended replies.
 //! - Errors as the spec maps them ([`proto::NbdErrno::from_errno`]).
 //! - Connection limit, handshake deadline, safe and hard export removal.
+//! - Per-export event loops ([`ExportConfig::runtime`], QEMU's `iothread`): the listeners
+//!   and handshakes run where the server was started; a client that picked such an export
+//!   moves there, socket included (deregistered from one reactor, registered with the other).
 //!
 //! The wire format lives in [`proto`]; the handshake is a state machine without I/O
 //! ([`handshake`]); transports are generic over `AsyncRead + AsyncWrite`.
@@ -29,9 +32,11 @@
 
 mod export;
 pub mod handshake;
+mod loops;
 pub mod meta;
 pub mod proto;
 mod server;
+mod socket;
 #[allow(unsafe_code)] // pipes, descriptors and splice(2): each block says why it is sound
 mod splice;
 mod tls;

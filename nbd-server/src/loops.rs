@@ -85,7 +85,11 @@ mod tests {
         let loops = Loops::start(2).expect("loops");
         let (a, la) = loops.pick().expect("a loop");
         let (b, lb) = loops.pick().expect("a loop");
-        assert_ne!(a.id(), b.id(), "the second connection goes to the idle loop");
+        assert_ne!(
+            a.id(),
+            b.id(),
+            "the second connection goes to the idle loop"
+        );
         drop(la);
         let (c, _lc) = loops.pick().expect("a loop");
         assert_eq!(c.id(), a.id(), "a freed loop is picked again");

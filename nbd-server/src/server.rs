@@ -2,7 +2,9 @@
 
 use crate::export::{Export, ExportConfig, ExportGone, RemoveMode};
 use crate::handshake::{self, ExportSource, HandshakeError};
+use crate::loops::Loops;
 use crate::proto::MAX_STRING_SIZE;
+use crate::socket::{Fixed, Rebind, Socket};
 use crate::tls::TlsConfig;
 use crate::transmission;
 use std::collections::BTreeMap;
@@ -11,7 +13,7 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 /// Errors of the export and server management API. Messages follow QEMU's.
@@ -56,6 +58,11 @@ pub struct ServerConfig {
     /// TLS (`tls-creds`, `tls-authz`): with it, clients must start TLS before anything
     /// else. The handshake deadline covers the TLS handshake too.
     pub tls: Option<TlsConfig>,
+    /// After the handshake, connections move to this many threads, each with its own
+    /// single-threaded event loop, and stay there (the one with the fewest connections is
+    /// picked); 0 keeps them on the runtime that accepted them. An export's own
+    /// [`runtime`](crate::ExportConfig::runtime) wins. See the `loops` module for why.
+    pub event_loops: usize,
 }
 
 impl Default for ServerConfig {
@@ -65,6 +72,7 @@ impl Default for ServerConfig {
             max_connections: 100,
             handshake_max: Some(Duration::from_secs(10)),
             tls: None,
+            event_loops: 0,
         }
     }
 }
@@ -75,6 +83,7 @@ struct Inner {
     exports: Mutex<BTreeMap<String, Arc<Export>>>,
     stop: watch::Sender<bool>,
     slots: Option<Arc<Semaphore>>,
+    loops: Option<Loops>,
 }
 
 impl ExportSource for Inner {
@@ -103,24 +112,21 @@ pub struct NbdServer {
 
 /// A listening socket the server can accept clients from.
 trait Listener {
-    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    fn accept_stream(&self) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+    fn accept_socket(&self) -> impl Future<Output = io::Result<Socket>> + Send;
 }
 
 impl Listener for UnixListener {
-    type Stream = UnixStream;
-    async fn accept_stream(&self) -> io::Result<UnixStream> {
-        Ok(self.accept().await?.0)
+    async fn accept_socket(&self) -> io::Result<Socket> {
+        Ok(Socket::Unix(self.accept().await?.0))
     }
 }
 
 impl Listener for TcpListener {
-    type Stream = TcpStream;
-    async fn accept_stream(&self) -> io::Result<TcpStream> {
+    async fn accept_socket(&self) -> io::Result<Socket> {
         let (stream, _) = self.accept().await?;
         // Small replies must leave at once: no Nagle delay.
         stream.set_nodelay(true)?;
-        Ok(stream)
+        Ok(Socket::Tcp(stream))
     }
 }
 
@@ -131,12 +137,24 @@ impl NbdServer {
             0 => None,
             n => Some(Arc::new(Semaphore::new(n as usize))),
         };
+        let loops = match config.event_loops {
+            0 => None,
+            n => match Loops::start(n) {
+                Ok(loops) => Some(loops),
+                Err(e) => {
+                    // Still a working server: connections stay where they were accepted.
+                    tracing::warn!(error = %e, "cannot start the NBD event loops");
+                    None
+                }
+            },
+        };
         NbdServer {
             inner: Arc::new(Inner {
                 config,
                 exports: Mutex::new(BTreeMap::new()),
                 stop: watch::channel(false).0,
                 slots,
+                loops,
             }),
         }
     }
@@ -174,7 +192,7 @@ impl NbdServer {
                 },
             };
             let stream = tokio::select! {
-                s = listener.accept_stream() => s,
+                s = listener.accept_socket() => s,
                 _ = stop.changed() => continue,
             };
             match stream {
@@ -197,19 +215,24 @@ impl NbdServer {
     /// Serves one already-connected client (any byte stream, e.g. a socket from an
     /// inherited fd) until it disconnects or the server stops; with TLS configured the
     /// client must start TLS on it. Such a client is not counted against
-    /// `max_connections`.
+    /// `max_connections`. If the export it picks has a [`runtime`](ExportConfig::runtime),
+    /// the transmission phase runs there, but the stream stays registered with the reactor
+    /// it was made in (the server cannot move a stream it does not know).
     pub async fn serve_connection<S>(&self, stream: S)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        self.run_client(stream, None).await
+        self.run_client(Fixed(stream), None).await
     }
 
+    /// The handshake here; then the transmission phase here or, if the export has a
+    /// runtime, in a task there with the stream moved to that runtime's reactor. Returns
+    /// when the connection is over either way, so that the permit and the export lease are
+    /// held (by the task that serves the connection) exactly as long as it lives.
     async fn run_client<S>(&self, stream: S, permit: Option<OwnedSemaphorePermit>)
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: AsyncRead + AsyncWrite + Rebind + Unpin + Send + 'static,
     {
-        let _permit = permit;
         let mut stop = self.inner.stop.subscribe();
         if *stop.borrow() {
             return;
@@ -241,9 +264,49 @@ impl NbdServer {
                 return;
             }
         };
-        let _lease = session.export.lease();
+        let lease = session.export.lease();
         let name = session.export.name.clone();
-        if let Err(e) = transmission::run(stream, session, stop).await {
+        // Where the transmission runs: the export's runtime, else one of the server's loops
+        // (for a stream that can move there), else here.
+        let target = match session.export.runtime.clone() {
+            Some(runtime) => Some((runtime, None)),
+            None if stream.movable() => self
+                .inner
+                .loops
+                .as_ref()
+                .and_then(Loops::pick)
+                .map(|(handle, lease)| (handle, Some(lease))),
+            None => None,
+        };
+        let served = match target {
+            None => {
+                let _held = (permit, lease);
+                transmission::run(stream, session, stop).await
+            }
+            Some((runtime, on_loop)) => {
+                let mut stream = stream;
+                if let Err(e) = stream.rebind(&runtime) {
+                    tracing::warn!(export = %name, error = %e, "NBD client could not move to its event loop");
+                    return;
+                }
+                // The task owns what the connection holds: if this future is dropped (its
+                // runtime shutting down), the connection still ends with its requests
+                // answered and only then releases the export.
+                let task = runtime.spawn(async move {
+                    let _held = (permit, lease, on_loop);
+                    transmission::run(stream, session, stop).await
+                });
+                match task.await {
+                    Ok(served) => served,
+                    Err(e) => {
+                        // The iothread's runtime was shut down under the connection.
+                        tracing::info!(export = %name, error = %e, "NBD client dropped");
+                        return;
+                    }
+                }
+            }
+        };
+        if let Err(e) = served {
             tracing::info!(export = %name, error = %e, "NBD client disconnected");
         }
     }

@@ -20,7 +20,8 @@ use crate::proto::{
     Command, NbdErrno, RequestHeader, COMPACT_REQUEST_SIZE, EXTENDED_REQUEST_SIZE, MAX_PAYLOAD,
     MAX_STRING_SIZE, REPLY_FLAG_DONE,
 };
-use crate::splice::{self, Pipe, Pipes, SpliceSink, SPLICE_MIN};
+use crate::socket::Rebind;
+use crate::splice::{Pipe, Pipes, SpliceSink, SPLICE_MIN};
 use block_core::{DirtyBitmap, Node, WriteFlags, ZeroFlags};
 use bytes::{Buf, BytesMut};
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -1123,11 +1124,11 @@ pub(crate) async fn run<S>(
     stop: watch::Receiver<bool>,
 ) -> Result<(), ConnError>
 where
-    S: AsyncRead + AsyncWrite + Unpin + 'static,
+    S: AsyncRead + AsyncWrite + Rebind + Unpin,
 {
     let export = Arc::clone(&session.export);
     // Zero-copy reads need the plaintext socket under the stream and pipes.
-    let sink = splice::socket_fd(&stream).and_then(|fd| SpliceSink::new(fd).ok());
+    let sink = stream.splice_fd().and_then(|fd| SpliceSink::new(fd).ok());
     let pipes = sink.as_ref().and_then(|_| Pipes::new());
     let conn = Conn {
         pipes,

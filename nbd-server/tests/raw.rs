@@ -204,6 +204,7 @@ fn handshake_deadline_drops_silent_client() {
             max_connections: 0,
             handshake_max: Some(Duration::from_millis(200)),
             tls: None,
+            ..ServerConfig::default()
         },
         true,
     );
@@ -229,6 +230,7 @@ fn connection_limit_waits_for_a_free_slot() {
             max_connections: 1,
             handshake_max: None,
             tls: None,
+            ..ServerConfig::default()
         },
         true,
     );

@@ -220,6 +220,7 @@ fn nbdinfo_json_list_map() {
             max_connections: 1,
             handshake_max: None,
             tls: None,
+            ..ServerConfig::default()
         },
         true,
     );
