@@ -53,7 +53,7 @@ struct Export {
     node_name: String,
     kind: ExportKind,
     shutting_down: Arc<AtomicBool>,
-    /// The iothread the export's I/O runs in (FUSE exports), which may not be deleted
+    /// The iothread the export's I/O runs in (NBD and FUSE exports), which may not be deleted
     /// while the export lives.
     iothread: Option<String>,
 }
@@ -702,6 +702,17 @@ impl Daemon {
         config.writethrough = o.writethrough.unwrap_or(false);
         config.bitmaps = bitmaps;
         config.allocation_depth = o.allocation_depth.unwrap_or(false);
+        // As QEMU: the listener and the handshake stay on the main loop; a client that picked
+        // this export moves to its iothread, where all of its requests run. `fixed-iothread`
+        // needs nothing here: nodes have no AioContext to move, so the export always gets
+        // the iothread it asked for.
+        config.runtime = match o.iothread.as_deref() {
+            Some(name) => match self.lock_objects().get(name).map(|e| &e.object) {
+                Some(Object::IoThread(t)) => Some(t.handle().clone()),
+                _ => return Err(generic(format!("iothread \"{name}\" not found"))),
+            },
+            None => None,
+        };
         // The server checks, as QEMU does, that each bitmap may be exported (not busy, not
         // inconsistent, not recording on a read-only export) and marks them busy.
         server
@@ -713,7 +724,8 @@ impl Daemon {
                 node_name: o.node_name,
                 kind: ExportKind::Nbd { name },
                 shutting_down: Arc::new(AtomicBool::new(false)),
-                iothread: None,
+                // `object-del` refuses to end an iothread an export runs in.
+                iothread: o.iothread,
             },
         );
         Ok(json!({}))

@@ -1,8 +1,8 @@
 //! Exports with their own runtime (`ExportConfig::runtime`, QEMU's `iothread`): after the
 //! handshake a client's connection moves there, and every call into the block layer runs on
 //! that runtime's thread. The driver records the thread of each call; clients are a raw
-//! client over unix and TCP sockets, a stream handed to `serve_connection`, and qemu-io over
-//! TLS.
+//! client over unix and TCP sockets (in plaintext and TLS), a stream handed to
+//! `serve_connection`, and qemu-io over TLS.
 
 mod common;
 
@@ -251,44 +251,9 @@ struct Client<S: Read + Write> {
 impl<S: Read + Write> Client<S> {
     /// Greets, picks export `e`; returns the client and the export's size.
     fn connect(mut s: S) -> (Self, u64) {
-        let mut greeting = [0u8; 18];
-        s.read_exact(&mut greeting).unwrap();
-        assert_eq!(&greeting[..8], b"NBDMAGIC");
-        assert_eq!(
-            u64::from_be_bytes(greeting[8..16].try_into().unwrap()),
-            IHAVEOPT
-        );
-        // NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES
-        s.write_all(&3u32.to_be_bytes()).unwrap();
-        let mut opt = Vec::new();
-        opt.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        opt.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
-        opt.extend_from_slice(&7u32.to_be_bytes()); // name length + name + 0 info requests
-        opt.extend_from_slice(&1u32.to_be_bytes());
-        opt.extend_from_slice(b"e");
-        opt.extend_from_slice(&0u16.to_be_bytes());
-        s.write_all(&opt).unwrap();
-        let mut size = None;
-        loop {
-            let mut h = [0u8; 20];
-            s.read_exact(&mut h).unwrap();
-            assert_eq!(
-                u64::from_be_bytes(h[..8].try_into().unwrap()),
-                0x0003_e889_0455_65a9
-            );
-            let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
-            let mut data = vec![0; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
-            s.read_exact(&mut data).unwrap();
-            match ty {
-                1 => break, // NBD_REP_ACK
-                3 if data[..2] == [0, 0] => {
-                    size = Some(u64::from_be_bytes(data[2..10].try_into().unwrap()))
-                }
-                3 => {}
-                other => panic!("reply type {other:#x}: {}", String::from_utf8_lossy(&data)),
-            }
-        }
-        (Client { s }, size.expect("no NBD_INFO_EXPORT"))
+        greet(&mut s);
+        let size = go(&mut s);
+        (Client { s }, size)
     }
 
     fn send(&mut self, ty: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) {
@@ -361,6 +326,59 @@ impl<S: Read + Write> Client<S> {
             other => panic!("expected the connection closed, got {other:?}"),
         }
     }
+}
+
+/// Reads the greeting and sends the client flags.
+fn greet(s: &mut (impl Read + Write)) {
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    assert_eq!(
+        u64::from_be_bytes(greeting[8..16].try_into().unwrap()),
+        IHAVEOPT
+    );
+    // NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+}
+
+/// Sends option `opt` and reads its replies up to `NBD_REP_ACK`; returns the size of an
+/// `NBD_INFO_EXPORT` reply if there was one.
+fn option(s: &mut (impl Read + Write), opt: u32, data: &[u8]) -> Option<u64> {
+    let mut m = Vec::new();
+    m.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    m.extend_from_slice(&opt.to_be_bytes());
+    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    m.extend_from_slice(data);
+    s.write_all(&m).unwrap();
+    let mut size = None;
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).unwrap();
+        assert_eq!(
+            u64::from_be_bytes(h[..8].try_into().unwrap()),
+            0x0003_e889_0455_65a9
+        );
+        let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let mut data = vec![0; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
+        s.read_exact(&mut data).unwrap();
+        match ty {
+            1 => return size, // NBD_REP_ACK
+            3 if data[..2] == [0, 0] => {
+                size = Some(u64::from_be_bytes(data[2..10].try_into().unwrap()))
+            }
+            3 => {}
+            other => panic!("reply type {other:#x}: {}", String::from_utf8_lossy(&data)),
+        }
+    }
+}
+
+/// `NBD_OPT_GO` for export `e`; returns its size.
+fn go(s: &mut (impl Read + Write)) -> u64 {
+    // Name length, name, no information request.
+    let mut data = 1u32.to_be_bytes().to_vec();
+    data.extend_from_slice(b"e");
+    data.extend_from_slice(&0u16.to_be_bytes());
+    option(s, 7, &data).expect("no NBD_INFO_EXPORT")
 }
 
 /// Writes 1 MiB at 1 MiB, reads it back and flushes through `stream`; checks the data on the
@@ -617,6 +635,23 @@ impl Pki {
         Pki { dir }
     }
 
+    /// A rustls client trusting the CA, for an in-process TLS client.
+    fn client(&self) -> Arc<rustls::ClientConfig> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::CertificateDer;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(self.dir.path().join("ca-cert.pem")).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Arc::new(cfg)
+    }
+
     fn config(&self) -> TlsConfig {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -685,4 +720,41 @@ fn tls_clients_run_in_the_iothread() {
         );
         assert_all_on(&f.threads(), IOTHREAD);
     }
+}
+
+/// STARTTLS then `NBD_OPT_GO` inside TLS, with rustls over a blocking socket.
+fn tls_client<T: Read + Write>(
+    mut sock: T,
+    cfg: Arc<rustls::ClientConfig>,
+) -> Client<rustls::StreamOwned<rustls::ClientConnection, T>> {
+    greet(&mut sock);
+    // NBD_OPT_STARTTLS: an ACK, then the TLS handshake on the same stream.
+    assert_eq!(option(&mut sock, 5, &[]), None);
+    let conn = rustls::ClientConnection::new(cfg, "localhost".try_into().unwrap()).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, sock);
+    assert_eq!(go(&mut s), 4 * MIB);
+    Client { s }
+}
+
+#[test]
+fn a_moved_tls_client_outlives_the_main_runtime() {
+    if !have("certtool") {
+        return;
+    }
+    let pki = Pki::new();
+    let mut f = Fixture::new(MemDisk::new(4 * MIB), true, Some(pki.config()));
+    let mut unix = tls_client(f.unix(), pki.client());
+    let mut tcp = tls_client(f.tcp(), pki.client());
+    assert_eq!(unix.read(0, 512), vec![0; 512]);
+    assert_eq!(tcp.read(0, 512), vec![0; 512]);
+    // The TLS session stays, the socket under it moved to the iothread's reactor.
+    f.shut_main_down();
+    let data = pattern(128 * 1024, 21);
+    unix.write(0, &data);
+    assert!(unix.read(0, data.len() as u32) == data);
+    tcp.write(MIB, &data);
+    assert!(tcp.read(MIB, data.len() as u32) == data);
+    unix.disconnect();
+    tcp.disconnect();
+    assert_all_on(&f.threads(), IOTHREAD);
 }
