@@ -150,6 +150,16 @@ struct Fixture {
 
 impl Fixture {
     fn new(disk: MemDisk, on_iothread: bool, tls: Option<TlsConfig>) -> Fixture {
+        Fixture::with_loops(disk, on_iothread, tls, 0)
+    }
+
+    /// As [`Fixture::new`], on a server with `event_loops` connection loops.
+    fn with_loops(
+        disk: MemDisk,
+        on_iothread: bool,
+        tls: Option<TlsConfig>,
+        event_loops: usize,
+    ) -> Fixture {
         let disk = Arc::new(disk);
         let (tx, calls) = mpsc::channel();
         let driver = Arc::new(Recording {
@@ -166,6 +176,7 @@ impl Fixture {
         let iothread = on_iothread.then(IoThread::spawn);
         let server = NbdServer::new(ServerConfig {
             tls,
+            event_loops,
             ..ServerConfig::default()
         });
         let mut export = ExportConfig::new("e", node.attach("export 'e'", true).unwrap());
@@ -423,6 +434,31 @@ fn without_a_runtime_clients_run_where_they_were_accepted() {
     assert_all_on(&f.threads(), MAIN);
     exchange(&f, f.tcp(), 4);
     assert_all_on(&f.threads(), MAIN);
+}
+
+#[test]
+fn with_event_loops_clients_spread_over_them_unless_the_export_has_a_runtime() {
+    let f = Fixture::with_loops(MemDisk::new(4 * MIB), false, None, 2);
+    // Two clients at once: one on each loop, none on the accepting runtime.
+    let (mut a, _) = Client::connect(f.unix());
+    let (mut b, _) = Client::connect(f.tcp());
+    let data = pattern(64 * 1024, 7);
+    a.write(0, &data);
+    let on_a = f.threads();
+    assert!(b.read(0, data.len() as u32) == data);
+    let on_b = f.threads();
+    assert!(!on_a.is_empty() && !on_b.is_empty());
+    assert!(
+        on_a.iter().chain(&on_b).all(|t| t.starts_with("nbd-loop-")),
+        "{on_a:?} {on_b:?}"
+    );
+    assert_ne!(on_a[0], on_b[0], "two connections, two loops");
+    a.disconnect();
+    b.disconnect();
+    // An export's own runtime wins over the loops.
+    let f = Fixture::with_loops(MemDisk::new(4 * MIB), true, None, 2);
+    exchange(&f, f.unix(), 8);
+    assert_all_on(&f.threads(), IOTHREAD);
 }
 
 #[test]
