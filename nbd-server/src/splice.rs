@@ -192,6 +192,25 @@ impl SpliceSink {
     }
 }
 
+/// Asks for a send buffer of `bytes` on a socket (`SO_SNDBUF`); the kernel caps it at
+/// `net.core.wmem_max`. Best effort: a failure leaves the default.
+pub(crate) fn set_send_buffer(socket: RawFd, bytes: usize) {
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: SO_SNDBUF takes an int, passed by pointer with its size, valid for the call.
+    let r = unsafe {
+        libc::setsockopt(
+            socket,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "SO_SNDBUF");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,6 +255,34 @@ mod tests {
         pipes.put(pipe);
         assert_eq!(reader.await.expect("reader"), data);
         let _ = &mut src;
+    }
+
+    #[test]
+    fn send_buffer_grows() {
+        fn sndbuf(fd: RawFd) -> libc::c_int {
+            let mut v: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt writes at most `len` bytes into `v`.
+            let r = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDBUF,
+                    (&mut v as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(r, 0);
+            v
+        }
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let before = sndbuf(a.as_raw_fd());
+        set_send_buffer(a.as_raw_fd(), 1 << 20);
+        assert!(
+            sndbuf(a.as_raw_fd()) > before,
+            "{before} -> {}",
+            sndbuf(a.as_raw_fd())
+        );
     }
 
     fn tempfile_with(data: &[u8]) -> std::fs::File {
