@@ -3,7 +3,9 @@
 
 Every server exports the same 1 GiB raw image (page-cached), one after another in one run,
 for several rounds. Printed: the median of each measurement, its ratio to QSD, and each
-daemon's peak RSS. Usage:
+daemon's peak RSS; then the server's CPU time per GiB or per request (user + system, from
+/proc, all its threads), which decides the throughput when client and server share the
+cores and varies less from run to run. Usage:
 
     cargo build --release -p blockexportd
     bench/nbd.py [--rounds 3] [--seconds 5] [--binary target/release/blockexportd]
@@ -114,6 +116,13 @@ def make_pki(root):
             os.chmod(os.path.join(dirpath, f), 0o644)
 
 
+def cpu_seconds(pid):
+    """User + system time of a process, threads that ended included."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_kib(pid):
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -178,6 +187,7 @@ def main():
              ("4k randread QD32 (IOPS)", lambda u: fio(u, "randread", args.seconds)),
              ("4k randwrite QD32 (IOPS)", lambda u: fio(u, "randwrite", args.seconds))]
     results = {}  # (transport, test, server) -> [values]
+    cpu = {}  # (transport, test, server) -> [server CPU seconds per GiB, or µs per request]
     rss = {s: 0 for s in servers}
     for rnd in range(args.rounds):
         for transport in args.transports.split(","):
@@ -196,8 +206,13 @@ def main():
                     for name, fn in tests:
                         if transport == "tls" and "randwrite" in name:
                             continue
+                        c0 = cpu_seconds(proc.pid)
                         v = fn(uri)
+                        c = cpu_seconds(proc.pid) - c0
                         results.setdefault((transport, name, server), []).append(v)
+                        # nbdcopy moves 1 GiB; fio runs `seconds` at v requests per second.
+                        per = c if "GiB" in name else c * 1e6 / (v * args.seconds)
+                        cpu.setdefault((transport, name, server), []).append(per)
                         print(f"round {rnd + 1} {transport:4} {server:20} {name:34} {v:12.2f}",
                               file=sys.stderr, flush=True)
                     rss[server] = max(rss[server], peak_rss_kib(proc.pid))
@@ -225,6 +240,20 @@ def main():
                 cells.append(fmt)
             print(f"| {transport} | {name} | " + " | ".join(cells) + " |")
     print(f"| | peak RSS (MiB) | " + " | ".join(f"{rss[s] / 1024:.1f}" for s in servers) + " |")
+    print()
+    print("Server CPU time (lower is better): seconds per GiB for nbdcopy, µs per request for fio.")
+    print()
+    print(f"| transport | test | " + " | ".join(servers) + " |")
+    print("|---|---|" + "---|" * len(servers))
+    for transport in args.transports.split(","):
+        for name, _ in tests:
+            if (transport, name, servers[0]) not in cpu:
+                continue
+            unit = "s/GiB" if "GiB" in name else "µs/req"
+            row = name.split(" (")[0] + f" ({unit})"
+            cells = [f"{statistics.median(cpu[(transport, name, s)]):.{3 if 'GiB' in name else 1}f}"
+                     for s in servers]
+            print(f"| {transport} | {row} | " + " | ".join(cells) + " |")
     shutil.rmtree(work)
 
 

@@ -38,6 +38,7 @@ fn main() -> ExitCode {
     } else {
         None
     };
+    process::raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("blockexportd")

@@ -1,9 +1,29 @@
-//! Process matters: `--daemonize` and `--pidfile`.
+//! Process matters: `--daemonize`, `--pidfile`, the descriptor limit.
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+
+/// Raises the soft limit on open descriptors to the hard one. Each NBD client holds its
+/// socket and up to 16 pipes for zero-copy reads (32 descriptors), each image its file; the
+/// usual soft limit of 1024 would run out well before `max-connections` (100) clients.
+/// Best effort: on failure the limit stays.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one `rlimit` through the pointer, which points at `lim`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0
+        || lim.rlim_cur >= lim.rlim_max
+    {
+        return;
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: setrlimit reads one `rlimit` through the pointer, which points at `lim`.
+    let _ = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+}
 
 /// The write end of the pipe that tells the waiting parent how startup went.
 #[derive(Debug)]

@@ -16,7 +16,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -27,7 +27,11 @@ pub(crate) const SPLICE_MIN: u64 = 32 * 1024;
 /// The capacity asked of each pipe.
 const PIPE_SIZE: usize = 1 << 20;
 /// Idle pipes kept per connection.
-const POOL_MAX: usize = 16;
+const POOL_MAX: usize = 8;
+/// Pipes a connection may hold at once (two descriptors each); past that, reads are copied.
+const PIPES_MAX: usize = 16;
+/// Smaller pipes (a host that refuses to grow them) are not worth a splice.
+const PIPE_MIN: usize = 64 * 1024;
 
 static SPLICED: AtomicU64 = AtomicU64::new(0);
 
@@ -42,13 +46,21 @@ pub fn spliced_bytes() -> u64 {
 pub(crate) struct Pipe {
     read: OwnedFd,
     write: Arc<OwnedFd>,
+    /// The pool's count of live pipes, one less when this one is closed.
+    live: Arc<AtomicUsize>,
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Pipe {
     /// A non-blocking pipe of (at least) `size` bytes, or less when the host limits pipe
     /// sizes (`/proc/sys/fs/pipe-max-size` for unprivileged processes); returns it with its
     /// capacity.
-    fn new(size: usize) -> io::Result<(Pipe, usize)> {
+    fn new(size: usize, live: &Arc<AtomicUsize>) -> io::Result<(Pipe, usize)> {
         let mut fds = [0 as RawFd; 2];
         // SAFETY: `fds` has room for the two descriptors pipe2 writes.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
@@ -66,10 +78,12 @@ impl Pipe {
         if cap <= 0 {
             return Err(io::Error::last_os_error());
         }
+        live.fetch_add(1, Ordering::Relaxed);
         Ok((
             Pipe {
                 read,
                 write: Arc::new(write),
+                live: Arc::clone(live),
             },
             cap as usize,
         ))
@@ -86,15 +100,21 @@ impl Pipe {
 pub(crate) struct Pipes {
     free: Mutex<Vec<Pipe>>,
     capacity: usize,
+    live: Arc<AtomicUsize>,
 }
 
 impl Pipes {
-    /// A pool, or `None` when the host gives no pipes.
+    /// A pool, or `None` when the host gives no pipes (or only small ones).
     pub(crate) fn new() -> Option<Pipes> {
-        let (first, capacity) = Pipe::new(PIPE_SIZE).ok()?;
+        let live = Arc::new(AtomicUsize::new(0));
+        let (first, capacity) = Pipe::new(PIPE_SIZE, &live).ok()?;
+        if capacity < PIPE_MIN {
+            return None;
+        }
         Some(Pipes {
             free: Mutex::new(vec![first]),
             capacity,
+            live,
         })
     }
 
@@ -103,12 +123,16 @@ impl Pipes {
         self.capacity
     }
 
-    /// An empty pipe; `None` when none can be made (e.g. out of descriptors).
+    /// An empty pipe; `None` when the connection holds [`PIPES_MAX`] already or none can be
+    /// made (e.g. out of descriptors).
     pub(crate) fn take(&self) -> Option<Pipe> {
         if let Some(p) = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop() {
             return Some(p);
         }
-        match Pipe::new(self.capacity) {
+        if self.live.load(Ordering::Relaxed) >= PIPES_MAX {
+            return None;
+        }
+        match Pipe::new(self.capacity, &self.live) {
             Ok((p, cap)) if cap >= self.capacity => Some(p),
             _ => None,
         }
@@ -255,6 +279,23 @@ mod tests {
         pipes.put(pipe);
         assert_eq!(reader.await.expect("reader"), data);
         let _ = &mut src;
+    }
+
+    #[test]
+    fn a_connection_holds_at_most_pipes_max_pipes() {
+        let pipes = Pipes::new().expect("pipes");
+        let mut held: Vec<Pipe> = (0..PIPES_MAX)
+            .map(|_| pipes.take().expect("pipe"))
+            .collect();
+        assert!(pipes.take().is_none(), "one pipe too many");
+        // A pipe closed (dropped dirty) makes room; one given back is reused.
+        held.pop();
+        let again = pipes.take().expect("room again");
+        pipes.put(again);
+        assert_eq!(pipes.idle(), 1);
+        let _kept = pipes.take().expect("the idle one");
+        assert_eq!(pipes.idle(), 0);
+        assert!(pipes.take().is_none(), "full again");
     }
 
     #[test]

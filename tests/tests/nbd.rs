@@ -80,6 +80,34 @@ fn raw_export_reads_and_writes_byte_for_byte() {
     );
 }
 
+/// The daemon raises its soft descriptor limit to the hard one (NBD clients hold pipes for
+/// zero-copy reads).
+#[test]
+fn descriptor_limit_is_raised_to_the_hard_limit() {
+    // Start it with a soft limit below the hard one (inherited from this test process; the
+    // other tests here need few descriptors).
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read or write one `rlimit` through a pointer to `lim`.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        lim.rlim_cur = lim.rlim_max.min(256);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+    }
+    let (d, _image) = start_with_image("raw", false);
+    let pid = d.child.as_ref().expect("running").id();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files");
+    let v: Vec<&str> = line.split_whitespace().collect();
+    // "Max open files  SOFT  HARD  files"
+    assert_eq!(v[3], v[4], "{line}");
+}
+
 #[test]
 fn qcow2_export_matches_the_image() {
     if !require_tools(&["qemu-img", "qemu-io"]) {
