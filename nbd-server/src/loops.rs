@@ -14,13 +14,21 @@ use std::sync::Arc;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
+/// What the server and the connections on a loop share. The loop thread runs until the last
+/// holder is gone (the server and every lease): a connection is never cut off by the server
+/// being dropped before it ends.
+#[derive(Debug)]
+struct Shared {
+    clients: AtomicUsize,
+    /// Dropped with the last holder: the thread then returns and its runtime ends.
+    _stop: oneshot::Sender<()>,
+}
+
 /// One loop thread.
 #[derive(Debug)]
 struct Loop {
     handle: Handle,
-    clients: Arc<AtomicUsize>,
-    /// Dropped with the loop: the thread then returns and its runtime ends.
-    _stop: oneshot::Sender<()>,
+    shared: Arc<Shared>,
 }
 
 /// The server's connection loops.
@@ -29,13 +37,13 @@ pub(crate) struct Loops {
     loops: Vec<Loop>,
 }
 
-/// A connection counted on its loop until dropped.
+/// A connection counted on its loop, and keeping it running, until dropped.
 #[derive(Debug)]
-pub(crate) struct LoopLease(Arc<AtomicUsize>);
+pub(crate) struct LoopLease(Arc<Shared>);
 
 impl Drop for LoopLease {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.clients.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -58,8 +66,10 @@ impl Loops {
                 })?;
             loops.push(Loop {
                 handle,
-                clients: Arc::new(AtomicUsize::new(0)),
-                _stop: stop,
+                shared: Arc::new(Shared {
+                    clients: AtomicUsize::new(0),
+                    _stop: stop,
+                }),
             });
         }
         Ok(Loops { loops })
@@ -70,9 +80,9 @@ impl Loops {
         let l = self
             .loops
             .iter()
-            .min_by_key(|l| l.clients.load(Ordering::Relaxed))?;
-        l.clients.fetch_add(1, Ordering::Relaxed);
-        Some((l.handle.clone(), LoopLease(Arc::clone(&l.clients))))
+            .min_by_key(|l| l.shared.clients.load(Ordering::Relaxed))?;
+        l.shared.clients.fetch_add(1, Ordering::Relaxed);
+        Some((l.handle.clone(), LoopLease(Arc::clone(&l.shared))))
     }
 }
 
@@ -100,6 +110,14 @@ mod tests {
         });
         let name = rx.recv().expect("the loop runs the task");
         assert!(name.is_some_and(|n| n.starts_with("nbd-loop-")));
+        // A lease keeps its loop running after the server dropped the loops.
+        drop(loops);
+        let (tx, rx) = std::sync::mpsc::channel();
+        b.spawn(async move {
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the leased loop still runs tasks");
         drop(lb);
         assert!(Loops::start(0).expect("no loops").pick().is_none());
     }

@@ -8,7 +8,7 @@
 
 use crate::tls::MaybeTls;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -29,7 +29,7 @@ pub(crate) trait Rebind {
 
     /// The plaintext socket under the stream, which zero-copy read replies may splice into
     /// (see [`crate::splice`]); `None` under TLS and for streams the server did not accept.
-    fn splice_fd(&self) -> Option<RawFd> {
+    fn splice_fd(&self) -> Option<BorrowedFd<'_>> {
         None
     }
 }
@@ -70,10 +70,10 @@ impl Rebind for Socket {
         Ok(())
     }
 
-    fn splice_fd(&self) -> Option<RawFd> {
+    fn splice_fd(&self) -> Option<BorrowedFd<'_>> {
         match self {
-            Socket::Unix(s) => Some(s.as_raw_fd()),
-            Socket::Tcp(s) => Some(s.as_raw_fd()),
+            Socket::Unix(s) => Some(s.as_fd()),
+            Socket::Tcp(s) => Some(s.as_fd()),
             Socket::Detached => None,
         }
     }
@@ -95,7 +95,7 @@ impl<S: Rebind> Rebind for MaybeTls<S> {
         }
     }
 
-    fn splice_fd(&self) -> Option<RawFd> {
+    fn splice_fd(&self) -> Option<BorrowedFd<'_>> {
         match self {
             MaybeTls::Plain(s) => s.splice_fd(),
             // Bytes on the socket are TLS records, not the reply.

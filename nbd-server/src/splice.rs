@@ -15,8 +15,8 @@
 //! which NBD, like any block device, promises no order.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -93,6 +93,29 @@ impl Pipe {
     pub(crate) fn write_end(&self) -> &Arc<OwnedFd> {
         &self.write
     }
+
+    /// Whether nothing waits in the pipe (`FIONREAD`); false when that cannot be told.
+    pub(crate) fn is_empty(&self) -> bool {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int through the pointer, which points at `n`; the
+        // descriptor is open while `self` lives.
+        let r = unsafe { libc::ioctl(self.read.as_raw_fd(), libc::FIONREAD, &mut n) };
+        r == 0 && n == 0
+    }
+}
+
+/// The size of a page, the unit a pipe slot holds.
+pub(crate) fn page_size() -> u64 {
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf has no preconditions.
+        let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if n > 0 {
+            n as u64
+        } else {
+            4096
+        }
+    })
 }
 
 /// A connection's idle pipes, all of the same capacity.
@@ -101,21 +124,41 @@ pub(crate) struct Pipes {
     free: Mutex<Vec<Pipe>>,
     capacity: usize,
     live: Arc<AtomicUsize>,
+    /// The node declined to splice: the connection stops asking.
+    declined: AtomicBool,
 }
 
 impl Pipes {
-    /// A pool, or `None` when the host gives no pipes (or only small ones).
+    /// An empty pool, or `None` when the host gives no pipes (or only small ones: an
+    /// unprivileged process past `fs.pipe-user-pages-soft`). The pipe made to learn the
+    /// capacity is closed again, so that an idle connection holds none.
     pub(crate) fn new() -> Option<Pipes> {
         let live = Arc::new(AtomicUsize::new(0));
-        let (first, capacity) = Pipe::new(PIPE_SIZE, &live).ok()?;
+        let (_probe, capacity) = Pipe::new(PIPE_SIZE, &live).ok()?;
         if capacity < PIPE_MIN {
             return None;
         }
         Some(Pipes {
-            free: Mutex::new(vec![first]),
+            free: Mutex::new(Vec::new()),
             capacity,
             live,
+            declined: AtomicBool::new(false),
         })
+    }
+
+    /// The longest read the connection can splice at once.
+    pub(crate) fn max_bytes(&self) -> usize {
+        self.capacity * PIPES_MAX
+    }
+
+    /// Remembers that the node cannot splice.
+    pub(crate) fn decline(&self) {
+        self.declined.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the node said it cannot splice.
+    pub(crate) fn declined(&self) -> bool {
+        self.declined.load(Ordering::Relaxed)
     }
 
     /// The bytes one pipe holds.
@@ -162,14 +205,8 @@ pub(crate) struct SpliceSink {
 
 impl SpliceSink {
     /// Registers a duplicate of `socket` with the current runtime.
-    pub(crate) fn new(socket: RawFd) -> io::Result<SpliceSink> {
-        // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller keeps open for the call.
-        let dup = unsafe { libc::fcntl(socket, libc::F_DUPFD_CLOEXEC, 0) };
-        if dup < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `dup` is a new descriptor owned by nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(dup) };
+    pub(crate) fn new(socket: BorrowedFd<'_>) -> io::Result<SpliceSink> {
+        let fd = socket.try_clone_to_owned()?;
         // SAFETY: `fd` is owned by the AsyncFd from here on, so it stays open for as long as
         // it is registered (the I/O-safety condition of `register_with_interest`).
         let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::WRITABLE) }
@@ -265,7 +302,7 @@ mod tests {
             left -= n as usize;
         }
         let (a, mut b) = tokio::net::UnixStream::pair().expect("pair");
-        let sink = SpliceSink::new(a.as_raw_fd()).expect("sink");
+        let sink = SpliceSink::new(std::os::fd::AsFd::as_fd(&a)).expect("sink");
         let reader = tokio::spawn(async move {
             use tokio::io::AsyncReadExt;
             let mut got = vec![0u8; 100_000];

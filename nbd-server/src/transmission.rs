@@ -21,7 +21,7 @@ use crate::proto::{
     MAX_STRING_SIZE, REPLY_FLAG_DONE,
 };
 use crate::socket::Rebind;
-use crate::splice::{Pipe, Pipes, SpliceSink, SPLICE_MIN};
+use crate::splice::{self, Pipe, Pipes, SpliceSink, SPLICE_MIN};
 use block_core::{DirtyBitmap, Node, WriteFlags, ZeroFlags};
 use bytes::{Buf, BytesMut};
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -620,13 +620,16 @@ impl Conn {
         let Some(pool) = &self.pipes else {
             return Ok(None);
         };
-        if len < SPLICE_MIN {
+        if len < SPLICE_MIN || len > pool.max_bytes() as u64 || pool.declined() {
             return Ok(None);
         }
-        let mut pipes = Vec::with_capacity(len.div_ceil(pool.capacity() as u64) as usize);
+        let mut pipes = Vec::new();
         let mut done = 0u64;
         while done < len {
-            let n = (len - done).min(pool.capacity() as u64) as usize;
+            // A pipe holds `capacity` bytes only from page boundaries: each of its slots
+            // takes (part of) one page, so a range starting inside a page needs one slot more.
+            let room = pool.capacity() - ((offset + done) % splice::page_size()) as usize;
+            let n = (len - done).min(room as u64) as usize;
             let Some(pipe) = pool.take() else {
                 return Ok(None);
             };
@@ -635,6 +638,14 @@ impl Conn {
                 .splice_read(offset + done, n, pipe.write_end())
                 .await?
             {
+                // A node that cannot splice leaves the pipe empty: keep it, and do not ask
+                // again on this connection. A partly filled pipe is dropped.
+                if pipe.is_empty() {
+                    pool.put(pipe);
+                    if done == 0 {
+                        pool.decline();
+                    }
+                }
                 return Ok(None);
             }
             pipes.push((pipe, n));
@@ -970,6 +981,8 @@ struct BufPool {
 impl BufPool {
     /// Buffers smaller than this are not kept.
     const MIN: usize = 64 * 1024;
+    /// Nor larger ones: a few huge reads must not pin their memory for the connection's life.
+    const MAX_SIZE: usize = 2 << 20;
     /// Buffers kept at most.
     const MAX: usize = 8;
 
@@ -977,8 +990,12 @@ impl BufPool {
     fn take(&self, len: usize) -> Vec<u8> {
         let found = {
             let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            // The smallest that fits.
             free.iter()
-                .position(|b| b.capacity() >= len)
+                .enumerate()
+                .filter(|(_, b)| b.capacity() >= len)
+                .min_by_key(|(_, b)| b.capacity())
+                .map(|(i, _)| i)
                 .map(|i| free.swap_remove(i))
         };
         match found {
@@ -997,7 +1014,7 @@ impl BufPool {
 
     /// Keeps `buf` for a later read if it is large and the pool is not full.
     fn put(&self, buf: Vec<u8>) {
-        if buf.capacity() < Self::MIN {
+        if buf.capacity() < Self::MIN || buf.capacity() > Self::MAX_SIZE {
             return;
         }
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
@@ -1366,9 +1383,14 @@ mod tests {
         // Larger than any pooled buffer: a new one.
         let bigger = bufs.take(512 * 1024);
         assert_ne!(bigger.as_ptr(), at);
-        // Small buffers are not kept.
+        // Small and huge buffers are not kept.
         bufs.put(vec![0; 100]);
+        bufs.put(vec![0; 4 << 20]);
         assert!(bufs.free.lock().unwrap().is_empty());
+        // The smallest buffer that fits is taken.
+        bufs.put(vec![0; 1 << 20]);
+        bufs.put(vec![0; 128 * 1024]);
+        assert_eq!(bufs.take(100 * 1024).capacity(), 128 * 1024);
     }
 
     #[test]

@@ -61,7 +61,12 @@ impl FileServer {
             .enable_all()
             .build()
             .unwrap();
-        let server = NbdServer::new(ServerConfig::default());
+        // On event loops, as blockexportd runs it: the pipes and the socket's second
+        // registration live in the loop the connection moved to.
+        let server = NbdServer::new(ServerConfig {
+            event_loops: 2,
+            ..ServerConfig::default()
+        });
         server
             .add_export(ExportConfig::new(
                 "e",
@@ -209,6 +214,17 @@ fn every_reply_form_reads_the_file_byte_for_byte() {
             }
         }
     }
+
+    // Starting inside a page, longer than one pipe: the chunks stop short of a pipe's
+    // capacity (a range starting mid-page takes one slot more).
+    let before_unaligned = nbd_server::spliced_bytes();
+    let mut s = connect(&t, &[8]);
+    send_request(&mut s, 1 << 2, 0, 150, 512, (2 * MIB + 4096) as u32);
+    let (got, types) = read_chunks(&mut s, 150, 512, 2 * MIB + 4096);
+    assert_eq!(types, vec![1]);
+    assert!(got == t.slice(512, 2 * MIB + 4096));
+    assert!(nbd_server::spliced_bytes() - before_unaligned >= 2 * MIB + 4096);
+    spliced += 2 * MIB + 4096;
 
     // Extended headers: a dense read with a 64-bit length field.
     let mut s = connect(&t, &[11]);

@@ -93,10 +93,22 @@ fn descriptor_limit_is_raised_to_the_hard_limit() {
     // SAFETY: getrlimit/setrlimit read or write one `rlimit` through a pointer to `lim`.
     unsafe {
         assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
-        lim.rlim_cur = lim.rlim_max.min(256);
+    }
+    let original = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max.min(256);
+    // SAFETY: as above.
+    unsafe {
         assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
     }
+    let soft = lim.rlim_cur;
     let (d, _image) = start_with_image("raw", false);
+    // Back to what it was for the other tests of this process.
+    lim.rlim_cur = original;
+    // SAFETY: as above.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    if soft == lim.rlim_max {
+        eprintln!("the hard descriptor limit is {soft}: nothing to raise");
+    }
     let pid = d.child.as_ref().expect("running").id();
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let line = limits
