@@ -132,7 +132,16 @@ fn qcow2_export_matches_the_image() {
         &["read -P 0x5a 0 1M", "write -P 0x33 12M 1M", "flush"],
     );
     let mut q = d.qmp();
-    q.ok("block-export-del", json!({"id": "exp0"}));
+    // qemu-io has exited, but the daemon may not have seen its connection end yet: a safe
+    // removal is refused until it has (as in QEMU).
+    loop {
+        let r = q.execute("block-export-del", json!({"id": "exp0"}));
+        match r["error"]["desc"].as_str() {
+            None => break,
+            Some("export 'exp0' still in use") => std::thread::yield_now(),
+            Some(other) => panic!("block-export-del: {other}"),
+        }
+    }
     q.wait_event("BLOCK_EXPORT_DELETED");
     q.ok("quit", json!({}));
     let out = d.wait();
