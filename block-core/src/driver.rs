@@ -12,6 +12,22 @@ use crate::error::Result;
 use async_trait::async_trait;
 use std::fmt::Debug;
 use std::os::fd::OwnedFd;
+
+/// The host's page size: the unit of the page cache, and of a pipe's slots (which matters to
+/// callers of [`BlockDriver::splice_read`]: a range starting inside a page takes one slot
+/// more).
+pub fn page_size() -> u64 {
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf has no preconditions.
+        let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if n > 0 {
+            n as u64
+        } else {
+            4096
+        }
+    })
+}
 use std::sync::Arc;
 
 /// Flags of a write request.

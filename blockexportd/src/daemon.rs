@@ -208,7 +208,7 @@ impl Daemon {
                 }
                 let _: qapi::IothreadProps = qmp_server::parse_arguments(props)?;
                 self.check_object_id(&id)?;
-                let thread = IoThread::spawn(&id)
+                let thread = IoThread::spawn(format!("iothread-{id}"))
                     .map_err(|e| generic(format!("Failed to create iothread: {e}")))?;
                 Object::IoThread(thread)
             }

@@ -1,54 +1,8 @@
 //! QOM-style objects: `iothread`, `tls-creds-x509` and the `authz-*` types.
 
-use std::thread::JoinHandle;
-use tokio::sync::oneshot;
-
-/// An `iothread` object: a dedicated OS thread running its own event loop.
-#[derive(Debug)]
-pub struct IoThread {
-    handle: tokio::runtime::Handle,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl IoThread {
-    /// Starts the thread `id` and its event loop.
-    pub fn spawn(id: &str) -> std::io::Result<IoThread> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let handle = rt.handle().clone();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name(format!("iothread-{id}"))
-            .spawn(move || {
-                rt.block_on(async {
-                    let _ = stopped.await;
-                });
-            })?;
-        Ok(IoThread {
-            handle,
-            stop: Some(stop),
-            thread: Some(thread),
-        })
-    }
-
-    /// The event loop's handle, to run an export's I/O there.
-    pub fn handle(&self) -> &tokio::runtime::Handle {
-        &self.handle
-    }
-}
-
-impl Drop for IoThread {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
+/// An `iothread` object: a dedicated OS thread running its own event loop, named
+/// `iothread-ID`.
+pub use block_core::IoThread;
 
 /// An object with what it was created with, for `qom-list` and `qom-get`.
 #[derive(Debug)]
@@ -124,21 +78,5 @@ impl Object {
             Object::TlsCreds(_) => "tls-creds-x509",
             Object::Authz(a) => a.qom_type(),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn iothread_runs_tasks_on_its_own_thread() {
-        let io = IoThread::spawn("t").unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        io.handle().spawn(async move {
-            let _ = tx.send(std::thread::current().name().map(str::to_string));
-        });
-        assert_eq!(rx.recv().unwrap().as_deref(), Some("iothread-t"));
-        drop(io);
     }
 }

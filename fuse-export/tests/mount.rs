@@ -710,32 +710,13 @@ fn unprivileged_export_through_fusermount3() {
     );
 }
 
-/// A current-thread runtime, driven by its own thread until `stop` is sent.
-fn current_thread_runtime() -> (
-    tokio::runtime::Handle,
-    tokio::sync::oneshot::Sender<()>,
-    std::thread::JoinHandle<()>,
-) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let handle = rt.handle().clone();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        rt.block_on(async move {
-            let _ = stopped.await;
-        })
-    });
-    (handle, stop, thread)
-}
-
 #[test]
 fn unmount_on_a_current_thread_runtime() {
     if !fuse_usable() {
         return;
     }
-    let (handle, stop, thread) = current_thread_runtime();
+    let iothread = block_core::IoThread::spawn("fuse-test-loop").unwrap();
+    let handle = iothread.handle().clone();
     let dir = tempfile::tempdir().unwrap();
     let driver = MemDriver::new(MIB);
     let node = block_core::Node::new("mem0", driver.clone(), vec![]);
@@ -781,6 +762,5 @@ fn unmount_on_a_current_thread_runtime() {
     driver.wait_for_flushes(flushes + 1);
     assert_eq!(&driver.contents()[..5], b"b.raw");
 
-    stop.send(()).unwrap();
-    thread.join().unwrap();
+    drop(iothread);
 }

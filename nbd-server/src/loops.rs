@@ -8,11 +8,11 @@
 //! spread connections over the cores. After the handshake the server moves each connection
 //! to the loop that has the fewest ([`Loops::pick`]).
 
+use block_core::IoThread;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::runtime::Handle;
-use tokio::sync::oneshot;
 
 /// What the server and the connections on a loop share. The loop thread runs until the last
 /// holder is gone (the server and every lease): a connection is never cut off by the server
@@ -20,21 +20,14 @@ use tokio::sync::oneshot;
 #[derive(Debug)]
 struct Shared {
     clients: AtomicUsize,
-    /// Dropped with the last holder: the thread then returns and its runtime ends.
-    _stop: oneshot::Sender<()>,
-}
-
-/// One loop thread.
-#[derive(Debug)]
-struct Loop {
-    handle: Handle,
-    shared: Arc<Shared>,
+    /// Dropped with the last holder: its loop then ends.
+    thread: IoThread,
 }
 
 /// The server's connection loops.
 #[derive(Debug)]
 pub(crate) struct Loops {
-    loops: Vec<Loop>,
+    loops: Vec<Arc<Shared>>,
 }
 
 /// A connection counted on its loop, and keeping it running, until dropped.
@@ -52,25 +45,10 @@ impl Loops {
     pub(crate) fn start(n: usize) -> io::Result<Loops> {
         let mut loops = Vec::with_capacity(n);
         for k in 0..n {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let handle = rt.handle().clone();
-            let (stop, stopped) = oneshot::channel::<()>();
-            std::thread::Builder::new()
-                .name(format!("nbd-loop-{k}"))
-                .spawn(move || {
-                    rt.block_on(async {
-                        let _ = stopped.await;
-                    });
-                })?;
-            loops.push(Loop {
-                handle,
-                shared: Arc::new(Shared {
-                    clients: AtomicUsize::new(0),
-                    _stop: stop,
-                }),
-            });
+            loops.push(Arc::new(Shared {
+                clients: AtomicUsize::new(0),
+                thread: IoThread::spawn(format!("nbd-loop-{k}"))?,
+            }));
         }
         Ok(Loops { loops })
     }
@@ -80,9 +58,9 @@ impl Loops {
         let l = self
             .loops
             .iter()
-            .min_by_key(|l| l.shared.clients.load(Ordering::Relaxed))?;
-        l.shared.clients.fetch_add(1, Ordering::Relaxed);
-        Some((l.handle.clone(), LoopLease(Arc::clone(&l.shared))))
+            .min_by_key(|l| l.clients.load(Ordering::Relaxed))?;
+        l.clients.fetch_add(1, Ordering::Relaxed);
+        Some((l.thread.handle().clone(), LoopLease(Arc::clone(l))))
     }
 }
 

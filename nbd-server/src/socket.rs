@@ -232,25 +232,6 @@ mod tests {
     use std::io::{Read, Write};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A runtime on a thread named `name`, as an iothread; stops when the sender is dropped.
-    fn iothread(name: &str) -> (Handle, tokio::sync::oneshot::Sender<()>) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let handle = rt.handle().clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || {
-                rt.block_on(async {
-                    let _ = stopped.await;
-                })
-            })
-            .unwrap();
-        (handle, stop)
-    }
-
     /// Makes the socket in a first runtime, moves it to an iothread, shuts the first runtime
     /// down (a socket still registered with it would fail from then on), and echoes a
     /// message through it there with a vectored write.
@@ -263,7 +244,8 @@ mod tests {
             let _guard = first.enter();
             make()
         };
-        let (handle, _stop) = iothread("socket-test");
+        let iothread = block_core::IoThread::spawn("socket-test").unwrap();
+        let handle = iothread.handle().clone();
         socket.rebind(&handle).unwrap();
         drop(first);
         let (tx, rx) = std::sync::mpsc::channel();
@@ -312,7 +294,8 @@ mod tests {
 
     #[test]
     fn a_detached_socket_fails_cleanly() {
-        let (handle, _stop) = iothread("socket-test-detached");
+        let iothread = block_core::IoThread::spawn("socket-test-detached").unwrap();
+        let handle = iothread.handle().clone();
         let mut s = Socket::Detached;
         assert_eq!(
             s.rebind(&handle).unwrap_err().kind(),

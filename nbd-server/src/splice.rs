@@ -104,20 +104,6 @@ impl Pipe {
     }
 }
 
-/// The size of a page, the unit a pipe slot holds.
-pub(crate) fn page_size() -> u64 {
-    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *PAGE.get_or_init(|| {
-        // SAFETY: sysconf has no preconditions.
-        let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        if n > 0 {
-            n as u64
-        } else {
-            4096
-        }
-    })
-}
-
 /// A connection's idle pipes, all of the same capacity.
 #[derive(Debug)]
 pub(crate) struct Pipes {

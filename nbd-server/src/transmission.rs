@@ -21,7 +21,7 @@ use crate::proto::{
     MAX_STRING_SIZE, REPLY_FLAG_DONE,
 };
 use crate::socket::Rebind;
-use crate::splice::{self, Pipe, Pipes, SpliceSink, SPLICE_MIN};
+use crate::splice::{Pipe, Pipes, SpliceSink, SPLICE_MIN};
 use block_core::{DirtyBitmap, Node, WriteFlags, ZeroFlags};
 use bytes::{Buf, BytesMut};
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -628,7 +628,8 @@ impl Conn {
         while done < len {
             // A pipe holds `capacity` bytes only from page boundaries: each of its slots
             // takes (part of) one page, so a range starting inside a page needs one slot more.
-            let room = pool.capacity() - ((offset + done) % splice::page_size()) as usize;
+            let room =
+                pool.capacity() - ((offset + done) % block_core::driver::page_size()) as usize;
             let n = (len - done).min(room as u64) as usize;
             let Some(pipe) = pool.take() else {
                 return Ok(None);

@@ -7,7 +7,7 @@
 mod common;
 
 use async_trait::async_trait;
-use block_core::{BlockDriver, Extent, Node, WriteFlags, ZeroFlags};
+use block_core::{BlockDriver, Extent, IoThread, Node, WriteFlags, ZeroFlags};
 use common::*;
 use nbd_server::{ExportConfig, NbdServer, RemoveMode, ServerConfig, TlsConfig};
 use std::io::{Read, Write};
@@ -92,46 +92,6 @@ impl BlockDriver for Recording {
     }
 }
 
-/// A runtime on its own named thread, as blockexportd's iothread object.
-struct IoThread {
-    handle: tokio::runtime::Handle,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl IoThread {
-    fn spawn() -> IoThread {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let handle = rt.handle().clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name(IOTHREAD.into())
-            .spawn(move || {
-                rt.block_on(async {
-                    let _ = stopped.await;
-                })
-            })
-            .unwrap();
-        IoThread {
-            handle,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for IoThread {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// A server with one export `e` (4 MiB, writable), on a unix and a TCP listener, run by a
 /// multi-thread runtime whose threads are named [`MAIN`]; with `on_iothread`, the export
 /// runs in an [`IoThread`].
@@ -173,14 +133,14 @@ impl Fixture {
             .enable_all()
             .build()
             .unwrap();
-        let iothread = on_iothread.then(IoThread::spawn);
+        let iothread = on_iothread.then(|| IoThread::spawn(IOTHREAD).unwrap());
         let server = NbdServer::new(ServerConfig {
             tls,
             event_loops,
             ..ServerConfig::default()
         });
         let mut export = ExportConfig::new("e", node.attach("export 'e'", true).unwrap());
-        export.runtime = iothread.as_ref().map(|t| t.handle.clone());
+        export.runtime = iothread.as_ref().map(|t| t.handle().clone());
         server.add_export(export).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("nbd.sock");

@@ -30,7 +30,7 @@ mod lock;
 
 pub use lock::{LockError, Perms};
 
-use crate::driver::{BlockDriver, Extent, ImageDetails, WriteFlags, ZeroFlags};
+use crate::driver::{page_size, BlockDriver, Extent, ImageDetails, WriteFlags, ZeroFlags};
 use crate::error::{BlockError, Result};
 use async_trait::async_trait;
 use std::fs::{File, OpenOptions};
@@ -570,19 +570,6 @@ fn clock() -> u64 {
         .get_or_init(std::time::Instant::now)
         .elapsed()
         .as_nanos() as u64
-}
-
-fn page_size() -> u64 {
-    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *PAGE.get_or_init(|| {
-        // SAFETY: sysconf has no preconditions.
-        let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        if n > 0 {
-            n as u64
-        } else {
-            4096
-        }
-    })
 }
 
 /// Moves `len` bytes at `offset` of `f` into the pipe `pipe` with `splice(2)`. `Ok(false)`:
