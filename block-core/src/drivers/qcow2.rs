@@ -813,6 +813,43 @@ impl Qcow2Driver {
     }
 }
 
+/// Splits `[offset, end)` at the clusters it covers only in part: returns `(head, tail)`, so
+/// that `[offset, head)` and `[tail, end)` lie in such clusters and `[head, tail)` is made of
+/// whole clusters (the last one may end at the image's end, which counts as whole).
+fn partial_ends(offset: u64, end: u64, cluster: u64, size: u64) -> (u64, u64) {
+    let head = if offset % cluster == 0 {
+        offset
+    } else {
+        end.min(offset.next_multiple_of(cluster))
+    };
+    let tail = if end % cluster == 0 || end == size {
+        end
+    } else {
+        head.max(end - end % cluster)
+    };
+    (head, tail)
+}
+
+/// Makes `[offset, offset + len)` read as zeroes without changing the mapping of anything
+/// outside it: parts that read as zeroes in this image are left alone, the others are
+/// written with zeroes like any data. Safe beside writes to the rest of the same clusters.
+async fn zero_in_place(acc: &Access, mut offset: u64, mut len: u64) -> io::Result<()> {
+    let mut zeroes = Vec::new();
+    while len > 0 {
+        let (mapping, n) = acc.get_shallow_mapping(offset, len).await?;
+        let n = n.clamp(1, len);
+        if !matches!(mapping, ShallowMapping::Zero { .. }) {
+            if zeroes.len() < n as usize {
+                zeroes.resize(n as usize, 0);
+            }
+            acc.write(&zeroes[..n as usize], offset).await?;
+        }
+        offset += n;
+        len -= n;
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl BlockDriver for Qcow2Driver {
     fn driver_name(&self) -> &'static str {
@@ -917,19 +954,32 @@ impl BlockDriver for Qcow2Driver {
             return Err(BlockError::NotFast);
         }
         let st = Arc::clone(&self.state);
-        let unmap = flags.may_unmap;
-        self.worker
-            .run(move || async move {
-                if unmap {
+        if flags.may_unmap {
+            self.worker
+                .run(move || async move {
                     let mut acc = st.exclusive().await?;
                     acc.discard_to_zero(offset, len).await
-                } else {
+                })
+                .await?
+                .map_err(|e| Self::err("zeroing qcow2", e))?;
+        } else {
+            // Beside writes (shared access): only whole clusters get a zero mapping. The
+            // clusters at the ends that the range covers only in part are never zeroed as a
+            // whole, since a write to their other part may be running: their part of the
+            // range is written as zeroes, unless it reads as zeroes already.
+            let (head, tail) = partial_ends(offset, end, cs, self.size());
+            self.worker
+                .run(move || async move {
                     let acc = st.shared().await?;
-                    acc.write_zeroes(offset, len).await
-                }
-            })
-            .await?
-            .map_err(|e| Self::err("zeroing qcow2", e))?;
+                    zero_in_place(&acc, offset, head - offset).await?;
+                    if tail > head {
+                        acc.write_zeroes(head, tail - head).await?;
+                    }
+                    zero_in_place(&acc, tail, end - tail).await
+                })
+                .await?
+                .map_err(|e| Self::err("zeroing qcow2", e))?;
+        }
         if flags.fua {
             self.flush_metadata().await?;
         }
@@ -1029,6 +1079,23 @@ impl BlockDriver for Qcow2Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partial_ends_split_at_partly_covered_clusters() {
+        const C: u64 = 65536;
+        const SIZE: u64 = 10 * C + 512;
+        // Aligned: nothing partial.
+        assert_eq!(partial_ends(C, 3 * C, C, SIZE), (C, 3 * C));
+        // Head and tail in part.
+        assert_eq!(partial_ends(4096, 2 * C + 8, C, SIZE), (C, 2 * C));
+        // Inside one cluster: all of it is the head.
+        assert_eq!(partial_ends(C + 10, C + 20, C, SIZE), (C + 20, C + 20));
+        // Up to the end of the image, whose last cluster is short: whole.
+        assert_eq!(partial_ends(10 * C, SIZE, C, SIZE), (10 * C, SIZE));
+        assert_eq!(partial_ends(9 * C + 1, SIZE, C, SIZE), (10 * C, SIZE));
+        // A tail in the short last cluster that stops before the end.
+        assert_eq!(partial_ends(9 * C, 10 * C + 8, C, SIZE), (9 * C, 10 * C));
+    }
 
     #[test]
     fn header_facts() {

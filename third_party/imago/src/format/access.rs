@@ -557,6 +557,31 @@ impl<S: Storage + 'static> FormatAccess<S> {
         true
     }
 
+    /// Give the zero-granularity unit `[unit_start, unit_end)` a zero mapping, of which only
+    /// `[offset, end)` is to be zeroed, if the rest of it reads as zero.
+    ///
+    /// Return whether the whole unit has a zero mapping now.
+    async fn zero_partial_unit(
+        &self,
+        unit_start: u64,
+        unit_end: u64,
+        offset: u64,
+        end: u64,
+    ) -> bool {
+        let head = unit_start..cmp::max(offset, unit_start);
+        let tail = cmp::min(end, unit_end)..unit_end;
+        if (!head.is_empty() && !self.is_range_zero(head.start, head.end - head.start).await)
+            || (!tail.is_empty() && !self.is_range_zero(tail.start, tail.end - tail.start).await)
+        {
+            return false;
+        }
+        let length = unit_end - unit_start;
+        matches!(
+            self.inner.ensure_zero_mapping_if_zero(unit_start, length).await,
+            Ok((zofs, zlen)) if zofs == unit_start && zlen == length
+        )
+    }
+
     /// Ensure the given range reads as zeroes, without write-zeroes support.
     ///
     /// Does not require support for efficient zeroing, instead writing zeroes when the range is
@@ -590,21 +615,37 @@ impl<S: Storage + 'static> FormatAccess<S> {
             // Whether the whole area could be efficiently zeroed
             let mut fully_zeroed = true;
 
-            if offset > aligned_start
-                && !self
-                    .is_range_zero(aligned_start, offset - aligned_start)
+            // The units at the head and the tail are only partly ours.  They can be zeroed as a
+            // whole only where the rest of them reads as zero, and a concurrent write to that
+            // rest may change this at any time, so the driver checks it again atomically with
+            // the change (`ensure_zero_mapping_if_zero()`); checking here first only spares
+            // that call where it cannot succeed.
+            if offset > aligned_start {
+                let unit_end = cmp::min(aligned_start + gran, aligned_end);
+                if !self
+                    .zero_partial_unit(aligned_start, unit_end, offset, end)
                     .await
-            {
-                // Non-zero head, we cannot zero that cluster.  Still try to zero as much as
-                // possible.
-                fully_zeroed = false;
-                aligned_start += gran;
+                {
+                    // Non-zero head, we cannot zero that cluster.  Still try to zero as much as
+                    // possible.
+                    fully_zeroed = false;
+                }
+                aligned_start = unit_end;
             }
-            if end < aligned_end && !self.is_range_zero(end, aligned_end - end).await {
-                // Non-zero tail, we cannot zero that cluster.  Still try to zero as much as
-                // possible.
-                fully_zeroed = false;
-                aligned_end -= gran;
+            if end < aligned_end {
+                let unit_start = end - end % gran;
+                // A unit holding both ends of the range has been handled as the head already
+                if unit_start >= aligned_start {
+                    if !self
+                        .zero_partial_unit(unit_start, aligned_end, offset, end)
+                        .await
+                    {
+                        // Non-zero tail, we cannot zero that cluster.  Still try to zero as much
+                        // as possible.
+                        fully_zeroed = false;
+                    }
+                    aligned_end = unit_start;
+                }
             }
 
             while aligned_start < aligned_end {

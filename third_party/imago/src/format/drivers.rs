@@ -215,6 +215,28 @@ pub trait FormatDriverInstance: Any + Debug + Display + Send + Sync {
         Err(io::ErrorKind::Unsupported.into())
     }
 
+    /// Like [`FormatDriverInstance::ensure_zero_mapping()`], but only where the range already
+    /// has zero mappings.
+    ///
+    /// For zeroing a unit of [`FormatDriverInstance::zero_granularity()`] of which the caller
+    /// owns only a part, after having seen that the rest of it reads as zero: a concurrent
+    /// write may have given the rest of the unit data since.  So whether each unit (as a
+    /// whole) still has a zero mapping must be checked atomically with changing it, i.e. under
+    /// the same lock that writes take to establish their data mappings.
+    ///
+    /// Returns the range that has a zero mapping now, like `ensure_zero_mapping()`; it ends
+    /// before the first unit that did not have a zero mapping (and may have a length of zero).
+    ///
+    /// The default implementation returns [`io::ErrorKind::Unsupported`], which makes the
+    /// caller write zeroes instead.
+    async fn ensure_zero_mapping_if_zero(
+        &self,
+        _offset: u64,
+        _length: u64,
+    ) -> io::Result<(u64, u64)> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
     /// Discard the given range, ensure it is read back as zeroes.
     ///
     /// Effectively the same as [`FormatDriverInstance::ensure_zero_mapping()`], but may break

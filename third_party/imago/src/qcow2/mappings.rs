@@ -209,7 +209,9 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
         mapping: FixedMapping,
     ) -> io::Result<(GuestOffset, u64)> {
         match mapping {
-            FixedMapping::ZeroDiscard | FixedMapping::ZeroRetainAllocation => {
+            FixedMapping::ZeroDiscard
+            | FixedMapping::ZeroRetainAllocation
+            | FixedMapping::ZeroRetainAllocationIfZero => {
                 self.header.require_version(3)?;
             }
             FixedMapping::FullDiscard => (),
@@ -492,9 +494,23 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
 
         while cluster < end_cluster {
             let l2i = cluster.l2_index(cb);
+            if mapping == FixedMapping::ZeroRetainAllocationIfZero {
+                // Checked under the L2 table lock, which writes hold from preparing their data
+                // mapping until they commit it: no write can slip in between.
+                let reads_as_zero = match l2_table.get_mapping(cluster)? {
+                    L2Mapping::Zero { .. } => true,
+                    L2Mapping::Backing { .. } => self.backing.is_none(),
+                    L2Mapping::DataFile { .. } | L2Mapping::Compressed { .. } => false,
+                };
+                if !reads_as_zero {
+                    break;
+                }
+            }
             let leaked = match mapping {
                 FixedMapping::ZeroDiscard => l2_table.zero_cluster(l2i, false)?,
-                FixedMapping::ZeroRetainAllocation => l2_table.zero_cluster(l2i, true)?,
+                FixedMapping::ZeroRetainAllocation | FixedMapping::ZeroRetainAllocationIfZero => {
+                    l2_table.zero_cluster(l2i, true)?
+                }
                 FixedMapping::FullDiscard => l2_table.discard_cluster(l2i),
             };
             if let Some(leaked) = leaked {
@@ -568,6 +584,14 @@ pub(super) enum FixedMapping {
     ///
     /// (Writing to zeroed data cluster mappings will just have no effect.)
     ZeroRetainAllocation,
+
+    /// Like [`FixedMapping::ZeroRetainAllocation`], but only for clusters that read as zero
+    /// already (zero clusters, or unallocated clusters without a backing file), checked under
+    /// the L2 table lock; stops at the first cluster that does not.
+    ///
+    /// For zeroing a cluster of which the caller owns only a part: without the check under the
+    /// lock, a concurrent write to another part of the cluster could be lost.
+    ZeroRetainAllocationIfZero,
 
     /// Fully remove clusters’ mappings, allowing backing data to appear.
     ///

@@ -570,6 +570,23 @@ impl<S: Storage, F: WrappedFormat<S>> FormatDriverInstance for Qcow2<S, F> {
         .map(|(ofs, len)| (ofs.0, len))
     }
 
+    async fn ensure_zero_mapping_if_zero(
+        &self,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<(u64, u64)> {
+        self.need_writable()?;
+        self.check_disk_bounds(offset, length, "write")?;
+
+        self.ensure_fixed_mapping(
+            GuestOffset(offset),
+            length,
+            FixedMapping::ZeroRetainAllocationIfZero,
+        )
+        .await
+        .map(|(ofs, len)| (ofs.0, len))
+    }
+
     async unsafe fn discard_to_zero_unsafe(
         &self,
         offset: u64,

@@ -1387,3 +1387,5 @@ async fn compressed_qcow2_reads_back() {
         &["compare", "-f", "qcow2", "-F", "raw", &qcow2, &raw],
     );
 }
+
+mod zeroes_race;
