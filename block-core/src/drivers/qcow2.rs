@@ -1060,12 +1060,23 @@ impl BlockDriver for Qcow2Driver {
 
     async fn resize(&self, new_size: u64) -> Result<()> {
         let st = Arc::clone(&self.state);
+        // A grown area reads as zeroes. Two things could show through it after a shrink: the
+        // backing file's data (QEMU zeroes where the backing file reaches into the new area,
+        // in `bdrv_co_truncate`), and the old data in the rest of the cluster the shrink cut
+        // in two (imago and QEMU keep that cluster; QEMU 10 shows the stale bytes again).
+        let old_size = self.size();
+        let cs = self.cluster_size.max(1);
+        let backing_end = self.backing.as_ref().map_or(0, |b| b.size());
+        let zero_end = backing_end.max(old_size.next_multiple_of(cs)).min(new_size);
         let size = self
             .worker
             .run(move || async move {
                 let mut acc = st.exclusive().await?;
                 acc.resize(new_size, imago::format::PreallocateMode::None)
                     .await?;
+                if zero_end > old_size {
+                    acc.write_zeroes(old_size, zero_end - old_size).await?;
+                }
                 acc.flush().await?;
                 Ok::<_, io::Error>(acc.size())
             })

@@ -823,6 +823,51 @@ async fn resize_where_the_format_allows_it() {
 }
 
 #[tokio::test]
+async fn growing_after_a_shrink_shows_no_old_data() {
+    let Some(_serial) = begin().await else {
+        return;
+    };
+    // The backing file holds 0x11 at 1M..2M (see `Images::create`); QEMU zeroes a grown
+    // area where the backing file reaches into it.
+    let images = Images::create(Kind::Qcow2Backing);
+    let stack = images.open(false).await;
+    let node = &stack.node;
+    node.resize(MIB + 4096).await.expect("shrink");
+    node.resize(SIZE).await.expect("grow");
+    let mut buf = vec![1u8; MIB as usize];
+    node.read(MIB, &mut buf).await.expect("read");
+    assert_eq!(buf[..4096], [0x11; 4096], "kept before the shrink point");
+    assert!(
+        buf[4096..].iter().all(|&b| b == 0),
+        "grown area reads zeroes"
+    );
+    stack.close().await;
+    images.qemu_io(&["read -P 0x11 1M 4k", "read -P 0 1052672 1044480"]);
+    run("qemu-img", &["check", "-q", &images.top()]);
+
+    // Without a backing file: the rest of the cluster that the shrink cut in two must not
+    // show its old bytes again (qemu-img resize of QEMU 10 shows them).
+    let images = Images::create(Kind::Qcow2);
+    let stack = images.open(false).await;
+    let node = &stack.node;
+    node.write(MIB, &[0xaa; 65536], WriteFlags::default())
+        .await
+        .expect("write");
+    node.resize(MIB + 512).await.expect("shrink");
+    node.resize(SIZE).await.expect("grow");
+    let mut buf = vec![1u8; 65536];
+    node.read(MIB, &mut buf).await.expect("read");
+    assert_eq!(buf[..512], [0xaa; 512], "kept before the shrink point");
+    assert!(
+        buf[512..].iter().all(|&b| b == 0),
+        "grown area reads zeroes"
+    );
+    stack.close().await;
+    images.qemu_io(&["read -P 0xaa 1M 512", "read -P 0 1049088 65024"]);
+    run("qemu-img", &["check", "-q", &images.top()]);
+}
+
+#[tokio::test]
 async fn detect_zeroes_unmap_punches_holes() {
     let Some(_serial) = begin().await else {
         return;
@@ -1388,4 +1433,5 @@ async fn compressed_qcow2_reads_back() {
     );
 }
 
+mod random;
 mod zeroes_race;
