@@ -646,6 +646,58 @@ mod tests {
         .unwrap()
     }
 
+    /// A write allocating a cluster, and a write-zeroes of the rest of that cluster at the same
+    /// time: the write-zeroes sees the rest of the cluster read as zero before the write commits
+    /// its mapping, and must not zero the whole cluster over the write once that has committed.
+    #[cfg(feature = "async")]
+    #[tokio::test]
+    async fn test_write_zeroes_beside_allocating_write() {
+        use futures::task::noop_waker;
+        use std::future::Future;
+        use std::sync::atomic::Ordering;
+        use std::task::{Context, Poll};
+
+        let state = Arc::new(MemStorageState::default());
+        let qcow2 = create_image(&state, 64 * 1024, 16).await;
+        qcow2.flush().await.unwrap();
+        let image = crate::FormatAccess::new(qcow2);
+        // Data in guest cluster 8, so that the L2 table exists already
+        image.write(&[0x5au8; 512][..], 4096).await.unwrap();
+        image.flush().await.unwrap();
+
+        let waker = noop_waker();
+        let mut cx = Context::from_waker(&waker);
+
+        // The write of the first half of guest cluster 0: delay its data write (beyond the
+        // current end of the file, where the new cluster is), which keeps the L2 table locked
+        let file_end = state.data.lock().len() as u64;
+        *state.hold_range.lock() = Some(file_end..u64::MAX);
+        state.delay_writes.store(true, Ordering::Relaxed);
+        let data = [0xa5u8; 256];
+        let mut write = Box::pin(image.write(&data[..], 0));
+        assert!(write.as_mut().poll(&mut cx).is_pending());
+        assert!(!state.delayed_writes.lock().is_empty());
+
+        // The write-zeroes of the second half: sees the first half unallocated, then waits
+        let mut zero = Box::pin(image.write_zeroes(256, 256));
+        let zero_result = match zero.as_mut().poll(&mut cx) {
+            Poll::Ready(result) => Some(result),
+            Poll::Pending => None,
+        };
+
+        state.release_held_writes();
+        write.await.unwrap();
+        match zero_result {
+            Some(result) => result.unwrap(),
+            None => zero.await.unwrap(),
+        }
+
+        let mut buf = vec![0x11u8; 512];
+        image.read(&mut buf[..], 0).await.unwrap();
+        assert_eq!(buf[..256], data[..], "the write was lost");
+        assert!(buf[256..].iter().all(|&b| b == 0), "the zeroes were lost");
+    }
+
     /// Two concurrent flushes writing back the same L2 table, with the table modified in between:
     /// The modification must end up on disk, i.e. the older copy must not be written last.
     #[cfg(feature = "async")]
