@@ -60,15 +60,19 @@ enum Stack {
     Qcow2(u64),
     /// `qcow2` (64 KiB clusters) over a backing `qcow2` holding data.
     Qcow2Backing,
+    /// `raw` over `file` with `cache.direct=on` (`O_DIRECT`, bounce buffers).
+    RawDirect,
+    /// `qcow2` (64 KiB clusters) over `file` with `cache.direct=on`.
+    Qcow2Direct,
 }
 
 impl Stack {
     /// The unit requests cluster around.
     fn unit(self) -> u64 {
         match self {
-            Stack::Raw => 4096,
+            Stack::Raw | Stack::RawDirect => 4096,
             Stack::Qcow2(c) => c,
-            Stack::Qcow2Backing => 65536,
+            Stack::Qcow2Backing | Stack::Qcow2Direct => 65536,
         }
     }
 }
@@ -245,14 +249,14 @@ fn create(stack: Stack, dir: &Path) -> (String, Model) {
         maybe_zero: vec![false; SIZE as usize],
     };
     let top = match stack {
-        Stack::Raw => {
+        Stack::Raw | Stack::RawDirect => {
             let top = dir.join("top.raw").to_string_lossy().into_owned();
             run("qemu-img", &["create", "-q", "-f", "raw", &top, &size]);
             top
         }
-        Stack::Qcow2(cluster) => {
+        Stack::Qcow2(_) | Stack::Qcow2Direct => {
             let top = dir.join("top.qcow2").to_string_lossy().into_owned();
-            let opts = format!("cluster_size={cluster}");
+            let opts = format!("cluster_size={}", stack.unit());
             run(
                 "qemu-img",
                 &["create", "-q", "-f", "qcow2", "-o", &opts, &top, &size],
@@ -300,10 +304,13 @@ fn create(stack: Stack, dir: &Path) -> (String, Model) {
 }
 
 fn options(stack: Stack, top: &str, discard: &str, detect: &str) -> Value {
-    let file = json!({"driver": "file", "filename": top});
+    let mut file = json!({"driver": "file", "filename": top});
+    if matches!(stack, Stack::RawDirect | Stack::Qcow2Direct) {
+        file["cache"] = json!({"direct": true});
+    }
     let mut v = match stack {
-        Stack::Raw => json!({"driver": "raw", "file": file}),
-        Stack::Qcow2(_) | Stack::Qcow2Backing => json!({"driver": "qcow2", "file": file}),
+        Stack::Raw | Stack::RawDirect => json!({"driver": "raw", "file": file}),
+        _ => json!({"driver": "qcow2", "file": file}),
     };
     let o = v.as_object_mut().expect("object");
     o.insert("node-name".into(), json!("top"));
@@ -420,7 +427,7 @@ async fn run_one(stack: Stack, discard: &str, detect: &str, seed: u64, index: u6
     let reference = dir.path().join("model.raw");
     std::fs::write(&reference, &model.data).expect("write the model");
     let (format, check) = match stack {
-        Stack::Raw => ("raw", false),
+        Stack::Raw | Stack::RawDirect => ("raw", false),
         _ => ("qcow2", true),
     };
     let out = std::process::Command::new("qemu-img")
@@ -479,12 +486,14 @@ const SETTINGS: [(&str, &str); 5] = [
     ("unmap", "unmap"),
 ];
 
-const STACKS: [Stack; 5] = [
+const STACKS: [Stack; 7] = [
     Stack::Raw,
     Stack::Qcow2(512),
     Stack::Qcow2(4096),
     Stack::Qcow2(65536),
     Stack::Qcow2Backing,
+    Stack::RawDirect,
+    Stack::Qcow2Direct,
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
