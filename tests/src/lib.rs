@@ -36,6 +36,23 @@ pub fn require_tools(tools: &[&str]) -> bool {
     tools.iter().all(|t| require_tool(t))
 }
 
+/// Whether Debian's `/usr/bin/python3` can import the libnbd binding (python3-libnbd; the
+/// first python3 on PATH may not have it). Under CI a missing binding fails the test loudly.
+pub fn require_python_nbd() -> bool {
+    let ok = Command::new("/usr/bin/python3")
+        .args(["-c", "import nbd"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            !under_ci(),
+            "/usr/bin/python3 cannot import nbd (python3-libnbd) under CI=true"
+        );
+        eprintln!("skipping: /usr/bin/python3 cannot import nbd (python3-libnbd)");
+    }
+    ok
+}
+
 /// The blockexportd binary of this workspace, built (once per test process) with the same
 /// profile as the tests.
 pub fn daemon_binary() -> PathBuf {

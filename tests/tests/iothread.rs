@@ -3,7 +3,7 @@
 //! deleted while an export runs in it.
 
 use blockexportd_tests::{
-    qemu_img_create, qemu_io, require_tools, run_ok, under_ci, Daemon, Flavor,
+    qemu_img_create, qemu_io, require_python_nbd, require_tools, run_ok, Daemon, Flavor,
 };
 use serde_json::json;
 use std::fs::File;
@@ -156,25 +156,9 @@ fn nbd_export_work_runs_in_its_iothread() {
     );
 }
 
-/// Whether the libnbd python binding can be imported (required under CI).
-fn have_python_nbd() -> bool {
-    let ok = Command::new("/usr/bin/python3")
-        .args(["-c", "import nbd"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            !under_ci(),
-            "the libnbd python binding is missing (CI=true)"
-        );
-        eprintln!("skipping: python3 cannot import nbd");
-    }
-    ok
-}
-
 #[test]
 fn an_iothread_in_use_by_an_nbd_export_is_not_deleted() {
-    if !require_tools(&["qemu-img", "qemu-io"]) || !have_python_nbd() {
+    if !require_tools(&["qemu-img", "qemu-io"]) || !require_python_nbd() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -7,7 +7,7 @@
 //! The seed is printed; replay or soak with
 //! `RANDOM_OPS_SEED=N RANDOM_OPS_BATCHES=2000 cargo test -p blockexportd-tests --test random_ops`.
 
-use blockexportd_tests::{require_tools, run_ok, Daemon, Flavor};
+use blockexportd_tests::{require_python_nbd, require_tools, run_ok, Daemon, Flavor};
 use std::path::Path;
 use std::process::Command;
 
@@ -194,21 +194,6 @@ fn run_one(
     Ok(())
 }
 
-fn have_libnbd_python() -> bool {
-    let ok = Command::new("/usr/bin/python3")
-        .args(["-c", "import nbd"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            !blockexportd_tests::under_ci(),
-            "/usr/bin/python3 cannot import nbd (python3-libnbd) under CI=true"
-        );
-        eprintln!("skipping: /usr/bin/python3 has no nbd module (python3-libnbd)");
-    }
-    ok
-}
-
 fn seed() -> u64 {
     let seed = match std::env::var("RANDOM_OPS_SEED") {
         Ok(s) => s.parse().expect("RANDOM_OPS_SEED is a number"),
@@ -236,7 +221,7 @@ fn batches() -> u64 {
 /// are printed for comparison, not asserted.
 #[test]
 fn random_ops_over_nbd_match_the_model_on_both_daemons() {
-    if !require_tools(&["qemu-img", "qemu-io", "qemu-storage-daemon"]) || !have_libnbd_python() {
+    if !require_tools(&["qemu-img", "qemu-io", "qemu-storage-daemon"]) || !require_python_nbd() {
         return;
     }
     let seed = seed();
