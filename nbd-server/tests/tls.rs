@@ -129,7 +129,7 @@ impl Pki {
     /// The server's rustls configuration: its certificate, client certificates required and
     /// verified against the CA.
     fn server_config(&self) -> Arc<rustls::ServerConfig> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_file_iter(self.path("server/ca-cert.pem")).unwrap() {
             roots.add(cert.unwrap()).unwrap();
