@@ -1,5 +1,6 @@
-//! TLS credentials objects: `tls-creds-x509` (and a clear refusal of `tls-creds-psk` and
-//! `tls-creds-anon`), as qemu-storage-daemon creates them with `--object`/`object-add`.
+//! TLS credentials objects as qemu-storage-daemon creates them with `--object`/`object-add`:
+//! `tls-creds-x509` and, with the `psk` feature, `tls-creds-psk` ([`psk`]); `tls-creds-anon`
+//! is refused clearly.
 //!
 //! A `tls-creds-x509` object reads its PEM files from the directory `dir` at creation, checks
 //! them as QEMU's `crypto/tlscredsx509.c` does (`sanity-check`), and keeps a ready
@@ -51,6 +52,9 @@ use x509_parser::prelude::FromDer;
 
 pub use dn::{distinguished_name, DnError};
 pub use props::PropertyError;
+pub use psk::{TlsCredsPsk, TlsCredsPskOptions};
+
+pub mod psk;
 
 /// File names inside `dir`, as QEMU names them (`crypto/tlscredsx509.h`).
 pub mod files {
@@ -176,6 +180,16 @@ pub enum TlsError {
     /// rustls refused to build a configuration.
     #[error("Cannot set up TLS")]
     Config(#[source] rustls::Error),
+    /// `tls-creds-psk` with endpoint `server` and a `username`.
+    #[error("username should not be set when endpoint=server")]
+    PskUsernameOnServer,
+    /// A client's key cannot be taken from the PSK file.
+    #[error(transparent)]
+    PskKey(psk::LookupError),
+    /// OpenSSL could not be set up for TLS-PSK.
+    #[cfg(feature = "psk")]
+    #[error("Cannot set up TLS-PSK")]
+    PskSetup(#[source] nbd_server::PskError),
 }
 
 impl TlsError {
@@ -363,10 +377,12 @@ impl TlsCredsX509Options {
     }
 }
 
-/// Refuses the TLS credentials types rustls cannot provide; `Ok` for `tls-creds-x509`.
+/// Refuses the TLS credentials types this build cannot provide; `Ok` for `tls-creds-x509`
+/// (and `tls-creds-psk` with the `psk` feature).
 pub fn check_creds_type(qom_type: &str) -> Result<(), TlsError> {
     let why = match qom_type {
-        "tls-creds-psk" => "the TLS library (rustls) has no support for external pre-shared keys",
+        #[cfg(not(feature = "psk"))]
+        "tls-creds-psk" => "this build has no TLS-PSK (the cargo feature 'psk', through OpenSSL)",
         "tls-creds-anon" => {
             "the TLS library (rustls) has no anonymous (certificate-less) cipher suites"
         }
@@ -2335,13 +2351,16 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn psk_and_anon_are_refused_clearly() {
-        let e = check_creds_type("tls-creds-psk").unwrap_err().to_string();
-        assert!(
-            e.contains("tls-creds-psk is not supported") && e.contains("pre-shared"),
-            "{e}"
-        );
-        assert!(check_creds_type("tls-creds-anon").is_err());
+    fn anon_is_refused_clearly() {
+        #[cfg(not(feature = "psk"))]
+        {
+            let e = check_creds_type("tls-creds-psk").unwrap_err().to_string();
+            assert!(e.contains("tls-creds-psk is not supported"), "{e}");
+        }
+        #[cfg(feature = "psk")]
+        assert!(check_creds_type("tls-creds-psk").is_ok());
+        let e = check_creds_type("tls-creds-anon").unwrap_err().to_string();
+        assert!(e.contains("anonymous"), "{e}");
         assert!(check_creds_type("tls-creds-x509").is_ok());
     }
 

@@ -663,10 +663,7 @@ impl Pki {
             .with_no_client_auth()
             .with_single_cert(chain, key)
             .unwrap();
-        TlsConfig {
-            server_config: Arc::new(cfg),
-            authorize: None,
-        }
+        TlsConfig::rustls(Arc::new(cfg))
     }
 }
 
