@@ -3,9 +3,10 @@
 //!
 //! The client names an identity (QEMU's PSK username) and proves that it holds the key the
 //! server finds for it; the key also authenticates the server. The server has no
-//! certificate. TLS 1.3 and TLS 1.2 (ECDHE-PSK, DHE-PSK and PSK cipher suites, as GnuTLS
-//! offers them to QEMU's and libnbd's clients) are negotiated; session tickets are not
-//! issued, so that every connection proves its key again.
+//! certificate. TLS 1.3 and TLS 1.2 are negotiated (with TLS 1.2, ECDHE-PSK suites first,
+//! then plain PSK: no DH parameters are loaded, so no DHE-PSK), as GnuTLS offers them to
+//! QEMU's and libnbd's clients; session tickets are not issued, so that every connection
+//! proves its key again.
 
 use crate::tls::AcceptError;
 use openssl::error::ErrorStack;
@@ -56,7 +57,8 @@ impl PskAcceptor {
         let mut b = SslContext::builder(SslMethod::tls_server()).map_err(PskError)?;
         b.set_min_proto_version(Some(SslVersion::TLS1_2))
             .map_err(PskError)?;
-        // TLS 1.2: forward-secret PSK suites first; never NULL encryption.
+        // TLS 1.2: forward-secret PSK suites first (DHE-PSK stays unused without DH
+        // parameters); never NULL encryption.
         b.set_cipher_list("ECDHE-PSK:DHE-PSK:PSK:!eNULL:!aNULL:!3DES:!RC4")
             .map_err(PskError)?;
         b.set_options(SslOptions::NO_TICKET | SslOptions::NO_RENEGOTIATION);
