@@ -494,32 +494,36 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 }
 
 /// Checks a TLS client after its handshake, as QEMU's TLS session does when the server's
-/// credentials verify peers and `tls-authz` is set: takes the client's certificate (the
-/// first of its chain), formats its distinguished name and asks `authz`.
+/// credentials verify peers and `tls-authz` is set: for x509, takes the client's certificate
+/// (the first of its chain), formats its distinguished name and asks `authz`; for PSK, asks
+/// `authz` about the client's username.
 ///
-/// Call it only when `tls-authz` is set and the credentials have `verify-peer=on`
+/// Call it for x509 only when `tls-authz` is set and the credentials have `verify-peer=on`
 /// ([`crate::tls::TlsCredsX509::verify_peer`]): QEMU ignores `tls-authz` otherwise, and
 /// admits the client.
 ///
 /// `authz` is `None` when `tls-authz` names no existing object: access is denied ("If
-/// missing, it will default to denying access"). Returns the DN when allowed, and otherwise
+/// missing, it will default to denying access"). Returns the name when allowed, and otherwise
 /// the reason in QEMU's words (e.g. `TLS x509 authz check for C=GB,CN=x is denied`), for
 /// the server to log.
-pub fn authorize(
-    authz: Option<&dyn Authz>,
-    peer_cert_der: Option<&[u8]>,
-) -> Result<String, String> {
-    let cert = peer_cert_der.ok_or_else(|| "No certificate peers".to_string())?;
-    let dn = crate::tls::distinguished_name(cert)
-        .map_err(|e| format!("Cannot get client distinguished name: {e}"))?;
+pub fn authorize(authz: Option<&dyn Authz>, peer: nbd_server::Peer<'_>) -> Result<String, String> {
+    let (name, kind) = match peer {
+        nbd_server::Peer::Certificate(cert) => {
+            let cert = cert.ok_or_else(|| "No certificate peers".to_string())?;
+            let dn = crate::tls::distinguished_name(cert)
+                .map_err(|e| format!("Cannot get client distinguished name: {e}"))?;
+            (dn, "x509")
+        }
+        nbd_server::Peer::PskIdentity(username) => (username.to_string(), "PSK"),
+    };
     let allowed = match authz {
-        Some(a) => a.is_allowed(&dn).map_err(|e| e.qemu_message())?,
+        Some(a) => a.is_allowed(&name).map_err(|e| e.qemu_message())?,
         None => false,
     };
     if allowed {
-        Ok(dn)
+        Ok(name)
     } else {
-        Err(format!("TLS x509 authz check for {dn} is denied"))
+        Err(format!("TLS {kind} authz check for {name} is denied"))
     }
 }
 
@@ -527,6 +531,7 @@ pub fn authorize(
 mod tests {
     use super::*;
     use crate::tls::tests::{have_tool, make_pki, props, KeyKind, TempDir, CLIENT_DN};
+    use nbd_server::Peer;
 
     #[test]
     fn glob_is_glib_pattern_match_simple() {
@@ -762,27 +767,30 @@ mod tests {
         let cert = CertificateDer::from_pem_file(pki.client_dir.join("client-cert.pem")).unwrap();
 
         let ok = AuthzSimple::new("a", CLIENT_DN);
-        assert_eq!(authorize(Some(&ok), Some(&cert)), Ok(CLIENT_DN.to_string()));
+        assert_eq!(
+            authorize(Some(&ok), Peer::Certificate(Some(&cert))),
+            Ok(CLIENT_DN.to_string())
+        );
 
         let other = AuthzSimple::new("a", "CN=someone else");
         assert_eq!(
-            authorize(Some(&other), Some(&cert)),
+            authorize(Some(&other), Peer::Certificate(Some(&cert))),
             Err(format!("TLS x509 authz check for {CLIENT_DN} is denied"))
         );
         // tls-authz names no object: denied.
         assert_eq!(
-            authorize(None, Some(&cert)),
+            authorize(None, Peer::Certificate(Some(&cert))),
             Err(format!("TLS x509 authz check for {CLIENT_DN} is denied"))
         );
         // No certificate at all.
         assert_eq!(
-            authorize(Some(&ok), None),
+            authorize(Some(&ok), Peer::Certificate(None)),
             Err("No certificate peers".to_string())
         );
         // A glob over the DN.
         let l = list(
             r#"{"id": "l", "rules": [{"match": "C=GB,*,O=Example\\, Inc.,*", "policy": "allow", "format": "glob"}]}"#,
         );
-        assert!(authorize(Some(&l), Some(&cert)).is_ok());
+        assert!(authorize(Some(&l), Peer::Certificate(Some(&cert))).is_ok());
     }
 }

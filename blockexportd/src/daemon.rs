@@ -212,6 +212,12 @@ impl Daemon {
                     .map_err(|e| generic(format!("Failed to create iothread: {e}")))?;
                 Object::IoThread(thread)
             }
+            "tls-creds-psk" if cfg!(feature = "psk") => {
+                let creds = crate::tls::TlsCredsPsk::from_props(&props, keyval)
+                    .map_err(|e| generic(e.qemu_message()))?;
+                self.check_object_id(&id)?;
+                Object::TlsCredsPsk(Arc::new(creds))
+            }
             t if t.starts_with("tls-creds") => {
                 crate::tls::check_creds_type(t).map_err(|e| generic(e.qemu_message()))?;
                 let creds = crate::tls::TlsCredsX509::from_props(&props, keyval)
@@ -545,19 +551,27 @@ impl Daemon {
         let Some(creds_id) = &opts.tls_creds else {
             return Ok(None);
         };
-        let creds = match self.lock_objects().get(creds_id).map(|e| &e.object) {
-            Some(Object::TlsCreds(c)) => Arc::clone(c),
+        // QEMU checks the client's name only when it verified the client's certificate; a
+        // PSK client's username is always checked (QEMU 10.0 ignores tls-authz with PSK).
+        let (acceptor, check) = match self.lock_objects().get(creds_id).map(|e| &e.object) {
+            Some(Object::TlsCreds(c)) => (
+                nbd_server::TlsAcceptor::Rustls(
+                    c.server_config().map_err(|e| generic(e.qemu_message()))?,
+                ),
+                c.verify_peer(),
+            ),
+            #[cfg(feature = "psk")]
+            Some(Object::TlsCredsPsk(c)) => (
+                nbd_server::TlsAcceptor::Psk(c.acceptor().map_err(|e| generic(e.qemu_message()))?),
+                true,
+            ),
             _ => return Err(generic(format!("No TLS credentials with id '{creds_id}'"))),
         };
-        let server_config = creds
-            .server_config()
-            .map_err(|e| generic(e.qemu_message()))?;
-        // QEMU checks the client's name only when it verified the client's certificate.
         let authorize: Option<Arc<nbd_server::Authorize>> = match &opts.tls_authz {
-            Some(authz_id) if creds.verify_peer() => {
+            Some(authz_id) if check => {
                 let objects = Arc::downgrade(&self.objects);
                 let authz_id = authz_id.clone();
-                Some(Arc::new(move |cert: Option<&[u8]>| {
+                Some(Arc::new(move |peer: nbd_server::Peer<'_>| {
                     let authz = objects.upgrade().and_then(|objects| {
                         match objects
                             .lock()
@@ -569,13 +583,13 @@ impl Daemon {
                             _ => None,
                         }
                     });
-                    crate::authz::authorize(authz.as_deref(), cert)
+                    crate::authz::authorize(authz.as_deref(), peer)
                 }))
             }
             _ => None,
         };
         Ok(Some(nbd_server::TlsConfig {
-            server_config,
+            acceptor,
             authorize,
         }))
     }

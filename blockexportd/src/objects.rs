@@ -1,4 +1,4 @@
-//! QOM-style objects: `iothread`, `tls-creds-x509` and the `authz-*` types.
+//! QOM-style objects: `iothread`, `tls-creds-x509`, `tls-creds-psk` and the `authz-*` types.
 
 /// An `iothread` object: a dedicated OS thread running its own event loop, named
 /// `iothread-ID`.
@@ -37,6 +37,14 @@ pub fn properties(qom_type: &str) -> Vec<(&'static str, &'static str, serde_json
             ("priority", "string", Value::Null),
             ("verify-peer", "bool", json!(true)),
         ],
+        // qemu-storage-daemon 10.0's order; unset strings read as "".
+        "tls-creds-psk" => vec![
+            ("endpoint", "QCryptoTLSCredsEndpoint", json!("server")),
+            ("dir", "string", Value::Null),
+            ("verify-peer", "bool", json!(true)),
+            ("priority", "string", json!("")),
+            ("username", "string", json!("")),
+        ],
         "authz-simple" => vec![("identity", "string", Value::Null)],
         "authz-list" => vec![
             ("policy", "QAuthZListPolicy", json!("deny")),
@@ -51,7 +59,19 @@ pub fn properties(qom_type: &str) -> Vec<(&'static str, &'static str, serde_json
 }
 
 /// The QOM types `object-add` creates here, with their parents, for `qom-list-types`.
-pub const TYPES: [(&str, &str); 5] = [
+#[cfg(feature = "psk")]
+pub const TYPES: &[(&str, &str)] = &[
+    ("iothread", "object"),
+    ("tls-creds-x509", "tls-creds"),
+    ("tls-creds-psk", "tls-creds"),
+    ("authz-simple", "authz"),
+    ("authz-list", "authz"),
+    ("authz-list-file", "authz"),
+];
+
+/// The QOM types `object-add` creates here, with their parents, for `qom-list-types`.
+#[cfg(not(feature = "psk"))]
+pub const TYPES: &[(&str, &str)] = &[
     ("iothread", "object"),
     ("tls-creds-x509", "tls-creds"),
     ("authz-simple", "authz"),
@@ -66,6 +86,8 @@ pub enum Object {
     IoThread(IoThread),
     /// `tls-creds-x509`.
     TlsCreds(std::sync::Arc<crate::tls::TlsCredsX509>),
+    /// `tls-creds-psk`.
+    TlsCredsPsk(std::sync::Arc<crate::tls::TlsCredsPsk>),
     /// `authz-simple`, `authz-list`, `authz-list-file`.
     Authz(std::sync::Arc<dyn crate::authz::Authz>),
 }
@@ -76,6 +98,7 @@ impl Object {
         match self {
             Object::IoThread(_) => "iothread",
             Object::TlsCreds(_) => "tls-creds-x509",
+            Object::TlsCredsPsk(_) => "tls-creds-psk",
             Object::Authz(a) => a.qom_type(),
         }
     }

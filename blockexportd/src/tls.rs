@@ -1,5 +1,6 @@
-//! TLS credentials objects: `tls-creds-x509` (and a clear refusal of `tls-creds-psk` and
-//! `tls-creds-anon`), as qemu-storage-daemon creates them with `--object`/`object-add`.
+//! TLS credentials objects as qemu-storage-daemon creates them with `--object`/`object-add`:
+//! `tls-creds-x509` and, with the `psk` feature, `tls-creds-psk` ([`psk`]); `tls-creds-anon`
+//! is refused clearly.
 //!
 //! A `tls-creds-x509` object reads its PEM files from the directory `dir` at creation, checks
 //! them as QEMU's `crypto/tlscredsx509.c` does (`sanity-check`), and keeps a ready
@@ -12,7 +13,10 @@
 //! | `client` | `ca-cert.pem` | `client-cert.pem` + `client-key.pem` |
 //!
 //! Keys may be PKCS#1 (`RSA PRIVATE KEY`), PKCS#8 (`PRIVATE KEY`) or SEC1 (`EC PRIVATE KEY`)
-//! PEM, RSA or ECDSA. Encrypted keys (`passwordid`) are refused.
+//! PEM: RSA of 2048 to 8192 bits (any size, not only multiples of 512: the crypto provider is
+//! aws-lc-rs), ECDSA on P-256, P-384 or P-521, or Ed25519. Another key is refused with what it
+//! is and why (e.g. `RSA key of 1024 bits: RSA keys must have 2048 to 8192 bits`; GnuTLS would
+//! take it). Encrypted keys (`passwordid`) are refused.
 //!
 //! Differences from QEMU, which uses GnuTLS:
 //! - `priority` is accepted and ignored: rustls has no GnuTLS priority strings; it always
@@ -48,6 +52,9 @@ use x509_parser::prelude::FromDer;
 
 pub use dn::{distinguished_name, DnError};
 pub use props::PropertyError;
+pub use psk::{TlsCredsPsk, TlsCredsPskOptions};
+
+pub mod psk;
 
 /// File names inside `dir`, as QEMU names them (`crypto/tlscredsx509.h`).
 pub mod files {
@@ -173,6 +180,16 @@ pub enum TlsError {
     /// rustls refused to build a configuration.
     #[error("Cannot set up TLS")]
     Config(#[source] rustls::Error),
+    /// `tls-creds-psk` with endpoint `server` and a `username`.
+    #[error("username should not be set when endpoint=server")]
+    PskUsernameOnServer,
+    /// A client's key cannot be taken from the PSK file.
+    #[error(transparent)]
+    PskKey(psk::LookupError),
+    /// OpenSSL could not be set up for TLS-PSK.
+    #[cfg(feature = "psk")]
+    #[error("Cannot set up TLS-PSK")]
+    PskSetup(#[source] nbd_server::PskError),
 }
 
 impl TlsError {
@@ -260,6 +277,17 @@ pub enum CertKeyError {
     /// The verifier could not be built.
     #[error("{0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// The key is well-formed but of a kind or size the TLS library cannot sign with.
+    #[error("{key}: {why}")]
+    UnsupportedKey {
+        /// What the key is, e.g. `RSA key of 1024 bits`.
+        key: String,
+        /// What the TLS library accepts instead.
+        why: &'static str,
+    },
+    /// The key is not valid DER (GnuTLS's wording).
+    #[error("ASN1 parser: Error in DER parsing.")]
+    MalformedKey,
 }
 
 /// Which side of a TLS connection the credentials are for (`QCryptoTLSCredsEndpoint`).
@@ -349,10 +377,12 @@ impl TlsCredsX509Options {
     }
 }
 
-/// Refuses the TLS credentials types rustls cannot provide; `Ok` for `tls-creds-x509`.
+/// Refuses the TLS credentials types this build cannot provide; `Ok` for `tls-creds-x509`
+/// (and `tls-creds-psk` with the `psk` feature).
 pub fn check_creds_type(qom_type: &str) -> Result<(), TlsError> {
     let why = match qom_type {
-        "tls-creds-psk" => "the TLS library (rustls) has no support for external pre-shared keys",
+        #[cfg(not(feature = "psk"))]
+        "tls-creds-psk" => "this build has no TLS-PSK (the cargo feature 'psk', through OpenSSL)",
         "tls-creds-anon" => {
             "the TLS library (rustls) has no anonymous (certificate-less) cipher suites"
         }
@@ -398,8 +428,22 @@ fn creds_path(dir: &Path, name: &str, required: bool) -> Result<Option<PathBuf>,
     }
 }
 
+/// rustls with aws-lc-rs: unlike ring, it signs with RSA keys of any size from 2048 to 8192
+/// bits (GnuTLS's `certtool` makes e.g. 2432-bit keys), ECDSA P-256/P-384/P-521 and Ed25519.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Checks that the provider can sign with `key`; if not, says what the key is and what the
+/// provider accepts instead (rustls itself only says "failed to parse private key").
+fn check_signing_key(
+    provider: &CryptoProvider,
+    key: &PrivateKeyDer<'_>,
+) -> Result<(), CertKeyError> {
+    match provider.key_provider.load_private_key(key.clone_key()) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(keyinfo::refusal(key).unwrap_or(CertKeyError::Rustls(e))),
+    }
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -533,6 +577,11 @@ impl TlsCredsX509 {
                     cert: cert_path.clone(),
                     key: key_path.clone(),
                     source: e.into(),
+                })?;
+                check_signing_key(&provider, &key).map_err(|source| TlsError::CertKey {
+                    cert: cert_path.clone(),
+                    key: key_path.clone(),
+                    source,
                 })?;
                 Some((cert_path, key_path, chain, key))
             }
@@ -1113,6 +1162,155 @@ pub mod props {
     }
 }
 
+/// What a private key is, for the message that refuses it.
+mod keyinfo {
+    use super::dn::{children, oid_string, read_tlv, Tlv};
+    use super::CertKeyError;
+    use rustls::pki_types::PrivateKeyDer;
+
+    const SEQUENCE: u32 = 0x30;
+    const INTEGER: u32 = 0x02;
+    const OCTET_STRING: u32 = 0x04;
+    const OID: u32 = 0x06;
+    /// `[0]` EXPLICIT, the curve of a SEC1 key.
+    const CONTEXT_0: u32 = 0xa0;
+
+    const RSA_MIN_BITS: usize = 2048;
+    const RSA_MAX_BITS: usize = 8192;
+
+    fn seq(der: &[u8]) -> Option<Vec<Tlv<'_>>> {
+        let (tlv, rest) = read_tlv(der).ok()?;
+        (tlv.tag == SEQUENCE && rest.is_empty())
+            .then(|| children(tlv.content).ok())
+            .flatten()
+    }
+
+    /// Bits of a DER INTEGER's contents (a positive modulus).
+    fn integer_bits(content: &[u8]) -> usize {
+        let digits: Vec<u8> = content.iter().copied().skip_while(|&b| b == 0).collect();
+        match digits.first() {
+            Some(&top) => digits.len() * 8 - top.leading_zeros() as usize,
+            None => 0,
+        }
+    }
+
+    /// The modulus size of a PKCS#1 `RSAPrivateKey`.
+    fn rsa_bits(der: &[u8]) -> Option<usize> {
+        let fields = seq(der)?;
+        match fields.as_slice() {
+            [version, modulus, ..] if version.tag == INTEGER && modulus.tag == INTEGER => {
+                Some(integer_bits(modulus.content))
+            }
+            _ => None,
+        }
+    }
+
+    fn curve_name(oid: &str) -> String {
+        match oid {
+            "1.2.840.10045.3.1.7" => "P-256".into(),
+            "1.3.132.0.34" => "P-384".into(),
+            "1.3.132.0.35" => "P-521".into(),
+            "1.3.132.0.10" => "secp256k1".into(),
+            "1.2.840.10045.3.1.1" => "P-192".into(),
+            "1.3.132.0.33" => "P-224".into(),
+            other => format!("curve {other}"),
+        }
+    }
+
+    fn rsa(bits: usize) -> Option<CertKeyError> {
+        (!(RSA_MIN_BITS..=RSA_MAX_BITS).contains(&bits)).then(|| CertKeyError::UnsupportedKey {
+            key: format!("RSA key of {bits} bits"),
+            why: "RSA keys must have 2048 to 8192 bits",
+        })
+    }
+
+    fn ecdsa(curve: String) -> CertKeyError {
+        CertKeyError::UnsupportedKey {
+            key: format!("ECDSA key on {curve}"),
+            why: "ECDSA keys must be on P-256, P-384 or P-521",
+        }
+    }
+
+    fn other(what: String) -> CertKeyError {
+        CertKeyError::UnsupportedKey {
+            key: what,
+            why: "keys must be RSA (2048 to 8192 bits), ECDSA (P-256, P-384, P-521) or Ed25519",
+        }
+    }
+
+    /// Why the TLS library refuses `key`, from its own structure: its algorithm and size.
+    /// `None` if the key looks like one it supports (then the library's own error stands).
+    pub(super) fn refusal(key: &PrivateKeyDer<'_>) -> Option<CertKeyError> {
+        match key {
+            PrivateKeyDer::Pkcs1(k) => match rsa_bits(k.secret_pkcs1_der()) {
+                Some(bits) => rsa(bits),
+                None => Some(CertKeyError::MalformedKey),
+            },
+            PrivateKeyDer::Sec1(k) => {
+                let Some(fields) = seq(k.secret_sec1_der()) else {
+                    return Some(CertKeyError::MalformedKey);
+                };
+                let curve = fields.iter().find(|f| f.tag == CONTEXT_0).and_then(|f| {
+                    let (oid, _) = read_tlv(f.content).ok()?;
+                    (oid.tag == OID).then(|| oid_string(oid.content).ok())?
+                });
+                match curve.as_deref().map(curve_name) {
+                    Some(c) if matches!(c.as_str(), "P-256" | "P-384" | "P-521") => None,
+                    Some(c) => Some(ecdsa(c)),
+                    None => Some(CertKeyError::MalformedKey),
+                }
+            }
+            PrivateKeyDer::Pkcs8(k) => {
+                let Some(fields) = seq(k.secret_pkcs8_der()) else {
+                    return Some(CertKeyError::MalformedKey);
+                };
+                let [version, algorithm, private, ..] = fields.as_slice() else {
+                    return Some(CertKeyError::MalformedKey);
+                };
+                if version.tag != INTEGER
+                    || algorithm.tag != SEQUENCE
+                    || private.tag != OCTET_STRING
+                {
+                    return Some(CertKeyError::MalformedKey);
+                }
+                let Ok(alg) = children(algorithm.content) else {
+                    return Some(CertKeyError::MalformedKey);
+                };
+                let oid = match alg.first() {
+                    Some(t) if t.tag == OID => oid_string(t.content).ok()?,
+                    _ => return Some(CertKeyError::MalformedKey),
+                };
+                match oid.as_str() {
+                    // rsaEncryption, RSASSA-PSS: the key is a PKCS#1 RSAPrivateKey.
+                    "1.2.840.113549.1.1.1" | "1.2.840.113549.1.1.10" => {
+                        match rsa_bits(private.content) {
+                            Some(bits) => rsa(bits),
+                            None => Some(CertKeyError::MalformedKey),
+                        }
+                    }
+                    "1.2.840.10045.2.1" => {
+                        let curve = match alg.get(1) {
+                            Some(t) if t.tag == OID => curve_name(&oid_string(t.content).ok()?),
+                            _ => return Some(CertKeyError::MalformedKey),
+                        };
+                        if matches!(curve.as_str(), "P-256" | "P-384" | "P-521") {
+                            None
+                        } else {
+                            Some(ecdsa(curve))
+                        }
+                    }
+                    "1.3.101.112" => None,
+                    "1.3.101.113" => Some(other("Ed448 key".into())),
+                    "1.2.840.10040.4.1" => Some(other("DSA key".into())),
+                    "1.2.643.7.1.1.1.1" | "1.2.643.7.1.1.1.2" => Some(other("GOST key".into())),
+                    other_oid => Some(other(format!("key of algorithm {other_oid}"))),
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
 /// The subject DN of a certificate as GnuTLS's `gnutls_x509_crt_get_dn` formats it.
 pub mod dn {
     use thiserror::Error;
@@ -1135,14 +1333,14 @@ pub mod dn {
     }
 
     /// One DER element: tag byte(s), contents, and the whole encoding.
-    struct Tlv<'a> {
-        tag: u32,
-        content: &'a [u8],
+    pub(super) struct Tlv<'a> {
+        pub(super) tag: u32,
+        pub(super) content: &'a [u8],
         whole: &'a [u8],
     }
 
     /// Reads one DER element from the front of `buf`; returns it and the rest.
-    fn read_tlv(buf: &[u8]) -> Result<(Tlv<'_>, &[u8]), DnError> {
+    pub(super) fn read_tlv(buf: &[u8]) -> Result<(Tlv<'_>, &[u8]), DnError> {
         let first = *buf.first().ok_or(DnError::Der)?;
         let mut pos = 1;
         let mut tag = u32::from(first);
@@ -1195,7 +1393,7 @@ pub mod dn {
     }
 
     /// The elements of a constructed value's contents.
-    fn children(mut content: &[u8]) -> Result<Vec<Tlv<'_>>, DnError> {
+    pub(super) fn children(mut content: &[u8]) -> Result<Vec<Tlv<'_>>, DnError> {
         let mut out = Vec::new();
         while !content.is_empty() {
             let (tlv, rest) = read_tlv(content)?;
@@ -1206,7 +1404,7 @@ pub mod dn {
     }
 
     /// Dotted-decimal text of an OID's contents.
-    fn oid_string(content: &[u8]) -> Result<String, DnError> {
+    pub(super) fn oid_string(content: &[u8]) -> Result<String, DnError> {
         let mut arcs: Vec<u128> = Vec::new();
         let mut cur: u128 = 0;
         for (i, &b) in content.iter().enumerate() {
@@ -2153,13 +2351,16 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn psk_and_anon_are_refused_clearly() {
-        let e = check_creds_type("tls-creds-psk").unwrap_err().to_string();
-        assert!(
-            e.contains("tls-creds-psk is not supported") && e.contains("pre-shared"),
-            "{e}"
-        );
-        assert!(check_creds_type("tls-creds-anon").is_err());
+    fn anon_is_refused_clearly() {
+        #[cfg(not(feature = "psk"))]
+        {
+            let e = check_creds_type("tls-creds-psk").unwrap_err().to_string();
+            assert!(e.contains("tls-creds-psk is not supported"), "{e}");
+        }
+        #[cfg(feature = "psk")]
+        assert!(check_creds_type("tls-creds-psk").is_ok());
+        let e = check_creds_type("tls-creds-anon").unwrap_err().to_string();
+        assert!(e.contains("anonymous"), "{e}");
         assert!(check_creds_type("tls-creds-x509").is_ok());
     }
 
@@ -2183,6 +2384,98 @@ pub(crate) mod tests {
             let dn = rustls_handshake(&server, &client).unwrap_or_else(|e| panic!("{kind:?}: {e}"));
             assert_eq!(dn.as_deref(), Some(CLIENT_DN), "{kind:?}");
         }
+    }
+
+    /// A server directory whose key certtool made with `key_args`, its certificate issued
+    /// by certtool from [`SERVER_TMPL`].
+    fn certtool_server_dir(tmp: &TempDir, name: &str, key_args: &[&str]) -> PathBuf {
+        let ca = make_ca(&tmp.sub(&format!("{name}-ca")), "Test CA");
+        let dir = tmp.sub(name);
+        std::fs::copy(&ca.cert, dir.join(files::CA_CERT)).unwrap();
+        let key = dir.join(files::SERVER_KEY);
+        run(Command::new("certtool")
+            .arg("--generate-privkey")
+            .args(key_args)
+            .arg("--outfile")
+            .arg(&key));
+        certtool_issue(&ca, &key, SERVER_TMPL, &dir.join(files::SERVER_CERT));
+        dir
+    }
+
+    #[test]
+    fn certtool_keys_of_every_size_and_type_qemu_takes_load() {
+        if !have_tool("certtool") {
+            return;
+        }
+        let tmp = TempDir::new();
+        // ring refused RSA moduli that are not a multiple of 512 bits (2432 here).
+        for (name, args) in [
+            ("rsa2048", &["--bits", "2048"][..]),
+            ("rsa2432", &["--bits", "2432"]),
+            ("rsa3072", &["--bits", "3072"]),
+            ("rsa4096", &["--bits", "4096"]),
+            ("p256", &["--key-type", "ecdsa", "--curve", "secp256r1"]),
+            ("p384", &["--key-type", "ecdsa", "--curve", "secp384r1"]),
+            ("ed25519", &["--key-type", "ed25519"]),
+        ] {
+            let dir = certtool_server_dir(&tmp, name, args);
+            // certtool's ECDSA and EdDSA certificates lack key encipherment, which QEMU's
+            // sanity check wants: QSD too takes them only with sanity-check=off.
+            let sanity = if name.starts_with("rsa") { "on" } else { "off" };
+            let server = creds(
+                &dir,
+                "server",
+                &[("verify-peer", "off"), ("sanity-check", sanity)],
+            )
+            .unwrap_or_else(|e| panic!("{name}: {}", e.qemu_message()));
+            assert!(server.server_config().is_ok(), "{name}");
+        }
+    }
+
+    #[test]
+    fn refused_keys_say_what_they_are() {
+        if !have_tool("certtool") {
+            return;
+        }
+        let tmp = TempDir::new();
+        let refusal = |dir: &Path| {
+            let e = creds(
+                dir,
+                "server",
+                &[("verify-peer", "off"), ("sanity-check", "off")],
+            )
+            .unwrap_err();
+            assert!(matches!(e, TlsError::CertKey { .. }), "{e:?}");
+            e.qemu_message()
+        };
+        let prefix = |dir: &Path| {
+            format!(
+                "Cannot load certificate '{0}/server-cert.pem' & key '{0}/server-key.pem': ",
+                dir.display()
+            )
+        };
+        // GnuTLS takes both; the TLS library here does not, and says why.
+        let rsa1024 = certtool_server_dir(&tmp, "rsa1024", &["--bits", "1024"]);
+        assert_eq!(
+            refusal(&rsa1024),
+            prefix(&rsa1024) + "RSA key of 1024 bits: RSA keys must have 2048 to 8192 bits"
+        );
+        let ed448 = certtool_server_dir(&tmp, "ed448", &["--key-type", "ed448"]);
+        assert_eq!(
+            refusal(&ed448),
+            prefix(&ed448)
+                + "Ed448 key: keys must be RSA (2048 to 8192 bits), ECDSA (P-256, P-384, P-521) or Ed25519"
+        );
+        // Not DER at all: GnuTLS's (and so QSD's) words.
+        std::fs::write(
+            rsa1024.join(files::SERVER_KEY),
+            "-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        assert_eq!(
+            refusal(&rsa1024),
+            prefix(&rsa1024) + "ASN1 parser: Error in DER parsing."
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ use crate::proto::{
     self, client_flags, encode_option_reply, handshake_flags, InfoRequest, InfoType,
     MetaContextRequest, OptionCode, OptionHeader, ReplyType, MAX_PAYLOAD, MAX_STRING_SIZE,
 };
-use crate::tls::{MaybeTls, TlsConfig};
+use crate::tls::{AcceptError, MaybeTls, TlsConfig};
 use std::io;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -717,21 +717,10 @@ where
                     // started yet.
                     return Err(HandshakeError::Tls(io::Error::other("TLS already started")));
                 };
-                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.server_config));
-                let secured = acceptor.accept(plain).await.map_err(HandshakeError::Tls)?;
-                if let Some(authorize) = &tls.authorize {
-                    let cert = secured
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|chain| chain.first())
-                        .map(|c| c.as_ref());
-                    match authorize(cert) {
-                        Ok(dn) => tracing::debug!(dn, "NBD client authorized"),
-                        Err(reason) => return Err(HandshakeError::Unauthorized(reason)),
-                    }
-                }
-                stream = MaybeTls::Tls(Box::new(secured));
+                stream = crate::tls::accept(plain, tls).await.map_err(|e| match e {
+                    AcceptError::Handshake(e) => HandshakeError::Tls(e),
+                    AcceptError::Unauthorized(reason) => HandshakeError::Unauthorized(reason),
+                })?;
                 negotiator.tls_started();
             }
         }

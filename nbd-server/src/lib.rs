@@ -14,9 +14,10 @@
 //!
 //! The wire format lives in [`proto`]; the handshake is a state machine without I/O
 //! ([`handshake`]); transports are generic over `AsyncRead + AsyncWrite`.
-//! - TLS ([`TlsConfig`], through `tokio-rustls`): `NBD_OPT_STARTTLS` required before any
-//!   other option, as QEMU with `tls-creds`, and an authorization hook on the client's
-//!   certificate after the TLS handshake (QEMU's `tls-authz`).
+//! - TLS ([`TlsConfig`]): x509 through `tokio-rustls`, or pre-shared keys through OpenSSL
+//!   with the `psk` feature ([`TlsAcceptor`]); `NBD_OPT_STARTTLS` required before any other
+//!   option, as QEMU with `tls-creds`, and an authorization hook on the client's identity
+//!   ([`Peer`]: certificate or PSK username) after the TLS handshake (QEMU's `tls-authz`).
 //!
 //! ```no_run
 //! # async fn run(node: std::sync::Arc<block_core::Node>) -> Result<(), Box<dyn std::error::Error>> {
@@ -35,6 +36,8 @@ pub mod handshake;
 mod loops;
 pub mod meta;
 pub mod proto;
+#[cfg(feature = "psk")]
+mod psk;
 mod server;
 mod socket;
 #[allow(unsafe_code)] // pipes, descriptors and splice(2): each block says why it is sound
@@ -43,6 +46,8 @@ mod tls;
 pub mod transmission;
 
 pub use export::{ExportConfig, ExportGone, RemoveMode};
+#[cfg(feature = "psk")]
+pub use psk::{PskAcceptor, PskError, PskLookup};
 pub use server::{NbdError, NbdServer, ServerConfig};
 pub use splice::spliced_bytes;
-pub use tls::{Authorize, TlsConfig};
+pub use tls::{Authorize, Peer, TlsAcceptor, TlsConfig};

@@ -85,6 +85,8 @@ impl<S: Rebind> Rebind for MaybeTls<S> {
             MaybeTls::Plain(s) => s.rebind(handle),
             // The TLS state (and any record it buffered) stays; only the socket under it moves.
             MaybeTls::Tls(s) => s.get_mut().0.rebind(handle),
+            #[cfg(feature = "psk")]
+            MaybeTls::Psk(s) => s.get_mut().rebind(handle),
         }
     }
 
@@ -92,6 +94,8 @@ impl<S: Rebind> Rebind for MaybeTls<S> {
         match self {
             MaybeTls::Plain(s) => s.movable(),
             MaybeTls::Tls(s) => s.get_ref().0.movable(),
+            #[cfg(feature = "psk")]
+            MaybeTls::Psk(s) => s.get_ref().movable(),
         }
     }
 
@@ -100,6 +104,8 @@ impl<S: Rebind> Rebind for MaybeTls<S> {
             MaybeTls::Plain(s) => s.splice_fd(),
             // Bytes on the socket are TLS records, not the reply.
             MaybeTls::Tls(_) => None,
+            #[cfg(feature = "psk")]
+            MaybeTls::Psk(_) => None,
         }
     }
 }

@@ -5,8 +5,9 @@
 //! `tls-creds`: every option but `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT` is refused with
 //! `NBD_REP_ERR_TLS_REQD` until TLS is up (`NBD_OPT_EXPORT_NAME`, which cannot return an
 //! error, ends the connection). After `NBD_REP_ACK` the TLS handshake runs on the same
-//! stream, then the optional [`TlsConfig::authorize`] hook decides on the client's
-//! certificate, and the negotiation starts over inside TLS.
+//! stream ([`TlsAcceptor`]: x509 through rustls, or pre-shared keys through OpenSSL with the
+//! `psk` feature), then the optional [`TlsConfig::authorize`] hook decides on the client's
+//! identity ([`Peer`]), and the negotiation starts over inside TLS.
 
 use std::fmt;
 use std::io;
@@ -16,33 +17,127 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::server::TlsStream;
 
-/// Decides whether a client may continue once TLS is up, from its end-entity certificate
-/// (DER; `None` if it sent none). `Ok` carries the client's distinguished name (for logs);
-/// `Err` the reason for the refusal (logged; the client sees the connection closed).
+/// Who the client is once TLS is up, for [`Authorize`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer<'a> {
+    /// x509: the client's end-entity certificate (DER), `None` if it sent none.
+    Certificate(Option<&'a [u8]>),
+    /// Pre-shared keys: the identity (QEMU's PSK username) whose key the client proved.
+    PskIdentity(&'a str),
+}
+
+/// Decides whether a client may continue once TLS is up, from its identity. `Ok` carries the
+/// client's name (for logs: a distinguished name, a PSK username); `Err` the reason for the
+/// refusal (logged; the client sees the connection closed).
 ///
 /// Called for every connection, so that the authorization it consults can change while the
 /// server runs.
-pub type Authorize = dyn Fn(Option<&[u8]>) -> Result<String, String> + Send + Sync;
+pub type Authorize = dyn Fn(Peer<'_>) -> Result<String, String> + Send + Sync;
+
+/// How the TLS handshake runs after `NBD_OPT_STARTTLS` (QEMU's `tls-creds` types).
+#[derive(Clone)]
+pub enum TlsAcceptor {
+    /// Certificates (`tls-creds-x509`) through rustls: certificate, key and client
+    /// verification are in the configuration (for QEMU's `verify-peer=on`, a client verifier
+    /// over the CA).
+    Rustls(Arc<rustls::ServerConfig>),
+    /// Pre-shared keys (`tls-creds-psk`) through OpenSSL.
+    #[cfg(feature = "psk")]
+    Psk(crate::psk::PskAcceptor),
+}
+
+impl fmt::Debug for TlsAcceptor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TlsAcceptor::Rustls(c) => f
+                .debug_struct("Rustls")
+                .field("alpn_protocols", &c.alpn_protocols)
+                .finish_non_exhaustive(),
+            #[cfg(feature = "psk")]
+            TlsAcceptor::Psk(p) => f.debug_tuple("Psk").field(p).finish(),
+        }
+    }
+}
 
 /// TLS settings of a server (QEMU's `tls-creds` and `tls-authz`).
 #[derive(Clone)]
 pub struct TlsConfig {
-    /// The rustls configuration: certificate, key and client verification. Client
-    /// certificates are checked here (for QEMU's `verify-peer=on`, a client verifier over
-    /// the CA).
-    pub server_config: Arc<rustls::ServerConfig>,
+    /// The handshake: x509 or pre-shared keys.
+    pub acceptor: TlsAcceptor,
     /// Authorization after the TLS handshake; `None` admits every client the TLS layer
     /// accepted.
     pub authorize: Option<Arc<Authorize>>,
 }
 
+impl TlsConfig {
+    /// x509 through rustls, with no authorization hook.
+    pub fn rustls(server_config: Arc<rustls::ServerConfig>) -> TlsConfig {
+        TlsConfig {
+            acceptor: TlsAcceptor::Rustls(server_config),
+            authorize: None,
+        }
+    }
+}
+
 impl fmt::Debug for TlsConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TlsConfig")
-            .field("alpn_protocols", &self.server_config.alpn_protocols)
+            .field("acceptor", &self.acceptor)
             .field("authorize", &self.authorize.as_ref().map(|_| "Fn"))
-            .finish_non_exhaustive()
+            .finish()
     }
+}
+
+/// Runs the TLS handshake on `plain` with `tls`, then the authorization hook.
+pub(crate) async fn accept<S>(plain: S, tls: &TlsConfig) -> Result<MaybeTls<S>, AcceptError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (stream, name) = match &tls.acceptor {
+        TlsAcceptor::Rustls(config) => {
+            let secured = tokio_rustls::TlsAcceptor::from(Arc::clone(config))
+                .accept(plain)
+                .await
+                .map_err(AcceptError::Handshake)?;
+            let name = match &tls.authorize {
+                Some(authorize) => {
+                    let cert = secured
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .map(|c| c.as_ref());
+                    Some(authorize(Peer::Certificate(cert)).map_err(AcceptError::Unauthorized)?)
+                }
+                None => None,
+            };
+            (MaybeTls::Tls(Box::new(secured)), name)
+        }
+        #[cfg(feature = "psk")]
+        TlsAcceptor::Psk(acceptor) => {
+            let (secured, identity) = acceptor.accept(plain).await?;
+            let name = match &tls.authorize {
+                Some(authorize) => Some(
+                    authorize(Peer::PskIdentity(&identity)).map_err(AcceptError::Unauthorized)?,
+                ),
+                None => None,
+            };
+            (MaybeTls::Psk(Box::new(secured)), name)
+        }
+    };
+    if let Some(name) = name {
+        tracing::debug!(name, "NBD client authorized");
+    }
+    Ok(stream)
+}
+
+/// Why [`accept`] failed.
+#[derive(Debug)]
+pub(crate) enum AcceptError {
+    /// The TLS handshake failed.
+    Handshake(io::Error),
+    /// The hook refused the client.
+    Unauthorized(String),
 }
 
 /// A connection's stream: plaintext, or TLS after `NBD_OPT_STARTTLS`. An enum, so that the
@@ -51,8 +146,11 @@ impl fmt::Debug for TlsConfig {
 pub(crate) enum MaybeTls<S> {
     /// No TLS (not configured, or not started yet).
     Plain(S),
-    /// TLS established over the stream.
+    /// TLS established over the stream (rustls).
     Tls(Box<TlsStream<S>>),
+    /// TLS with pre-shared keys established over the stream (OpenSSL).
+    #[cfg(feature = "psk")]
+    Psk(Box<tokio_openssl::SslStream<S>>),
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for MaybeTls<S> {
@@ -64,6 +162,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for MaybeTls<S> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            #[cfg(feature = "psk")]
+            MaybeTls::Psk(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -77,6 +177,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<S> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            #[cfg(feature = "psk")]
+            MaybeTls::Psk(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -88,6 +190,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<S> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            #[cfg(feature = "psk")]
+            MaybeTls::Psk(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -95,6 +199,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<S> {
         match self {
             MaybeTls::Plain(s) => s.is_write_vectored(),
             MaybeTls::Tls(s) => s.is_write_vectored(),
+            #[cfg(feature = "psk")]
+            MaybeTls::Psk(s) => s.is_write_vectored(),
         }
     }
 
@@ -102,6 +208,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<S> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            #[cfg(feature = "psk")]
+            MaybeTls::Psk(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -109,6 +217,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<S> {
         match self.get_mut() {
             MaybeTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
             MaybeTls::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            #[cfg(feature = "psk")]
+            MaybeTls::Psk(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

@@ -639,7 +639,7 @@ impl Pki {
         for cert in CertificateDer::pem_file_iter(self.dir.path().join("ca-cert.pem")).unwrap() {
             roots.add(cert.unwrap()).unwrap();
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let cfg = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(rustls::DEFAULT_VERSIONS)
             .unwrap()
@@ -656,17 +656,14 @@ impl Pki {
             .collect::<Result<Vec<_>, _>>()
             .unwrap();
         let key = PrivateKeyDer::from_pem_file(self.dir.path().join("server-key.pem")).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let cfg = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(rustls::DEFAULT_VERSIONS)
             .unwrap()
             .with_no_client_auth()
             .with_single_cert(chain, key)
             .unwrap();
-        TlsConfig {
-            server_config: Arc::new(cfg),
-            authorize: None,
-        }
+        TlsConfig::rustls(Arc::new(cfg))
     }
 }
 

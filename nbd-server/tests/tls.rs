@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use nbd_server::{Authorize, ServerConfig, TlsConfig};
+use nbd_server::{Authorize, Peer, ServerConfig, TlsAcceptor, TlsConfig};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -129,7 +129,7 @@ impl Pki {
     /// The server's rustls configuration: its certificate, client certificates required and
     /// verified against the CA.
     fn server_config(&self) -> Arc<rustls::ServerConfig> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_file_iter(self.path("server/ca-cert.pem")).unwrap() {
             roots.add(cert.unwrap()).unwrap();
@@ -156,7 +156,7 @@ impl Pki {
     fn server(&self, authorize: Option<Arc<Authorize>>) -> TestServer {
         let config = ServerConfig {
             tls: Some(TlsConfig {
-                server_config: self.server_config(),
+                acceptor: TlsAcceptor::Rustls(self.server_config()),
                 authorize,
             }),
             ..ServerConfig::default()
@@ -215,8 +215,8 @@ fn nbdinfo_size(t: &TestServer, certs: &Path) -> Output {
 /// An authorization hook that refuses certificates whose DER holds the common name `cn`
 /// (the subject `CN=denied-client`), as a `tls-authz` list would by DN.
 fn deny_cn(cn: &'static str) -> Arc<Authorize> {
-    Arc::new(move |cert: Option<&[u8]>| {
-        let Some(der) = cert else {
+    Arc::new(move |peer: Peer<'_>| {
+        let Peer::Certificate(Some(der)) = peer else {
             return Err("no client certificate".to_string());
         };
         if der.windows(cn.len()).any(|w| w == cn.as_bytes()) {
@@ -374,8 +374,10 @@ fn authorization_is_asked_at_each_connection() {
     let seen = Arc::new(std::sync::Mutex::new(Vec::<bool>::new()));
     let hook: Arc<Authorize> = {
         let (allow, seen) = (Arc::clone(&allow), Arc::clone(&seen));
-        Arc::new(move |cert: Option<&[u8]>| {
-            seen.lock().unwrap().push(cert.is_some());
+        Arc::new(move |peer: Peer<'_>| {
+            seen.lock()
+                .unwrap()
+                .push(matches!(peer, Peer::Certificate(Some(_))));
             if allow.load(Ordering::SeqCst) {
                 Ok("CN=good-client".to_string())
             } else {
@@ -402,10 +404,7 @@ fn handshake_deadline_covers_the_tls_handshake() {
     let pki = Pki::new();
     let config = ServerConfig {
         handshake_max: Some(std::time::Duration::from_millis(300)),
-        tls: Some(TlsConfig {
-            server_config: pki.server_config(),
-            authorize: None,
-        }),
+        tls: Some(TlsConfig::rustls(pki.server_config())),
         ..ServerConfig::default()
     };
     let t = TestServer::start(MemDisk::new(MIB), config, true);
@@ -440,7 +439,7 @@ fn tls_over_tcp() {
     let node = block_core::Node::new("n", disk as Arc<dyn block_core::BlockDriver>, Vec::new());
     let server = nbd_server::NbdServer::new(ServerConfig {
         tls: Some(TlsConfig {
-            server_config: pki.server_config(),
+            acceptor: TlsAcceptor::Rustls(pki.server_config()),
             authorize: Some(deny_cn("denied-client")),
         }),
         ..ServerConfig::default()
