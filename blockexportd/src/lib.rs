@@ -15,4 +15,5 @@ pub mod objects;
 pub mod process;
 pub mod qapi;
 pub mod run;
+pub mod sockets;
 pub mod tls;
