@@ -45,12 +45,20 @@ fn first_line_after_a_failed_handshake(env: &[(&str, &str)]) -> String {
     let (mut child, sock) = start(env, dir.path());
     drop(UnixStream::connect(&sock).expect("connect"));
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = stderr.read_line(&mut line);
+        let _ = tx.send(line);
+        let mut rest = String::new();
+        let _ = stderr.read_to_string(&mut rest);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(20));
     signal(child.id(), libc::SIGTERM);
-    let mut rest = String::new();
-    stderr.read_to_string(&mut rest).unwrap();
-    assert!(child.wait().unwrap().success());
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    let line = line.expect("the daemon said nothing within 20 s");
+    assert!(status.success(), "{status}");
     line
 }
 
