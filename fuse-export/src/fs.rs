@@ -474,7 +474,7 @@ impl Filesystem for ExportFs {
                     owner.gid = gid;
                 }
             }
-            reply.attr(&ATTR_TTL, &shared.node_attr(&node));
+            reply.attr(&ATTR_TTL, &shared.node_attr(node));
         });
     }
 

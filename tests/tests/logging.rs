@@ -85,7 +85,7 @@ fn blockexportd_log_wins_over_rust_log() {
 #[test]
 fn a_bad_filter_is_reported_and_the_default_used() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, _sock) = start(&[("RUST_LOG", "x=nonsense")], dir.path());
+    let (child, _sock) = start(&[("RUST_LOG", "x=nonsense")], dir.path());
     signal(child.id(), libc::SIGTERM);
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -82,7 +82,7 @@ fn negotiate(q: &mut Qmp) {
     );
 }
 
-fn quit(mut child: Child, q: &mut Qmp) -> Output {
+fn quit(child: Child, q: &mut Qmp) -> Output {
     q.ok("quit", json!({}));
     let out = child.wait_with_output().expect("wait");
     assert!(out.status.success(), "{out:?}");
