@@ -307,3 +307,45 @@ fn nbd_server_start_replaces_a_stale_socket() {
         q.ok("nbd-server-stop", json!({}));
     }
 }
+
+/// An inet client chardev, with `reconnect` in seconds: the daemon connects to the test's TCP
+/// listener and serves QMP there.
+#[test]
+fn inet_client_chardev_serves_qmp() {
+    use std::io::Write;
+    for flavor in flavors() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let chardev = format!("socket,id=mon,host=127.0.0.1,port={port},reconnect=1");
+        let child = spawn(flavor, &["--chardev", &chardev, "--monitor", "chardev=mon"]);
+        let mut pfd = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, count 1, for up to 20 s.
+        let n = unsafe { libc::poll(&mut pfd, 1, 20_000) };
+        assert_eq!(n, 1, "{flavor:?}: the daemon connects");
+        let (stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut w = stream.try_clone().unwrap();
+        let mut r = BufReader::new(stream);
+        let mut line = String::new();
+        let mut next = || {
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            serde_json::from_str::<serde_json::Value>(&line).unwrap()
+        };
+        assert!(next().get("QMP").is_some(), "{flavor:?}: greeting");
+        w.write_all(b"{\"execute\": \"qmp_capabilities\"}\n")
+            .unwrap();
+        assert_eq!(next(), json!({"return": {}}), "{flavor:?}");
+        w.write_all(b"{\"execute\": \"quit\"}\n").unwrap();
+        assert_eq!(next(), json!({"return": {}}), "{flavor:?}");
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{flavor:?}: {out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "", "{flavor:?}");
+    }
+}
