@@ -113,6 +113,8 @@ mod tests {
         let l = listen_unix(&path).unwrap();
         let _c = std::os::unix::net::UnixStream::connect(&path).unwrap();
         drop(l);
+        // A regular file is unlinked as well, as QEMU does.
+        std::fs::remove_file(&path).unwrap();
         std::fs::write(&path, b"x").unwrap();
         listen_unix(&path).unwrap();
         let d = dir.path().join("d");
