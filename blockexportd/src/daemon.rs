@@ -72,9 +72,10 @@ impl ClientChardev {
         let err = |e: crate::sockets::SocketError| generic(e.qemu_message());
         let addr = if let Some(path) = &opts.path {
             let path = PathBuf::from(path);
-            let first = match connect_now {
-                true => Some(crate::sockets::connect_unix(&path).await.map_err(err)?),
-                false => None,
+            let first = if connect_now {
+                Some(crate::sockets::connect_unix(&path).await.map_err(err)?)
+            } else {
+                None
             };
             ClientAddr::Unix(path, first)
         } else if let Some(host) = &opts.host {
@@ -82,13 +83,14 @@ impl ClientChardev {
                 .port
                 .clone()
                 .ok_or_else(|| generic("chardev: socket: no port given"))?;
-            let first = match connect_now {
-                true => Some(
+            let first = if connect_now {
+                Some(
                     crate::sockets::connect_tcp(host, &port)
                         .await
                         .map_err(err)?,
-                ),
-                false => None,
+                )
+            } else {
+                None
             };
             ClientAddr::Tcp(host.clone(), port, first)
         } else {
