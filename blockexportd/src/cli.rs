@@ -154,8 +154,11 @@ blockexportd: export disk images over NBD and FUSE, managed over QMP
 
   --chardev socket,id=<id>,path=<path>[,server=on][,wait=off]
   --chardev socket,id=<id>,host=<host>,port=<port>[,server=on][,wait=off]
+  --chardev socket,id=<id>,path=<path>[,reconnect-ms=<ms>|,reconnect=<s>]
+  --chardev socket,id=<id>,host=<host>,port=<port>[,reconnect-ms=<ms>]
   --chardev stdio,id=<id>
                          configure a character device backend for a monitor
+                         (without server=on: connect to a listening peer)
 
   --daemonize            daemonize the process, and have the parent exit
                          once startup is complete

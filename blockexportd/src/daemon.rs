@@ -33,9 +33,129 @@ fn generic(msg: impl Into<String>) -> QmpError {
 enum Chardev {
     Unix(UnixListener, PathBuf, Option<tokio::net::UnixStream>),
     Tcp(TcpListener, Option<tokio::net::TcpStream>),
+    /// A client socket (no `server=on`): the daemon connects to its peer.
+    Client(ClientChardev),
     Stdio,
     /// Taken by a monitor.
     Used,
+}
+
+/// A client chardev. Without a reconnect delay the connection was made when the chardev
+/// was created (a failure ends startup, as in QEMU); with one, connecting starts when a
+/// monitor takes the chardev and a failure is reported and retried.
+#[derive(Debug)]
+struct ClientChardev {
+    id: String,
+    addr: ClientAddr,
+    reconnect: Option<Duration>,
+}
+
+#[derive(Debug)]
+enum ClientAddr {
+    Unix(PathBuf, Option<tokio::net::UnixStream>),
+    Tcp(String, String, Option<tokio::net::TcpStream>),
+}
+
+impl ClientChardev {
+    async fn new(opts: &qapi::ChardevOptions, reconnect_ms: Option<i64>) -> CmdResult<Self> {
+        if opts.wait.is_some() {
+            return Err(generic(
+                "'wait' option is incompatible with socket in client connect mode",
+            ));
+        }
+        // QEMU reconnects only for a positive delay; `reconnect=0` is a plain client.
+        let reconnect = reconnect_ms
+            .and_then(|ms| u64::try_from(ms).ok())
+            .filter(|&ms| ms > 0)
+            .map(Duration::from_millis);
+        let connect_now = reconnect.is_none();
+        let err = |e: crate::sockets::SocketError| generic(e.qemu_message());
+        let addr = if let Some(path) = &opts.path {
+            let path = PathBuf::from(path);
+            let first = if connect_now {
+                Some(crate::sockets::connect_unix(&path).await.map_err(err)?)
+            } else {
+                None
+            };
+            ClientAddr::Unix(path, first)
+        } else if let Some(host) = &opts.host {
+            let port = opts
+                .port
+                .clone()
+                .ok_or_else(|| generic("chardev: socket: no port given"))?;
+            let first = if connect_now {
+                Some(
+                    crate::sockets::connect_tcp(host, &port)
+                        .await
+                        .map_err(err)?,
+                )
+            } else {
+                None
+            };
+            ClientAddr::Tcp(host.clone(), port, first)
+        } else {
+            return Err(generic("chardev: socket: no host given"));
+        };
+        Ok(ClientChardev {
+            id: opts.id.clone(),
+            addr,
+            reconnect,
+        })
+    }
+
+    /// Serves monitors over this chardev's connections until the server shuts down (or, with
+    /// no reconnect delay, until the one connection ends).
+    async fn serve(self, qmp: QmpServer, opts: qmp_server::MonitorOptions) {
+        let reporter = Arc::new(ConnectReporter {
+            id: self.id,
+            reported: AtomicBool::new(false),
+        });
+        match self.addr {
+            ClientAddr::Unix(path, first) => {
+                let connect = move || {
+                    let (path, reporter) = (path.clone(), Arc::clone(&reporter));
+                    async move { reporter.note(crate::sockets::connect_unix(&path).await) }
+                };
+                qmp.serve_client(connect, first, self.reconnect, opts).await
+            }
+            ClientAddr::Tcp(host, port, first) => {
+                let connect = move || {
+                    let (host, port) = (host.clone(), port.clone());
+                    let reporter = Arc::clone(&reporter);
+                    async move { reporter.note(crate::sockets::connect_tcp(&host, &port).await) }
+                };
+                qmp.serve_client(connect, first, self.reconnect, opts).await
+            }
+        }
+    }
+}
+
+/// Reports a client chardev's failed connect once until a connect succeeds again, as QEMU
+/// does (`Unable to connect character device ID: Failed to connect to 'P': ...`).
+struct ConnectReporter {
+    id: String,
+    reported: AtomicBool,
+}
+
+impl ConnectReporter {
+    fn note<S>(&self, r: Result<S, crate::sockets::SocketError>) -> std::io::Result<S> {
+        match r {
+            Ok(s) => {
+                self.reported.store(false, Ordering::Relaxed);
+                Ok(s)
+            }
+            Err(e) => {
+                if !self.reported.swap(true, Ordering::Relaxed) {
+                    eprintln!(
+                        "blockexportd: Unable to connect character device {}: {}",
+                        self.id,
+                        e.qemu_message()
+                    );
+                }
+                Err(std::io::Error::other(e))
+            }
+        }
+    }
 }
 
 struct NbdState {
@@ -382,17 +502,30 @@ impl Daemon {
         let chardev = match opts.backend.as_str() {
             "stdio" => Chardev::Stdio,
             "socket" => {
-                if opts.server != Some(true) {
+                if opts.reconnect.is_some() && opts.reconnect_ms.is_some() {
                     return Err(generic(
-                        "only server sockets (server=on) are supported for chardevs",
+                        "'reconnect' and 'reconnect-ms' are mutually exclusive",
+                    ));
+                }
+                let reconnect_ms = opts
+                    .reconnect
+                    .map(|s| s.saturating_mul(1000))
+                    .or(opts.reconnect_ms);
+                if opts.server != Some(true) {
+                    let client = ClientChardev::new(&opts, reconnect_ms).await?;
+                    state.chardevs.insert(opts.id, Chardev::Client(client));
+                    return Ok(json!({}));
+                }
+                // QEMU 10.0 refuses `reconnect` on a server socket but lets `reconnect-ms` by.
+                if opts.reconnect.is_some() {
+                    return Err(generic(
+                        "'reconnect' option is incompatible with socket in server listen mode",
                     ));
                 }
                 let chardev = if let Some(path) = &opts.path {
                     let path = PathBuf::from(path);
-                    let _ = std::fs::remove_file(&path);
-                    let listener = UnixListener::bind(&path).map_err(|e| {
-                        generic(format!("Failed to bind socket to {}: {e}", path.display()))
-                    })?;
+                    let listener = crate::sockets::listen_unix(&path)
+                        .map_err(|e| generic(e.qemu_message()))?;
                     let first = if opts.wait == Some(false) {
                         None
                     } else {
@@ -471,6 +604,7 @@ impl Daemon {
                 }
                 qmp.serve_tcp(listener, mon_opts).await
             }),
+            Chardev::Client(client) => tokio::spawn(client.serve(qmp, mon_opts)),
             Chardev::Stdio => tokio::spawn(async move { qmp.serve_stdio(mon_opts).await }),
             Chardev::Used => return Err(generic(format!("Device '{}' is in use", opts.chardev))),
         };
@@ -508,8 +642,8 @@ impl Daemon {
                     return Err(generic("abstract unix sockets are not supported"));
                 }
                 let path = PathBuf::from(&u.path);
-                let listener = UnixListener::bind(&path)
-                    .map_err(|e| generic(format!("Failed to bind socket to {}: {e}", u.path)))?;
+                let listener =
+                    crate::sockets::listen_unix(&path).map_err(|e| generic(e.qemu_message()))?;
                 unix_path = Some(path);
                 let s = server.clone();
                 tokio::spawn(async move { s.serve_unix(listener).await })

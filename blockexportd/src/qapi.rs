@@ -321,10 +321,14 @@ pub struct ChardevOptions {
     pub host: Option<String>,
     /// TCP port.
     pub port: Option<String>,
-    /// Listen (must be on for a monitor).
+    /// Listen (`on`), or connect to a listening peer (`off`, the default).
     pub server: Option<bool>,
     /// Wait for a client before going on.
     pub wait: Option<bool>,
+    /// A client socket: reconnect this many seconds after the connection ends or fails.
+    pub reconnect: Option<i64>,
+    /// A client socket: reconnect this many milliseconds after the connection ends or fails.
+    pub reconnect_ms: Option<i64>,
     /// Use IPv4 only.
     pub ipv4: Option<bool>,
     /// Use IPv6 only.
@@ -389,6 +393,8 @@ pub const EXPORT_TYPES_KEYVAL: &[(&str, Kind)] = &[
 pub const CHARDEV_TYPES: &[(&str, Kind)] = &[
     ("server", Kind::Bool),
     ("wait", Kind::Bool),
+    ("reconnect", Kind::Int64),
+    ("reconnect-ms", Kind::Int64),
     ("ipv4", Kind::Bool),
     ("ipv6", Kind::Bool),
     ("nodelay", Kind::Bool),

@@ -16,9 +16,10 @@ use crate::error::{errno_of, FuseError};
 use crate::plan::{self, WritePlan, ZeroKind};
 use block_core::{Attachment, BlockError, Node, WriteFlags, ZeroFlags};
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyEmpty, ReplyEntry,
-    ReplyLseek, ReplyOpen, ReplyWrite, Request, TimeOrNow,
+    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, PollEvents,
+    PollFlags, PollNotifier, ReplyAttr, ReplyBmap, ReplyData, ReplyEmpty, ReplyEntry, ReplyIoctl,
+    ReplyLock, ReplyLseek, ReplyOpen, ReplyPoll, ReplyWrite, ReplyXattr, Request, TimeOrNow,
 };
 use std::ffi::OsStr;
 use std::io;
@@ -229,13 +230,23 @@ impl Shared {
         }
     }
 
-    fn attr(&self, size: u64, blksize: u32) -> FileAttr {
+    /// The attributes of the file showing `node`.
+    fn node_attr(&self, node: &Node) -> FileAttr {
+        let blksize = node.driver().preferred_alignment().max(512);
+        let allocated = node.driver().image_details().actual_size;
+        self.attr(node.size(), allocated, blksize)
+    }
+
+    /// The file's attributes. `allocated` is what the image takes on the host in bytes
+    /// (QEMU's `bdrv_get_allocated_file_size`); `st_blocks` counts it in 512-byte units, or
+    /// counts `size` when it is unknown or 0, as QSD does.
+    fn attr(&self, size: u64, allocated: Option<u64>, blksize: u32) -> FileAttr {
         let owner = *lock(&self.owner);
         let now = SystemTime::now();
         FileAttr {
             ino: INodeNo::ROOT,
             size,
-            blocks: size.div_ceil(512),
+            blocks: allocated.filter(|&a| a > 0).unwrap_or(size).div_ceil(512),
             atime: now,
             mtime: now,
             ctime: now,
@@ -390,8 +401,7 @@ impl Filesystem for ExportFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.enter(ino) {
             Ok(permit) => {
-                let blksize = permit.node.driver().preferred_alignment().max(512);
-                reply.attr(&ATTR_TTL, &self.shared.attr(permit.node.size(), blksize));
+                reply.attr(&ATTR_TTL, &self.shared.node_attr(&permit.node));
             }
             Err(e) => reply.error(e),
         }
@@ -464,8 +474,7 @@ impl Filesystem for ExportFs {
                     owner.gid = gid;
                 }
             }
-            let blksize = node.driver().preferred_alignment().max(512);
-            reply.attr(&ATTR_TTL, &shared.attr(node.size(), blksize));
+            reply.attr(&ATTR_TTL, &shared.node_attr(node));
         });
     }
 
@@ -694,5 +703,124 @@ impl Filesystem for ExportFs {
                 Err(code) => reply.error(errno(code)),
             }
         });
+    }
+
+    // The operations QSD does not implement either: libfuse answers them with `ENOSYS`, which
+    // the kernel remembers (no second getxattr is sent) and turns into what the caller sees
+    // (`EOPNOTSUPP` for xattrs, `ENOTTY` for ioctls, a local fallback for copy_file_range and
+    // poll). They are answered here so that fuser's defaults do not log them.
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn poll(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _ph: PollNotifier,
+        _events: PollEvents,
+        _flags: PollFlags,
+        reply: ReplyPoll,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        _start: u64,
+        _end: u64,
+        _typ: i32,
+        _pid: u32,
+        reply: ReplyLock,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        _start: u64,
+        _end: u64,
+        _typ: i32,
+        _pid: u32,
+        _sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn bmap(&self, _req: &Request, _ino: INodeNo, _blocksize: u32, _idx: u64, reply: ReplyBmap) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        _fh_in: FileHandle,
+        _offset_in: u64,
+        _ino_out: INodeNo,
+        _fh_out: FileHandle,
+        _offset_out: u64,
+        _len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::ENOSYS);
     }
 }

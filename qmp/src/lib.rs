@@ -9,8 +9,10 @@
 //! [`parse_arguments`].
 //!
 //! Transports: a unix or TCP listener (one client at a time per listener,
-//! like a QEMU `--chardev socket,server=on` monitor), stdin/stdout, or any
-//! already-connected stream.
+//! like a QEMU `--chardev socket,server=on` monitor), stdin/stdout, any
+//! already-connected stream, or connections the daemon makes itself, with
+//! an optional reconnect delay ([`QmpServer::serve_client`], a QEMU
+//! `--chardev socket` without `server=on`).
 //!
 //! ```no_run
 //! use qmp_server::{parse_arguments, MonitorOptions, QmpError, QmpServer, VersionInfo};
@@ -51,6 +53,7 @@
 #![forbid(unsafe_code)]
 
 pub mod args;
+mod client;
 mod dispatch;
 pub mod error;
 pub mod parser;

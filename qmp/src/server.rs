@@ -197,7 +197,7 @@ enum After {
     Quit,
 }
 
-async fn until_dead(dead: &mut watch::Receiver<bool>) {
+pub(crate) async fn until_dead(dead: &mut watch::Receiver<bool>) {
     // An error means the sender is gone, which only happens with the
     // monitor: treat as dead.
     let _ = dead.wait_for(|d| *d).await;
@@ -287,6 +287,11 @@ impl QmpServer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .len()
+    }
+
+    /// Changes to `true` at [`shutdown`](Self::shutdown).
+    pub(crate) fn shutdown_receiver(&self) -> watch::Receiver<bool> {
+        self.inner.shutdown.subscribe()
     }
 
     fn is_shut_down(&self) -> bool {

@@ -243,7 +243,12 @@ pub struct Qmp {
 impl Qmp {
     /// Connects and reads the greeting (capabilities not negotiated).
     pub fn connect(path: &Path) -> Qmp {
-        let stream = UnixStream::connect(path).expect("connect to QMP");
+        Qmp::from_stream(UnixStream::connect(path).expect("connect to QMP"))
+    }
+
+    /// Reads the greeting on a connection made some other way (a daemon that connected to a
+    /// socket the test listens on).
+    pub fn from_stream(stream: UnixStream) -> Qmp {
         stream
             .set_read_timeout(Some(Duration::from_secs(60)))
             .expect("timeout");

@@ -152,3 +152,180 @@ fn fuse_export_runs_in_its_iothread() {
     q.ok("object-del", json!({"id": "io0"}));
     assert!(std::fs::read(&image).unwrap()[..4096] == data[..]);
 }
+
+/// Starts `flavor` exporting `image` (format `fmt`) over FUSE at `mountpoint`.
+fn fuse_daemon(
+    flavor: blockexportd_tests::Flavor,
+    image: &std::path::Path,
+    fmt: &str,
+    mountpoint: &std::path::Path,
+) -> Daemon {
+    std::fs::write(mountpoint, b"").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_in(
+        flavor,
+        dir,
+        &[
+            "--blockdev",
+            &format!("driver=file,filename={},node-name=f", image.display()),
+            "--blockdev",
+            &format!("driver={fmt},file=f,node-name=d"),
+            "--export",
+            &format!(
+                "fuse,id=fx,node-name=d,writable=on,mountpoint={}",
+                mountpoint.display()
+            ),
+        ],
+    );
+    assert_ne!(std::fs::metadata(mountpoint).unwrap().len(), 0, "mounted");
+    d
+}
+
+fn flavors() -> Vec<blockexportd_tests::Flavor> {
+    let mut v = vec![blockexportd_tests::Flavor::Blockexportd];
+    if require_tools(&["qemu-storage-daemon"]) {
+        v.push(blockexportd_tests::Flavor::Qsd);
+    }
+    v
+}
+
+/// The errno of a call that returns -1, or 0 when it succeeded.
+fn errno_of(rc: libc::c_long) -> i32 {
+    if rc < 0 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    } else {
+        0
+    }
+}
+
+/// Requests QSD does not implement (xattrs, ioctls, poll, copy_file_range) get the same
+/// answers from both daemons, and ours says nothing about them on stderr, as QSD.
+#[test]
+fn unimplemented_fuse_requests_are_answered_silently() {
+    use std::os::fd::AsRawFd;
+    if !fuse_usable() {
+        return;
+    }
+    let mut answers = Vec::new();
+    for flavor in flavors() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.raw");
+        qemu_img_create(&image, "raw", "1M");
+        let mountpoint = dir.path().join("mnt");
+        let mut d = fuse_daemon(flavor, &image, "raw", &mountpoint);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&mountpoint)
+            .unwrap();
+        let fd = f.as_raw_fd();
+        let path = std::ffi::CString::new(mountpoint.to_str().unwrap()).unwrap();
+        let name = c"user.test";
+        let mut buf = [0u8; 256];
+        let mut got = Vec::new();
+        // SAFETY: valid C strings and buffers of the sizes given to each call; `fd` is open
+        // for the whole block.
+        unsafe {
+            got.push(errno_of(libc::getxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            ) as libc::c_long));
+            got.push(errno_of(
+                libc::listxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) as libc::c_long,
+            ));
+            got.push(errno_of(libc::setxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                b"x".as_ptr().cast(),
+                1,
+                0,
+            ) as libc::c_long));
+            got.push(errno_of(
+                libc::removexattr(path.as_ptr(), name.as_ptr()) as libc::c_long
+            ));
+            // FS_IOC_GETFLAGS, what lsattr asks.
+            let mut flags: libc::c_long = 0;
+            got.push(errno_of(
+                libc::ioctl(fd, 0x8008_6601, &mut flags as *mut libc::c_long) as libc::c_long,
+            ));
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            got.push(errno_of(libc::poll(&mut pfd, 1, 0) as libc::c_long));
+            let mut off_in: libc::loff_t = 0;
+            let mut off_out: libc::loff_t = 4096;
+            got.push(errno_of(
+                libc::copy_file_range(fd, &mut off_in, fd, &mut off_out, 512, 0) as libc::c_long,
+            ));
+        }
+        drop(f);
+        let out = d.terminate();
+        assert!(out.status.success(), "{flavor:?}: {out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            "",
+            "{flavor:?}: nothing on stderr"
+        );
+        answers.push(got);
+    }
+    let eop = libc::EOPNOTSUPP;
+    assert_eq!(answers[0], [eop, eop, eop, eop, libc::ENOTTY, 0, 0]);
+    if let Some(qsd) = answers.get(1) {
+        assert_eq!(&answers[0], qsd, "the same answers as QSD's");
+    }
+}
+
+/// `st_blocks` is what the image takes on the host, not its size: a 1 MiB image with 64 KiB
+/// written shows what QSD shows (and `du` agrees), for raw and qcow2; an image that takes
+/// nothing (all of a raw file a hole) counts its size, as in QSD.
+#[test]
+fn fuse_st_blocks_is_the_image_allocation() {
+    use std::os::unix::fs::MetadataExt;
+    if !fuse_usable() || !require_tools(&["qemu-io"]) {
+        return;
+    }
+    for (fmt, write) in [("raw", true), ("qcow2", true), ("raw", false)] {
+        let mut seen = Vec::new();
+        for flavor in flavors() {
+            let dir = tempfile::tempdir().unwrap();
+            let image = dir.path().join("disk.img");
+            qemu_img_create(&image, fmt, "1M");
+            if write {
+                blockexportd_tests::qemu_io(
+                    &["-f", fmt, image.to_str().unwrap()],
+                    &["write 0 64k"],
+                );
+            }
+            let host_blocks = std::fs::metadata(&image).unwrap().blocks();
+            let want = if host_blocks == 0 { 2048 } else { host_blocks };
+            let mountpoint = dir.path().join("mnt");
+            let mut d = fuse_daemon(flavor, &image, fmt, &mountpoint);
+            let meta = std::fs::metadata(&mountpoint).unwrap();
+            assert_eq!(meta.len(), 1 << 20);
+            assert_eq!(
+                meta.blocks(),
+                want,
+                "{flavor:?} {fmt} (image: {host_blocks})"
+            );
+            if write {
+                assert!(meta.blocks() < 2048, "{flavor:?} {fmt}: sparse");
+            }
+            let du = run_ok(Command::new("du").arg("-k").arg(&mountpoint));
+            let du = String::from_utf8_lossy(&du.stdout).to_string();
+            assert_eq!(
+                du.split_whitespace().next(),
+                Some((want / 2).to_string().as_str()),
+                "{flavor:?} {fmt}: du {du}"
+            );
+            seen.push(meta.blocks());
+            d.terminate();
+        }
+        if seen.len() == 2 {
+            assert_eq!(seen[0], seen[1], "{fmt}: as QSD");
+        }
+    }
+}
