@@ -1,7 +1,14 @@
 //! The node graph: every node by name, and the rules for adding and removing them.
+//!
+//! As in QEMU, a node added by `blockdev-add` is owned by the monitor, and the children that
+//! the same command opened (inline definitions, named or not, and backing files opened from
+//! an image header) are implicit: they belong to their parent. `blockdev-del` deletes a
+//! monitor-owned node together with the implicit children nobody else uses; an implicit
+//! child that an export still uses stays until that export is gone
+//! ([`NodeGraph::sweep`]).
 
 use crate::node::{Attachment, ChildRole, Node};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -22,6 +29,8 @@ pub struct NodeGraph {
     nodes: Mutex<BTreeMap<String, Arc<Node>>>,
     /// Attachments that parent nodes hold on their children, keyed by the parent's name.
     child_holds: Mutex<BTreeMap<String, Vec<Attachment>>>,
+    /// Nodes that their parent's `blockdev-add` opened, which the monitor does not own.
+    implicit: Mutex<BTreeSet<String>>,
     next_auto_name: AtomicU64,
 }
 
@@ -51,15 +60,10 @@ impl NodeGraph {
         self.nodes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Checks that `name` is a valid, unused node name (QEMU's rules: it starts with a letter
-    /// and holds only letters, digits, `-`, `.` and `_`, at most 31 characters).
+    /// Checks that `name` is a valid, unused node name, as QEMU checks them in this order:
+    /// an identifier ([`id_wellformed`]), unused, then at most 31 bytes.
     pub fn check_new_name(&self, name: &str) -> Result<(), GraphError> {
-        let valid = name.len() < 32
-            && name.starts_with(|c: char| c.is_ascii_alphabetic())
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
-        if !valid {
+        if !id_wellformed(name) {
             return Err(GraphError::Failed(
                 "Invalid node-name: '".to_string() + name + "'",
             ));
@@ -68,6 +72,9 @@ impl NodeGraph {
             return Err(GraphError::Failed(format!(
                 "Duplicate nodes with node-name='{name}'"
             )));
+        }
+        if name.len() > 31 {
+            return Err(GraphError::Failed("Node name too long".into()));
         }
         Ok(())
     }
@@ -120,8 +127,85 @@ impl NodeGraph {
         self.lock().values().cloned().collect()
     }
 
-    /// Removes a node that nobody uses (`blockdev-del`) and returns it, so that the caller
-    /// can close it. Its children become free again (they stay in the graph).
+    /// Marks nodes as implicit children of the node that a `blockdev-add` opened: the
+    /// monitor does not own them, and they go with their parent.
+    pub fn set_implicit<S: AsRef<str>>(&self, names: &[S]) {
+        let mut implicit = self.implicit.lock().unwrap_or_else(|e| e.into_inner());
+        implicit.extend(names.iter().map(|n| n.as_ref().to_string()));
+    }
+
+    /// Whether the node `name` is an implicit child (not owned by the monitor).
+    pub fn is_implicit(&self, name: &str) -> bool {
+        self.implicit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(name)
+    }
+
+    /// `blockdev-del`: removes the monitor-owned node `name` and the implicit children that
+    /// nobody else uses, and returns them, parents first, for the caller to close. The
+    /// checks and messages are QEMU's (`qmp_blockdev_del`), in its order.
+    pub fn delete(&self, name: &str) -> Result<Vec<Arc<Node>>, GraphError> {
+        let node = self.get(name).map_err(|_| {
+            GraphError::Failed(format!("Failed to find node with node-name='{name}'"))
+        })?;
+        let parent_holds: BTreeSet<u64> = self
+            .child_holds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .flatten()
+            .filter(|hold| Arc::ptr_eq(hold.node(), &node))
+            .map(Attachment::id)
+            .collect();
+        let users = node.users();
+        if users.iter().any(|u| !parent_holds.contains(&u.id)) {
+            return Err(GraphError::Failed(format!("Node {name} is in use")));
+        }
+        if self.is_implicit(name) {
+            return Err(GraphError::Failed(format!(
+                "Node {name} is not owned by the monitor"
+            )));
+        }
+        if !users.is_empty() {
+            return Err(GraphError::Failed(format!("Block device {name} is in use")));
+        }
+        let mut removed = vec![self.remove(name)?];
+        removed.extend(self.sweep());
+        Ok(removed)
+    }
+
+    /// Removes the implicit nodes that nobody uses any more (their parent was deleted, and
+    /// the export that kept one was too), parents first, and returns them for the caller
+    /// to close.
+    pub fn sweep(&self) -> Vec<Arc<Node>> {
+        let mut out = Vec::new();
+        loop {
+            let unused: Vec<String> = self
+                .implicit
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .filter(|name| {
+                    self.lock()
+                        .get(name.as_str())
+                        .is_some_and(|n| n.users().is_empty())
+                })
+                .cloned()
+                .collect();
+            if unused.is_empty() {
+                return out;
+            }
+            for name in unused {
+                if let Ok(node) = self.remove(&name) {
+                    out.push(node);
+                }
+            }
+        }
+    }
+
+    /// Removes a node that nobody uses and returns it, so that the caller can close it. Its
+    /// children become free again (they stay in the graph).
     pub fn remove(&self, name: &str) -> Result<Arc<Node>, GraphError> {
         let mut nodes = self.lock();
         let node = nodes.get(name).cloned().ok_or_else(|| {
@@ -136,6 +220,10 @@ impl NodeGraph {
         }
         nodes.remove(name);
         drop(nodes);
+        self.implicit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
         self.child_holds
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -169,7 +257,20 @@ impl NodeGraph {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+        self.implicit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         out.extend(rest);
         out
     }
+}
+
+/// QEMU's `id_wellformed` (util/id.c), the rule for export, object and chardev ids and node
+/// names: a letter first, then only letters, digits, `-`, `.` and `_` (ASCII).
+pub fn id_wellformed(id: &str) -> bool {
+    id.starts_with(|c: char| c.is_ascii_alphabetic())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
 }

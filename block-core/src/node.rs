@@ -453,6 +453,11 @@ pub struct Attachment {
 }
 
 impl Attachment {
+    /// The id of this user, as listed by [`Node::users`].
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// The attached node.
     pub fn node(&self) -> &Arc<Node> {
         &self.node

@@ -25,8 +25,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 /// Opens the node described by `options` (QAPI `BlockdevOptions`), adds it to `graph` and
-/// returns it. Nested child definitions are opened and added first; on failure nothing that
-/// this call added stays in the graph.
+/// returns it. Nested child definitions are opened and added first, as implicit children of
+/// the new node (see [`NodeGraph::delete`]); on failure nothing that this call added stays in
+/// the graph.
 pub async fn blockdev_add(graph: &NodeGraph, options: Value) -> Result<Arc<Node>, GraphError> {
     let mut created = Vec::new();
     let result = open_node(
@@ -37,7 +38,11 @@ pub async fn blockdev_add(graph: &NodeGraph, options: Value) -> Result<Arc<Node>
         &mut created,
     )
     .await;
-    if result.is_err() {
+    if let Ok(node) = &result {
+        // Everything else that this command opened belongs to the new node.
+        created.retain(|name| name != node.name());
+        graph.set_implicit(&created);
+    } else {
         for name in created.iter().rev() {
             if let Ok(node) = graph.remove(name) {
                 if let Err(e) = node.driver().close().await {

@@ -121,20 +121,19 @@ impl Daemon {
         Ok(json!({}))
     }
 
-    /// `blockdev-del`.
+    /// `blockdev-del`: the node and the children its `blockdev-add` opened, as QEMU.
     pub async fn blockdev_del(&self, args: qapi::BlockdevDel) -> CmdResult {
-        let node = self.graph.get(&args.node_name).map_err(|_| {
-            generic(format!(
-                "Failed to find node with node-name='{}'",
-                args.node_name
-            ))
-        })?;
-        if !node.users().is_empty() {
-            return Err(generic(format!("Node {} is in use", args.node_name)));
+        for node in self.graph.delete(&args.node_name).map_err(graph_error)? {
+            close_node(&node).await;
         }
-        let node = self.graph.remove(&args.node_name).map_err(graph_error)?;
-        close_node(&node).await;
         Ok(json!({}))
+    }
+
+    /// Closes the implicit children that were only kept by an export that is gone.
+    async fn close_unused_nodes(&self) {
+        for node in self.graph.sweep() {
+            close_node(&node).await;
+        }
     }
 
     /// `query-named-block-nodes`.
@@ -603,6 +602,7 @@ impl Daemon {
                 self.emit_deleted(&id);
             }
         }
+        self.close_unused_nodes().await;
         nbd.server.stop();
         for task in nbd.listeners {
             task.abort();
@@ -867,6 +867,7 @@ impl Daemon {
                         .await
                         .map_err(|e| generic(e.to_string()))?;
                 }
+                self.close_unused_nodes().await;
                 self.emit_deleted(id);
             }
         }
@@ -875,6 +876,7 @@ impl Daemon {
 
     async fn finish_delete(&self, id: &str) {
         self.state.lock().await.exports.remove(id);
+        self.close_unused_nodes().await;
         self.emit_deleted(id);
     }
 

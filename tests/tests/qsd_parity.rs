@@ -1,0 +1,202 @@
+//! Scripts run against qemu-storage-daemon and blockexportd side by side: the same commands
+//! must get the same answers (error class and text, or the shape of the return value), and
+//! the same nodes must be left in the graph.
+
+use blockexportd_tests::{qemu_img_create, require_tool, Daemon, Flavor, Qmp};
+use serde_json::{json, Value};
+use std::path::Path;
+
+/// One step of a script: a command, or `nodes` (the sorted node names, generated names
+/// made comparable).
+type Step = (&'static str, Value);
+
+/// The comparable part of a reply: the error class and text, or the return value's shape.
+fn comparable(r: &Value) -> Value {
+    match r.get("error") {
+        Some(e) => json!({"class": e["class"], "desc": e["desc"]}),
+        None => shape(&r["return"]),
+    }
+}
+
+fn shape(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), shape(v))).collect()),
+        Value::Array(a) => Value::Array(a.iter().map(shape).collect()),
+        Value::String(_) => json!("string"),
+        Value::Number(_) => json!("number"),
+        Value::Bool(_) => json!("bool"),
+        Value::Null => Value::Null,
+    }
+}
+
+/// The node names in the graph, sorted, with generated names (`#block123`) as `#block`.
+fn node_names(q: &mut Qmp) -> Value {
+    let nodes = q.ok("query-named-block-nodes", json!({}));
+    let mut names: Vec<String> = nodes
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|n| {
+            let name = n["node-name"].as_str().expect("node-name");
+            if name.starts_with("#block") {
+                "#block".to_string()
+            } else {
+                name.to_string()
+            }
+        })
+        .collect();
+    names.sort();
+    json!(names)
+}
+
+/// Runs `script` (built for each daemon's directory by `make`) against QSD and ours, and
+/// fails with every difference.
+fn compare(setup: impl Fn(&Path), make: impl Fn(&Path) -> Vec<Step>) {
+    let mut answers = Vec::new();
+    for flavor in [Flavor::Qsd, Flavor::Blockexportd] {
+        let d = Daemon::start_flavor(flavor, &[]);
+        setup(d.dir.path());
+        let mut q = d.qmp();
+        let mut out = Vec::new();
+        for (cmd, args) in make(d.dir.path()) {
+            let answer = if cmd == "nodes" {
+                node_names(&mut q)
+            } else {
+                comparable(&q.execute(cmd, args.clone()))
+            };
+            out.push((cmd, args, answer));
+        }
+        answers.push(out);
+    }
+    let mut mismatches = Vec::new();
+    for (a, b) in answers[0].iter().zip(&answers[1]) {
+        if a.2 != b.2 {
+            mismatches.push(format!(
+                "{} {}:\n  QSD:  {}\n  ours: {}",
+                a.0, a.1, a.2, b.2
+            ));
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "differences from QSD:\n{}",
+        mismatches.join("\n")
+    );
+}
+
+fn path(dir: &Path, name: &str) -> String {
+    dir.join(name).to_str().expect("UTF-8 path").to_string()
+}
+
+#[test]
+fn blockdev_del_takes_the_children_blockdev_add_opened() {
+    if !require_tool("qemu-storage-daemon") || !require_tool("qemu-img") {
+        return;
+    }
+    let setup = |dir: &Path| {
+        qemu_img_create(&dir.join("a.raw"), "raw", "1M");
+        qemu_img_create(&dir.join("base.raw"), "raw", "1M");
+        blockexportd_tests::run_ok(
+            std::process::Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+                .arg(dir.join("base.raw"))
+                .arg(dir.join("top.qcow2")),
+        );
+    };
+    let script = |dir: &Path| {
+        let a = path(dir, "a.raw");
+        let top = path(dir, "top.qcow2");
+        let inline = |name: Option<&str>| {
+            let mut file = json!({"driver": "file", "filename": a});
+            if let Some(name) = name {
+                file["node-name"] = json!(name);
+            }
+            json!({"driver": "raw", "node-name": "r", "file": file})
+        };
+        vec![
+            // An inline file without a node name.
+            ("blockdev-add", inline(None)),
+            ("nodes", json!({})),
+            ("blockdev-del", json!({"node-name": "r"})),
+            ("nodes", json!({})),
+            // With a node name: it is not the monitor's to delete, and goes with its parent.
+            ("blockdev-add", inline(Some("f"))),
+            ("nodes", json!({})),
+            ("blockdev-del", json!({"node-name": "f"})),
+            ("blockdev-del", json!({"node-name": "r"})),
+            ("nodes", json!({})),
+            // A backing file opened from the image header, and its file.
+            (
+                "blockdev-add",
+                json!({"driver": "qcow2", "node-name": "t",
+                       "file": {"driver": "file", "filename": top}}),
+            ),
+            ("nodes", json!({})),
+            ("blockdev-del", json!({"node-name": "t"})),
+            ("nodes", json!({})),
+            // A child given by name stays, and may not go while its parent uses it.
+            (
+                "blockdev-add",
+                json!({"driver": "file", "node-name": "f", "filename": a}),
+            ),
+            (
+                "blockdev-add",
+                json!({"driver": "raw", "node-name": "r", "file": "f"}),
+            ),
+            ("blockdev-del", json!({"node-name": "f"})),
+            ("blockdev-del", json!({"node-name": "r"})),
+            ("nodes", json!({})),
+            ("blockdev-del", json!({"node-name": "f"})),
+            ("nodes", json!({})),
+            // An export keeps an inline child after its parent is gone, until it ends.
+            (
+                "nbd-server-start",
+                json!({"addr": {"type": "unix", "data": {"path": path(dir, "nbd.sock")}}}),
+            ),
+            ("blockdev-add", inline(Some("f"))),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e", "node-name": "f"}),
+            ),
+            ("blockdev-del", json!({"node-name": "f"})),
+            ("blockdev-del", json!({"node-name": "r"})),
+            ("nodes", json!({})),
+            ("blockdev-del", json!({"node-name": "f"})),
+            ("block-export-del", json!({"id": "e"})),
+            ("nodes", json!({})),
+            // An exported node is in use.
+            ("blockdev-add", inline(Some("f"))),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e", "node-name": "r"}),
+            ),
+            ("blockdev-del", json!({"node-name": "r"})),
+            ("blockdev-del", json!({"node-name": "nonexistent"})),
+            ("block-export-del", json!({"id": "e"})),
+            ("nodes", json!({})),
+            ("blockdev-del", json!({"node-name": "r"})),
+            ("nodes", json!({})),
+        ]
+    };
+    compare(setup, script);
+}
+
+#[test]
+fn the_same_image_can_be_added_again_after_blockdev_del() {
+    if !require_tool("qemu-img") {
+        return;
+    }
+    // QEMU's graph-changes-while-io test adds and deletes the same image over and over:
+    // the inline file node must go with its parent, and release its image lock.
+    let d = Daemon::start(&[]);
+    let image = d.path("a.qcow2");
+    qemu_img_create(&image, "qcow2", "1M");
+    let mut q = d.qmp();
+    let options = json!({"driver": "qcow2", "node-name": "q",
+                         "file": {"driver": "file", "filename": image}});
+    for _ in 0..20 {
+        q.ok("blockdev-add", options.clone());
+        q.ok("blockdev-del", json!({"node-name": "q"}));
+    }
+    assert_eq!(q.ok("query-named-block-nodes", json!({})), json!([]));
+}
