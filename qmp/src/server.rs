@@ -55,8 +55,13 @@ pub struct ServerLimits {
     /// Limits on one incoming message.
     pub stream: StreamLimits,
     /// The most bytes of replies and events queued for one client that does
-    /// not read them. A client over it is disconnected (one message larger
-    /// than this is still sent to a client whose queue is otherwise empty).
+    /// not read them. Replies are paced: once half of it is queued, the
+    /// monitor reads and runs nothing more until the client has read enough
+    /// (QEMU suspends a monitor the same way), so a client that sends faster
+    /// than it reads is slowed down, not dropped. Events are not paced: a
+    /// client whose queue goes over the limit with them is disconnected (one
+    /// message larger than this is still sent to a client whose queue is
+    /// otherwise empty).
     pub max_queued_output: usize,
 }
 
@@ -141,6 +146,8 @@ struct Monitor {
     out: mpsc::UnboundedSender<Out>,
     queued: AtomicUsize,
     max_queued: usize,
+    /// Told whenever the writer has written a message (`queued` went down).
+    drained: tokio::sync::Notify,
     dead: watch::Sender<bool>,
 }
 
@@ -173,6 +180,33 @@ impl Monitor {
 
     fn send(&self, v: &Value) -> bool {
         self.send_bytes(to_wire(v, self.pretty))
+    }
+
+    /// Queues a reply, which [`Monitor::wait_for_room`] made room for.
+    fn send_reply(&self, v: &Value) -> bool {
+        if self.is_dead() {
+            return false;
+        }
+        let bytes = to_wire(v, self.pretty);
+        self.queued.fetch_add(bytes.len(), Ordering::AcqRel);
+        self.out.send(Out::Data(bytes)).is_ok()
+    }
+
+    /// Waits until at most half of the output limit is queued (or the client is gone), so
+    /// that the next reply fits.
+    async fn wait_for_room(&self) {
+        let mut dead = self.dead.subscribe();
+        loop {
+            // Created before the check, so that a write completing in between wakes it.
+            let drained = self.drained.notified();
+            if self.queued.load(Ordering::Acquire) <= self.max_queued / 2 || self.is_dead() {
+                return;
+            }
+            tokio::select! {
+                _ = drained => {}
+                _ = until_dead(&mut dead) => return,
+            }
+        }
     }
 }
 
@@ -382,6 +416,7 @@ impl QmpServer {
             out: tx,
             queued: AtomicUsize::new(0),
             max_queued: self.inner.limits.max_queued_output,
+            drained: tokio::sync::Notify::new(),
             dead: watch::channel(false).0,
         });
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
@@ -436,10 +471,13 @@ impl QmpServer {
             let mut messages = Vec::new();
             stream.feed(&buf[..n], |m| messages.push(m));
             for msg in messages {
+                // A client that does not read its replies gets no more of them (and no
+                // more input is read) until it does.
+                mon.wait_for_room().await;
                 // Commands run to completion even if the client goes away
                 // (a half-done command would leave the daemon inconsistent).
                 let (reply, after) = self.handle(msg, &mut phase, mon).await;
-                let sent = !mon.is_dead() && mon.send(&reply);
+                let sent = !mon.is_dead() && mon.send_reply(&reply);
                 if let After::Quit = after {
                     // `quit` ran: signal it even if its client is gone, but
                     // after its reply was written if the client is there.
@@ -652,6 +690,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                     _ = until_dead(&mut dead) => break,
                 };
                 mon.queued.fetch_sub(len, Ordering::AcqRel);
+                mon.drained.notify_waiters();
                 if let Err(e) = written {
                     tracing::debug!(error = %e, "QMP client write failed");
                     mon.kill();
