@@ -213,9 +213,12 @@ impl Daemon {
             }
             t if t.starts_with("tls-creds") => {
                 crate::tls::check_creds_type(t).map_err(|e| generic(e.qemu_message()))?;
-                let creds = crate::tls::TlsCredsX509::from_props(&props, keyval)
+                // As QEMU: the properties, then the id, then the files are loaded.
+                let options = crate::tls::TlsCredsX509Options::from_props(&props, keyval)
                     .map_err(|e| generic(e.qemu_message()))?;
                 self.check_object_id(&id)?;
+                let creds = crate::tls::TlsCredsX509::new(options)
+                    .map_err(|e| generic(e.qemu_message()))?;
                 Object::TlsCreds(Arc::new(creds))
             }
             t if crate::authz::is_authz_type(t) => {
@@ -256,17 +259,13 @@ impl Daemon {
         objects: &BTreeMap<String, ObjectEntry>,
         id: &str,
     ) -> CmdResult<()> {
+        if !block_core::graph::id_wellformed(id) {
+            return Err(generic("Parameter 'id' expects an identifier"));
+        }
         if objects.contains_key(id) {
             return Err(generic(format!(
                 "attempt to add duplicate property '{id}' to object (type 'container')"
             )));
-        }
-        let valid = id.starts_with(|c: char| c.is_ascii_alphabetic())
-            && id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
-        if !valid {
-            return Err(generic("Parameter 'id' expects an identifier"));
         }
         Ok(())
     }
@@ -663,6 +662,10 @@ impl Daemon {
         node_name: &str,
         iothread: Option<&str>,
     ) -> CmdResult<Arc<Node>> {
+        // QEMU's checks of every export type, in its order (`blk_exp_add`).
+        if !block_core::graph::id_wellformed(id) {
+            return Err(generic("Invalid block export id"));
+        }
         if state.exports.contains_key(id) {
             return Err(generic(format!("Block export id '{id}' is already in use")));
         }
@@ -680,12 +683,12 @@ impl Daemon {
 
     async fn nbd_export_add(&self, o: qapi::NbdExport) -> CmdResult {
         let mut state = self.state.lock().await;
-        let nbd = state
+        let node = self.check_common(&state, &o.id, &o.node_name, o.iothread.as_deref())?;
+        let server = state
             .nbd
             .as_ref()
+            .map(|nbd| nbd.server.clone())
             .ok_or_else(|| generic("NBD server not running"))?;
-        let server = nbd.server.clone();
-        let node = self.check_common(&state, &o.id, &o.node_name, o.iothread.as_deref())?;
         let name = o.name.clone().unwrap_or_else(|| o.node_name.clone());
         let bitmaps = o
             .bitmaps
@@ -907,12 +910,14 @@ impl Daemon {
     /// `nbd-server-add` (deprecated): an NBD export whose id is its name.
     pub async fn nbd_server_add(&self, a: qapi::NbdServerAdd) -> CmdResult {
         let name = a.name.clone().unwrap_or_else(|| a.device.clone());
-        {
-            let state = self.state.lock().await;
-            if state.nbd.is_none() {
-                return Err(generic("NBD server not running"));
-            }
-        }
+        // QEMU looks the device up first, by device and node name, then adds the export as
+        // `block-export-add` does (which checks the id, then that the server runs).
+        self.graph.get(&a.device).map_err(|_| {
+            generic(format!(
+                "Cannot find device='{0}' nor node-name='{0}'",
+                a.device
+            ))
+        })?;
         self.nbd_export_add(qapi::NbdExport {
             id: name.clone(),
             node_name: a.device,

@@ -200,3 +200,179 @@ fn the_same_image_can_be_added_again_after_blockdev_del() {
     }
     assert_eq!(q.ok("query-named-block-nodes", json!({})), json!([]));
 }
+
+/// Ids that QEMU's `id_wellformed` refuses, then ones it takes (a 32-byte one is too long
+/// only for a node name).
+const IDS: [&str; 16] = [
+    "",
+    "a b",
+    "1abc",
+    "#x",
+    "é",
+    "aé",
+    "_a",
+    "-a",
+    ".a",
+    "a/b",
+    "a,b",
+    "a:b",
+    "a\n",
+    "a",
+    "A-b.c_d",
+    "abcdefghijklmnopqrstuvwxyz012345",
+];
+
+#[test]
+fn ids_and_names_are_checked_as_qsd_checks_them() {
+    if !require_tool("qemu-storage-daemon") || !require_tool("qemu-img") {
+        return;
+    }
+    let setup = |dir: &Path| qemu_img_create(&dir.join("q.qcow2"), "qcow2", "1M");
+    let script = |dir: &Path| {
+        let mut s: Vec<Step> = vec![
+            // Before the server runs: the id is checked first.
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "1x", "node-name": "nx"}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "fuse", "id": "1x", "node-name": "nx", "mountpoint": "/nonexistent"}),
+            ),
+            (
+                "blockdev-add",
+                json!({"driver": "qcow2", "node-name": "q",
+                       "file": {"driver": "file", "filename": path(dir, "q.qcow2")}}),
+            ),
+            ("nbd-server-add", json!({"device": "q", "name": "1 x"})),
+            ("nbd-server-add", json!({"device": "nx", "name": "1 x"})),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "x", "node-name": "nx"}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "x", "node-name": "q"}),
+            ),
+            (
+                "nbd-server-start",
+                json!({"addr": {"type": "unix", "data": {"path": path(dir, "nbd.sock")}}}),
+            ),
+            // Objects: their properties, then the id, then their files.
+            (
+                "object-add",
+                json!({"qom-type": "iothread", "id": "1x", "bogus": 1}),
+            ),
+            (
+                "object-add",
+                json!({"qom-type": "tls-creds-x509", "id": "1x", "dir": "/nonexistent"}),
+            ),
+            (
+                "object-add",
+                json!({"qom-type": "authz-simple", "id": "1x", "identity": "a"}),
+            ),
+            // Bitmap names.
+            (
+                "block-dirty-bitmap-add",
+                json!({"node": "nx", "name": "", "granularity": 3}),
+            ),
+            (
+                "block-dirty-bitmap-add",
+                json!({"node": "q", "name": "b".repeat(1024), "granularity": 3}),
+            ),
+            (
+                "block-dirty-bitmap-add",
+                json!({"node": "q", "name": "b".repeat(1024)}),
+            ),
+            (
+                "block-dirty-bitmap-add",
+                json!({"node": "q", "name": "b".repeat(1024), "persistent": true}),
+            ),
+            (
+                "block-dirty-bitmap-add",
+                json!({"node": "q", "name": "b".repeat(1023), "persistent": true}),
+            ),
+            ("block-dirty-bitmap-add", json!({"node": "q", "name": "x"})),
+            (
+                "block-dirty-bitmap-add",
+                json!({"node": "q", "name": "x", "persistent": true}),
+            ),
+        ];
+        for id in IDS {
+            s.extend([
+                (
+                    "blockdev-add",
+                    json!({"driver": "null-co", "node-name": id}),
+                ),
+                ("blockdev-del", json!({"node-name": id})),
+                (
+                    "block-export-add",
+                    json!({"type": "nbd", "id": id, "node-name": "q", "name": "x"}),
+                ),
+                ("block-export-del", json!({"id": id})),
+                ("nbd-server-add", json!({"device": "q", "name": id})),
+                ("nbd-server-remove", json!({"name": id})),
+                ("object-add", json!({"qom-type": "iothread", "id": id})),
+                ("object-del", json!({"id": id})),
+                ("block-dirty-bitmap-add", json!({"node": "q", "name": id})),
+                (
+                    "block-dirty-bitmap-remove",
+                    json!({"node": "q", "name": id}),
+                ),
+            ]);
+        }
+        s
+    };
+    compare(setup, script);
+}
+
+#[test]
+fn command_line_ids_are_checked_as_qsd_checks_them() {
+    if !require_tool("qemu-storage-daemon") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = path(dir.path(), "s.sock");
+    let cases: Vec<Vec<String>> = IDS[..13]
+        .iter()
+        .flat_map(|id| {
+            [
+                vec![
+                    "--chardev".to_string(),
+                    format!("socket,id={id},path={sock},server=on,wait=off"),
+                ],
+                vec!["--chardev".to_string(), format!("stdio,id={id}")],
+                vec!["--object".to_string(), format!("iothread,id={id}")],
+                vec![
+                    "--blockdev".to_string(),
+                    format!("driver=null-co,node-name={id}"),
+                ],
+                vec![
+                    "--blockdev".to_string(),
+                    "driver=null-co,node-name=n".to_string(),
+                    "--export".to_string(),
+                    format!("type=nbd,id={id},node-name=n"),
+                ],
+            ]
+        })
+        // keyval cannot carry a comma in a value unless doubled; those are other errors.
+        .filter(|args| !args.iter().any(|a| a.contains("a,b")))
+        .collect();
+    for args in cases {
+        let run = |program: &Path| {
+            let out = std::process::Command::new(program)
+                .args(&args)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("run");
+            let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+            // QSD adds a hint line; the error is the first line, after the program name.
+            let first = stderr.lines().next().unwrap_or_default().to_string();
+            let error = first.split_once(": ").map(|(_, e)| e.to_string());
+            (out.status.code(), error)
+        };
+        let qsd = run(Path::new("qemu-storage-daemon"));
+        let ours = run(&blockexportd_tests::daemon_binary());
+        assert_eq!(qsd, ours, "{args:?}");
+    }
+}
