@@ -56,6 +56,8 @@ struct Export {
     /// The iothread the export's I/O runs in (NBD and FUSE exports), which may not be deleted
     /// while the export lives.
     iothread: Option<String>,
+    /// Creation order: QEMU ends exports newest first.
+    created: u64,
 }
 
 impl Export {
@@ -73,6 +75,15 @@ struct State {
     monitors: Vec<JoinHandle<()>>,
     nbd: Option<NbdState>,
     exports: BTreeMap<String, Export>,
+    exports_created: u64,
+}
+
+impl State {
+    /// The creation stamp of a new export.
+    fn next_export(&mut self) -> u64 {
+        self.exports_created += 1;
+        self.exports_created
+    }
 }
 
 /// The daemon's state, shared by the command line, every monitor and the signal handlers.
@@ -721,9 +732,11 @@ impl Daemon {
         server
             .add_export(config)
             .map_err(|e| generic(e.to_string()))?;
+        let created = state.next_export();
         state.exports.insert(
             o.id.clone(),
             Export {
+                created,
                 node_name: o.node_name,
                 kind: ExportKind::Nbd { name },
                 shutting_down: Arc::new(AtomicBool::new(false)),
@@ -801,9 +814,11 @@ impl Daemon {
         .await
         .map_err(|e| generic(format!("FUSE mount failed: {e}")))?
         .map_err(|e| generic(e.to_string()))?;
+        let created = state.next_export();
         state.exports.insert(
             o.id.clone(),
             Export {
+                created,
                 node_name: o.node_name,
                 kind: ExportKind::Fuse(Some(export)),
                 shutting_down: Arc::new(AtomicBool::new(false)),
@@ -935,19 +950,20 @@ impl Daemon {
 
     // ----- shutdown -----
 
-    /// Ends every export (unmounting FUSE mountpoints), stops the NBD server and the monitors,
-    /// then flushes and closes every node. No acknowledged write is lost.
-    pub async fn shutdown(&self) {
+    /// Ends every export, newest first as QEMU does, and sends their `BLOCK_EXPORT_DELETED`
+    /// (the `quit` command does this before it replies; [`Daemon::shutdown`] again, for
+    /// signals).
+    pub async fn close_all_exports(&self) {
         let mut state = self.state.lock().await;
-        let exports = std::mem::take(&mut state.exports);
-        let nbd = state.nbd.take();
+        let mut exports: Vec<_> = std::mem::take(&mut state.exports).into_iter().collect();
+        exports.sort_by_key(|(_, e)| std::cmp::Reverse(e.created));
+        let server = state.nbd.as_ref().map(|nbd| nbd.server.clone());
+        drop(state);
         for (id, mut export) in exports {
             match &mut export.kind {
                 ExportKind::Nbd { name } => {
-                    if let Some(nbd) = &nbd {
-                        if let Ok(gone) =
-                            nbd.server.remove_export(name, nbd_server::RemoveMode::Hard)
-                        {
+                    if let Some(server) = &server {
+                        if let Ok(gone) = server.remove_export(name, nbd_server::RemoveMode::Hard) {
                             gone.await;
                         }
                     }
@@ -962,6 +978,14 @@ impl Daemon {
             }
             self.emit_deleted(&id);
         }
+    }
+
+    /// Ends every export (unmounting FUSE mountpoints), stops the NBD server and the monitors,
+    /// then flushes and closes every node. No acknowledged write is lost.
+    pub async fn shutdown(&self) {
+        self.close_all_exports().await;
+        let mut state = self.state.lock().await;
+        let nbd = state.nbd.take();
         if let Some(nbd) = nbd {
             nbd.server.stop();
             for task in nbd.listeners {

@@ -76,6 +76,7 @@ impl Default for ServerLimits {
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Value, QmpError>> + Send>>;
 type Handler = Arc<dyn Fn(Map<String, Value>) -> BoxFuture + Send + Sync>;
+type QuitHook = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 /// The commands the server implements itself.
 const BUILTINS: [&str; 4] = [
@@ -95,6 +96,8 @@ struct Inner {
     monitors: Mutex<HashMap<u64, Arc<Monitor>>>,
     next_id: AtomicU64,
     quit: watch::Sender<bool>,
+    /// Run by `quit` before its reply.
+    quit_hook: RwLock<Option<QuitHook>>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -253,6 +256,7 @@ impl QmpServer {
                 monitors: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
                 quit: watch::channel(false).0,
+                quit_hook: RwLock::new(None),
                 shutdown: watch::channel(false).0,
             }),
         }
@@ -285,6 +289,22 @@ impl QmpServer {
             Some(entry) => entry.1 = handler,
             None => commands.push((name.to_string(), handler)),
         }
+    }
+
+    /// Sets what `quit` does before it replies: QEMU's storage daemon ends every block
+    /// export there, so that the client sees each `BLOCK_EXPORT_DELETED` before the reply.
+    /// [`quit_requested`](Self::quit_requested) resolves after the hook and the reply.
+    pub fn on_quit<F, Fut>(&self, hook: F)
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let hook: QuitHook = Arc::new(move || Box::pin(hook()));
+        *self
+            .inner
+            .quit_hook
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(hook);
     }
 
     /// A handle to emit events with.
@@ -596,6 +616,15 @@ impl QmpServer {
             }
             "quit" => {
                 parse_arguments::<NoArguments>(req.args)?;
+                let hook = self
+                    .inner
+                    .quit_hook
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                if let Some(hook) = hook {
+                    hook().await;
+                }
                 *after = After::Quit;
                 Ok(Value::Object(Map::new()))
             }

@@ -701,3 +701,22 @@ async fn a_client_sending_faster_than_it_reads_is_paced_not_dropped() {
     drop(client_in);
     session.await.expect("session ends with its input");
 }
+
+#[tokio::test]
+async fn the_quit_hook_runs_before_the_reply() {
+    let mut d = Daemon::new(ServerLimits::default());
+    let events = d.server.events();
+    d.server.on_quit(move || {
+        let events = events.clone();
+        async move { events.emit("GONE", json!({"id": "e0"})) }
+    });
+    let path = d.listen("m.sock", false);
+    let mut c = Client::negotiated(&path).await;
+    c.send(r#"{"execute": "quit", "id": 1}"#).await;
+    let event = c.recv().await;
+    assert_eq!(event["event"], "GONE", "{event}");
+    assert_eq!(event["data"], json!({"id": "e0"}));
+    assert_eq!(c.recv().await, json!({"return": {}, "id": 1}));
+    d.server.quit_requested().await;
+    d.stop().await;
+}

@@ -376,3 +376,71 @@ fn command_line_ids_are_checked_as_qsd_checks_them() {
         assert_eq!(qsd, ours, "{args:?}");
     }
 }
+
+#[test]
+fn quit_ends_every_export_before_its_reply() {
+    if !require_tool("qemu-storage-daemon") {
+        return;
+    }
+    let fuse = Path::new("/dev/fuse").exists();
+    if !fuse {
+        assert!(
+            !blockexportd_tests::under_ci(),
+            "/dev/fuse is missing (CI=true)"
+        );
+        eprintln!("/dev/fuse is missing: NBD exports only");
+    }
+    let mut transcripts = Vec::new();
+    for flavor in [Flavor::Qsd, Flavor::Blockexportd] {
+        let d = Daemon::start_flavor(flavor, &[]);
+        let mut q = d.qmp();
+        q.ok(
+            "blockdev-add",
+            json!({"driver": "null-co", "node-name": "n"}),
+        );
+        q.ok(
+            "nbd-server-start",
+            json!({"addr": {"type": "unix", "data": {"path": path(d.dir.path(), "nbd.sock")}}}),
+        );
+        // Created in this order; QSD ends them newest first.
+        q.ok(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e1", "node-name": "n"}),
+        );
+        if fuse {
+            let mountpoint = d.path("mnt");
+            std::fs::write(&mountpoint, b"").expect("mountpoint");
+            q.ok(
+                "block-export-add",
+                json!({"type": "fuse", "id": "f0", "node-name": "n",
+                       "mountpoint": mountpoint.to_str().expect("UTF-8")}),
+            );
+        }
+        q.ok(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e0", "node-name": "n", "name": "z"}),
+        );
+        q.send_raw("{\"execute\": \"quit\"}\n");
+        let mut transcript = Vec::new();
+        loop {
+            let msg = q.read_message();
+            if msg.get("event").is_some() {
+                transcript.push(json!({"event": msg["event"], "data": msg["data"]}));
+            } else {
+                transcript.push(msg);
+                break;
+            }
+        }
+        let mut d = d;
+        assert!(d.wait().status.success(), "{flavor:?} exit status");
+        transcripts.push(transcript);
+    }
+    let deleted = |id: &str| json!({"event": "BLOCK_EXPORT_DELETED", "data": {"id": id}});
+    let mut expected = vec![deleted("e0")];
+    if fuse {
+        expected.push(deleted("f0"));
+    }
+    expected.extend([deleted("e1"), json!({"return": {}})]);
+    assert_eq!(transcripts[0], expected, "QSD");
+    assert_eq!(transcripts[1], expected, "ours");
+}
