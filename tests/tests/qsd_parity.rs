@@ -444,3 +444,44 @@ fn quit_ends_every_export_before_its_reply() {
     assert_eq!(transcripts[0], expected, "QSD");
     assert_eq!(transcripts[1], expected, "ours");
 }
+
+#[test]
+fn a_long_run_of_nul_bytes_gets_one_parse_error_each() {
+    if !require_tool("qemu-storage-daemon") {
+        return;
+    }
+    const NULS: usize = 200_000;
+    let mut answers = Vec::new();
+    for flavor in [Flavor::Qsd, Flavor::Blockexportd] {
+        use std::io::{BufRead, BufReader, Write};
+        let d = Daemon::start_flavor(flavor, &[]);
+        let stream = std::os::unix::net::UnixStream::connect(&d.qmp_path).expect("connect");
+        let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+        let mut read = || {
+            let mut line = String::new();
+            assert!(reader.read_line(&mut line).expect("read") > 0, "EOF");
+            serde_json::from_str::<Value>(&line).expect("JSON")
+        };
+        assert!(read().get("QMP").is_some(), "greeting");
+        let mut input = b"{\"execute\": \"qmp_capabilities\"}\n".to_vec();
+        input.extend(std::iter::repeat_n(0u8, NULS));
+        input.extend(b"{\"execute\": \"query-version\", \"id\": \"last\"}\n");
+        let mut writer = stream;
+        let sender = std::thread::spawn(move || writer.write_all(&input).expect("write"));
+        assert_eq!(read(), json!({"return": {}}));
+        let mut errors = std::collections::BTreeMap::<String, usize>::new();
+        loop {
+            let msg = read();
+            if msg["id"] == "last" {
+                assert!(msg["return"]["qemu"].is_object(), "{msg}");
+                break;
+            }
+            *errors.entry(msg.to_string()).or_default() += 1;
+        }
+        sender.join().expect("sender");
+        answers.push(errors);
+    }
+    let stray = json!({"error": {"class": "GenericError", "desc": "JSON parse error, stray ''"}});
+    assert_eq!(answers[0], [(stray.to_string(), NULS)].into(), "QSD");
+    assert_eq!(answers[1], answers[0], "ours");
+}
