@@ -149,15 +149,7 @@ impl NodeGraph {
         let node = self.get(name).map_err(|_| {
             GraphError::Failed(format!("Failed to find node with node-name='{name}'"))
         })?;
-        let parent_holds: BTreeSet<u64> = self
-            .child_holds
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .flatten()
-            .filter(|hold| Arc::ptr_eq(hold.node(), &node))
-            .map(Attachment::id)
-            .collect();
+        let parent_holds = self.parent_hold_ids(&node);
         let users = node.users();
         if users.iter().any(|u| !parent_holds.contains(&u.id)) {
             return Err(GraphError::Failed(format!("Node {name} is in use")));
@@ -173,6 +165,117 @@ impl NodeGraph {
         let mut removed = vec![self.remove(name)?];
         removed.extend(self.sweep());
         Ok(removed)
+    }
+
+    /// The nodes that have `node` as a child.
+    fn parents(&self, node: &Arc<Node>) -> Vec<Arc<Node>> {
+        self.lock()
+            .values()
+            .filter(|p| p.children().iter().any(|(_, c)| Arc::ptr_eq(c, node)))
+            .cloned()
+            .collect()
+    }
+
+    /// The ids of the attachments that parent nodes hold on `node`.
+    fn parent_hold_ids(&self, node: &Arc<Node>) -> BTreeSet<u64> {
+        self.child_holds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .flatten()
+            .filter(|hold| Arc::ptr_eq(hold.node(), node))
+            .map(Attachment::id)
+            .collect()
+    }
+
+    /// `blockdev-set-active`: activates or inactivates the node `name`, or every node, with
+    /// QEMU's rules and messages. An inactive node is flushed and lets go of its image (its
+    /// `file` layers release their locks); it serves only reads ([`Node::is_active`]).
+    /// Inactivation goes down to the children whose parents are all inactive, and is
+    /// refused while a parent is active or an export may write to the node without
+    /// [allowing it](Node::allow_inactive). Activation takes the children along.
+    pub async fn set_active(&self, name: Option<&str>, active: bool) -> Result<(), GraphError> {
+        let Some(name) = name else {
+            for node in self.all() {
+                let result = if active {
+                    self.activate(&node).await
+                } else if self.parents(&node).is_empty() {
+                    self.inactivate(&node, true).await
+                } else {
+                    Ok(())
+                };
+                if let Err(e) = result {
+                    return Err(GraphError::Failed(if active {
+                        format!("Failed to activate all nodes: {e}")
+                    } else {
+                        format!("Failed to inactivate all nodes: {e}")
+                    }));
+                }
+            }
+            return Ok(());
+        };
+        let node = self.get(name).map_err(|_| {
+            GraphError::Failed(format!("Failed to find node with node-name='{name}'"))
+        })?;
+        if active {
+            return self
+                .activate(&node)
+                .await
+                .map_err(|e| GraphError::Failed(e.to_string()));
+        }
+        if self.parents(&node).iter().any(|p| p.is_active()) {
+            return Err(GraphError::Failed("Node has active parent node".into()));
+        }
+        self.inactivate(&node, true)
+            .await
+            .map_err(|e| GraphError::Failed(format!("Failed to inactivate node: {e}")))
+    }
+
+    /// Activates `node` and its children (QEMU's `bdrv_activate`): an export without
+    /// `allow-inactive` does this to its node.
+    pub async fn activate(&self, node: &Arc<Node>) -> Result<(), ActiveError> {
+        for (_, child) in node.children() {
+            Box::pin(self.activate(child)).await?;
+        }
+        if !node.is_active() {
+            node.driver()
+                .set_active(true)
+                .await
+                .map_err(|e| ActiveError::Driver(e.to_string()))?;
+            node.set_active_flag(true);
+        }
+        Ok(())
+    }
+
+    /// QEMU's `bdrv_inactivate_recurse`.
+    async fn inactivate(&self, node: &Arc<Node>, top_level: bool) -> Result<(), ActiveError> {
+        if !node.is_active() {
+            return Ok(());
+        }
+        if !top_level && self.parents(node).iter().any(|p| p.is_active()) {
+            return Ok(());
+        }
+        let holds = self.parent_hold_ids(node);
+        if node
+            .users()
+            .iter()
+            .any(|u| !holds.contains(&u.id) && u.writable && !u.allow_inactive)
+        {
+            return Err(ActiveError::InUse);
+        }
+        node.driver()
+            .flush()
+            .await
+            .map_err(|e| ActiveError::Driver(e.to_string()))?;
+        node.set_active_flag(false);
+        node.driver()
+            .set_active(false)
+            .await
+            .map_err(|e| ActiveError::Driver(e.to_string()))?;
+        for (_, child) in node.children() {
+            Box::pin(self.inactivate(child, false)).await?;
+        }
+        Ok(())
     }
 
     /// Removes the implicit nodes that nobody uses any more (their parent was deleted, and
@@ -266,6 +369,17 @@ impl NodeGraph {
     }
 }
 
+/// Why a node could not change between active and inactive.
+#[derive(Debug, thiserror::Error)]
+pub enum ActiveError {
+    /// A user may write and does not allow the node to become inactive (QEMU's `-EPERM`).
+    #[error("Operation not permitted")]
+    InUse,
+    /// The driver could not flush, or release or take back its image.
+    #[error("{0}")]
+    Driver(String),
+}
+
 /// QEMU's `id_wellformed` (util/id.c), the rule for export, object and chardev ids and node
 /// names: a letter first, then only letters, digits, `-`, `.` and `_` (ASCII).
 pub fn id_wellformed(id: &str) -> bool {
@@ -273,4 +387,60 @@ pub fn id_wellformed(id: &str) -> bool {
         && id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{open, BlockError, WriteFlags};
+    use serde_json::json;
+
+    #[test]
+    fn ids_are_well_formed_as_qemu_says() {
+        for id in ["a", "A-b.c_d", "x1"] {
+            assert!(id_wellformed(id), "{id}");
+        }
+        for id in [
+            "", "1a", "_a", "-a", ".a", "a b", "é", "aé", "a/b", "a\0b", "#block1",
+        ] {
+            assert!(!id_wellformed(id), "{id:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_inactive_node_serves_reads_only() {
+        let g = NodeGraph::new();
+        let n = open::blockdev_add(
+            &g,
+            json!({"driver": "null-co", "node-name": "n", "read-zeroes": true}),
+        )
+        .await
+        .expect("open");
+        let export = n.attach("export 'e'", true).expect("attach");
+        // A writable user that does not allow it keeps the node active.
+        let err = g.set_active(Some("n"), false).await.expect_err("in use");
+        assert_eq!(
+            err.to_string(),
+            "Failed to inactivate node: Operation not permitted"
+        );
+        n.allow_inactive(export.id());
+        g.set_active(Some("n"), false).await.expect("inactivate");
+        assert!(!n.is_active());
+        let mut buf = [1u8; 512];
+        n.read(0, &mut buf).await.expect("read");
+        assert_eq!(buf, [0u8; 512]);
+        for result in [
+            n.write(0, &buf, WriteFlags::default()).await,
+            n.flush().await,
+            n.discard(0, 512).await,
+            n.block_status(0, 512).await.map(|_| ()),
+            n.resize(4096).await,
+        ] {
+            assert!(matches!(result, Err(BlockError::Inactive)), "{result:?}");
+        }
+        g.set_active(None, true).await.expect("activate");
+        n.write(0, &buf, WriteFlags::default())
+            .await
+            .expect("write once active again");
+    }
 }

@@ -89,6 +89,8 @@ struct Common {
     read_only: bool,
     auto_read_only: bool,
     force_share: bool,
+    /// QEMU 10's `active` (default on): off opens the node inactive.
+    active: bool,
     config: NodeConfig,
 }
 
@@ -104,6 +106,7 @@ fn parse_common(o: &mut Opts, inh: &Inherited) -> Result<Common, OptionError> {
     let read_only = o.bool("read-only")?;
     let auto_read_only = o.bool("auto-read-only")?;
     let force_share = o.bool("force-share")?;
+    let active = o.bool("active")?;
     let detect_zeroes = match o.enumeration("detect-zeroes", &["off", "on", "unmap"])? {
         Some("on") => DetectZeroes::On,
         Some("unmap") => DetectZeroes::Unmap,
@@ -114,6 +117,7 @@ fn parse_common(o: &mut Opts, inh: &Inherited) -> Result<Common, OptionError> {
         read_only: read_only.unwrap_or(inh.read_only),
         auto_read_only: auto_read_only.unwrap_or(inh.auto_read_only),
         force_share: force_share.unwrap_or(false),
+        active: active.unwrap_or(true),
         config: NodeConfig {
             discard_unmap: discard
                 .map(|d| d == "unmap")
@@ -463,6 +467,14 @@ fn open_node<'a>(
             return Err(e);
         }
         created.push(node.name().to_string());
+        if !common.active {
+            // As QEMU opens it with BDRV_O_INACTIVE: this node only, not its children.
+            node.set_active_flag(false);
+            node.driver()
+                .set_active(false)
+                .await
+                .map_err(|e| failed(&e))?;
+        }
         for bitmap in loaded_bitmaps {
             node.add_bitmap(Arc::new(bitmap))
                 .map_err(|e| GraphError::Failed(e.to_string()))?;
@@ -536,7 +548,7 @@ pub fn node_info(node: &Node, flat: bool) -> Value {
         "bps": 0, "bps_rd": 0, "bps_wr": 0,
         "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "write_threshold": 0,
-        "active": true,
+        "active": node.is_active(),
         "cache": {
             "writeback": true,
             "direct": config.cache_direct,

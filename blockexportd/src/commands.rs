@@ -31,6 +31,9 @@ pub fn register(daemon: &Arc<Daemon>) {
     command!("blockdev-del", |d, args| {
         d.blockdev_del(parse_arguments(args)?).await
     });
+    command!("blockdev-set-active", |d, args| {
+        d.blockdev_set_active(parse_arguments(args)?).await
+    });
     command!("query-named-block-nodes", |d, args| {
         d.query_named_block_nodes(parse_arguments(args)?)
     });

@@ -140,6 +140,36 @@ impl Daemon {
         Ok(json!({}))
     }
 
+    /// `blockdev-set-active`.
+    pub async fn blockdev_set_active(&self, args: qapi::BlockdevSetActive) -> CmdResult {
+        self.graph
+            .set_active(args.node_name.as_deref(), args.active)
+            .await
+            .map_err(graph_error)?;
+        Ok(json!({}))
+    }
+
+    /// An export's node: active, as QEMU activates the node of an export, unless the
+    /// export allows it to be inactive (which only NBD exports can).
+    async fn export_activation(
+        &self,
+        node: &Arc<Node>,
+        allow_inactive: Option<bool>,
+        supports_inactive: bool,
+    ) -> CmdResult<bool> {
+        if allow_inactive == Some(true) {
+            if !supports_inactive {
+                return Err(generic("Export type does not support inactive exports"));
+            }
+            return Ok(true);
+        }
+        self.graph
+            .activate(node)
+            .await
+            .map_err(|e| generic(e.to_string()))?;
+        Ok(false)
+    }
+
     /// Closes the implicit children that were only kept by an export that is gone.
     async fn close_unused_nodes(&self) {
         for node in self.graph.sweep() {
@@ -173,6 +203,9 @@ impl Daemon {
         let node = self.find_node(&name)?;
         if args.size < 0 {
             return Err(generic("Parameter 'size' expects a >0 size"));
+        }
+        if !node.is_active() {
+            return Err(generic("Permission 'resize' unavailable on inactive node"));
         }
         node.resize(args.size as u64).await.map_err(|e| match e {
             block_core::BlockError::Unsupported(_) => {
@@ -695,6 +728,9 @@ impl Daemon {
     async fn nbd_export_add(&self, o: qapi::NbdExport) -> CmdResult {
         let mut state = self.state.lock().await;
         let node = self.check_common(&state, &o.id, &o.node_name, o.iothread.as_deref())?;
+        let allow_inactive = self
+            .export_activation(&node, o.allow_inactive, true)
+            .await?;
         let server = state
             .nbd
             .as_ref()
@@ -711,6 +747,9 @@ impl Daemon {
         let attachment = node
             .attach(format!("export '{}'", o.id), writable)
             .map_err(|e| generic(e.to_string()))?;
+        if allow_inactive {
+            node.allow_inactive(attachment.id());
+        }
         let mut config = nbd_server::ExportConfig::new(name.clone(), attachment);
         config.description = o.description.clone();
         config.writethrough = o.writethrough.unwrap_or(false);
@@ -779,6 +818,8 @@ impl Daemon {
     async fn fuse_export_add(&self, o: qapi::FuseExport) -> CmdResult {
         let mut state = self.state.lock().await;
         let node = self.check_common(&state, &o.id, &o.node_name, o.iothread.as_deref())?;
+        self.export_activation(&node, o.allow_inactive, false)
+            .await?;
         let allow_other = match o.allow_other.as_deref() {
             None | Some("auto") => fuse_export::AllowOther::Auto,
             Some("on") => fuse_export::AllowOther::On,
@@ -940,6 +981,7 @@ impl Daemon {
             iothread: None,
             writable: a.writable,
             writethrough: None,
+            allow_inactive: None,
             name: Some(name),
             description: a.description,
             bitmaps: a.bitmap.map(|b| vec![qapi::BitmapRef::Name(b)]),

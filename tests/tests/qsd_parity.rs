@@ -7,7 +7,8 @@ use serde_json::{json, Value};
 use std::path::Path;
 
 /// One step of a script: a command, or `nodes` (the sorted node names, generated names
-/// made comparable).
+/// made comparable), `active` (whether each named node is active), `qemu-io` (`{"export":
+/// NAME, "command": COMMAND}`: qemu-io's answer over the `nbd.sock` NBD server).
 type Step = (&'static str, Value);
 
 /// The comparable part of a reply: the error class and text, or the return value's shape.
@@ -49,6 +50,47 @@ fn node_names(q: &mut Qmp) -> Value {
     json!(names)
 }
 
+/// `{node name: active}` of the named nodes.
+fn activity(q: &mut Qmp) -> Value {
+    let nodes = q.ok("query-named-block-nodes", json!({}));
+    let map: serde_json::Map<String, Value> = nodes
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|n| !n["node-name"].as_str().unwrap_or_default().starts_with('#'))
+        .map(|n| {
+            (
+                n["node-name"].as_str().unwrap_or_default().to_string(),
+                n["active"].clone(),
+            )
+        })
+        .collect();
+    Value::Object(map)
+}
+
+/// qemu-io's first line and exit status for one command on an NBD export of the daemon.
+fn nbd_io(dir: &Path, args: &Value) -> Value {
+    let uri = format!(
+        "nbd+unix:///{}?socket={}",
+        args["export"].as_str().expect("export"),
+        path(dir, "nbd.sock")
+    );
+    let out = std::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            args["command"].as_str().expect("command"),
+            &uri,
+        ])
+        .output()
+        .expect("run qemu-io");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    // The first line without its timing ("... bytes at offset 0" / "... failed: ...").
+    json!({"output": text.lines().next().unwrap_or_default(), "status": out.status.code()})
+}
+
 /// Runs `script` (built for each daemon's directory by `make`) against QSD and ours, and
 /// fails with every difference.
 fn compare(setup: impl Fn(&Path), make: impl Fn(&Path) -> Vec<Step>) {
@@ -61,6 +103,10 @@ fn compare(setup: impl Fn(&Path), make: impl Fn(&Path) -> Vec<Step>) {
         for (cmd, args) in make(d.dir.path()) {
             let answer = if cmd == "nodes" {
                 node_names(&mut q)
+            } else if cmd == "active" {
+                activity(&mut q)
+            } else if cmd == "qemu-io" {
+                nbd_io(d.dir.path(), &args)
             } else {
                 comparable(&q.execute(cmd, args.clone()))
             };
@@ -484,4 +530,139 @@ fn a_long_run_of_nul_bytes_gets_one_parse_error_each() {
     let stray = json!({"error": {"class": "GenericError", "desc": "JSON parse error, stray ''"}});
     assert_eq!(answers[0], [(stray.to_string(), NULS)].into(), "QSD");
     assert_eq!(answers[1], answers[0], "ours");
+}
+
+#[test]
+fn inactive_nodes_as_in_qsd_10() {
+    if !require_tool("qemu-storage-daemon") || !require_tool("qemu-img") || !require_tool("qemu-io")
+    {
+        return;
+    }
+    let setup = |dir: &Path| qemu_img_create(&dir.join("q.qcow2"), "qcow2", "1M");
+    let script = |dir: &Path| {
+        let qcow2 = |active: bool| {
+            json!({"driver": "qcow2", "node-name": "q", "active": active,
+                   "file": {"driver": "file", "filename": path(dir, "q.qcow2"), "node-name": "f"}})
+        };
+        let set = |node: Option<&str>, active: bool| match node {
+            Some(n) => (
+                "blockdev-set-active",
+                json!({"node-name": n, "active": active}),
+            ),
+            None => ("blockdev-set-active", json!({"active": active})),
+        };
+        let io = |export: &str, command: &str| {
+            ("qemu-io", json!({"export": export, "command": command}))
+        };
+        vec![
+            // Opened inactive: that node only.
+            ("blockdev-add", qcow2(false)),
+            ("active", json!({})),
+            (
+                "nbd-server-start",
+                json!({"addr": {"type": "unix", "data": {"path": path(dir, "nbd.sock")}}}),
+            ),
+            // allow-inactive keeps it inactive; only NBD exports may.
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e0", "node-name": "q", "name": "wi",
+                       "writable": true, "allow-inactive": true}),
+            ),
+            ("active", json!({})),
+            (
+                "block-export-add",
+                json!({"type": "fuse", "id": "f0", "node-name": "q",
+                       "mountpoint": path(dir, "mnt"), "allow-inactive": true}),
+            ),
+            // An inactive node serves reads only.
+            io("wi", "read 0 512"),
+            io("wi", "write 0 512"),
+            io("wi", "write -z 0 65536"),
+            io("wi", "discard 0 65536"),
+            io("wi", "map"),
+            ("block_resize", json!({"node-name": "q", "size": 2097152})),
+            // Without allow-inactive, an export activates its node.
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e1", "node-name": "q", "name": "w", "writable": true}),
+            ),
+            ("active", json!({})),
+            io("wi", "write 0 512"),
+            // ... and a writable one keeps it active.
+            set(Some("q"), false),
+            set(None, false),
+            ("active", json!({})),
+            ("block-export-del", json!({"id": "e1"})),
+            set(None, false),
+            ("active", json!({})),
+            set(Some("f"), true),
+            ("active", json!({})),
+            set(Some("q"), true),
+            ("active", json!({})),
+            set(Some("f"), false),
+            set(Some("nonexistent"), true),
+            set(Some("q"), false),
+            ("active", json!({})),
+            // A read-only export without allow-inactive does not keep it active.
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e2", "node-name": "q", "name": "r"}),
+            ),
+            set(Some("q"), false),
+            ("active", json!({})),
+            ("block-export-del", json!({"id": "e2"})),
+            set(None, true),
+            ("active", json!({})),
+            ("blockdev-set-active", json!({})),
+            ("blockdev-set-active", json!({"active": true, "bogus": 1})),
+            (
+                "blockdev-add",
+                json!({"driver": "null-co", "node-name": "n", "active": 1}),
+            ),
+            ("block-export-del", json!({"id": "e0"})),
+        ]
+    };
+    compare(setup, script);
+}
+
+#[test]
+fn an_inactive_node_lets_another_process_take_its_image() {
+    if !require_tool("qemu-storage-daemon") || !require_tool("qemu-img") || !require_tool("qemu-io")
+    {
+        return;
+    }
+    for flavor in [Flavor::Qsd, Flavor::Blockexportd] {
+        let d = Daemon::start_flavor(flavor, &[]);
+        let image = d.path("q.qcow2");
+        qemu_img_create(&image, "qcow2", "1M");
+        let mut q = d.qmp();
+        q.ok(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "q",
+                   "file": {"driver": "file", "filename": image.to_str().expect("UTF-8")}}),
+        );
+        let write = || {
+            std::process::Command::new("qemu-io")
+                .args(["-c", "write -P 7 0 512"])
+                .arg(&image)
+                .output()
+                .expect("run qemu-io")
+                .status
+                .success()
+        };
+        assert!(
+            !write(),
+            "{flavor:?}: the image is locked while the node is active"
+        );
+        // The migration hand-off: the node lets go of the image...
+        q.ok("blockdev-set-active", json!({"active": false}));
+        assert!(
+            write(),
+            "{flavor:?}: the image is free while the node is inactive"
+        );
+        // ... and takes it back.
+        q.ok("blockdev-set-active", json!({"active": true}));
+        assert!(!write(), "{flavor:?}: locked again");
+        q.ok("blockdev-del", json!({"node-name": "q"}));
+    }
 }

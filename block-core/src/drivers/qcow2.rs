@@ -491,6 +491,7 @@ impl Qcow2Opener {
             backing_format,
             facts,
             closed: std::sync::atomic::AtomicBool::new(false),
+            inactive: std::sync::atomic::AtomicBool::new(false),
             loaded: Mutex::new(stored.iter().map(StoredBitmap::to_dirty_bitmap).collect()),
             layout,
             node: OnceLock::new(),
@@ -512,6 +513,9 @@ pub struct Qcow2Driver {
     backing_format: Option<String>,
     facts: HeaderFacts,
     closed: std::sync::atomic::AtomicBool,
+    /// The node is inactive: another process may own the image now, so nothing is written
+    /// to it, not even at close (its metadata was flushed when it became inactive).
+    inactive: std::sync::atomic::AtomicBool,
     /// Persistent bitmaps read at open, until the node takes them.
     loaded: Mutex<Vec<DirtyBitmap>>,
     /// Where the bitmaps were when they were marked in use (writable nodes).
@@ -977,7 +981,24 @@ impl BlockDriver for Qcow2Driver {
         })
     }
 
+    async fn set_active(&self, active: bool) -> Result<()> {
+        self.inactive.store(!active, Ordering::Release);
+        Ok(())
+    }
+
     async fn close(&self) -> Result<()> {
+        if self.inactive.load(Ordering::Acquire) {
+            // As QEMU's qcow2_close of an inactive node: nothing is written. Persistent
+            // bitmaps stay marked in use in the image (they read as inconsistent there).
+            let st = Arc::clone(&self.state);
+            self.worker
+                .run(move || async move {
+                    drop(st.access.write().await.take());
+                })
+                .await?;
+            self.closed.store(true, Ordering::Release);
+            return Ok(());
+        }
         self.flush_metadata().await?;
         if !self.read_only {
             // imago must be flushed and gone before the bitmaps are written next to it.

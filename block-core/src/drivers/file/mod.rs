@@ -148,6 +148,9 @@ pub struct FileDriver {
     pool_writes_until: AtomicU64,
     /// Taken shared by aligned `O_DIRECT` writes and exclusively by read-modify-write.
     rmw: tokio::sync::RwLock<()>,
+    /// The permissions locked at open (none with `locking=off`, or where locks are not
+    /// supported): released while the node is inactive.
+    locks: Option<(Perms, Perms)>,
 }
 
 fn errno(e: &io::Error) -> i32 {
@@ -219,6 +222,7 @@ impl FileDriver {
             1
         };
 
+        let mut locks = None;
         if opts.locking != Locking::Off {
             let (perm, shared) = if read_only && opts.force_share {
                 (Perms::CONSISTENT_READ, Perms::ALL)
@@ -234,7 +238,7 @@ impl FileDriver {
                 )
             };
             match lock::lock(&file, perm, shared) {
-                Ok(()) => {}
+                Ok(()) => locks = Some((perm, shared)),
                 Err(e) if opts.locking == Locking::Auto && e.unsupported() => {
                     tracing::warn!(
                         "{path}: file locking is not supported here; going on without it"
@@ -260,6 +264,7 @@ impl FileDriver {
             inline_write: !opts.direct && !opts.no_inline,
             pool_writes_until: AtomicU64::new(0),
             rmw: tokio::sync::RwLock::new(()),
+            locks,
         })
     }
 
@@ -845,6 +850,23 @@ impl BlockDriver for FileDriver {
             return Ok(());
         }
         self.blocking("flushing", |f| f.sync_data()).await
+    }
+
+    async fn set_active(&self, active: bool) -> Result<()> {
+        let Some((perm, shared)) = self.locks else {
+            return Ok(());
+        };
+        let file = Arc::clone(&self.file);
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            if active {
+                lock::lock(&file, perm, shared).map_err(|e| BlockError::Invalid(e.to_string()))
+            } else {
+                lock::unlock(&file).map_err(|e| BlockError::io(format!("unlocking {path}"), e))
+            }
+        })
+        .await
+        .map_err(|e| BlockError::Invalid(e.to_string()))?
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
