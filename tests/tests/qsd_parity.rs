@@ -663,6 +663,37 @@ fn an_inactive_node_lets_another_process_take_its_image() {
         // ... and takes it back.
         q.ok("blockdev-set-active", json!({"active": true}));
         assert!(!write(), "{flavor:?}: locked again");
+        // Active again, the node reads the image as the other process left it (its qcow2
+        // metadata is read again), and writes to it safely.
+        q.ok(
+            "nbd-server-start",
+            json!({"addr": {"type": "unix", "data": {"path": path(d.dir.path(), "nbd.sock")}}}),
+        );
+        q.ok(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e", "node-name": "q", "writable": true}),
+        );
+        for command in ["read -P 7 0 512", "write -P 9 65536 512"] {
+            let io = nbd_io(d.dir.path(), &json!({"export": "q", "command": command}));
+            assert_eq!(io["status"], 0, "{flavor:?}: {command}: {io}");
+        }
+        q.ok("block-export-del", json!({"id": "e"}));
+        q.wait_event("BLOCK_EXPORT_DELETED");
         q.ok("blockdev-del", json!({"node-name": "q"}));
+        blockexportd_tests::run_ok(
+            std::process::Command::new("qemu-img")
+                .arg("check")
+                .arg(&image),
+        );
+        let out = blockexportd_tests::run_ok(
+            std::process::Command::new("qemu-io")
+                .args(["-c", "read -P 7 0 512", "-c", "read -P 9 65536 512"])
+                .arg(&image),
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !text.contains("Pattern verification failed"),
+            "{flavor:?}: {text}"
+        );
     }
 }

@@ -778,6 +778,50 @@ impl Qcow2Driver {
         &self.file
     }
 
+    /// Opens the image again over the same file and backing nodes, in place of the current
+    /// imago instance (which has nothing to write: it was flushed when the node became
+    /// inactive, and an inactive node takes no writes).
+    async fn reopen(&self) -> Result<()> {
+        let storage = NodeStorage::new(Arc::clone(&self.file));
+        let backing = self.backing.clone();
+        let read_only = self.read_only;
+        let st = Arc::clone(&self.state);
+        let size = self
+            .worker
+            .run(move || async move {
+                let mut qcow2 = Qcow2::<NodeStorage>::builder(storage)
+                    .write(!read_only)
+                    .backing(None)
+                    .data_file(None)
+                    .open(DenyImplicitOpenGate::default())
+                    .await?;
+                if let Some(node) = backing {
+                    let raw = Raw::builder(NodeStorage::new(node))
+                        .write(false)
+                        .open(DenyImplicitOpenGate::default())
+                        .await?;
+                    qcow2.set_backing(Some(FormatAccess::new(raw)));
+                }
+                let access = FormatAccess::new(qcow2);
+                let size = access.size();
+                *st.access.write().await = Some(access);
+                Ok::<_, io::Error>(size)
+            })
+            .await
+            .map_err(|e| Self::err("reopening qcow2", to_io(e)))?
+            .map_err(|e| Self::err("reopening qcow2", e))?;
+        self.size.store(size, Ordering::Release);
+        if let Some(layout) = self.layout.clone() {
+            // imago cleared the bitmaps autoclear bit again.
+            with_image(&self.file, move |image| {
+                qcow2_bitmaps::restore_autoclear_bit(image, &layout)
+            })
+            .await
+            .map_err(|e| BlockError::Invalid(format!("reopening qcow2: {e}")))?;
+        }
+        Ok(())
+    }
+
     fn err(what: &str, e: io::Error) -> BlockError {
         if e.raw_os_error() == Some(libc::ENOSPC) {
             return BlockError::NoSpace;
@@ -982,7 +1026,15 @@ impl BlockDriver for Qcow2Driver {
     }
 
     async fn set_active(&self, active: bool) -> Result<()> {
-        self.inactive.store(!active, Ordering::Release);
+        let was_inactive = self.inactive.swap(!active, Ordering::AcqRel);
+        if active && was_inactive {
+            // Another process may have changed the image meanwhile: read its metadata
+            // again, as QEMU's qcow2_co_invalidate_cache reopens the image.
+            if let Err(e) = self.reopen().await {
+                self.inactive.store(true, Ordering::Release);
+                return Err(e);
+            }
+        }
         Ok(())
     }
 

@@ -853,6 +853,14 @@ impl BlockDriver for FileDriver {
     }
 
     async fn set_active(&self, active: bool) -> Result<()> {
+        if active && !self.block_device {
+            // Another process may have grown or shrunk the file meanwhile.
+            let meta = self
+                .blocking("reading the size of", |f| f.metadata())
+                .await?;
+            self.size
+                .store(meta.len().div_ceil(512) * 512, Ordering::Release);
+        }
         let Some((perm, shared)) = self.locks else {
             return Ok(());
         };
