@@ -263,11 +263,13 @@ impl NodeGraph {
         {
             return Err(ActiveError::InUse);
         }
-        node.driver()
-            .flush()
-            .await
-            .map_err(|e| ActiveError::Driver(e.to_string()))?;
+        // New writes are refused from here on; what was written is then flushed. (Requests
+        // already past the node's check are not waited for: QEMU drains them.)
         node.set_active_flag(false);
+        if let Err(e) = node.driver().flush().await {
+            node.set_active_flag(true);
+            return Err(ActiveError::Driver(e.to_string()));
+        }
         node.driver()
             .set_active(false)
             .await
