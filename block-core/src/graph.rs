@@ -205,8 +205,9 @@ impl NodeGraph {
                     Ok(())
                 };
                 if let Err(e) = result {
+                    // QEMU prefixes only the inactivation's error.
                     return Err(GraphError::Failed(if active {
-                        format!("Failed to activate all nodes: {e}")
+                        e.to_string()
                     } else {
                         format!("Failed to inactivate all nodes: {e}")
                     }));
@@ -237,13 +238,12 @@ impl NodeGraph {
         for (_, child) in node.children() {
             Box::pin(self.activate(child)).await?;
         }
-        if !node.is_active() {
-            node.driver()
-                .set_active(true)
-                .await
-                .map_err(|e| ActiveError::Driver(e.to_string()))?;
-            node.set_active_flag(true);
-        }
+        // Also for an active node: one opened for an inactive parent takes its image now.
+        node.driver()
+            .set_active(true)
+            .await
+            .map_err(|e| ActiveError::Driver(e.to_string()))?;
+        node.set_active_flag(true);
         Ok(())
     }
 

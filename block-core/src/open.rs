@@ -80,6 +80,9 @@ struct Inherited {
     discard_unmap: Option<bool>,
     direct: Option<bool>,
     no_flush: Option<bool>,
+    /// Opened for an inactive parent: nobody needs the image yet, so no locks are taken and
+    /// nothing is written (QEMU gives such a child no permissions).
+    idle: bool,
 }
 
 /// `BlockdevOptionsBase`.
@@ -328,6 +331,7 @@ fn open_node<'a>(
             discard_unmap: Some(common.config.discard_unmap),
             direct: Some(common.config.cache_direct),
             no_flush: Some(common.config.cache_no_flush),
+            idle: !common.active || inh.idle,
         };
         let child_prefix = |key: &str| {
             if prefix.is_empty() {
@@ -362,6 +366,7 @@ fn open_node<'a>(
                         force_share: common.force_share,
                         host_device,
                         no_inline: false,
+                        defer_locks: !common.active || inh.idle,
                     };
                     let drv = tokio::task::spawn_blocking(move || FileDriver::open(&opts))
                         .await
@@ -404,9 +409,10 @@ fn open_node<'a>(
                     let child =
                         child_node(graph, file, child_inh, child_prefix("file"), created).await?;
                     let read_only = common.read_only || child.read_only();
-                    let opener = Qcow2Driver::open(Arc::clone(&child), read_only)
-                        .await
-                        .map_err(|e| failed(&e))?;
+                    let opener =
+                        Qcow2Driver::open_with(Arc::clone(&child), read_only, child_inh.idle)
+                            .await
+                            .map_err(|e| failed(&e))?;
                     let backing_inh = Inherited {
                         read_only: true,
                         auto_read_only: false,

@@ -697,3 +697,55 @@ fn an_inactive_node_lets_another_process_take_its_image() {
         );
     }
 }
+
+#[test]
+fn the_image_passes_from_an_active_node_to_one_opened_inactive() {
+    if !require_tool("qemu-storage-daemon") || !require_tool("qemu-img") {
+        return;
+    }
+    let mut answers = Vec::new();
+    for flavor in [Flavor::Qsd, Flavor::Blockexportd] {
+        let source = Daemon::start_flavor(flavor, &[]);
+        let image = source.path("q.qcow2");
+        qemu_img_create(&image, "qcow2", "1M");
+        let options = |active: bool| {
+            json!({"driver": "qcow2", "node-name": "q", "active": active,
+                   "file": {"driver": "file", "filename": image.to_str().expect("UTF-8")}})
+        };
+        let destination = Daemon::start_flavor(flavor, &[]);
+        let mut src = source.qmp();
+        let mut dst = destination.qmp();
+        let mut answer = Vec::new();
+        let step = |q: &mut Qmp, cmd: &str, args: Value| comparable(&q.execute(cmd, args));
+        answer.push(step(&mut src, "blockdev-add", options(true)));
+        // The destination opens the image while the source holds it: inactive, it needs
+        // no lock (QEMU gives its file child no permissions)...
+        answer.push(step(&mut dst, "blockdev-add", options(false)));
+        answer.push(step(
+            &mut dst,
+            "blockdev-set-active",
+            json!({"active": true}),
+        ));
+        // ... and takes it once the source let go.
+        answer.push(step(
+            &mut src,
+            "blockdev-set-active",
+            json!({"active": false}),
+        ));
+        answer.push(step(
+            &mut dst,
+            "blockdev-set-active",
+            json!({"active": true}),
+        ));
+        answer.push(step(
+            &mut src,
+            "blockdev-set-active",
+            json!({"active": true}),
+        ));
+        answer.push(activity(&mut dst));
+        answer.push(step(&mut dst, "blockdev-del", json!({"node-name": "q"})));
+        answer.push(step(&mut src, "blockdev-del", json!({"node-name": "q"})));
+        answers.push(answer);
+    }
+    assert_eq!(answers[1], answers[0], "ours, then QSD's");
+}

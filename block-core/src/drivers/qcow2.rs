@@ -407,6 +407,7 @@ pub struct Qcow2Opener {
     qcow2: Qcow2<NodeStorage>,
     file: Arc<Node>,
     read_only: bool,
+    inactive: bool,
     cluster_size: u64,
     facts: HeaderFacts,
     stored: Vec<StoredBitmap>,
@@ -447,6 +448,7 @@ impl Qcow2Opener {
             mut qcow2,
             file,
             read_only,
+            inactive,
             cluster_size,
             facts,
             stored,
@@ -491,9 +493,9 @@ impl Qcow2Opener {
             backing_format,
             facts,
             closed: std::sync::atomic::AtomicBool::new(false),
-            inactive: std::sync::atomic::AtomicBool::new(false),
+            inactive: std::sync::atomic::AtomicBool::new(inactive),
             loaded: Mutex::new(stored.iter().map(StoredBitmap::to_dirty_bitmap).collect()),
-            layout,
+            layout: Mutex::new(layout),
             node: OnceLock::new(),
         })
     }
@@ -519,7 +521,7 @@ pub struct Qcow2Driver {
     /// Persistent bitmaps read at open, until the node takes them.
     loaded: Mutex<Vec<DirtyBitmap>>,
     /// Where the bitmaps were when they were marked in use (writable nodes).
-    layout: Option<BitmapsLayout>,
+    layout: Mutex<Option<BitmapsLayout>>,
     /// The node of this driver, to store its persistent bitmaps at close.
     node: OnceLock<Weak<Node>>,
 }
@@ -648,6 +650,18 @@ impl Qcow2Driver {
     /// Reads the qcow2 header from `file` (first step of opening; the caller then opens the
     /// backing node the header or the options name and calls [`Qcow2Opener::finish`]).
     pub async fn open(file: Arc<Node>, read_only: bool) -> Result<Qcow2Opener, Qcow2Error> {
+        Qcow2Driver::open_with(file, read_only, false).await
+    }
+
+    /// [`open`](Self::open), for an inactive node when `inactive`: nothing is written to the
+    /// image (another process may own it) until [`BlockDriver::set_active`] opens it again,
+    /// writable unless `read_only`.
+    pub async fn open_with(
+        file: Arc<Node>,
+        read_only: bool,
+        inactive: bool,
+    ) -> Result<Qcow2Opener, Qcow2Error> {
+        let writable = !read_only && !inactive;
         let worker = Workers::spawn(&format!("qcow2 {}", file.name()), WORKER_THREADS)
             .map_err(Qcow2Error::Worker)?;
         let mut header = [0u8; HEADER_FACTS_LEN];
@@ -669,7 +683,7 @@ impl Qcow2Driver {
         };
         let (stored, layout) = with_image(&file, move |image| {
             let stored = qcow2_bitmaps::load(image)?;
-            let layout = if read_only {
+            let layout = if !writable {
                 None
             } else {
                 qcow2_bitmaps::mark_in_use(image)?
@@ -682,7 +696,7 @@ impl Qcow2Driver {
         let qcow2 = worker
             .run(move || async move {
                 Qcow2::<NodeStorage>::builder(storage)
-                    .write(!read_only)
+                    .write(writable)
                     .backing(None)
                     .data_file(None)
                     .open(DenyImplicitOpenGate::default())
@@ -712,6 +726,7 @@ impl Qcow2Driver {
             qcow2,
             file,
             read_only,
+            inactive,
             cluster_size,
             facts,
             stored,
@@ -737,10 +752,14 @@ impl Qcow2Driver {
             .filter(|b| b.persistent())
             .map(|b| StoredBitmap::from_dirty_bitmap(b, size))
             .collect();
-        if bitmaps.is_empty() && self.layout.is_none() {
+        let layout = self
+            .layout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if bitmaps.is_empty() && layout.is_none() {
             return Ok(());
         }
-        let layout = self.layout.clone();
         with_image(&self.file, move |image| {
             qcow2_bitmaps::store_replacing(image, &bitmaps, layout.as_ref())
         })
@@ -782,6 +801,14 @@ impl Qcow2Driver {
     /// imago instance (which has nothing to write: it was flushed when the node became
     /// inactive, and an inactive node takes no writes).
     async fn reopen(&self) -> Result<()> {
+        if !self.read_only {
+            // Mark the bitmaps in use again (the image may have changed meanwhile, or was
+            // opened inactive and never marked), before imago opens it writable.
+            let layout = with_image(&self.file, |image| qcow2_bitmaps::mark_in_use(image))
+                .await
+                .map_err(|e| BlockError::Invalid(format!("reopening qcow2: {e}")))?;
+            *self.layout.lock().unwrap_or_else(|e| e.into_inner()) = layout;
+        }
         let storage = NodeStorage::new(Arc::clone(&self.file));
         let backing = self.backing.clone();
         let read_only = self.read_only;
@@ -811,7 +838,12 @@ impl Qcow2Driver {
             .map_err(|e| Self::err("reopening qcow2", to_io(e)))?
             .map_err(|e| Self::err("reopening qcow2", e))?;
         self.size.store(size, Ordering::Release);
-        if let Some(layout) = self.layout.clone() {
+        let layout = self
+            .layout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(layout) = layout {
             // imago cleared the bitmaps autoclear bit again.
             with_image(&self.file, move |image| {
                 qcow2_bitmaps::restore_autoclear_bit(image, &layout)
