@@ -65,6 +65,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 filename: path,
                 locking: Locking::Off,
                 no_inline: mode == "pool",
+                defer_locks: false,
                 ..FileOptions::default()
             })?;
             Node::new(

@@ -206,6 +206,14 @@ pub trait BlockDriver: Send + Sync + Debug {
         Err(crate::BlockError::Unsupported("resize"))
     }
 
+    /// Called when the node becomes inactive (`false`, after a flush: release what another
+    /// process needs to take the image over, e.g. image locks) and active again (`true`:
+    /// take it back). Nothing to do by default.
+    async fn set_active(&self, active: bool) -> Result<()> {
+        let _ = active;
+        Ok(())
+    }
+
     /// Flushes and releases what the layer holds (called once, when its node is closed).
     async fn close(&self) -> Result<()> {
         self.flush().await

@@ -47,6 +47,10 @@ pub enum BlockError {
     /// No space is left to complete the write.
     #[error("no space left on the node")]
     NoSpace,
+    /// The node is inactive (handed over to another process, QEMU's `blockdev-set-active`):
+    /// only reads are allowed.
+    #[error("node is inactive")]
+    Inactive,
 }
 
 impl BlockError {
@@ -68,6 +72,7 @@ impl BlockError {
             BlockError::NotFast => libc::ENOTSUP,
             BlockError::Invalid(_) => libc::EINVAL,
             BlockError::NoSpace => libc::ENOSPC,
+            BlockError::Inactive => libc::EPERM,
         }
     }
 }
@@ -97,6 +102,7 @@ mod tests {
             (BlockError::NotFast, libc::ENOTSUP),
             (BlockError::Invalid("x".into()), libc::EINVAL),
             (BlockError::NoSpace, libc::ENOSPC),
+            (BlockError::Inactive, libc::EPERM),
         ];
         for (err, errno) in cases {
             assert_eq!(err.errno(), errno, "{err}");

@@ -1,7 +1,14 @@
 //! The node graph: every node by name, and the rules for adding and removing them.
+//!
+//! As in QEMU, a node added by `blockdev-add` is owned by the monitor, and the children that
+//! the same command opened (inline definitions, named or not, and backing files opened from
+//! an image header) are implicit: they belong to their parent. `blockdev-del` deletes a
+//! monitor-owned node together with the implicit children nobody else uses; an implicit
+//! child that an export still uses stays until that export is gone
+//! ([`NodeGraph::sweep`]).
 
 use crate::node::{Attachment, ChildRole, Node};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -22,6 +29,8 @@ pub struct NodeGraph {
     nodes: Mutex<BTreeMap<String, Arc<Node>>>,
     /// Attachments that parent nodes hold on their children, keyed by the parent's name.
     child_holds: Mutex<BTreeMap<String, Vec<Attachment>>>,
+    /// Nodes that their parent's `blockdev-add` opened, which the monitor does not own.
+    implicit: Mutex<BTreeSet<String>>,
     next_auto_name: AtomicU64,
 }
 
@@ -51,15 +60,10 @@ impl NodeGraph {
         self.nodes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Checks that `name` is a valid, unused node name (QEMU's rules: it starts with a letter
-    /// and holds only letters, digits, `-`, `.` and `_`, at most 31 characters).
+    /// Checks that `name` is a valid, unused node name, as QEMU checks them in this order:
+    /// an identifier ([`id_wellformed`]), unused, then at most 31 bytes.
     pub fn check_new_name(&self, name: &str) -> Result<(), GraphError> {
-        let valid = name.len() < 32
-            && name.starts_with(|c: char| c.is_ascii_alphabetic())
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
-        if !valid {
+        if !id_wellformed(name) {
             return Err(GraphError::Failed(
                 "Invalid node-name: '".to_string() + name + "'",
             ));
@@ -68,6 +72,9 @@ impl NodeGraph {
             return Err(GraphError::Failed(format!(
                 "Duplicate nodes with node-name='{name}'"
             )));
+        }
+        if name.len() > 31 {
+            return Err(GraphError::Failed("Node name too long".into()));
         }
         Ok(())
     }
@@ -120,8 +127,190 @@ impl NodeGraph {
         self.lock().values().cloned().collect()
     }
 
-    /// Removes a node that nobody uses (`blockdev-del`) and returns it, so that the caller
-    /// can close it. Its children become free again (they stay in the graph).
+    /// Marks nodes as implicit children of the node that a `blockdev-add` opened: the
+    /// monitor does not own them, and they go with their parent.
+    pub fn set_implicit<S: AsRef<str>>(&self, names: &[S]) {
+        let mut implicit = self.implicit.lock().unwrap_or_else(|e| e.into_inner());
+        implicit.extend(names.iter().map(|n| n.as_ref().to_string()));
+    }
+
+    /// Whether the node `name` is an implicit child (not owned by the monitor).
+    pub fn is_implicit(&self, name: &str) -> bool {
+        self.implicit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(name)
+    }
+
+    /// `blockdev-del`: removes the monitor-owned node `name` and the implicit children that
+    /// nobody else uses, and returns them, parents first, for the caller to close. The
+    /// checks and messages are QEMU's (`qmp_blockdev_del`), in its order.
+    pub fn delete(&self, name: &str) -> Result<Vec<Arc<Node>>, GraphError> {
+        let node = self.get(name).map_err(|_| {
+            GraphError::Failed(format!("Failed to find node with node-name='{name}'"))
+        })?;
+        let parent_holds = self.parent_hold_ids(&node);
+        let users = node.users();
+        if users.iter().any(|u| !parent_holds.contains(&u.id)) {
+            return Err(GraphError::Failed(format!("Node {name} is in use")));
+        }
+        if self.is_implicit(name) {
+            return Err(GraphError::Failed(format!(
+                "Node {name} is not owned by the monitor"
+            )));
+        }
+        if !users.is_empty() {
+            return Err(GraphError::Failed(format!("Block device {name} is in use")));
+        }
+        let mut removed = vec![self.remove(name)?];
+        removed.extend(self.sweep());
+        Ok(removed)
+    }
+
+    /// The nodes that have `node` as a child.
+    fn parents(&self, node: &Arc<Node>) -> Vec<Arc<Node>> {
+        self.lock()
+            .values()
+            .filter(|p| p.children().iter().any(|(_, c)| Arc::ptr_eq(c, node)))
+            .cloned()
+            .collect()
+    }
+
+    /// The ids of the attachments that parent nodes hold on `node`.
+    fn parent_hold_ids(&self, node: &Arc<Node>) -> BTreeSet<u64> {
+        self.child_holds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .flatten()
+            .filter(|hold| Arc::ptr_eq(hold.node(), node))
+            .map(Attachment::id)
+            .collect()
+    }
+
+    /// `blockdev-set-active`: activates or inactivates the node `name`, or every node, with
+    /// QEMU's rules and messages. An inactive node is flushed and lets go of its image (its
+    /// `file` layers release their locks); it serves only reads ([`Node::is_active`]).
+    /// Inactivation goes down to the children whose parents are all inactive, and is
+    /// refused while a parent is active or an export may write to the node without
+    /// [allowing it](Node::allow_inactive). Activation takes the children along.
+    pub async fn set_active(&self, name: Option<&str>, active: bool) -> Result<(), GraphError> {
+        let Some(name) = name else {
+            for node in self.all() {
+                let result = if active {
+                    self.activate(&node).await
+                } else if self.parents(&node).is_empty() {
+                    self.inactivate(&node, true).await
+                } else {
+                    Ok(())
+                };
+                if let Err(e) = result {
+                    // QEMU prefixes only the inactivation's error.
+                    return Err(GraphError::Failed(if active {
+                        e.to_string()
+                    } else {
+                        format!("Failed to inactivate all nodes: {e}")
+                    }));
+                }
+            }
+            return Ok(());
+        };
+        let node = self.get(name).map_err(|_| {
+            GraphError::Failed(format!("Failed to find node with node-name='{name}'"))
+        })?;
+        if active {
+            return self
+                .activate(&node)
+                .await
+                .map_err(|e| GraphError::Failed(e.to_string()));
+        }
+        if self.parents(&node).iter().any(|p| p.is_active()) {
+            return Err(GraphError::Failed("Node has active parent node".into()));
+        }
+        self.inactivate(&node, true)
+            .await
+            .map_err(|e| GraphError::Failed(format!("Failed to inactivate node: {e}")))
+    }
+
+    /// Activates `node` and its children (QEMU's `bdrv_activate`): an export without
+    /// `allow-inactive` does this to its node.
+    pub async fn activate(&self, node: &Arc<Node>) -> Result<(), ActiveError> {
+        for (_, child) in node.children() {
+            Box::pin(self.activate(child)).await?;
+        }
+        // Also for an active node: one opened for an inactive parent takes its image now.
+        node.driver()
+            .set_active(true)
+            .await
+            .map_err(|e| ActiveError::Driver(e.to_string()))?;
+        node.set_active_flag(true);
+        Ok(())
+    }
+
+    /// QEMU's `bdrv_inactivate_recurse`.
+    async fn inactivate(&self, node: &Arc<Node>, top_level: bool) -> Result<(), ActiveError> {
+        if !node.is_active() {
+            return Ok(());
+        }
+        if !top_level && self.parents(node).iter().any(|p| p.is_active()) {
+            return Ok(());
+        }
+        let holds = self.parent_hold_ids(node);
+        if node
+            .users()
+            .iter()
+            .any(|u| !holds.contains(&u.id) && u.writable && !u.allow_inactive)
+        {
+            return Err(ActiveError::InUse);
+        }
+        // New writes are refused from here on; what was written is then flushed. (Requests
+        // already past the node's check are not waited for: QEMU drains them.)
+        node.set_active_flag(false);
+        if let Err(e) = node.driver().flush().await {
+            node.set_active_flag(true);
+            return Err(ActiveError::Driver(e.to_string()));
+        }
+        node.driver()
+            .set_active(false)
+            .await
+            .map_err(|e| ActiveError::Driver(e.to_string()))?;
+        for (_, child) in node.children() {
+            Box::pin(self.inactivate(child, false)).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes the implicit nodes that nobody uses any more (their parent was deleted, and
+    /// the export that kept one was too), parents first, and returns them for the caller
+    /// to close.
+    pub fn sweep(&self) -> Vec<Arc<Node>> {
+        let mut out = Vec::new();
+        loop {
+            let unused: Vec<String> = self
+                .implicit
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .filter(|name| {
+                    self.lock()
+                        .get(name.as_str())
+                        .is_some_and(|n| n.users().is_empty())
+                })
+                .cloned()
+                .collect();
+            if unused.is_empty() {
+                return out;
+            }
+            for name in unused {
+                if let Ok(node) = self.remove(&name) {
+                    out.push(node);
+                }
+            }
+        }
+    }
+
+    /// Removes a node that nobody uses and returns it, so that the caller can close it. Its
+    /// children become free again (they stay in the graph).
     pub fn remove(&self, name: &str) -> Result<Arc<Node>, GraphError> {
         let mut nodes = self.lock();
         let node = nodes.get(name).cloned().ok_or_else(|| {
@@ -136,6 +325,10 @@ impl NodeGraph {
         }
         nodes.remove(name);
         drop(nodes);
+        self.implicit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
         self.child_holds
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -169,7 +362,87 @@ impl NodeGraph {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+        self.implicit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         out.extend(rest);
         out
+    }
+}
+
+/// Why a node could not change between active and inactive.
+#[derive(Debug, thiserror::Error)]
+pub enum ActiveError {
+    /// A user may write and does not allow the node to become inactive (QEMU's `-EPERM`).
+    #[error("Operation not permitted")]
+    InUse,
+    /// The driver could not flush, or release or take back its image.
+    #[error("{0}")]
+    Driver(String),
+}
+
+/// QEMU's `id_wellformed` (util/id.c), the rule for export, object and chardev ids and node
+/// names: a letter first, then only letters, digits, `-`, `.` and `_` (ASCII).
+pub fn id_wellformed(id: &str) -> bool {
+    id.starts_with(|c: char| c.is_ascii_alphabetic())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{open, BlockError, WriteFlags};
+    use serde_json::json;
+
+    #[test]
+    fn ids_are_well_formed_as_qemu_says() {
+        for id in ["a", "A-b.c_d", "x1"] {
+            assert!(id_wellformed(id), "{id}");
+        }
+        for id in [
+            "", "1a", "_a", "-a", ".a", "a b", "é", "aé", "a/b", "a\0b", "#block1",
+        ] {
+            assert!(!id_wellformed(id), "{id:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_inactive_node_serves_reads_only() {
+        let g = NodeGraph::new();
+        let n = open::blockdev_add(
+            &g,
+            json!({"driver": "null-co", "node-name": "n", "read-zeroes": true}),
+        )
+        .await
+        .expect("open");
+        let export = n.attach("export 'e'", true).expect("attach");
+        // A writable user that does not allow it keeps the node active.
+        let err = g.set_active(Some("n"), false).await.expect_err("in use");
+        assert_eq!(
+            err.to_string(),
+            "Failed to inactivate node: Operation not permitted"
+        );
+        n.allow_inactive(export.id());
+        g.set_active(Some("n"), false).await.expect("inactivate");
+        assert!(!n.is_active());
+        let mut buf = [1u8; 512];
+        n.read(0, &mut buf).await.expect("read");
+        assert_eq!(buf, [0u8; 512]);
+        for result in [
+            n.write(0, &buf, WriteFlags::default()).await,
+            n.flush().await,
+            n.discard(0, 512).await,
+            n.block_status(0, 512).await.map(|_| ()),
+            n.resize(4096).await,
+        ] {
+            assert!(matches!(result, Err(BlockError::Inactive)), "{result:?}");
+        }
+        g.set_active(None, true).await.expect("activate");
+        n.write(0, &buf, WriteFlags::default())
+            .await
+            .expect("write once active again");
     }
 }

@@ -96,6 +96,9 @@ pub struct UserInfo {
     pub description: String,
     /// Whether the user may write.
     pub writable: bool,
+    /// Whether the user lets the node become inactive while it writes (QEMU's export option
+    /// `allow-inactive`).
+    pub allow_inactive: bool,
 }
 
 /// A node of the block graph.
@@ -109,6 +112,8 @@ pub struct Node {
     next_user: AtomicU64,
     bitmaps: RwLock<Vec<Arc<DirtyBitmap>>>,
     config: NodeConfig,
+    /// Cleared while the node is inactive (see [`Node::is_active`]).
+    active: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Node {
@@ -147,6 +152,7 @@ impl Node {
             next_user: AtomicU64::new(1),
             bitmaps: RwLock::new(Vec::new()),
             config,
+            active: std::sync::atomic::AtomicBool::new(true),
         });
         node.driver.attach_node(Arc::downgrade(&node));
         node
@@ -188,6 +194,34 @@ impl Node {
     /// Whether the node itself is read-only.
     pub fn read_only(&self) -> bool {
         self.driver.read_only()
+    }
+
+    /// Whether the node is active (QEMU's `active`, the default). An inactive node was
+    /// handed over to another process, as at the end of a migration: it serves reads, and
+    /// refuses every other request with [`BlockError::Inactive`]. The graph changes it
+    /// ([`NodeGraph::set_active`](crate::NodeGraph::set_active)).
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_active_flag(&self, active: bool) {
+        self.active.store(active, Ordering::Release);
+    }
+
+    /// Lets the user `id` (an [`Attachment::id`]) keep the node while it becomes inactive.
+    pub fn allow_inactive(&self, id: u64) {
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(user) = users.iter_mut().find(|u| u.id == id) {
+            user.allow_inactive = true;
+        }
+    }
+
+    fn check_active(&self) -> Result<()> {
+        if self.is_active() {
+            Ok(())
+        } else {
+            Err(BlockError::Inactive)
+        }
     }
 
     /// The users currently attached.
@@ -256,6 +290,7 @@ impl Node {
             id,
             description,
             writable,
+            allow_inactive: false,
         });
         Ok(Attachment {
             node: Arc::clone(self),
@@ -359,6 +394,7 @@ impl Node {
 
     /// Writes `buf` at `offset`.
     pub async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+        self.check_active()?;
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
         if buf.is_empty() {
@@ -382,11 +418,14 @@ impl Node {
 
     /// Makes completed writes stable.
     pub async fn flush(&self) -> Result<()> {
+        // An inactive node was flushed when it became inactive.
+        self.check_active()?;
         self.driver.flush().await
     }
 
     /// Discards the range.
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_active()?;
         self.check_writable()?;
         self.check_range(offset, len)?;
         if len == 0 || !self.config.discard_unmap {
@@ -398,6 +437,7 @@ impl Node {
 
     /// Makes the range read as zeroes.
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.check_active()?;
         self.check_writable()?;
         self.check_range(offset, len)?;
         if len == 0 {
@@ -413,6 +453,8 @@ impl Node {
 
     /// The status of the extent at `offset`, at most `len` bytes long (`len` > 0).
     pub async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        // QEMU serves only reads from an inactive node.
+        self.check_active()?;
         self.check_range(offset, len)?;
         if len == 0 {
             return Err(BlockError::Invalid("block status of an empty range".into()));
@@ -424,6 +466,7 @@ impl Node {
 
     /// Resizes the node.
     pub async fn resize(&self, new_size: u64) -> Result<()> {
+        self.check_active()?;
         self.check_writable()?;
         self.driver.resize(new_size).await?;
         for bitmap in self.bitmaps() {
@@ -453,6 +496,11 @@ pub struct Attachment {
 }
 
 impl Attachment {
+    /// The id of this user, as listed by [`Node::users`].
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// The attached node.
     pub fn node(&self) -> &Arc<Node> {
         &self.node

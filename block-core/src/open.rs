@@ -25,8 +25,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 /// Opens the node described by `options` (QAPI `BlockdevOptions`), adds it to `graph` and
-/// returns it. Nested child definitions are opened and added first; on failure nothing that
-/// this call added stays in the graph.
+/// returns it. Nested child definitions are opened and added first, as implicit children of
+/// the new node (see [`NodeGraph::delete`]); on failure nothing that this call added stays in
+/// the graph.
 pub async fn blockdev_add(graph: &NodeGraph, options: Value) -> Result<Arc<Node>, GraphError> {
     let mut created = Vec::new();
     let result = open_node(
@@ -37,7 +38,11 @@ pub async fn blockdev_add(graph: &NodeGraph, options: Value) -> Result<Arc<Node>
         &mut created,
     )
     .await;
-    if result.is_err() {
+    if let Ok(node) = &result {
+        // Everything else that this command opened belongs to the new node.
+        created.retain(|name| name != node.name());
+        graph.set_implicit(&created);
+    } else {
         for name in created.iter().rev() {
             if let Ok(node) = graph.remove(name) {
                 if let Err(e) = node.driver().close().await {
@@ -75,6 +80,9 @@ struct Inherited {
     discard_unmap: Option<bool>,
     direct: Option<bool>,
     no_flush: Option<bool>,
+    /// Opened for an inactive parent: nobody needs the image yet, so no locks are taken and
+    /// nothing is written (QEMU gives such a child no permissions).
+    idle: bool,
 }
 
 /// `BlockdevOptionsBase`.
@@ -84,6 +92,8 @@ struct Common {
     read_only: bool,
     auto_read_only: bool,
     force_share: bool,
+    /// QEMU 10's `active` (default on): off opens the node inactive.
+    active: bool,
     config: NodeConfig,
 }
 
@@ -99,6 +109,7 @@ fn parse_common(o: &mut Opts, inh: &Inherited) -> Result<Common, OptionError> {
     let read_only = o.bool("read-only")?;
     let auto_read_only = o.bool("auto-read-only")?;
     let force_share = o.bool("force-share")?;
+    let active = o.bool("active")?;
     let detect_zeroes = match o.enumeration("detect-zeroes", &["off", "on", "unmap"])? {
         Some("on") => DetectZeroes::On,
         Some("unmap") => DetectZeroes::Unmap,
@@ -109,6 +120,7 @@ fn parse_common(o: &mut Opts, inh: &Inherited) -> Result<Common, OptionError> {
         read_only: read_only.unwrap_or(inh.read_only),
         auto_read_only: auto_read_only.unwrap_or(inh.auto_read_only),
         force_share: force_share.unwrap_or(false),
+        active: active.unwrap_or(true),
         config: NodeConfig {
             discard_unmap: discard
                 .map(|d| d == "unmap")
@@ -319,6 +331,7 @@ fn open_node<'a>(
             discard_unmap: Some(common.config.discard_unmap),
             direct: Some(common.config.cache_direct),
             no_flush: Some(common.config.cache_no_flush),
+            idle: !common.active || inh.idle,
         };
         let child_prefix = |key: &str| {
             if prefix.is_empty() {
@@ -353,6 +366,7 @@ fn open_node<'a>(
                         force_share: common.force_share,
                         host_device,
                         no_inline: false,
+                        defer_locks: !common.active || inh.idle,
                     };
                     let drv = tokio::task::spawn_blocking(move || FileDriver::open(&opts))
                         .await
@@ -395,9 +409,10 @@ fn open_node<'a>(
                     let child =
                         child_node(graph, file, child_inh, child_prefix("file"), created).await?;
                     let read_only = common.read_only || child.read_only();
-                    let opener = Qcow2Driver::open(Arc::clone(&child), read_only)
-                        .await
-                        .map_err(|e| failed(&e))?;
+                    let opener =
+                        Qcow2Driver::open_with(Arc::clone(&child), read_only, child_inh.idle)
+                            .await
+                            .map_err(|e| failed(&e))?;
                     let backing_inh = Inherited {
                         read_only: true,
                         auto_read_only: false,
@@ -458,6 +473,14 @@ fn open_node<'a>(
             return Err(e);
         }
         created.push(node.name().to_string());
+        if !common.active {
+            // As QEMU opens it with BDRV_O_INACTIVE: this node only, not its children.
+            node.set_active_flag(false);
+            node.driver()
+                .set_active(false)
+                .await
+                .map_err(|e| failed(&e))?;
+        }
         for bitmap in loaded_bitmaps {
             node.add_bitmap(Arc::new(bitmap))
                 .map_err(|e| GraphError::Failed(e.to_string()))?;
@@ -531,7 +554,7 @@ pub fn node_info(node: &Node, flat: bool) -> Value {
         "bps": 0, "bps_rd": 0, "bps_wr": 0,
         "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "write_threshold": 0,
-        "active": true,
+        "active": node.is_active(),
         "cache": {
             "writeback": true,
             "direct": config.cache_direct,

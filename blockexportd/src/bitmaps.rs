@@ -88,30 +88,47 @@ fn check_busy(bitmap: &DirtyBitmap) -> CmdResult<()> {
     Ok(())
 }
 
+/// The longest bitmap name, in bytes (QEMU's `BDRV_BITMAP_MAX_NAME_SIZE`).
+const MAX_NAME_LEN: usize = 1023;
+
 /// `block-dirty-bitmap-add`.
 pub fn add(graph: &NodeGraph, a: BitmapAdd) -> CmdResult {
-    let node = find_node(graph, &a.node)?;
+    // QEMU's checks, in its order (`block_dirty_bitmap_add`, then the format's
+    // `can_store_new_dirty_bitmap` for a persistent one, then `bdrv_create_dirty_bitmap`).
     if a.name.is_empty() {
         return Err(generic("Bitmap name cannot be empty"));
     }
-    if a.name.len() > 1023 {
-        return Err(generic("Bitmap name is too long"));
-    }
+    let node = find_node(graph, &a.node)?;
     let granularity = a
         .granularity
         .unwrap_or(u64::from(block_core::bitmap::DEFAULT_GRANULARITY));
     if !granularity.is_power_of_two() || !(512..=(1 << 31)).contains(&granularity) {
         return Err(generic("Granularity must be power of 2 and at least 512"));
     }
-    if node.bitmap(&a.name).is_some() {
-        return Err(generic(format!("Bitmap already exists: {}", a.name)));
-    }
+    let exists = || generic(format!("Bitmap already exists: {}", a.name));
     let persistent = a.persistent.unwrap_or(false);
-    if persistent && !node.driver().supports_persistent_bitmaps() {
-        return Err(generic(format!(
-            "Can't store persistent bitmaps to {}: Operation not supported",
-            a.node
-        )));
+    if persistent {
+        if !node.driver().supports_persistent_bitmaps() {
+            return Err(generic(format!(
+                "Can't store persistent bitmaps to {}: Operation not supported",
+                a.node
+            )));
+        }
+        if node.bitmap(&a.name).is_some() {
+            return Err(exists());
+        }
+        if a.name.len() > MAX_NAME_LEN {
+            return Err(generic(format!(
+                "Can't make bitmap '{}' persistent in '{}': Name length exceeds maximum ({MAX_NAME_LEN} characters)",
+                a.name, a.node
+            )));
+        }
+    }
+    if node.bitmap(&a.name).is_some() {
+        return Err(exists());
+    }
+    if a.name.len() > MAX_NAME_LEN {
+        return Err(generic(format!("Bitmap name too long: {}", a.name)));
     }
     let bitmap = DirtyBitmap::new(&a.name, node.size(), granularity as u32, persistent);
     bitmap.set_enabled(!a.disabled.unwrap_or(false));

@@ -10,6 +10,12 @@ use std::sync::Arc;
 /// Registers every command the daemon serves.
 pub fn register(daemon: &Arc<Daemon>) {
     let qmp = daemon.qmp().clone();
+    // As QSD: `quit` ends every export (each BLOCK_EXPORT_DELETED is sent) before it replies.
+    let d = Arc::clone(daemon);
+    qmp.on_quit(move || {
+        let d = Arc::clone(&d);
+        async move { d.close_all_exports().await }
+    });
 
     macro_rules! command {
         ($name:expr, |$d:ident, $args:ident| $body:expr) => {{
@@ -24,6 +30,9 @@ pub fn register(daemon: &Arc<Daemon>) {
     command!("blockdev-add", |d, args| d.blockdev_add(args).await);
     command!("blockdev-del", |d, args| {
         d.blockdev_del(parse_arguments(args)?).await
+    });
+    command!("blockdev-set-active", |d, args| {
+        d.blockdev_set_active(parse_arguments(args)?).await
     });
     command!("query-named-block-nodes", |d, args| {
         d.query_named_block_nodes(parse_arguments(args)?)

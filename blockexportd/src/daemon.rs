@@ -176,6 +176,8 @@ struct Export {
     /// The iothread the export's I/O runs in (NBD and FUSE exports), which may not be deleted
     /// while the export lives.
     iothread: Option<String>,
+    /// Creation order: QEMU ends exports newest first.
+    created: u64,
 }
 
 impl Export {
@@ -193,6 +195,15 @@ struct State {
     monitors: Vec<JoinHandle<()>>,
     nbd: Option<NbdState>,
     exports: BTreeMap<String, Export>,
+    exports_created: u64,
+}
+
+impl State {
+    /// The creation stamp of a new export.
+    fn next_export(&mut self) -> u64 {
+        self.exports_created += 1;
+        self.exports_created
+    }
 }
 
 /// The daemon's state, shared by the command line, every monitor and the signal handlers.
@@ -241,20 +252,49 @@ impl Daemon {
         Ok(json!({}))
     }
 
-    /// `blockdev-del`.
+    /// `blockdev-del`: the node and the children its `blockdev-add` opened, as QEMU.
     pub async fn blockdev_del(&self, args: qapi::BlockdevDel) -> CmdResult {
-        let node = self.graph.get(&args.node_name).map_err(|_| {
-            generic(format!(
-                "Failed to find node with node-name='{}'",
-                args.node_name
-            ))
-        })?;
-        if !node.users().is_empty() {
-            return Err(generic(format!("Node {} is in use", args.node_name)));
+        for node in self.graph.delete(&args.node_name).map_err(graph_error)? {
+            close_node(&node).await;
         }
-        let node = self.graph.remove(&args.node_name).map_err(graph_error)?;
-        close_node(&node).await;
         Ok(json!({}))
+    }
+
+    /// `blockdev-set-active`.
+    pub async fn blockdev_set_active(&self, args: qapi::BlockdevSetActive) -> CmdResult {
+        self.graph
+            .set_active(args.node_name.as_deref(), args.active)
+            .await
+            .map_err(graph_error)?;
+        Ok(json!({}))
+    }
+
+    /// An export's node: active, as QEMU activates the node of an export, unless the
+    /// export allows it to be inactive (which only NBD exports can).
+    async fn export_activation(
+        &self,
+        node: &Arc<Node>,
+        allow_inactive: Option<bool>,
+        supports_inactive: bool,
+    ) -> CmdResult<bool> {
+        if allow_inactive == Some(true) {
+            if !supports_inactive {
+                return Err(generic("Export type does not support inactive exports"));
+            }
+            return Ok(true);
+        }
+        self.graph
+            .activate(node)
+            .await
+            .map_err(|e| generic(e.to_string()))?;
+        Ok(false)
+    }
+
+    /// Closes the implicit children that were only kept by an export that is gone.
+    async fn close_unused_nodes(&self) {
+        for node in self.graph.sweep() {
+            close_node(&node).await;
+        }
     }
 
     /// `query-named-block-nodes`.
@@ -283,6 +323,9 @@ impl Daemon {
         let node = self.find_node(&name)?;
         if args.size < 0 {
             return Err(generic("Parameter 'size' expects a >0 size"));
+        }
+        if !node.is_active() {
+            return Err(generic("Permission 'resize' unavailable on inactive node"));
         }
         node.resize(args.size as u64).await.map_err(|e| match e {
             block_core::BlockError::Unsupported(_) => {
@@ -340,9 +383,12 @@ impl Daemon {
             }
             t if t.starts_with("tls-creds") => {
                 crate::tls::check_creds_type(t).map_err(|e| generic(e.qemu_message()))?;
-                let creds = crate::tls::TlsCredsX509::from_props(&props, keyval)
+                // As QEMU: the properties, then the id, then the files are loaded.
+                let options = crate::tls::TlsCredsX509Options::from_props(&props, keyval)
                     .map_err(|e| generic(e.qemu_message()))?;
                 self.check_object_id(&id)?;
+                let creds = crate::tls::TlsCredsX509::new(options)
+                    .map_err(|e| generic(e.qemu_message()))?;
                 Object::TlsCreds(Arc::new(creds))
             }
             t if crate::authz::is_authz_type(t) => {
@@ -383,17 +429,13 @@ impl Daemon {
         objects: &BTreeMap<String, ObjectEntry>,
         id: &str,
     ) -> CmdResult<()> {
+        if !block_core::graph::id_wellformed(id) {
+            return Err(generic("Parameter 'id' expects an identifier"));
+        }
         if objects.contains_key(id) {
             return Err(generic(format!(
                 "attempt to add duplicate property '{id}' to object (type 'container')"
             )));
-        }
-        let valid = id.starts_with(|c: char| c.is_ascii_alphabetic())
-            && id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
-        if !valid {
-            return Err(generic("Parameter 'id' expects an identifier"));
         }
         Ok(())
     }
@@ -751,6 +793,7 @@ impl Daemon {
                 self.emit_deleted(&id);
             }
         }
+        self.close_unused_nodes().await;
         nbd.server.stop();
         for task in nbd.listeners {
             task.abort();
@@ -811,6 +854,10 @@ impl Daemon {
         node_name: &str,
         iothread: Option<&str>,
     ) -> CmdResult<Arc<Node>> {
+        // QEMU's checks of every export type, in its order (`blk_exp_add`).
+        if !block_core::graph::id_wellformed(id) {
+            return Err(generic("Invalid block export id"));
+        }
         if state.exports.contains_key(id) {
             return Err(generic(format!("Block export id '{id}' is already in use")));
         }
@@ -828,12 +875,15 @@ impl Daemon {
 
     async fn nbd_export_add(&self, o: qapi::NbdExport) -> CmdResult {
         let mut state = self.state.lock().await;
-        let nbd = state
+        let node = self.check_common(&state, &o.id, &o.node_name, o.iothread.as_deref())?;
+        let allow_inactive = self
+            .export_activation(&node, o.allow_inactive, true)
+            .await?;
+        let server = state
             .nbd
             .as_ref()
+            .map(|nbd| nbd.server.clone())
             .ok_or_else(|| generic("NBD server not running"))?;
-        let server = nbd.server.clone();
-        let node = self.check_common(&state, &o.id, &o.node_name, o.iothread.as_deref())?;
         let name = o.name.clone().unwrap_or_else(|| o.node_name.clone());
         let bitmaps = o
             .bitmaps
@@ -845,6 +895,9 @@ impl Daemon {
         let attachment = node
             .attach(format!("export '{}'", o.id), writable)
             .map_err(|e| generic(e.to_string()))?;
+        if allow_inactive {
+            node.allow_inactive(attachment.id());
+        }
         let mut config = nbd_server::ExportConfig::new(name.clone(), attachment);
         config.description = o.description.clone();
         config.writethrough = o.writethrough.unwrap_or(false);
@@ -866,9 +919,11 @@ impl Daemon {
         server
             .add_export(config)
             .map_err(|e| generic(e.to_string()))?;
+        let created = state.next_export();
         state.exports.insert(
             o.id.clone(),
             Export {
+                created,
                 node_name: o.node_name,
                 kind: ExportKind::Nbd { name },
                 shutting_down: Arc::new(AtomicBool::new(false)),
@@ -911,6 +966,8 @@ impl Daemon {
     async fn fuse_export_add(&self, o: qapi::FuseExport) -> CmdResult {
         let mut state = self.state.lock().await;
         let node = self.check_common(&state, &o.id, &o.node_name, o.iothread.as_deref())?;
+        self.export_activation(&node, o.allow_inactive, false)
+            .await?;
         let allow_other = match o.allow_other.as_deref() {
             None | Some("auto") => fuse_export::AllowOther::Auto,
             Some("on") => fuse_export::AllowOther::On,
@@ -946,9 +1003,11 @@ impl Daemon {
         .await
         .map_err(|e| generic(format!("FUSE mount failed: {e}")))?
         .map_err(|e| generic(e.to_string()))?;
+        let created = state.next_export();
         state.exports.insert(
             o.id.clone(),
             Export {
+                created,
                 node_name: o.node_name,
                 kind: ExportKind::Fuse(Some(export)),
                 shutting_down: Arc::new(AtomicBool::new(false)),
@@ -1015,6 +1074,7 @@ impl Daemon {
                         .await
                         .map_err(|e| generic(e.to_string()))?;
                 }
+                self.close_unused_nodes().await;
                 self.emit_deleted(id);
             }
         }
@@ -1023,6 +1083,7 @@ impl Daemon {
 
     async fn finish_delete(&self, id: &str) {
         self.state.lock().await.exports.remove(id);
+        self.close_unused_nodes().await;
         self.emit_deleted(id);
     }
 
@@ -1053,12 +1114,14 @@ impl Daemon {
     /// `nbd-server-add` (deprecated): an NBD export whose id is its name.
     pub async fn nbd_server_add(&self, a: qapi::NbdServerAdd) -> CmdResult {
         let name = a.name.clone().unwrap_or_else(|| a.device.clone());
-        {
-            let state = self.state.lock().await;
-            if state.nbd.is_none() {
-                return Err(generic("NBD server not running"));
-            }
-        }
+        // QEMU looks the device up first, by device and node name, then adds the export as
+        // `block-export-add` does (which checks the id, then that the server runs).
+        self.graph.get(&a.device).map_err(|_| {
+            generic(format!(
+                "Cannot find device='{0}' nor node-name='{0}'",
+                a.device
+            ))
+        })?;
         self.nbd_export_add(qapi::NbdExport {
             id: name.clone(),
             node_name: a.device,
@@ -1066,6 +1129,7 @@ impl Daemon {
             iothread: None,
             writable: a.writable,
             writethrough: None,
+            allow_inactive: None,
             name: Some(name),
             description: a.description,
             bitmaps: a.bitmap.map(|b| vec![qapi::BitmapRef::Name(b)]),
@@ -1076,19 +1140,20 @@ impl Daemon {
 
     // ----- shutdown -----
 
-    /// Ends every export (unmounting FUSE mountpoints), stops the NBD server and the monitors,
-    /// then flushes and closes every node. No acknowledged write is lost.
-    pub async fn shutdown(&self) {
+    /// Ends every export, newest first as QEMU does, and sends their `BLOCK_EXPORT_DELETED`
+    /// (the `quit` command does this before it replies; [`Daemon::shutdown`] again, for
+    /// signals).
+    pub async fn close_all_exports(&self) {
         let mut state = self.state.lock().await;
-        let exports = std::mem::take(&mut state.exports);
-        let nbd = state.nbd.take();
+        let mut exports: Vec<_> = std::mem::take(&mut state.exports).into_iter().collect();
+        exports.sort_by_key(|(_, e)| std::cmp::Reverse(e.created));
+        let server = state.nbd.as_ref().map(|nbd| nbd.server.clone());
+        drop(state);
         for (id, mut export) in exports {
             match &mut export.kind {
                 ExportKind::Nbd { name } => {
-                    if let Some(nbd) = &nbd {
-                        if let Ok(gone) =
-                            nbd.server.remove_export(name, nbd_server::RemoveMode::Hard)
-                        {
+                    if let Some(server) = &server {
+                        if let Ok(gone) = server.remove_export(name, nbd_server::RemoveMode::Hard) {
                             gone.await;
                         }
                     }
@@ -1103,6 +1168,14 @@ impl Daemon {
             }
             self.emit_deleted(&id);
         }
+    }
+
+    /// Ends every export (unmounting FUSE mountpoints), stops the NBD server and the monitors,
+    /// then flushes and closes every node. No acknowledged write is lost.
+    pub async fn shutdown(&self) {
+        self.close_all_exports().await;
+        let mut state = self.state.lock().await;
+        let nbd = state.nbd.take();
         if let Some(nbd) = nbd {
             nbd.server.stop();
             for task in nbd.listeners {

@@ -157,6 +157,9 @@ pub struct NbdExport {
     pub writable: Option<bool>,
     /// Every write is FUA.
     pub writethrough: Option<bool>,
+    /// Serve the node while it is inactive (QEMU 10); otherwise adding the export
+    /// activates it.
+    pub allow_inactive: Option<bool>,
     /// Export name (default: the node name).
     pub name: Option<String>,
     /// Free-form description.
@@ -183,6 +186,9 @@ pub struct FuseExport {
     pub writable: Option<bool>,
     /// Every write is FUA.
     pub writethrough: Option<bool>,
+    /// Serve the node while it is inactive (QEMU 10); otherwise adding the export
+    /// activates it.
+    pub allow_inactive: Option<bool>,
     /// The regular file to mount on.
     pub mountpoint: String,
     /// Writes past the end grow the node.
@@ -257,6 +263,16 @@ pub struct NbdServerRemove {
 pub struct BlockdevDel {
     /// Node to remove.
     pub node_name: String,
+}
+
+/// `blockdev-set-active` arguments.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BlockdevSetActive {
+    /// The node (and its children) to change; every node without it.
+    pub node_name: Option<String>,
+    /// Active (`true`) or inactive.
+    pub active: bool,
 }
 
 /// `block_resize` arguments.
@@ -382,6 +398,7 @@ pub const EXPORT_TYPES_KEYVAL: &[(&str, Kind)] = &[
     ("fixed-iothread", Kind::Bool),
     ("writable", Kind::Bool),
     ("writethrough", Kind::Bool),
+    ("allow-inactive", Kind::Bool),
     ("allocation-depth", Kind::Bool),
     ("growable", Kind::Bool),
     ("logical-block-size", Kind::Size),

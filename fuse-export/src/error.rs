@@ -86,6 +86,8 @@ pub fn errno_of(err: &BlockError) -> i32 {
         BlockError::NotFast => libc::EOPNOTSUPP,
         BlockError::Invalid(_) => libc::EINVAL,
         BlockError::NoSpace => libc::ENOSPC,
+        // What QEMU answers for I/O on an inactive node.
+        BlockError::Inactive => libc::EPERM,
     }
 }
 

@@ -55,8 +55,13 @@ pub struct ServerLimits {
     /// Limits on one incoming message.
     pub stream: StreamLimits,
     /// The most bytes of replies and events queued for one client that does
-    /// not read them. A client over it is disconnected (one message larger
-    /// than this is still sent to a client whose queue is otherwise empty).
+    /// not read them. Replies are paced: once half of it is queued, the
+    /// monitor reads and runs nothing more until the client has read enough
+    /// (QEMU suspends a monitor the same way), so a client that sends faster
+    /// than it reads is slowed down, not dropped. Events are not paced: a
+    /// client whose queue goes over the limit with them is disconnected (one
+    /// message larger than this is still sent to a client whose queue is
+    /// otherwise empty).
     pub max_queued_output: usize,
 }
 
@@ -71,6 +76,7 @@ impl Default for ServerLimits {
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Value, QmpError>> + Send>>;
 type Handler = Arc<dyn Fn(Map<String, Value>) -> BoxFuture + Send + Sync>;
+type QuitHook = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 /// The commands the server implements itself.
 const BUILTINS: [&str; 4] = [
@@ -90,6 +96,8 @@ struct Inner {
     monitors: Mutex<HashMap<u64, Arc<Monitor>>>,
     next_id: AtomicU64,
     quit: watch::Sender<bool>,
+    /// Run by `quit` before its reply.
+    quit_hook: RwLock<Option<QuitHook>>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -141,6 +149,8 @@ struct Monitor {
     out: mpsc::UnboundedSender<Out>,
     queued: AtomicUsize,
     max_queued: usize,
+    /// Told whenever the writer has written a message (`queued` went down).
+    drained: tokio::sync::Notify,
     dead: watch::Sender<bool>,
 }
 
@@ -173,6 +183,33 @@ impl Monitor {
 
     fn send(&self, v: &Value) -> bool {
         self.send_bytes(to_wire(v, self.pretty))
+    }
+
+    /// Queues a reply, which [`Monitor::wait_for_room`] made room for.
+    fn send_reply(&self, v: &Value) -> bool {
+        if self.is_dead() {
+            return false;
+        }
+        let bytes = to_wire(v, self.pretty);
+        self.queued.fetch_add(bytes.len(), Ordering::AcqRel);
+        self.out.send(Out::Data(bytes)).is_ok()
+    }
+
+    /// Waits until at most half of the output limit is queued (or the client is gone), so
+    /// that the next reply fits.
+    async fn wait_for_room(&self) {
+        let mut dead = self.dead.subscribe();
+        loop {
+            // Created before the check, so that a write completing in between wakes it.
+            let drained = self.drained.notified();
+            if self.queued.load(Ordering::Acquire) <= self.max_queued / 2 || self.is_dead() {
+                return;
+            }
+            tokio::select! {
+                _ = drained => {}
+                _ = until_dead(&mut dead) => return,
+            }
+        }
     }
 }
 
@@ -219,6 +256,7 @@ impl QmpServer {
                 monitors: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
                 quit: watch::channel(false).0,
+                quit_hook: RwLock::new(None),
                 shutdown: watch::channel(false).0,
             }),
         }
@@ -251,6 +289,22 @@ impl QmpServer {
             Some(entry) => entry.1 = handler,
             None => commands.push((name.to_string(), handler)),
         }
+    }
+
+    /// Sets what `quit` does before it replies: QEMU's storage daemon ends every block
+    /// export there, so that the client sees each `BLOCK_EXPORT_DELETED` before the reply.
+    /// [`quit_requested`](Self::quit_requested) resolves after the hook and the reply.
+    pub fn on_quit<F, Fut>(&self, hook: F)
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let hook: QuitHook = Arc::new(move || Box::pin(hook()));
+        *self
+            .inner
+            .quit_hook
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(hook);
     }
 
     /// A handle to emit events with.
@@ -387,6 +441,7 @@ impl QmpServer {
             out: tx,
             queued: AtomicUsize::new(0),
             max_queued: self.inner.limits.max_queued_output,
+            drained: tokio::sync::Notify::new(),
             dead: watch::channel(false).0,
         });
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
@@ -441,10 +496,13 @@ impl QmpServer {
             let mut messages = Vec::new();
             stream.feed(&buf[..n], |m| messages.push(m));
             for msg in messages {
+                // A client that does not read its replies gets no more of them (and no
+                // more input is read) until it does.
+                mon.wait_for_room().await;
                 // Commands run to completion even if the client goes away
                 // (a half-done command would leave the daemon inconsistent).
                 let (reply, after) = self.handle(msg, &mut phase, mon).await;
-                let sent = !mon.is_dead() && mon.send(&reply);
+                let sent = !mon.is_dead() && mon.send_reply(&reply);
                 if let After::Quit = after {
                     // `quit` ran: signal it even if its client is gone, but
                     // after its reply was written if the client is there.
@@ -563,6 +621,15 @@ impl QmpServer {
             }
             "quit" => {
                 parse_arguments::<NoArguments>(req.args)?;
+                let hook = self
+                    .inner
+                    .quit_hook
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                if let Some(hook) = hook {
+                    hook().await;
+                }
                 *after = After::Quit;
                 Ok(Value::Object(Map::new()))
             }
@@ -657,6 +724,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                     _ = until_dead(&mut dead) => break,
                 };
                 mon.queued.fetch_sub(len, Ordering::AcqRel);
+                mon.drained.notify_waiters();
                 if let Err(e) = written {
                     tracing::debug!(error = %e, "QMP client write failed");
                     mon.kill();

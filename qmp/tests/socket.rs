@@ -655,3 +655,68 @@ async fn quit_from_a_client_that_hangs_up_at_once_still_counts() {
     d.server.quit_requested().await;
     d.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_sending_faster_than_it_reads_is_paced_not_dropped() {
+    // A long run of NUL bytes gets one parse error each (as QSD answers), far more output
+    // than the queue limit: the monitor must stop reading until the client reads, not
+    // drop the client.
+    let limits = ServerLimits {
+        max_queued_output: 64 * 1024,
+        ..ServerLimits::default()
+    };
+    let server = QmpServer::with_limits(version(), limits);
+    let (client_in, server_in) = tokio::io::duplex(1 << 20);
+    let (server_out, client_out) = tokio::io::duplex(4096);
+    let s = server.clone();
+    let session = tokio::spawn(async move {
+        s.serve_session(server_in, server_out, MonitorOptions::default())
+            .await
+    });
+    const NULS: usize = 20_000;
+    let mut input = b"{\"execute\": \"qmp_capabilities\"}".to_vec();
+    input.extend(std::iter::repeat_n(0u8, NULS));
+    input.extend(b"{\"execute\": \"query-version\", \"id\": \"last\"}");
+    let mut client_in = client_in;
+    // Everything fits in the input pipe: written before any reply is read, so that the
+    // whole ~1.5 MB of errors is produced while nobody reads.
+    client_in.write_all(&input).await.expect("write");
+    let mut lines = BufReader::new(client_out).lines();
+    async fn next<R: tokio::io::AsyncBufRead + Unpin>(lines: &mut tokio::io::Lines<R>) -> Value {
+        let line = lines.next_line().await.expect("read").expect("not EOF");
+        serde_json::from_str::<Value>(&line).expect("JSON")
+    }
+    assert!(next(&mut lines).await.get("QMP").is_some(), "greeting");
+    assert_eq!(next(&mut lines).await, json!({"return": {}}));
+    for i in 0..NULS {
+        assert_eq!(
+            next(&mut lines).await,
+            json!({"error": {"class": "GenericError", "desc": "JSON parse error, stray ''"}}),
+            "reply {i}"
+        );
+    }
+    let last = next(&mut lines).await;
+    assert_eq!(last["id"], "last", "{last}");
+    assert!(last["return"]["qemu"].is_object(), "{last}");
+    drop(client_in);
+    session.await.expect("session ends with its input");
+}
+
+#[tokio::test]
+async fn the_quit_hook_runs_before_the_reply() {
+    let mut d = Daemon::new(ServerLimits::default());
+    let events = d.server.events();
+    d.server.on_quit(move || {
+        let events = events.clone();
+        async move { events.emit("GONE", json!({"id": "e0"})) }
+    });
+    let path = d.listen("m.sock", false);
+    let mut c = Client::negotiated(&path).await;
+    c.send(r#"{"execute": "quit", "id": 1}"#).await;
+    let event = c.recv().await;
+    assert_eq!(event["event"], "GONE", "{event}");
+    assert_eq!(event["data"], json!({"id": "e0"}));
+    assert_eq!(c.recv().await, json!({"return": {}, "id": 1}));
+    d.server.quit_requested().await;
+    d.stop().await;
+}

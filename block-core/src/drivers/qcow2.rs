@@ -407,6 +407,7 @@ pub struct Qcow2Opener {
     qcow2: Qcow2<NodeStorage>,
     file: Arc<Node>,
     read_only: bool,
+    inactive: bool,
     cluster_size: u64,
     facts: HeaderFacts,
     stored: Vec<StoredBitmap>,
@@ -447,6 +448,7 @@ impl Qcow2Opener {
             mut qcow2,
             file,
             read_only,
+            inactive,
             cluster_size,
             facts,
             stored,
@@ -491,8 +493,9 @@ impl Qcow2Opener {
             backing_format,
             facts,
             closed: std::sync::atomic::AtomicBool::new(false),
+            inactive: std::sync::atomic::AtomicBool::new(inactive),
             loaded: Mutex::new(stored.iter().map(StoredBitmap::to_dirty_bitmap).collect()),
-            layout,
+            layout: Mutex::new(layout),
             node: OnceLock::new(),
         })
     }
@@ -512,10 +515,13 @@ pub struct Qcow2Driver {
     backing_format: Option<String>,
     facts: HeaderFacts,
     closed: std::sync::atomic::AtomicBool,
+    /// The node is inactive: another process may own the image now, so nothing is written
+    /// to it, not even at close (its metadata was flushed when it became inactive).
+    inactive: std::sync::atomic::AtomicBool,
     /// Persistent bitmaps read at open, until the node takes them.
     loaded: Mutex<Vec<DirtyBitmap>>,
     /// Where the bitmaps were when they were marked in use (writable nodes).
-    layout: Option<BitmapsLayout>,
+    layout: Mutex<Option<BitmapsLayout>>,
     /// The node of this driver, to store its persistent bitmaps at close.
     node: OnceLock<Weak<Node>>,
 }
@@ -644,6 +650,18 @@ impl Qcow2Driver {
     /// Reads the qcow2 header from `file` (first step of opening; the caller then opens the
     /// backing node the header or the options name and calls [`Qcow2Opener::finish`]).
     pub async fn open(file: Arc<Node>, read_only: bool) -> Result<Qcow2Opener, Qcow2Error> {
+        Qcow2Driver::open_with(file, read_only, false).await
+    }
+
+    /// [`open`](Self::open), for an inactive node when `inactive`: nothing is written to the
+    /// image (another process may own it) until [`BlockDriver::set_active`] opens it again,
+    /// writable unless `read_only`.
+    pub async fn open_with(
+        file: Arc<Node>,
+        read_only: bool,
+        inactive: bool,
+    ) -> Result<Qcow2Opener, Qcow2Error> {
+        let writable = !read_only && !inactive;
         let worker = Workers::spawn(&format!("qcow2 {}", file.name()), WORKER_THREADS)
             .map_err(Qcow2Error::Worker)?;
         let mut header = [0u8; HEADER_FACTS_LEN];
@@ -665,7 +683,7 @@ impl Qcow2Driver {
         };
         let (stored, layout) = with_image(&file, move |image| {
             let stored = qcow2_bitmaps::load(image)?;
-            let layout = if read_only {
+            let layout = if !writable {
                 None
             } else {
                 qcow2_bitmaps::mark_in_use(image)?
@@ -678,7 +696,7 @@ impl Qcow2Driver {
         let qcow2 = worker
             .run(move || async move {
                 Qcow2::<NodeStorage>::builder(storage)
-                    .write(!read_only)
+                    .write(writable)
                     .backing(None)
                     .data_file(None)
                     .open(DenyImplicitOpenGate::default())
@@ -708,6 +726,7 @@ impl Qcow2Driver {
             qcow2,
             file,
             read_only,
+            inactive,
             cluster_size,
             facts,
             stored,
@@ -733,10 +752,14 @@ impl Qcow2Driver {
             .filter(|b| b.persistent())
             .map(|b| StoredBitmap::from_dirty_bitmap(b, size))
             .collect();
-        if bitmaps.is_empty() && self.layout.is_none() {
+        let layout = self
+            .layout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if bitmaps.is_empty() && layout.is_none() {
             return Ok(());
         }
-        let layout = self.layout.clone();
         with_image(&self.file, move |image| {
             qcow2_bitmaps::store_replacing(image, &bitmaps, layout.as_ref())
         })
@@ -772,6 +795,63 @@ impl Qcow2Driver {
     /// The file node.
     pub fn file(&self) -> &Arc<Node> {
         &self.file
+    }
+
+    /// Opens the image again over the same file and backing nodes, in place of the current
+    /// imago instance (which has nothing to write: it was flushed when the node became
+    /// inactive, and an inactive node takes no writes).
+    async fn reopen(&self) -> Result<()> {
+        if !self.read_only {
+            // Mark the bitmaps in use again (the image may have changed meanwhile, or was
+            // opened inactive and never marked), before imago opens it writable.
+            let layout = with_image(&self.file, |image| qcow2_bitmaps::mark_in_use(image))
+                .await
+                .map_err(|e| BlockError::Invalid(format!("reopening qcow2: {e}")))?;
+            *self.layout.lock().unwrap_or_else(|e| e.into_inner()) = layout;
+        }
+        let storage = NodeStorage::new(Arc::clone(&self.file));
+        let backing = self.backing.clone();
+        let read_only = self.read_only;
+        let st = Arc::clone(&self.state);
+        let size = self
+            .worker
+            .run(move || async move {
+                let mut qcow2 = Qcow2::<NodeStorage>::builder(storage)
+                    .write(!read_only)
+                    .backing(None)
+                    .data_file(None)
+                    .open(DenyImplicitOpenGate::default())
+                    .await?;
+                if let Some(node) = backing {
+                    let raw = Raw::builder(NodeStorage::new(node))
+                        .write(false)
+                        .open(DenyImplicitOpenGate::default())
+                        .await?;
+                    qcow2.set_backing(Some(FormatAccess::new(raw)));
+                }
+                let access = FormatAccess::new(qcow2);
+                let size = access.size();
+                *st.access.write().await = Some(access);
+                Ok::<_, io::Error>(size)
+            })
+            .await
+            .map_err(|e| Self::err("reopening qcow2", to_io(e)))?
+            .map_err(|e| Self::err("reopening qcow2", e))?;
+        self.size.store(size, Ordering::Release);
+        let layout = self
+            .layout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(layout) = layout {
+            // imago cleared the bitmaps autoclear bit again.
+            with_image(&self.file, move |image| {
+                qcow2_bitmaps::restore_autoclear_bit(image, &layout)
+            })
+            .await
+            .map_err(|e| BlockError::Invalid(format!("reopening qcow2: {e}")))?;
+        }
+        Ok(())
     }
 
     fn err(what: &str, e: io::Error) -> BlockError {
@@ -1027,7 +1107,32 @@ impl BlockDriver for Qcow2Driver {
         })
     }
 
+    async fn set_active(&self, active: bool) -> Result<()> {
+        let was_inactive = self.inactive.swap(!active, Ordering::AcqRel);
+        if active && was_inactive {
+            // Another process may have changed the image meanwhile: read its metadata
+            // again, as QEMU's qcow2_co_invalidate_cache reopens the image.
+            if let Err(e) = self.reopen().await {
+                self.inactive.store(true, Ordering::Release);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     async fn close(&self) -> Result<()> {
+        if self.inactive.load(Ordering::Acquire) {
+            // As QEMU's qcow2_close of an inactive node: nothing is written. Persistent
+            // bitmaps stay marked in use in the image (they read as inconsistent there).
+            let st = Arc::clone(&self.state);
+            self.worker
+                .run(move || async move {
+                    drop(st.access.write().await.take());
+                })
+                .await?;
+            self.closed.store(true, Ordering::Release);
+            return Ok(());
+        }
         self.flush_metadata().await?;
         if !self.read_only {
             // imago must be flushed and gone before the bitmaps are written next to it.

@@ -159,6 +159,20 @@ pub fn lock(file: &File, perm: Perms, shared: Perms) -> Result<(), LockError> {
     Ok(())
 }
 
+/// Releases every lock byte [`lock`] may have taken (an inactive node lets another
+/// process take the image over, as QEMU drops its permissions then).
+pub fn unlock(file: &File) -> io::Result<()> {
+    let mut fl = flock_for(libc::F_UNLCK, PERM_BASE);
+    fl.l_len = SHARED_BASE + 4 - PERM_BASE;
+    // SAFETY: as in `lock_byte`.
+    let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -91,6 +91,9 @@ pub struct FileOptions {
     /// Never try `RWF_NOWAIT` inline; every request goes to the blocking pool (for
     /// benchmarks and for hosts where `RWF_NOWAIT` misbehaves).
     pub no_inline: bool,
+    /// Take no image locks yet: nobody needs the image (the node, or the parent it is
+    /// opened for, is inactive). [`BlockDriver::set_active`] takes them.
+    pub defer_locks: bool,
 }
 
 /// Why a file could not be opened.
@@ -148,6 +151,11 @@ pub struct FileDriver {
     pool_writes_until: AtomicU64,
     /// Taken shared by aligned `O_DIRECT` writes and exclusively by read-modify-write.
     rmw: tokio::sync::RwLock<()>,
+    /// The permissions locked at open (none with `locking=off`, or where locks are not
+    /// supported): released while the node is inactive.
+    locks: Option<(Perms, Perms)>,
+    /// The locks are released (or were never taken): the node was inactive.
+    unlocked: AtomicBool,
 }
 
 fn errno(e: &io::Error) -> i32 {
@@ -219,6 +227,7 @@ impl FileDriver {
             1
         };
 
+        let mut locks = None;
         if opts.locking != Locking::Off {
             let (perm, shared) = if read_only && opts.force_share {
                 (Perms::CONSISTENT_READ, Perms::ALL)
@@ -233,8 +242,12 @@ impl FileDriver {
                     Perms::CONSISTENT_READ.with(Perms::WRITE_UNCHANGED),
                 )
             };
-            match lock::lock(&file, perm, shared) {
-                Ok(()) => {}
+            match if opts.defer_locks {
+                Ok(())
+            } else {
+                lock::lock(&file, perm, shared)
+            } {
+                Ok(()) => locks = Some((perm, shared)),
                 Err(e) if opts.locking == Locking::Auto && e.unsupported() => {
                     tracing::warn!(
                         "{path}: file locking is not supported here; going on without it"
@@ -260,6 +273,8 @@ impl FileDriver {
             inline_write: !opts.direct && !opts.no_inline,
             pool_writes_until: AtomicU64::new(0),
             rmw: tokio::sync::RwLock::new(()),
+            locks,
+            unlocked: AtomicBool::new(opts.defer_locks),
         })
     }
 
@@ -847,6 +862,40 @@ impl BlockDriver for FileDriver {
         self.blocking("flushing", |f| f.sync_data()).await
     }
 
+    async fn set_active(&self, active: bool) -> Result<()> {
+        if self.unlocked.load(Ordering::Acquire) != active {
+            return Ok(());
+        }
+        if active && !self.block_device {
+            // Another process may have grown or shrunk the file meanwhile.
+            let meta = self
+                .blocking("reading the size of", |f| f.metadata())
+                .await?;
+            self.size
+                .store(meta.len().div_ceil(512) * 512, Ordering::Release);
+        }
+        if let Some((perm, shared)) = self.locks {
+            let file = Arc::clone(&self.file);
+            let path = self.path.clone();
+            tokio::task::spawn_blocking(move || {
+                if active {
+                    match lock::lock(&file, perm, shared) {
+                        // `locking=auto` where the file system has no locks (deferred locks
+                        // were never tried at open).
+                        Err(e) if e.unsupported() => Ok(()),
+                        r => r.map_err(|e| BlockError::Invalid(e.to_string())),
+                    }
+                } else {
+                    lock::unlock(&file).map_err(|e| BlockError::io(format!("unlocking {path}"), e))
+                }
+            })
+            .await
+            .map_err(|e| BlockError::Invalid(e.to_string()))??;
+        }
+        self.unlocked.store(!active, Ordering::Release);
+        Ok(())
+    }
+
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         match self
             .fallocate(
@@ -1093,6 +1142,7 @@ mod tests {
         let pooled = FileDriver::open(&FileOptions {
             filename: path,
             no_inline: true,
+            defer_locks: false,
             force_share: true,
             read_only: true,
             ..FileOptions::default()
