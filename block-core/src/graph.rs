@@ -263,9 +263,10 @@ impl NodeGraph {
         {
             return Err(ActiveError::InUse);
         }
-        // New writes are refused from here on; what was written is then flushed. (Requests
-        // already past the node's check are not waited for: QEMU drains them.)
+        // New writes are refused from here on; those in flight are waited for, as QEMU
+        // drains the node, and what was written is then flushed.
         node.set_active_flag(false);
+        node.drain_changes().await;
         if let Err(e) = node.driver().flush().await {
             node.set_active_flag(true);
             return Err(ActiveError::Driver(e.to_string()));
@@ -407,6 +408,30 @@ mod tests {
         ] {
             assert!(!id_wellformed(id), "{id:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn inactivation_waits_for_writes_in_flight() {
+        let g = NodeGraph::new();
+        let n = open::blockdev_add(
+            &g,
+            json!({"driver": "null-co", "node-name": "n", "latency-ns": 300_000_000u64}),
+        )
+        .await
+        .expect("open");
+        let export = n.attach("export 'e'", true).expect("attach");
+        n.allow_inactive(export.id());
+        let node = Arc::clone(&n);
+        let write = tokio::spawn(async move {
+            node.write(0, &[7u8; 512], WriteFlags::default()).await
+        });
+        // Once the write is past the node's check, inactivation must wait for it.
+        while n.changes_in_flight() == 0 {
+            tokio::task::yield_now().await;
+        }
+        g.set_active(Some("n"), false).await.expect("inactivate");
+        assert!(write.is_finished(), "inactivated with a write in flight");
+        write.await.expect("task").expect("the write in flight completes");
     }
 
     #[tokio::test]

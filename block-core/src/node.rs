@@ -114,6 +114,21 @@ pub struct Node {
     config: NodeConfig,
     /// Cleared while the node is inactive (see [`Node::is_active`]).
     active: std::sync::atomic::AtomicBool,
+    /// Requests that change the node, in flight (see [`Node::drain_changes`]).
+    changing: std::sync::atomic::AtomicUsize,
+    /// Woken when `changing` drops to zero.
+    drained: tokio::sync::Notify,
+}
+
+/// A request that changes the node, counted while it runs.
+struct Changing<'a>(&'a Node);
+
+impl Drop for Changing<'_> {
+    fn drop(&mut self) {
+        if self.0.changing.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.drained.notify_waiters();
+        }
+    }
 }
 
 impl fmt::Debug for Node {
@@ -153,6 +168,8 @@ impl Node {
             bitmaps: RwLock::new(Vec::new()),
             config,
             active: std::sync::atomic::AtomicBool::new(true),
+            changing: std::sync::atomic::AtomicUsize::new(0),
+            drained: tokio::sync::Notify::new(),
         });
         node.driver.attach_node(Arc::downgrade(&node));
         node
@@ -221,6 +238,36 @@ impl Node {
             Ok(())
         } else {
             Err(BlockError::Inactive)
+        }
+    }
+
+    /// Starts a request that changes the node: refused once the node is inactive, counted
+    /// until the guard drops. Counted before the check, so that [`Node::drain_changes`]
+    /// after clearing the flag sees every request that got past it.
+    fn begin_change(&self) -> Result<Changing<'_>> {
+        self.changing.fetch_add(1, Ordering::SeqCst);
+        let guard = Changing(self);
+        self.check_active()?;
+        Ok(guard)
+    }
+
+    /// How many requests that change the node are in flight.
+    #[cfg(test)]
+    pub(crate) fn changes_in_flight(&self) -> usize {
+        self.changing.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no request that changes the node is in flight (QEMU drains a node before
+    /// it inactivates it: a write acknowledged after the flush would be lost).
+    pub(crate) async fn drain_changes(&self) {
+        loop {
+            let drained = self.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            if self.changing.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            drained.await;
         }
     }
 
@@ -394,7 +441,7 @@ impl Node {
 
     /// Writes `buf` at `offset`.
     pub async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
-        self.check_active()?;
+        let _changing = self.begin_change()?;
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
         if buf.is_empty() {
@@ -425,7 +472,7 @@ impl Node {
 
     /// Discards the range.
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.check_active()?;
+        let _changing = self.begin_change()?;
         self.check_writable()?;
         self.check_range(offset, len)?;
         if len == 0 || !self.config.discard_unmap {
@@ -437,7 +484,7 @@ impl Node {
 
     /// Makes the range read as zeroes.
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        self.check_active()?;
+        let _changing = self.begin_change()?;
         self.check_writable()?;
         self.check_range(offset, len)?;
         if len == 0 {
@@ -466,7 +513,7 @@ impl Node {
 
     /// Resizes the node.
     pub async fn resize(&self, new_size: u64) -> Result<()> {
-        self.check_active()?;
+        let _changing = self.begin_change()?;
         self.check_writable()?;
         self.driver.resize(new_size).await?;
         for bitmap in self.bitmaps() {
