@@ -37,9 +37,6 @@ pub const MAX_IN_FLIGHT: usize = 128;
 const IN_FLIGHT_BYTES: usize = 8 << 20;
 /// No new request is read while this many reply bytes wait to be sent.
 const OUT_HIGH_WATER: usize = 1 << 20;
-/// Reads at least this long are answered sparsely (holes as `OFFSET_HOLE` chunks, found by
-/// block status); shorter reads skip the block status lookup and send one data chunk.
-pub const SPARSE_READ_MIN: u64 = 64 * 1024;
 /// Once a connection stops reading and its requests are done, the client gets this long to
 /// take the remaining replies before the connection is dropped.
 const FINAL_FLUSH_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -204,9 +201,13 @@ pub(crate) fn validate(
     };
     if h.command == Command::READ && effect_len > MAX_PAYLOAD.into() {
         // With simple replies the client "MUST NOT request a length larger than the maximum
-        // payload size"; with structured replies "the server is also permitted to reject
-        // large read requests up front with NBD_EOVERFLOW".
-        let errno = if structured {
+        // payload size". With structured replies, "The server SHOULD NOT return
+        // NBD_EOVERFLOW except as documented in response to NBD_CMD_READ when
+        // NBD_CMD_FLAG_DF is supported": with DF, "A server MAY reject a client's request
+        // with the error NBD_EOVERFLOW if the length is too large to send without
+        // fragmentation"; without it, NBD_EINVAL as QEMU (which answers NBD_EINVAL with DF
+        // too).
+        let errno = if h.flags & cmd_flags::DF != 0 {
             NbdErrno::EOVERFLOW
         } else {
             NbdErrno::EINVAL
@@ -670,20 +671,25 @@ impl Conn {
             self.ok_reply_chunk(&mut out, h);
             return Reply::Bytes(out);
         }
-        // A sparse read of a range that is all data is one data chunk, as a dense one.
-        let mut dense = df || len < SPARSE_READ_MIN;
-        if !dense {
+        // As QEMU's sparse reads: the node's block status over the range, one
+        // `OFFSET_HOLE` chunk per extent that reads as zeroes and one `OFFSET_DATA` chunk per
+        // other extent, at the node's own granularity (a qcow2 cluster, a file system
+        // block). With DF "the server MUST send at most one content chunk": one data chunk.
+        // A range that is all data is one data chunk too (spliced when it can be).
+        let first = if df {
+            None
+        } else {
             match self.node.block_status(offset, len).await {
-                Ok(e) if e.data && !e.zero && e.len >= len => dense = true,
-                Ok(_) => {}
+                Ok(e) => Some(e),
                 Err(e) => {
                     let r = self.block_error("reading from file failed", &e);
                     self.error_reply(&mut out, h.cookie, h.offset, &r);
                     return Reply::Bytes(out);
                 }
             }
-        }
-        if dense {
+        };
+        let first = first.filter(|e| e.zero || e.len < len);
+        let Some(first) = first else {
             encode_chunk_header(
                 &mut out,
                 self.extended(),
@@ -695,10 +701,10 @@ impl Conn {
             );
             out.extend_from_slice(&offset.to_be_bytes());
             return self.data_reply(h, &out, offset, len).await;
-        }
+        };
         // Sparse read: one content chunk per extent; the reply is sent only once complete,
         // so an error replaces all content chunks with one error chunk.
-        if let Err(e) = self.sparse_read(&mut out, h, offset, len).await {
+        if let Err(e) = self.sparse_read(&mut out, h, offset, len, first).await {
             out.clear();
             let r = self.block_error("reading from file failed", &e);
             self.error_reply(&mut out, h.cookie, h.offset, &r);
@@ -724,13 +730,18 @@ impl Conn {
         h: RequestHeader,
         offset: u64,
         len: u64,
+        first: block_core::Extent,
     ) -> Result<(), block_core::BlockError> {
         let ext = self.extended();
         let mut pos = offset;
         let end = offset + len;
         let mut last_flags_at = 0;
+        let mut next = Some(first);
         while pos < end {
-            let extent = self.node.block_status(pos, end - pos).await?;
+            let extent = match next.take() {
+                Some(e) => e,
+                None => self.node.block_status(pos, end - pos).await?,
+            };
             let n = extent.len.min(end - pos);
             last_flags_at = out.len() + 4;
             if extent.zero {
@@ -1481,9 +1492,24 @@ mod tests {
             errno(validate(&p, &hdr(Command::TRIM, 0, size, 1), None)),
             NbdErrno::EINVAL
         );
+        // Too long: NBD_EOVERFLOW only with DF, as the spec reserves it.
         assert_eq!(
             errno(validate(&p, &hdr(Command::READ, 0, 0, 33 << 20), None)),
+            NbdErrno::EINVAL
+        );
+        assert_eq!(
+            errno(validate(
+                &p,
+                &hdr(Command::READ, cmd_flags::DF, 0, 33 << 20),
+                None
+            )),
             NbdErrno::EOVERFLOW
+        );
+        let mut ext = params(Mode::Extended);
+        ext.size = 2 << 40;
+        assert_eq!(
+            errno(validate(&ext, &hdr(Command::READ, 0, 0, 1 << 40), None)),
+            NbdErrno::EINVAL
         );
         assert_eq!(
             errno(validate(
