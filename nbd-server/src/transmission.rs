@@ -40,6 +40,11 @@ const OUT_HIGH_WATER: usize = 1 << 20;
 /// Once a connection stops reading and its requests are done, the client gets this long to
 /// take the remaining replies before the connection is dropped.
 const FINAL_FLUSH_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+/// A connection idle this long gives back the reply buffers it pooled and a request buffer
+/// grown past [`READ_BUF`] (a client that read much and then idles keeps no memory).
+const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_secs(2);
+/// The request buffer's usual capacity.
+const READ_BUF: usize = 64 * 1024;
 /// Most extents in one block status chunk: QEMU's `NBD_MAX_BLOCK_STATUS_EXTENTS` (1 MiB / 8,
 /// a 1 MiB chunk in compact form), below the spec's "SHOULD NOT send more than 2^20".
 const MAX_EXTENTS: usize = 1024 * 1024 / 8;
@@ -419,6 +424,18 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
         Ok(Ok(Incoming::Request { header, payload }))
     }
 
+    /// Whether the buffer holds more memory than it needs between requests.
+    fn oversized(&self) -> bool {
+        self.buf.is_empty() && self.buf.capacity() > READ_BUF
+    }
+
+    /// Gives back a grown buffer (when nothing is buffered).
+    fn shrink(&mut self) {
+        if self.oversized() {
+            self.buf = BytesMut::with_capacity(READ_BUF);
+        }
+    }
+
     async fn next(&mut self) -> Result<Incoming, ConnError> {
         loop {
             let need = match self.try_parse()? {
@@ -427,7 +444,7 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
             };
             let want = need.max(self.buf.len() + 4096);
             if self.buf.capacity() < want {
-                self.buf.reserve(want.max(64 * 1024) - self.buf.len());
+                self.buf.reserve(want.max(READ_BUF) - self.buf.len());
             }
             let n = self
                 .rd
@@ -1024,6 +1041,20 @@ impl BufPool {
         }
     }
 
+    /// Whether no buffer is kept.
+    fn is_empty(&self) -> bool {
+        self.free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    /// Gives every kept buffer back.
+    fn clear(&self) {
+        let free = std::mem::take(&mut *self.free.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(free);
+    }
+
     /// Keeps `buf` for a later read if it is large and the pool is not full.
     fn put(&self, buf: Vec<u8>) {
         if buf.capacity() < Self::MIN || buf.capacity() > Self::MAX_SIZE {
@@ -1222,7 +1253,7 @@ where
     let (rd, mut wr) = tokio::io::split(stream);
     let mut reader = RequestReader {
         rd,
-        buf: BytesMut::with_capacity(64 * 1024),
+        buf: BytesMut::with_capacity(READ_BUF),
         extended: conn.extended(),
     };
     let mut inflight = FuturesUnordered::new();
@@ -1243,12 +1274,25 @@ where
     let mut final_flush: Option<tokio::time::Instant> = None;
     // Written since the last flush.
     let mut unflushed = false;
+    // Armed while the connection is idle and holds buffers it could give back.
+    let idle_release = tokio::time::sleep(IDLE_RELEASE);
+    tokio::pin!(idle_release);
+    let mut release_armed = false;
     loop {
         if !reading && inflight.is_empty() {
             if out.is_empty() {
                 break;
             }
             final_flush.get_or_insert_with(|| tokio::time::Instant::now() + FINAL_FLUSH_GRACE);
+        }
+        let idle = inflight.is_empty() && out.is_empty() && !unflushed;
+        if !idle {
+            release_armed = false;
+        } else if !release_armed && (!conn.bufs.is_empty() || reader.oversized()) {
+            idle_release
+                .as_mut()
+                .reset(tokio::time::Instant::now() + IDLE_RELEASE);
+            release_armed = true;
         }
         let can_read = reading
             && inflight.len() < MAX_IN_FLIGHT
@@ -1273,6 +1317,11 @@ where
             }
             _ = sleep_until_some(final_flush), if final_flush.is_some() => {
                 return Err(ConnError::Stalled);
+            }
+            _ = &mut idle_release, if release_armed => {
+                release_armed = false;
+                conn.bufs.clear();
+                reader.shrink();
             }
             incoming = reader.next(), if can_read => {
                 match incoming {
@@ -1395,6 +1444,12 @@ mod tests {
         // Larger than any pooled buffer: a new one.
         let bigger = bufs.take(512 * 1024);
         assert_ne!(bigger.as_ptr(), at);
+        // An idle connection gives them back.
+        bufs.put(again);
+        bufs.put(bigger);
+        assert!(!bufs.is_empty());
+        bufs.clear();
+        assert!(bufs.is_empty());
         // Small and huge buffers are not kept.
         bufs.put(vec![0; 100]);
         bufs.put(vec![0; 4 << 20]);
