@@ -11,6 +11,7 @@ pub mod cli;
 pub mod commands;
 pub mod daemon;
 pub mod keyval;
+pub mod memory;
 pub mod objects;
 pub mod process;
 pub mod qapi;
