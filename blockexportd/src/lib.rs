@@ -12,6 +12,7 @@ pub mod commands;
 pub mod daemon;
 pub mod keyval;
 pub mod logging;
+pub mod memory;
 pub mod objects;
 pub mod process;
 pub mod qapi;

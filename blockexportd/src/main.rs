@@ -1,7 +1,7 @@
 //! blockexportd: export disk images over NBD and FUSE, with qemu-storage-daemon's command line.
 
 use blockexportd::cli::{self, Command};
-use blockexportd::{commands, daemon::Daemon, process, run};
+use blockexportd::{commands, daemon::Daemon, memory, process, run};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -33,6 +33,7 @@ fn main() -> ExitCode {
         None
     };
     process::raise_fd_limit();
+    memory::tune_allocator();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("blockexportd")
@@ -50,6 +51,7 @@ fn main() -> ExitCode {
             tokio::runtime::Handle::current(),
         );
         commands::register(&daemon);
+        memory::spawn_trimmer();
         let started = run::startup(&daemon, &opts).await;
         let pidfile = match (&started, &opts.pidfile) {
             (Ok(()), Some(path)) => match process::Pidfile::create(path) {

@@ -37,12 +37,14 @@ pub const MAX_IN_FLIGHT: usize = 128;
 const IN_FLIGHT_BYTES: usize = 8 << 20;
 /// No new request is read while this many reply bytes wait to be sent.
 const OUT_HIGH_WATER: usize = 1 << 20;
-/// Reads at least this long are answered sparsely (holes as `OFFSET_HOLE` chunks, found by
-/// block status); shorter reads skip the block status lookup and send one data chunk.
-pub const SPARSE_READ_MIN: u64 = 64 * 1024;
 /// Once a connection stops reading and its requests are done, the client gets this long to
 /// take the remaining replies before the connection is dropped.
 const FINAL_FLUSH_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+/// A connection idle this long gives back the reply buffers it pooled and a request buffer
+/// grown past [`READ_BUF`] (a client that read much and then idles keeps no memory).
+const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_secs(2);
+/// The request buffer's usual capacity.
+const READ_BUF: usize = 64 * 1024;
 /// Most extents in one block status chunk: QEMU's `NBD_MAX_BLOCK_STATUS_EXTENTS` (1 MiB / 8,
 /// a 1 MiB chunk in compact form), below the spec's "SHOULD NOT send more than 2^20".
 const MAX_EXTENTS: usize = 1024 * 1024 / 8;
@@ -204,9 +206,13 @@ pub(crate) fn validate(
     };
     if h.command == Command::READ && effect_len > MAX_PAYLOAD.into() {
         // With simple replies the client "MUST NOT request a length larger than the maximum
-        // payload size"; with structured replies "the server is also permitted to reject
-        // large read requests up front with NBD_EOVERFLOW".
-        let errno = if structured {
+        // payload size". With structured replies, "The server SHOULD NOT return
+        // NBD_EOVERFLOW except as documented in response to NBD_CMD_READ when
+        // NBD_CMD_FLAG_DF is supported": with DF, "A server MAY reject a client's request
+        // with the error NBD_EOVERFLOW if the length is too large to send without
+        // fragmentation"; without it, NBD_EINVAL as QEMU (which answers NBD_EINVAL with DF
+        // too).
+        let errno = if h.flags & cmd_flags::DF != 0 {
             NbdErrno::EOVERFLOW
         } else {
             NbdErrno::EINVAL
@@ -418,6 +424,18 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
         Ok(Ok(Incoming::Request { header, payload }))
     }
 
+    /// Whether the buffer holds more memory than it needs between requests.
+    fn oversized(&self) -> bool {
+        self.buf.is_empty() && self.buf.capacity() > READ_BUF
+    }
+
+    /// Gives back a grown buffer (when nothing is buffered).
+    fn shrink(&mut self) {
+        if self.oversized() {
+            self.buf = BytesMut::with_capacity(READ_BUF);
+        }
+    }
+
     async fn next(&mut self) -> Result<Incoming, ConnError> {
         loop {
             let need = match self.try_parse()? {
@@ -426,7 +444,7 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
             };
             let want = need.max(self.buf.len() + 4096);
             if self.buf.capacity() < want {
-                self.buf.reserve(want.max(64 * 1024) - self.buf.len());
+                self.buf.reserve(want.max(READ_BUF) - self.buf.len());
             }
             let n = self
                 .rd
@@ -670,20 +688,25 @@ impl Conn {
             self.ok_reply_chunk(&mut out, h);
             return Reply::Bytes(out);
         }
-        // A sparse read of a range that is all data is one data chunk, as a dense one.
-        let mut dense = df || len < SPARSE_READ_MIN;
-        if !dense {
+        // As QEMU's sparse reads: the node's block status over the range, one
+        // `OFFSET_HOLE` chunk per extent that reads as zeroes and one `OFFSET_DATA` chunk per
+        // other extent, at the node's own granularity (a qcow2 cluster, a file system
+        // block). With DF "the server MUST send at most one content chunk": one data chunk.
+        // A range that is all data is one data chunk too (spliced when it can be).
+        let first = if df {
+            None
+        } else {
             match self.node.block_status(offset, len).await {
-                Ok(e) if e.data && !e.zero && e.len >= len => dense = true,
-                Ok(_) => {}
+                Ok(e) => Some(e),
                 Err(e) => {
                     let r = self.block_error("reading from file failed", &e);
                     self.error_reply(&mut out, h.cookie, h.offset, &r);
                     return Reply::Bytes(out);
                 }
             }
-        }
-        if dense {
+        };
+        let first = first.filter(|e| e.zero || e.len < len);
+        let Some(first) = first else {
             encode_chunk_header(
                 &mut out,
                 self.extended(),
@@ -695,10 +718,10 @@ impl Conn {
             );
             out.extend_from_slice(&offset.to_be_bytes());
             return self.data_reply(h, &out, offset, len).await;
-        }
+        };
         // Sparse read: one content chunk per extent; the reply is sent only once complete,
         // so an error replaces all content chunks with one error chunk.
-        if let Err(e) = self.sparse_read(&mut out, h, offset, len).await {
+        if let Err(e) = self.sparse_read(&mut out, h, offset, len, first).await {
             out.clear();
             let r = self.block_error("reading from file failed", &e);
             self.error_reply(&mut out, h.cookie, h.offset, &r);
@@ -724,13 +747,18 @@ impl Conn {
         h: RequestHeader,
         offset: u64,
         len: u64,
+        first: block_core::Extent,
     ) -> Result<(), block_core::BlockError> {
         let ext = self.extended();
         let mut pos = offset;
         let end = offset + len;
         let mut last_flags_at = 0;
+        let mut next = Some(first);
         while pos < end {
-            let extent = self.node.block_status(pos, end - pos).await?;
+            let extent = match next.take() {
+                Some(e) => e,
+                None => self.node.block_status(pos, end - pos).await?,
+            };
             let n = extent.len.min(end - pos);
             last_flags_at = out.len() + 4;
             if extent.zero {
@@ -1013,6 +1041,20 @@ impl BufPool {
         }
     }
 
+    /// Whether no buffer is kept.
+    fn is_empty(&self) -> bool {
+        self.free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    /// Gives every kept buffer back.
+    fn clear(&self) {
+        let free = std::mem::take(&mut *self.free.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(free);
+    }
+
     /// Keeps `buf` for a later read if it is large and the pool is not full.
     fn put(&self, buf: Vec<u8>) {
         if buf.capacity() < Self::MIN || buf.capacity() > Self::MAX_SIZE {
@@ -1211,7 +1253,7 @@ where
     let (rd, mut wr) = tokio::io::split(stream);
     let mut reader = RequestReader {
         rd,
-        buf: BytesMut::with_capacity(64 * 1024),
+        buf: BytesMut::with_capacity(READ_BUF),
         extended: conn.extended(),
     };
     let mut inflight = FuturesUnordered::new();
@@ -1232,12 +1274,25 @@ where
     let mut final_flush: Option<tokio::time::Instant> = None;
     // Written since the last flush.
     let mut unflushed = false;
+    // Armed while the connection is idle and holds buffers it could give back.
+    let idle_release = tokio::time::sleep(IDLE_RELEASE);
+    tokio::pin!(idle_release);
+    let mut release_armed = false;
     loop {
         if !reading && inflight.is_empty() {
             if out.is_empty() {
                 break;
             }
             final_flush.get_or_insert_with(|| tokio::time::Instant::now() + FINAL_FLUSH_GRACE);
+        }
+        let idle = inflight.is_empty() && out.is_empty() && !unflushed;
+        if !idle {
+            release_armed = false;
+        } else if !release_armed && (!conn.bufs.is_empty() || reader.oversized()) {
+            idle_release
+                .as_mut()
+                .reset(tokio::time::Instant::now() + IDLE_RELEASE);
+            release_armed = true;
         }
         let can_read = reading
             && inflight.len() < MAX_IN_FLIGHT
@@ -1262,6 +1317,11 @@ where
             }
             _ = sleep_until_some(final_flush), if final_flush.is_some() => {
                 return Err(ConnError::Stalled);
+            }
+            _ = &mut idle_release, if release_armed => {
+                release_armed = false;
+                conn.bufs.clear();
+                reader.shrink();
             }
             incoming = reader.next(), if can_read => {
                 match incoming {
@@ -1384,6 +1444,12 @@ mod tests {
         // Larger than any pooled buffer: a new one.
         let bigger = bufs.take(512 * 1024);
         assert_ne!(bigger.as_ptr(), at);
+        // An idle connection gives them back.
+        bufs.put(again);
+        bufs.put(bigger);
+        assert!(!bufs.is_empty());
+        bufs.clear();
+        assert!(bufs.is_empty());
         // Small and huge buffers are not kept.
         bufs.put(vec![0; 100]);
         bufs.put(vec![0; 4 << 20]);
@@ -1481,9 +1547,24 @@ mod tests {
             errno(validate(&p, &hdr(Command::TRIM, 0, size, 1), None)),
             NbdErrno::EINVAL
         );
+        // Too long: NBD_EOVERFLOW only with DF, as the spec reserves it.
         assert_eq!(
             errno(validate(&p, &hdr(Command::READ, 0, 0, 33 << 20), None)),
+            NbdErrno::EINVAL
+        );
+        assert_eq!(
+            errno(validate(
+                &p,
+                &hdr(Command::READ, cmd_flags::DF, 0, 33 << 20),
+                None
+            )),
             NbdErrno::EOVERFLOW
+        );
+        let mut ext = params(Mode::Extended);
+        ext.size = 2 << 40;
+        assert_eq!(
+            errno(validate(&ext, &hdr(Command::READ, 0, 0, 1 << 40), None)),
+            NbdErrno::EINVAL
         );
         assert_eq!(
             errno(validate(

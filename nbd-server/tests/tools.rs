@@ -293,7 +293,8 @@ expect("block status past end", lambda: h.block_status(512, size - 256, lambda *
 expect("block status len 0", lambda: h.block_status(0, 0, lambda *a: 0), errno.EINVAL)
 expect("unknown flag", lambda: h.pread(512, 0, flags=1 << 9), errno.EINVAL)
 expect("REQ_ONE on read", lambda: h.pread(512, 0, flags=nbd.CMD_FLAG_REQ_ONE), errno.EINVAL)
-expect("oversize read", lambda: h.pread(33 * 1024 * 1024, 0), errno.EOVERFLOW)
+expect("oversize read", lambda: h.pread(33 * 1024 * 1024, 0), errno.EINVAL)
+expect("oversize read with DF", lambda: h.pread(33 * 1024 * 1024, 0, flags=nbd.CMD_FLAG_DF), errno.EOVERFLOW)
 expect("fast zero without hole", lambda: h.zero(4096, 0, flags=nbd.CMD_FLAG_FAST_ZERO | nbd.CMD_FLAG_NO_HOLE), errno.ENOTSUP)
 # Still alive and correct after all of that.
 h.pwrite(b"\x5a" * 4096, 8192, flags=nbd.CMD_FLAG_FUA)

@@ -972,18 +972,24 @@ impl BlockDriver for FileDriver {
         if self.block_device {
             return Ok(data);
         }
-        match self.seek(offset, libc::SEEK_DATA) {
-            Ok(d) if d > offset => Ok(hole((d - offset).min(len))),
-            Ok(_) => match self.seek(offset, libc::SEEK_HOLE) {
-                Ok(h) if h > offset => Ok(Extent {
-                    len: (h - offset).min(len),
-                    ..data
-                }),
+        // Data first, in one lseek (NBD asks before every structured read): from inside
+        // data, SEEK_HOLE finds where the data ends (the end of the file at the latest);
+        // from inside a hole it answers `offset` itself.
+        match self.seek(offset, libc::SEEK_HOLE) {
+            Ok(h) if h > offset => Ok(Extent {
+                len: (h - offset).min(len),
+                ..data
+            }),
+            Ok(_) => match self.seek(offset, libc::SEEK_DATA) {
+                Ok(d) if d > offset => Ok(hole((d - offset).min(len))),
+                // No data after `offset`: a hole up to the end of the file.
+                Err(e) if errno(&e) == libc::ENXIO => Ok(hole(len)),
+                // Written in between.
                 _ => Ok(data),
             },
-            // No data after `offset`: a hole up to the end of the file.
+            // At or past the end of the file (inside the size's rounding to 512 bytes).
             Err(e) if errno(&e) == libc::ENXIO => Ok(hole(len)),
-            // SEEK_DATA not supported: everything is data.
+            // SEEK_HOLE not supported: everything is data.
             Err(_) => Ok(data),
         }
     }
