@@ -422,16 +422,18 @@ mod tests {
         let export = n.attach("export 'e'", true).expect("attach");
         n.allow_inactive(export.id());
         let node = Arc::clone(&n);
-        let write = tokio::spawn(async move {
-            node.write(0, &[7u8; 512], WriteFlags::default()).await
-        });
+        let write =
+            tokio::spawn(async move { node.write(0, &[7u8; 512], WriteFlags::default()).await });
         // Once the write is past the node's check, inactivation must wait for it.
         while n.changes_in_flight() == 0 {
             tokio::task::yield_now().await;
         }
         g.set_active(Some("n"), false).await.expect("inactivate");
         assert!(write.is_finished(), "inactivated with a write in flight");
-        write.await.expect("task").expect("the write in flight completes");
+        write
+            .await
+            .expect("task")
+            .expect("the write in flight completes");
     }
 
     #[tokio::test]
