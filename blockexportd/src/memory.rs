@@ -43,24 +43,31 @@ pub struct Sample {
 pub struct TrimPolicy {
     /// Anonymous resident memory after the last trim (or its lowest since).
     base: usize,
+    /// Memory in use at the last trim (or its highest since).
+    in_use_at_trim: usize,
     last_in_use: usize,
 }
 
 impl TrimPolicy {
     /// Takes one sample; true when the arenas should be trimmed now: the resident memory
-    /// grew by [`TRIM_STEP`] since the last trim, the arenas hold at least that much free,
-    /// and the memory in use moved less than that since the previous sample (the burst is
-    /// over, or at least steady).
+    /// grew by [`TRIM_STEP`] since the last trim, or the memory in use fell by that much
+    /// since then (a trim in the middle of a steady burst, e.g. a paced monitor, saw it all
+    /// in use), the arenas hold at least that much free, and the memory in use moved less
+    /// than that since the previous sample (the burst is over, or at least steady).
     pub fn observe(&mut self, s: Sample) -> bool {
         let settled = s.in_use.abs_diff(self.last_in_use) < TRIM_STEP;
         self.last_in_use = s.in_use;
         self.base = self.base.min(s.anon);
-        settled && s.anon >= self.base + TRIM_STEP && s.free >= TRIM_STEP
+        self.in_use_at_trim = self.in_use_at_trim.max(s.in_use);
+        let grew = s.anon >= self.base + TRIM_STEP;
+        let freed = self.in_use_at_trim >= s.in_use + TRIM_STEP;
+        settled && (grew || freed) && s.free >= TRIM_STEP
     }
 
-    /// Records the anonymous resident memory right after a trim.
-    pub fn trimmed(&mut self, anon: usize) {
-        self.base = anon;
+    /// Records the process right after a trim.
+    pub fn trimmed(&mut self, after: Sample) {
+        self.base = after.anon;
+        self.in_use_at_trim = after.in_use;
     }
 }
 
@@ -126,7 +133,7 @@ pub fn spawn_trimmer() {
             if policy.observe(s) {
                 trim();
                 if let Some(after) = sample() {
-                    policy.trimmed(after.anon);
+                    policy.trimmed(after);
                 }
             }
         }
@@ -153,7 +160,7 @@ mod tests {
     #[test]
     fn trims_once_a_burst_has_ended() {
         let mut p = TrimPolicy::default();
-        p.trimmed(HALF);
+        p.trimmed(at(1, 0, 0));
         // Growing: not while it grows, nor while the memory is in use.
         assert!(!p.observe(at(10, 9, 0)));
         assert!(!p.observe(at(100, 95, 1)));
@@ -161,7 +168,7 @@ mod tests {
         // Freed: once it stops falling.
         assert!(!p.observe(at(100, 2, 97)));
         assert!(p.observe(at(100, 2, 97)));
-        p.trimmed(3 * HALF);
+        p.trimmed(at(3, 2, 97));
         // Trimmed: not again while nothing comes back, nor for small swings.
         assert!(!p.observe(at(3, 2, 97)));
         assert!(!p.observe(at(4, 3, 97)));
@@ -171,10 +178,27 @@ mod tests {
         assert!(!p.observe(at(60, 2, 97)));
         assert!(p.observe(at(60, 2, 97)));
         // A trim that could not return much: the base follows.
-        p.trimmed(50 * HALF);
+        p.trimmed(at(50, 2, 97));
         assert!(!p.observe(at(51, 2, 97)));
         assert!(!p.observe(at(20, 2, 97)));
         assert!(p.observe(at(25, 2, 97)));
+    }
+
+    #[test]
+    fn trims_after_a_steady_burst_that_was_trimmed_at_its_peak() {
+        let mut p = TrimPolicy::default();
+        p.trimmed(at(1, 0, 0));
+        // A burst that holds its memory steady (a paced client): trimmed at the peak, with
+        // everything still in use.
+        assert!(!p.observe(at(30, 28, 2)));
+        assert!(p.observe(at(30, 28, 2)));
+        p.trimmed(at(30, 28, 2));
+        assert!(!p.observe(at(30, 28, 2)));
+        // The client goes: the memory is freed but stays resident, and must be trimmed.
+        assert!(!p.observe(at(30, 2, 28)));
+        assert!(p.observe(at(30, 2, 28)));
+        p.trimmed(at(3, 2, 1));
+        assert!(!p.observe(at(3, 2, 1)));
     }
 
     #[test]
