@@ -214,8 +214,9 @@ impl Node {
     }
 
     /// Whether the node is active (QEMU's `active`, the default). An inactive node was
-    /// handed over to another process, as at the end of a migration: it serves reads, and
-    /// refuses every other request with [`BlockError::Inactive`]. The graph changes it
+    /// handed over to another process, as at the end of a migration: it serves reads and
+    /// block status, and refuses every other request with [`BlockError::Inactive`] (waiting
+    /// for those in flight when it becomes inactive). The graph changes it
     /// ([`NodeGraph::set_active`](crate::NodeGraph::set_active)).
     pub fn is_active(&self) -> bool {
         self.active.load(Ordering::Acquire)
@@ -500,8 +501,8 @@ impl Node {
 
     /// The status of the extent at `offset`, at most `len` bytes long (`len` > 0).
     pub async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        // QEMU serves only reads from an inactive node.
-        self.check_active()?;
+        // Allowed on an inactive node, as in QEMU's block layer (an NBD read of an inactive
+        // node asks it; the NBD server refuses the block status command itself).
         self.check_range(offset, len)?;
         if len == 0 {
             return Err(BlockError::Invalid("block status of an empty range".into()));

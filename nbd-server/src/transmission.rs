@@ -797,6 +797,13 @@ impl Conn {
         contexts: &[MetaContext],
     ) -> Vec<u8> {
         let mut out = Vec::new();
+        if !self.node.is_active() {
+            // QEMU's NBD server serves only reads from an inactive node (block status of the
+            // node itself stays possible, for sparse reads).
+            let r = self.block_error("block status failed", &block_core::BlockError::Inactive);
+            self.error_reply(&mut out, h.cookie, h.offset, &r);
+            return out;
+        }
         let ext = self.extended();
         // Compact replies carry 32-bit extent lengths: never describe more than that.
         let len = if ext {
