@@ -162,14 +162,14 @@ fn read_chunks(s: &mut UnixStream, cookie: u64, offset: u64, len: u64) -> (Vec<u
     (got, types)
 }
 
-#[test]
-fn every_reply_form_reads_the_file_byte_for_byte() {
-    let t = FileServer::start();
+/// Every reply form once, each checked byte for byte; returns the bytes spliced meanwhile and
+/// the bytes these forms splice when nothing falls back to a copy.
+fn reply_forms(t: &FileServer) -> (u64, u64) {
     let before = nbd_server::spliced_bytes();
     let mut spliced = 0;
 
     // Simple replies (no structured replies negotiated).
-    let mut s = connect(&t, &[]);
+    let mut s = connect(t, &[]);
     for (cookie, (offset, len)) in [(0, 4096), (MIB + 512, 64 * 1024), (3 * MIB, 5 * MIB)]
         .into_iter()
         .enumerate()
@@ -186,7 +186,7 @@ fn every_reply_form_reads_the_file_byte_for_byte() {
     // (copied, as holes), 16 MiB (the most pipes a connection holds), the 32 MiB maximum
     // (copied: more pipes than that), and pages evicted from the cache (filled from disk in
     // the blocking pool).
-    let mut s = connect(&t, &[8]);
+    let mut s = connect(t, &[8]);
     let reads: [(u16, u64, u64); 6] = [
         (0, 0, 256 * 1024),
         (1 << 2, 7 * MIB, 3 * MIB + 4096),
@@ -218,7 +218,7 @@ fn every_reply_form_reads_the_file_byte_for_byte() {
     // Starting inside a page, longer than one pipe: the chunks stop short of a pipe's
     // capacity (a range starting mid-page takes one slot more).
     let before_unaligned = nbd_server::spliced_bytes();
-    let mut s = connect(&t, &[8]);
+    let mut s = connect(t, &[8]);
     send_request(&mut s, 1 << 2, 0, 150, 512, (2 * MIB + 4096) as u32);
     let (got, types) = read_chunks(&mut s, 150, 512, 2 * MIB + 4096);
     assert_eq!(types, vec![1]);
@@ -227,14 +227,30 @@ fn every_reply_form_reads_the_file_byte_for_byte() {
     spliced += 2 * MIB + 4096;
 
     // Extended headers: a dense read with a 64-bit length field.
-    let mut s = connect(&t, &[11]);
+    let mut s = connect(t, &[11]);
     send_ext_request(&mut s, 0, 0, 200, 9 * MIB + 4096, MIB);
     let (got, types) = read_chunks(&mut s, 200, 9 * MIB + 4096, MIB);
     assert_eq!(types, vec![1]);
     assert!(got == t.slice(9 * MIB + 4096, MIB));
     spliced += MIB;
 
-    let grew = nbd_server::spliced_bytes() - before;
+    (nbd_server::spliced_bytes() - before, spliced)
+}
+
+#[test]
+fn every_reply_form_reads_the_file_byte_for_byte() {
+    let t = FileServer::start();
+    // Whether a read is spliced can depend on timing: a splice into a pipe that answers
+    // EAGAIN falls back to a copy, which is correct (seen once in eight runs on a loaded
+    // machine). The data is checked on every pass; every form must be spliced in one of
+    // three passes.
+    let (mut grew, mut spliced) = (0, 0);
+    for _ in 0..3 {
+        (grew, spliced) = reply_forms(&t);
+        if grew >= spliced {
+            break;
+        }
+    }
     assert!(
         grew >= spliced,
         "{grew} bytes spliced, expected at least {spliced}"
