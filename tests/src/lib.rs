@@ -36,6 +36,27 @@ pub fn require_tools(tools: &[&str]) -> bool {
     tools.iter().all(|t| require_tool(t))
 }
 
+/// The part of a QMP reply that two daemons must agree on: the error class and text, or the
+/// shape of the return value (its keys and value types).
+pub fn comparable(r: &Value) -> Value {
+    match r.get("error") {
+        Some(e) => json!({"class": e["class"], "desc": e["desc"]}),
+        None => shape(&r["return"]),
+    }
+}
+
+/// A JSON value with every scalar replaced by its type's name.
+pub fn shape(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), shape(v))).collect()),
+        Value::Array(a) => Value::Array(a.iter().map(shape).collect()),
+        Value::String(_) => json!("string"),
+        Value::Number(_) => json!("number"),
+        Value::Bool(_) => json!("bool"),
+        Value::Null => Value::Null,
+    }
+}
+
 /// Whether Debian's `/usr/bin/python3` can import the libnbd binding (python3-libnbd; the
 /// first python3 on PATH may not have it). Under CI a missing binding fails the test loudly.
 pub fn require_python_nbd() -> bool {

@@ -2,28 +2,12 @@
 //! holes at the image's own granularity, and the errors of reads over the 32 MiB maximum.
 
 use blockexportd_tests::{
-    qemu_img_create, qemu_io, require_tools, run_ok, under_ci, Daemon, Flavor,
+    qemu_img_create, qemu_io, require_python_nbd, require_tools, run_ok, Daemon, Flavor,
 };
 use serde_json::{json, Value};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Command;
-
-/// Whether the libnbd python binding can be imported (required under CI).
-fn have_python_nbd() -> bool {
-    let ok = Command::new("/usr/bin/python3")
-        .args(["-c", "import nbd"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            !under_ci(),
-            "the libnbd python binding is missing (CI=true)"
-        );
-        eprintln!("skipping: python3 cannot import nbd");
-    }
-    ok
-}
 
 /// Reads each `[offset, length, df]` of argv[2] (JSON) with `pread_structured` and prints,
 /// for each, the chunks the callback saw (`[status, offset, length]`, status 1 for data and
@@ -92,7 +76,7 @@ const HOLE: i64 = 2;
 
 #[test]
 fn sparse_reads_match_qsd_at_the_cluster_granularity() {
-    if !require_tools(&["qemu-img", "qemu-io", "qemu-storage-daemon"]) || !have_python_nbd() {
+    if !require_tools(&["qemu-img", "qemu-io", "qemu-storage-daemon"]) || !require_python_nbd() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -138,7 +122,7 @@ fn sparse_reads_match_qsd_at_the_cluster_granularity() {
 
 #[test]
 fn sparse_reads_of_a_raw_file_match_qsd() {
-    if !require_tools(&["qemu-img", "qemu-io", "qemu-storage-daemon"]) || !have_python_nbd() {
+    if !require_tools(&["qemu-img", "qemu-io", "qemu-storage-daemon"]) || !require_python_nbd() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -176,7 +160,7 @@ fn sparse_reads_of_a_raw_file_match_qsd() {
 
 #[test]
 fn reads_over_32_mib_get_einval_and_eoverflow_only_with_df() {
-    if !require_tools(&["qemu-img", "qemu-storage-daemon"]) || !have_python_nbd() {
+    if !require_tools(&["qemu-img", "qemu-storage-daemon"]) || !require_python_nbd() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -1,7 +1,7 @@
 //! QMP and command-line behaviour of the real blockexportd binary, and where QSD answers a
 //! command, the same shape and error class as QSD.
 
-use blockexportd_tests::{daemon_binary, require_tool, Daemon, Flavor, Qmp};
+use blockexportd_tests::{comparable, daemon_binary, require_tool, Daemon, Flavor, Qmp};
 use serde_json::{json, Value};
 use std::process::Command;
 
@@ -156,25 +156,6 @@ fn compat_script(image: &str) -> Vec<(&'static str, Value)> {
         ("blockdev-del", json!({"node-name": "f"})),
         ("query-named-block-nodes", json!({})),
     ]
-}
-
-/// The comparable part of a reply: the error class and text, or the return value's shape.
-fn comparable(r: &Value) -> Value {
-    match r.get("error") {
-        Some(e) => json!({"class": e["class"], "desc": e["desc"]}),
-        None => shape(&r["return"]),
-    }
-}
-
-fn shape(v: &Value) -> Value {
-    match v {
-        Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), shape(v))).collect()),
-        Value::Array(a) => Value::Array(a.iter().map(shape).collect()),
-        Value::String(_) => json!("string"),
-        Value::Number(_) => json!("number"),
-        Value::Bool(_) => json!("bool"),
-        Value::Null => Value::Null,
-    }
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! must get the same answers (error class and text, or the shape of the return value), and
 //! the same nodes must be left in the graph.
 
-use blockexportd_tests::{qemu_img_create, require_tool, Daemon, Flavor, Qmp};
+use blockexportd_tests::{comparable, qemu_img_create, require_tool, Daemon, Flavor, Qmp};
 use serde_json::{json, Value};
 use std::path::Path;
 
@@ -10,25 +10,6 @@ use std::path::Path;
 /// made comparable), `active` (whether each named node is active), `qemu-io` (`{"export":
 /// NAME, "command": COMMAND}`: qemu-io's answer over the `nbd.sock` NBD server).
 type Step = (&'static str, Value);
-
-/// The comparable part of a reply: the error class and text, or the return value's shape.
-fn comparable(r: &Value) -> Value {
-    match r.get("error") {
-        Some(e) => json!({"class": e["class"], "desc": e["desc"]}),
-        None => shape(&r["return"]),
-    }
-}
-
-fn shape(v: &Value) -> Value {
-    match v {
-        Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), shape(v))).collect()),
-        Value::Array(a) => Value::Array(a.iter().map(shape).collect()),
-        Value::String(_) => json!("string"),
-        Value::Number(_) => json!("number"),
-        Value::Bool(_) => json!("bool"),
-        Value::Null => Value::Null,
-    }
-}
 
 /// The node names in the graph, sorted, with generated names (`#block123`) as `#block`.
 fn node_names(q: &mut Qmp) -> Value {
