@@ -7,6 +7,9 @@ the ratio to QSD. Usage (as root, /dev/fuse needed):
 
     cargo build --release -p blockexportd
     bench/fuse.py [--rounds 3] [--seconds 5] [--binary target/release/blockexportd]
+
+`--extra NAME=PATH` adds another blockexportd binary (e.g. an older build), run in the same
+rounds and shown with its ratio to QSD.
 """
 
 import argparse
@@ -66,6 +69,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--binary", default="target/release/blockexportd")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=PATH",
+                    help="another blockexportd binary, shown as 'blockexportd NAME'")
     args = ap.parse_args()
     binary = os.path.abspath(args.binary)
     for tool in ("fio", "qemu-storage-daemon"):
@@ -77,7 +82,11 @@ def main():
         chunk = os.urandom(1 << 20)
         for _ in range(1024):
             f.write(chunk)
-    servers = {"blockexportd": binary, "qemu-storage-daemon": "qemu-storage-daemon"}
+    servers = {"blockexportd": binary}
+    for e in args.extra:
+        label, path = e.split("=", 1)
+        servers[f"blockexportd {label}"] = os.path.abspath(path)
+    servers["qemu-storage-daemon"] = "qemu-storage-daemon"
     results = {}
     for rnd in range(args.rounds):
         for server, prog in servers.items():
@@ -100,13 +109,17 @@ def main():
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-    print("| test | blockexportd | qemu-storage-daemon | ratio |")
-    print("|---|---|---|---|")
+    names = list(servers)
+    print("| test | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
     for name, _ in JOBS:
-        ours = statistics.median(results[(name, "blockexportd")])
         qsd = statistics.median(results[(name, "qemu-storage-daemon")])
         fmt = (lambda v: f"{v:.2f}") if "GiB" in name else (lambda v: f"{v / 1000:.1f}k")
-        print(f"| {name} | {fmt(ours)} | {fmt(qsd)} | {ours / qsd:.2f}x |")
+        cells = []
+        for server in names:
+            v = statistics.median(results[(name, server)])
+            cells.append(fmt(v) if server == "qemu-storage-daemon" else f"{fmt(v)} ({v / qsd:.2f}x)")
+        print(f"| {name} | " + " | ".join(cells) + " |")
     shutil.rmtree(work)
 
 

@@ -12,7 +12,12 @@ cores and varies less from run to run. Usage:
 
 Rows: sequential read of the whole image with nbdcopy (1 and 4 connections), 4 KiB random
 read and random write at queue depth 32 with fio's nbd engine; over a unix socket, TCP, and TLS over a unix socket (certificates
-made with certtool, the same for every server).
+made with certtool, the same for every server). With `--qcow2-transports` (unix by default),
+the fio rows again on a fully allocated 1 GiB qcow2 image (the same data, converted with
+qemu-img; nbdkit has no qcow2 driver that writes, so it sits those rows out).
+
+`--extra NAME=PATH` adds another blockexportd binary as a server of its own (e.g.
+`--extra before=/tmp/old/blockexportd`), to compare two builds in one run.
 """
 
 import argparse
@@ -49,10 +54,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def server_command(name, binary, image, transport, sock, port, pki):
+def server_command(name, binaries, image, transport, sock, port, pki, fmt="raw"):
     tls = transport == "tls"
-    if name in ("blockexportd", "qemu-storage-daemon"):
-        prog = binary if name == "blockexportd" else "qemu-storage-daemon"
+    if name in binaries or name == "qemu-storage-daemon":
+        prog = binaries.get(name, "qemu-storage-daemon")
         if transport in ("unix", "tls"):
             addr = f"addr.type=unix,addr.path={sock}"
         else:
@@ -61,15 +66,18 @@ def server_command(name, binary, image, transport, sock, port, pki):
         if tls:
             obj = ["--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={pki}/server"]
             addr += ",tls-creds=tls0"
-        return [prog, *obj, "--blockdev", f"driver=file,filename={image},node-name=f",
-                "--nbd-server", addr,
-                "--export", "type=nbd,id=e,node-name=f,name=e,writable=on"]
+        node = ["--blockdev", f"driver=file,filename={image},node-name=f"]
+        if fmt == "qcow2":
+            node += ["--blockdev", "driver=qcow2,file=f,node-name=q"]
+        top = "q" if fmt == "qcow2" else "f"
+        return [prog, *obj, *node, "--nbd-server", addr,
+                "--export", f"type=nbd,id=e,node-name={top},name=e,writable=on"]
     if name == "qemu-nbd":
         where = ["--socket", sock] if transport in ("unix", "tls") else ["-b", "127.0.0.1", "-p", str(port)]
         if tls:
             where += ["--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={pki}/server",
                       "--tls-creds", "tls0"]
-        return ["qemu-nbd", "-f", "raw", "-x", "e", "--shared=8", "--persistent", *where, image]
+        return ["qemu-nbd", "-f", fmt, "-x", "e", "--shared=8", "--persistent", *where, image]
     if name == "nbdkit":
         where = ["-U", sock] if transport in ("unix", "tls") else ["-i", "127.0.0.1", "-p", str(port)]
         if tls:
@@ -168,12 +176,22 @@ def main():
     ap.add_argument("--binary", default="target/release/blockexportd")
     ap.add_argument("--servers", default="blockexportd,qemu-storage-daemon,qemu-nbd,nbdkit")
     ap.add_argument("--transports", default="unix,tcp,tls")
+    ap.add_argument("--qcow2-transports", default="unix",
+                    help="transports of the qcow2 rows (empty: none)")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=PATH",
+                    help="another blockexportd binary, shown as 'blockexportd NAME'")
     args = ap.parse_args()
-    binary = os.path.abspath(args.binary)
+    binaries = {"blockexportd": os.path.abspath(args.binary)}
+    extra = []
+    for e in args.extra:
+        label, path = e.split("=", 1)
+        binaries[f"blockexportd {label}"] = os.path.abspath(path)
+        extra.append(f"blockexportd {label}")
     for tool in ("nbdcopy", "nbdinfo", "fio", "qemu-storage-daemon", "qemu-nbd", "nbdkit", "certtool"):
         if not shutil.which(tool):
             sys.exit(f"missing tool: {tool}")
     servers = args.servers.split(",")
+    servers[1:1] = extra
     work = tempfile.mkdtemp(prefix="bench-nbd-")
     pki = os.path.join(work, "pki")
     make_pki(pki)
@@ -182,6 +200,11 @@ def main():
         chunk = os.urandom(1 << 20)
         for _ in range(1024):
             f.write(chunk)
+    qcow2 = os.path.join(work, "disk.qcow2")
+    qcow2_transports = [t for t in args.qcow2_transports.split(",") if t]
+    if qcow2_transports:
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", image, qcow2],
+                       check=True)
     tests = [("seq read, nbdcopy 1 conn (GiB/s)", lambda u: nbdcopy(u, 1)),
              ("seq read, nbdcopy 4 conn (GiB/s)", lambda u: nbdcopy(u, 4)),
              ("4k randread QD32 (IOPS)", lambda u: fio(u, "randread", args.seconds)),
@@ -189,14 +212,20 @@ def main():
     results = {}  # (transport, test, server) -> [values]
     cpu = {}  # (transport, test, server) -> [server CPU seconds per GiB, or µs per request]
     rss = {s: 0 for s in servers}
+    # (row transport label, transport, format)
+    setups = [(t, t, "raw") for t in args.transports.split(",")]
+    setups += [(f"{t} qcow2", t, "qcow2") for t in qcow2_transports]
     for rnd in range(args.rounds):
-        for transport in args.transports.split(","):
+        for label, transport, fmt in setups:
             for server in servers:
+                if fmt == "qcow2" and server == "nbdkit":
+                    continue
                 sock = os.path.join(work, "nbd.sock")
                 port = free_port()
                 if os.path.exists(sock):
                     os.unlink(sock)
-                cmd = server_command(server, binary, image, transport, sock, port, pki)
+                cmd = server_command(server, binaries, qcow2 if fmt == "qcow2" else image,
+                                     transport, sock, port, pki, fmt)
                 proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 try:
                     uri = uri_for(transport, sock, port, pki)
@@ -206,14 +235,16 @@ def main():
                     for name, fn in tests:
                         if transport == "tls" and "randwrite" in name:
                             continue
+                        if fmt == "qcow2" and "nbdcopy" in name:
+                            continue
                         c0 = cpu_seconds(proc.pid)
                         v = fn(uri)
                         c = cpu_seconds(proc.pid) - c0
-                        results.setdefault((transport, name, server), []).append(v)
+                        results.setdefault((label, name, server), []).append(v)
                         # nbdcopy moves 1 GiB; fio runs `seconds` at v requests per second.
                         per = c if "GiB" in name else c * 1e6 / (v * args.seconds)
-                        cpu.setdefault((transport, name, server), []).append(per)
-                        print(f"round {rnd + 1} {transport:4} {server:20} {name:34} {v:12.2f}",
+                        cpu.setdefault((label, name, server), []).append(per)
+                        print(f"round {rnd + 1} {label:10} {server:20} {name:34} {v:12.2f}",
                               file=sys.stderr, flush=True)
                     rss[server] = max(rss[server], peak_rss_kib(proc.pid))
                 finally:
@@ -226,13 +257,16 @@ def main():
     ref = "qemu-storage-daemon"
     print(f"| transport | test | " + " | ".join(servers) + " |")
     print("|---|---|" + "---|" * len(servers))
-    for transport in args.transports.split(","):
+    for transport, _, _ in setups:
         for name, _ in tests:
             cells = []
             base = statistics.median(results.get((transport, name, ref), [0])) or None
             if (transport, name, servers[0]) not in results:
                 continue
             for s in servers:
+                if (transport, name, s) not in results:
+                    cells.append("n/a")
+                    continue
                 m = statistics.median(results[(transport, name, s)])
                 fmt = f"{m:.2f}" if "GiB" in name else f"{m / 1000:.1f}k"
                 if base and s != ref:
@@ -245,14 +279,14 @@ def main():
     print()
     print(f"| transport | test | " + " | ".join(servers) + " |")
     print("|---|---|" + "---|" * len(servers))
-    for transport in args.transports.split(","):
+    for transport, _, _ in setups:
         for name, _ in tests:
             if (transport, name, servers[0]) not in cpu:
                 continue
             unit = "s/GiB" if "GiB" in name else "µs/req"
             row = name.split(" (")[0] + f" ({unit})"
             cells = [f"{statistics.median(cpu[(transport, name, s)]):.{3 if 'GiB' in name else 1}f}"
-                     for s in servers]
+                     if (transport, name, s) in cpu else "n/a" for s in servers]
             print(f"| {transport} | {row} | " + " | ".join(cells) + " |")
     shutil.rmtree(work)
 

@@ -1,20 +1,31 @@
-//! The interface every driver implements and every export talks to.
+//! The interfaces a driver implements: small capability traits.
 //!
 //! A driver is one layer of a node graph: a protocol driver (`file`, `null-co`) reaches host
 //! storage; a format driver (`raw`, `qcow2`) interprets the bytes of its child node. Exports
-//! never call a driver directly: they go through a [`Node`](crate::Node), which checks bounds
-//! and permissions and marks dirty bitmaps before the driver sees a request.
+//! never call a driver: they do their I/O through an [`Attachment`](crate::Attachment), which
+//! checks its permission and the bounds and marks dirty bitmaps before the node's driver sees
+//! a request.
 //!
+//! - [`BlockIo`]: the data path (vectored read and write over [`SgList`]s, flush, discard,
+//!   write-zeroes, block status). Every driver has it.
+//! - [`SpliceRead`]: hand page-cache pages to a pipe, for exports that send them to a socket
+//!   without copying. A driver offers it through [`BlockDriver::splice`].
+//! - [`Resize`]: change the size, offered through [`BlockDriver::resizer`].
+//! - [`ImageFacts`]: what `query-named-block-nodes` shows.
+//! - [`BlockDriver`]: the above together, and the node's lifecycle (activation, close).
+//!
+//! Optional operations default to "unsupported" (or a safe fallback, as writing zeroes).
 //! Requests are `async` and many may be in flight on one driver at once, from many tasks and
 //! threads: a driver must not serialise them unless its format requires it.
 
+use crate::buffer::SgList;
 use crate::error::Result;
 use async_trait::async_trait;
 use std::fmt::Debug;
 use std::os::fd::OwnedFd;
 
 /// The host's page size: the unit of the page cache, and of a pipe's slots (which matters to
-/// callers of [`BlockDriver::splice_read`]: a range starting inside a page takes one slot
+/// callers of [`SpliceRead::splice_read`]: a range starting inside a page takes one slot
 /// more).
 pub fn page_size() -> u64 {
     static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
@@ -50,7 +61,7 @@ pub struct ZeroFlags {
     pub fast: bool,
 }
 
-/// The status of one extent, as returned by [`BlockDriver::block_status`].
+/// The status of one extent, as returned by [`BlockIo::block_status`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
     /// Length of the extent in bytes; never zero, never beyond the queried range.
@@ -83,16 +94,14 @@ pub struct ImageDetails {
     pub format_specific: Option<serde_json::Value>,
 }
 
-/// One layer of a node graph: the operations a driver provides.
+/// The data path of one layer.
 ///
 /// Offsets and lengths have been checked against [`size`](Self::size) by the node before a
-/// driver sees them. Optional operations default to
-/// [`BlockError::Unsupported`](crate::BlockError::Unsupported) or to a safe fallback.
+/// driver sees them. The memory of a request's [`SgList`] is kept alive by the list: a driver
+/// that hands it to another thread clones the list (see [`crate::buffer`] for the rule about
+/// references to it).
 #[async_trait]
-pub trait BlockDriver: Send + Sync + Debug {
-    /// The QAPI driver name (`file`, `raw`, `qcow2`, `null-co`).
-    fn driver_name(&self) -> &'static str;
-
+pub trait BlockIo: Send + Sync + Debug {
     /// Current size of the layer in bytes.
     fn size(&self) -> u64;
 
@@ -110,8 +119,114 @@ pub trait BlockDriver: Send + Sync + Debug {
         4096
     }
 
+    /// Fills `buf` with the bytes at `offset`.
+    async fn readv(&self, offset: u64, buf: &SgList) -> Result<()>;
+
+    /// Writes `buf` at `offset`.
+    async fn writev(&self, offset: u64, buf: &SgList, flags: WriteFlags) -> Result<()>;
+
+    /// Makes every completed write stable.
+    async fn flush(&self) -> Result<()>;
+
+    /// Tells the layer that the range is no longer needed. Its content afterwards is
+    /// unspecified. Ignoring the request is a valid implementation.
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+
+    /// Makes the range read as zeroes. The default writes buffers of zeroes, or fails with
+    /// `NotFast` when [`ZeroFlags::fast`] is set.
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        if flags.fast {
+            return Err(crate::BlockError::NotFast);
+        }
+        write_zero_buffers(self, offset, len, flags.fua).await
+    }
+
+    /// The status of the extent starting at `offset`, at most `len` bytes long. The default
+    /// reports the whole range as data in this layer.
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        let _ = offset;
+        Ok(Extent {
+            len,
+            data: true,
+            zero: false,
+            depth: 1,
+        })
+    }
+}
+
+/// Writes buffers of zeroes over the range (the slow way to zero it).
+pub(crate) async fn write_zero_buffers<D: BlockIo + ?Sized>(
+    drv: &D,
+    offset: u64,
+    len: u64,
+    fua: bool,
+) -> Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeroes = SgList::zeroed(CHUNK.min(len) as usize);
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(CHUNK);
+        let part = if n as usize == zeroes.len() {
+            zeroes.clone()
+        } else {
+            zeroes.slice(0, n as usize)
+        };
+        drv.writev(offset + done, &part, WriteFlags { fua }).await?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// Reads that hand page-cache pages to a pipe instead of copying them (`splice(2)`): a
+/// capability a driver may offer ([`BlockDriver::splice`]).
+#[async_trait]
+pub trait SpliceRead: Send + Sync {
+    /// Appends the `len` bytes at `offset` to a pipe (`pipe` is its write end) without
+    /// copying them through this process's memory, when this layer can: `Ok(true)`.
+    /// `Ok(false)` means it cannot now (e.g. the range lies past the end of the file); the
+    /// caller then reads with [`BlockIo::readv`], and must discard the pipe, which may hold
+    /// part of the range. The pipe must have room for `len` bytes; its write end is
+    /// non-blocking.
+    async fn splice_read(&self, offset: u64, len: usize, pipe: &Arc<OwnedFd>) -> Result<bool>;
+}
+
+/// Changing a layer's size: a capability a driver may offer ([`BlockDriver::resizer`]).
+#[async_trait]
+pub trait Resize: Send + Sync {
+    /// Changes the size of the layer to `new_size` bytes.
+    async fn resize(&self, new_size: u64) -> Result<()>;
+}
+
+/// What `query-named-block-nodes` shows about a layer.
+pub trait ImageFacts: Send + Sync {
+    /// The QAPI driver name (`file`, `raw`, `qcow2`, `null-co`).
+    fn driver_name(&self) -> &'static str;
+
     /// The file name this layer shows in `query-named-block-nodes`, if any.
     fn filename(&self) -> Option<String> {
+        None
+    }
+
+    /// Facts about the image (QAPI `ImageInfo`); nothing by default.
+    fn image_details(&self) -> ImageDetails {
+        ImageDetails::default()
+    }
+}
+
+/// One layer of a node graph: its data path, its facts, the capabilities it offers and its
+/// lifecycle.
+#[async_trait]
+pub trait BlockDriver: BlockIo + ImageFacts {
+    /// Zero-copy reads into a pipe, when the layer can do them (none by default).
+    fn splice(&self) -> Option<&dyn SpliceRead> {
+        None
+    }
+
+    /// Resizing, when the layer can (none by default: `block_resize` then fails).
+    fn resizer(&self) -> Option<&dyn Resize> {
         None
     }
 
@@ -132,78 +247,6 @@ pub trait BlockDriver: Send + Sync + Debug {
     /// default.
     fn supports_persistent_bitmaps(&self) -> bool {
         false
-    }
-
-    /// Facts about the image for `query-named-block-nodes`; nothing by default.
-    fn image_details(&self) -> ImageDetails {
-        ImageDetails::default()
-    }
-
-    /// Fills `buf` with the bytes at `offset`.
-    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
-
-    /// Appends the `len` bytes at `offset` to a pipe (`pipe` is its write end) without
-    /// copying them through this process's memory (`splice(2)` from the page cache), when
-    /// this layer can: `Ok(true)`. `Ok(false)` (the default) means it cannot, e.g. a format
-    /// layer or `O_DIRECT`; the caller then reads with [`read`](Self::read), and must
-    /// discard the pipe, which may hold part of the range. The pipe must have room for `len`
-    /// bytes; its write end is non-blocking.
-    async fn splice_read(&self, offset: u64, len: usize, pipe: &Arc<OwnedFd>) -> Result<bool> {
-        let _ = (offset, len, pipe);
-        Ok(false)
-    }
-
-    /// Writes `buf` at `offset`.
-    async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()>;
-
-    /// Makes every completed write stable.
-    async fn flush(&self) -> Result<()>;
-
-    /// Tells the layer that the range is no longer needed. Its content afterwards is
-    /// unspecified. Ignoring the request is a valid implementation.
-    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        let _ = (offset, len);
-        Ok(())
-    }
-
-    /// Makes the range read as zeroes. The default writes buffers of zeroes, or fails with
-    /// `NotFast` when [`ZeroFlags::fast`] is set.
-    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        if flags.fast {
-            return Err(crate::BlockError::NotFast);
-        }
-        const CHUNK: u64 = 1 << 20;
-        let zeroes = vec![0u8; CHUNK.min(len) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(CHUNK);
-            self.write(
-                offset + done,
-                &zeroes[..n as usize],
-                WriteFlags { fua: flags.fua },
-            )
-            .await?;
-            done += n;
-        }
-        Ok(())
-    }
-
-    /// The status of the extent starting at `offset`, at most `len` bytes long. The default
-    /// reports the whole range as data in this layer.
-    async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        let _ = offset;
-        Ok(Extent {
-            len,
-            data: true,
-            zero: false,
-            depth: 1,
-        })
-    }
-
-    /// Changes the size of the layer.
-    async fn resize(&self, new_size: u64) -> Result<()> {
-        let _ = new_size;
-        Err(crate::BlockError::Unsupported("resize"))
     }
 
     /// Called when the node becomes inactive (`false`, after a flush: release what another

@@ -1,11 +1,14 @@
-//! Nodes: a driver with a name, its children, its users and its dirty bitmaps.
+//! Nodes: a driver with a name, its children, its users and its dirty bitmaps; and
+//! [`Attachment`], a user's hold on a node and the one handle exports do I/O through.
 //!
-//! Every request of an export goes through a [`Node`]: it is checked against the node's size
-//! and permissions here, so that drivers only see valid requests, and every write marks the
-//! node's enabled dirty bitmaps, whichever export it came from.
+//! Every request of an export goes through its [`Attachment`] (QEMU's BlockBackend): it is
+//! checked against the attachment's permission and the node's size here, so that drivers
+//! only see valid requests, and every write marks the node's enabled dirty bitmaps,
+//! whichever export it came from. A node's own I/O and its driver are private to this crate.
 
 use crate::bitmap::DirtyBitmap;
-use crate::driver::{BlockDriver, Extent, WriteFlags, ZeroFlags};
+use crate::buffer::SgList;
+use crate::driver::{BlockDriver, Extent, ImageDetails, WriteFlags, ZeroFlags};
 use crate::error::{BlockError, Result};
 use std::fmt;
 use std::os::fd::OwnedFd;
@@ -78,13 +81,6 @@ impl NodeConfig {
             ..NodeConfig::default()
         }
     }
-}
-
-fn is_zero(buf: &[u8]) -> bool {
-    // SAFETY: every bit pattern is a valid u64; `align_to` only reinterprets the aligned
-    // middle part of the slice.
-    let (head, words, tail) = unsafe { buf.align_to::<u64>() };
-    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
 /// A user of a node: an export, or a parent node.
@@ -193,9 +189,51 @@ impl Node {
         &self.name
     }
 
-    /// The driver of this node.
-    pub fn driver(&self) -> &Arc<dyn BlockDriver> {
+    /// The driver of this node (crate-private: outside, I/O goes through an
+    /// [`Attachment`]).
+    pub(crate) fn driver(&self) -> &Arc<dyn BlockDriver> {
         &self.driver
+    }
+
+    /// The QAPI driver name (`file`, `raw`, `qcow2`, `null-co`, `host_device`).
+    pub fn driver_name(&self) -> &'static str {
+        self.driver.driver_name()
+    }
+
+    /// The file name `query-named-block-nodes` shows, if any.
+    pub fn filename(&self) -> Option<String> {
+        self.driver.filename()
+    }
+
+    /// Facts about the image (QAPI `ImageInfo`).
+    pub fn image_details(&self) -> ImageDetails {
+        self.driver.image_details()
+    }
+
+    /// The alignment requests must have (e.g. 512 or 4096 under O_DIRECT; 1 for any byte).
+    pub fn request_alignment(&self) -> u32 {
+        self.driver.request_alignment()
+    }
+
+    /// The preferred request size (e.g. a qcow2 cluster).
+    pub fn preferred_alignment(&self) -> u32 {
+        self.driver.preferred_alignment()
+    }
+
+    /// Whether the node can store persistent dirty bitmaps (a writable qcow2).
+    pub fn supports_persistent_bitmaps(&self) -> bool {
+        self.driver.supports_persistent_bitmaps()
+    }
+
+    /// Whether reads can be spliced into a pipe (see [`Attachment::splice_read`]).
+    pub fn can_splice(&self) -> bool {
+        self.driver.splice().is_some()
+    }
+
+    /// Flushes and releases what the driver holds: called once, when the node leaves the
+    /// graph (parents before children: qcow2 stores its metadata and bitmaps then).
+    pub async fn close(&self) -> Result<()> {
+        self.driver.close().await
     }
 
     /// The child nodes and their roles.
@@ -340,11 +378,7 @@ impl Node {
             writable,
             allow_inactive: false,
         });
-        Ok(Attachment {
-            node: Arc::clone(self),
-            id,
-            writable,
-        })
+        Ok(Attachment::new(Arc::clone(self), id, writable))
     }
 
     fn detach(&self, id: u64) {
@@ -419,29 +453,45 @@ impl Node {
         }
     }
 
-    /// Reads `buf.len()` bytes at `offset`.
-    pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+    /// Reads `buf.len()` bytes at `offset` into `buf`.
+    pub(crate) async fn readv(&self, offset: u64, buf: &SgList) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
         if buf.is_empty() {
             return Ok(());
         }
-        self.driver.read(offset, buf).await
+        self.driver.readv(offset, buf).await
+    }
+
+    /// Reads into a slice (through a buffer of the crate's own: for metadata and tests).
+    pub(crate) async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let list = SgList::zeroed(buf.len());
+        self.readv(offset, &list).await?;
+        list.copy_to_slice(0, buf);
+        Ok(())
     }
 
     /// Appends the `len` bytes at `offset` to a pipe without copying them, when every layer
     /// down to the file can (a `raw` node over a `file` node without `O_DIRECT`): see
-    /// [`BlockDriver::splice_read`]. On `Ok(false)` read with [`read`](Self::read) instead
-    /// and discard the pipe.
-    pub async fn splice_read(&self, offset: u64, len: usize, pipe: &Arc<OwnedFd>) -> Result<bool> {
+    /// [`SpliceRead`](crate::driver::SpliceRead). On `Ok(false)` read instead and discard
+    /// the pipe.
+    pub(crate) async fn splice_read(
+        &self,
+        offset: u64,
+        len: usize,
+        pipe: &Arc<OwnedFd>,
+    ) -> Result<bool> {
         self.check_range(offset, len as u64)?;
         if len == 0 {
             return Ok(true);
         }
-        self.driver.splice_read(offset, len, pipe).await
+        match self.driver.splice() {
+            Some(s) => s.splice_read(offset, len, pipe).await,
+            None => Ok(false),
+        }
     }
 
     /// Writes `buf` at `offset`.
-    pub async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+    pub(crate) async fn writev(&self, offset: u64, buf: &SgList, flags: WriteFlags) -> Result<()> {
         let _changing = self.begin_change()?;
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
@@ -449,7 +499,7 @@ impl Node {
             return Ok(());
         }
         self.mark_dirty(offset, buf.len() as u64);
-        if self.config.detect_zeroes != DetectZeroes::Off && is_zero(buf) {
+        if self.config.detect_zeroes != DetectZeroes::Off && buf.is_zero() {
             let zero = ZeroFlags {
                 fua: flags.fua,
                 may_unmap: self.config.detect_zeroes == DetectZeroes::Unmap
@@ -461,18 +511,24 @@ impl Node {
                 .write_zeroes(offset, buf.len() as u64, zero)
                 .await;
         }
-        self.driver.write(offset, buf, flags).await
+        self.driver.writev(offset, buf, flags).await
+    }
+
+    /// Writes a slice (copied into a buffer of the crate's own: for metadata and tests).
+    pub(crate) async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+        self.writev(offset, &SgList::from_vec(buf.to_vec()), flags)
+            .await
     }
 
     /// Makes completed writes stable.
-    pub async fn flush(&self) -> Result<()> {
+    pub(crate) async fn flush(&self) -> Result<()> {
         // An inactive node was flushed when it became inactive.
         self.check_active()?;
         self.driver.flush().await
     }
 
     /// Discards the range.
-    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+    pub(crate) async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let _changing = self.begin_change()?;
         self.check_writable()?;
         self.check_range(offset, len)?;
@@ -484,7 +540,7 @@ impl Node {
     }
 
     /// Makes the range read as zeroes.
-    pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+    pub(crate) async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         let _changing = self.begin_change()?;
         self.check_writable()?;
         self.check_range(offset, len)?;
@@ -500,7 +556,7 @@ impl Node {
     }
 
     /// The status of the extent at `offset`, at most `len` bytes long (`len` > 0).
-    pub async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+    pub(crate) async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         // Allowed on an inactive node, as in QEMU's block layer (an NBD read of an inactive
         // node asks it; the NBD server refuses the block status command itself).
         self.check_range(offset, len)?;
@@ -512,11 +568,16 @@ impl Node {
         Ok(extent)
     }
 
-    /// Resizes the node.
+    /// Resizes the node (the management operation `block_resize`; exports resize through
+    /// [`Attachment::resize`]).
     pub async fn resize(&self, new_size: u64) -> Result<()> {
         let _changing = self.begin_change()?;
         self.check_writable()?;
-        self.driver.resize(new_size).await?;
+        let resizer = self
+            .driver
+            .resizer()
+            .ok_or(BlockError::Unsupported("resize"))?;
+        resizer.resize(new_size).await?;
         for bitmap in self.bitmaps() {
             bitmap.resize(new_size);
         }
@@ -532,36 +593,126 @@ impl Node {
     }
 }
 
-/// A user's hold on a node: detaches when dropped.
+/// A user's hold on a node, and the one handle its I/O goes through (QEMU's BlockBackend).
 ///
-/// Exports keep one for as long as they run; requests go through [`Attachment::node`]. An
-/// attachment made read-only refuses writes even when the node is writable.
-#[derive(Debug)]
+/// Exports keep one for as long as they run. Every request is checked here: writes need a
+/// writable attachment ([`BlockError::ReadOnly`] otherwise, even on a writable node), every
+/// range must lie inside the node, and writes mark the node's dirty bitmaps. Clones share
+/// the hold; the user is detached when the last clone is dropped.
+///
+/// Reads and writes take an [`SgList`], whose memory travels with the request (see
+/// [`crate::buffer`]); [`read`](Self::read) and [`write`](Self::write) are conveniences
+/// over slices that copy. Threads that are not tokio workers submit through a
+/// [`Submitter`](crate::Submitter).
+#[derive(Debug, Clone)]
 pub struct Attachment {
+    hold: Arc<Hold>,
+}
+
+#[derive(Debug)]
+struct Hold {
     node: Arc<Node>,
     id: u64,
     writable: bool,
 }
 
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.node.detach(self.id);
+    }
+}
+
 impl Attachment {
-    /// The id of this user, as listed by [`Node::users`].
-    pub fn id(&self) -> u64 {
-        self.id
+    fn new(node: Arc<Node>, id: u64, writable: bool) -> Attachment {
+        Attachment {
+            hold: Arc::new(Hold { node, id, writable }),
+        }
     }
 
-    /// The attached node.
+    /// The id of this user, as listed by [`Node::users`].
+    pub fn id(&self) -> u64 {
+        self.hold.id
+    }
+
+    /// The attached node (its name, size, bitmaps and facts; its I/O goes through the
+    /// attachment).
     pub fn node(&self) -> &Arc<Node> {
-        &self.node
+        &self.hold.node
     }
 
     /// Whether this user may write.
     pub fn writable(&self) -> bool {
-        self.writable
+        self.hold.writable
     }
-}
 
-impl Drop for Attachment {
-    fn drop(&mut self) {
-        self.node.detach(self.id);
+    /// The node's current size in bytes.
+    pub fn size(&self) -> u64 {
+        self.hold.node.size()
+    }
+
+    fn check_write(&self) -> Result<()> {
+        if self.hold.writable {
+            Ok(())
+        } else {
+            Err(BlockError::ReadOnly)
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `offset` into `buf`.
+    pub async fn readv(&self, offset: u64, buf: &SgList) -> Result<()> {
+        self.hold.node.readv(offset, buf).await
+    }
+
+    /// Reads `buf.len()` bytes at `offset` into a slice (a convenience: the bytes are read
+    /// into a buffer of the block layer's and copied).
+    pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.hold.node.read(offset, buf).await
+    }
+
+    /// Appends the `len` bytes at `offset` to a pipe without copying them, when every layer
+    /// down to the file can (see [`SpliceRead`](crate::driver::SpliceRead)); on `Ok(false)`
+    /// read with [`readv`](Self::readv) instead and discard the pipe.
+    pub async fn splice_read(&self, offset: u64, len: usize, pipe: &Arc<OwnedFd>) -> Result<bool> {
+        self.hold.node.splice_read(offset, len, pipe).await
+    }
+
+    /// Writes `buf` at `offset`.
+    pub async fn writev(&self, offset: u64, buf: &SgList, flags: WriteFlags) -> Result<()> {
+        self.check_write()?;
+        self.hold.node.writev(offset, buf, flags).await
+    }
+
+    /// Writes a slice at `offset` (a convenience: the bytes are copied first).
+    pub async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+        self.check_write()?;
+        self.hold.node.write(offset, buf, flags).await
+    }
+
+    /// Makes completed writes stable.
+    pub async fn flush(&self) -> Result<()> {
+        self.hold.node.flush().await
+    }
+
+    /// Discards the range (nothing happens unless the node has `discard=unmap`).
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_write()?;
+        self.hold.node.discard(offset, len).await
+    }
+
+    /// Makes the range read as zeroes.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.check_write()?;
+        self.hold.node.write_zeroes(offset, len, flags).await
+    }
+
+    /// The status of the extent at `offset`, at most `len` bytes long (`len` > 0).
+    pub async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        self.hold.node.block_status(offset, len).await
+    }
+
+    /// Resizes the node (a writable attachment only).
+    pub async fn resize(&self, new_size: u64) -> Result<()> {
+        self.check_write()?;
+        self.hold.node.resize(new_size).await
     }
 }

@@ -108,7 +108,7 @@ pub fn add(graph: &NodeGraph, a: BitmapAdd) -> CmdResult {
     let exists = || generic(format!("Bitmap already exists: {}", a.name));
     let persistent = a.persistent.unwrap_or(false);
     if persistent {
-        if !node.driver().supports_persistent_bitmaps() {
+        if !node.supports_persistent_bitmaps() {
             return Err(generic(format!(
                 "Can't store persistent bitmaps to {}: Operation not supported",
                 a.node

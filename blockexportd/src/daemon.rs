@@ -1216,7 +1216,7 @@ async fn futures_now<F: std::future::Future<Output = ()> + Unpin>(fut: &mut F) -
 }
 
 async fn close_node(node: &Node) {
-    if let Err(e) = node.driver().close().await {
+    if let Err(e) = node.close().await {
         tracing::error!("closing node '{}': {e}", node.name());
     }
 }

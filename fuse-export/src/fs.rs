@@ -14,7 +14,7 @@
 use crate::config::FuseExportConfig;
 use crate::error::{errno_of, FuseError};
 use crate::plan::{self, WritePlan, ZeroKind};
-use block_core::{Attachment, BlockError, Node, WriteFlags, ZeroFlags};
+use block_core::{Attachment, BlockError, SgList, WriteFlags, ZeroFlags};
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, PollEvents,
@@ -83,10 +83,11 @@ pub(crate) struct Shared {
     resize: tokio::sync::Mutex<()>,
 }
 
-/// One request's pass through the gate; the node stays attached while a permit lives.
+/// One request's pass through the gate, with the export's I/O handle (the node stays
+/// attached while a permit lives).
 struct Permit {
     shared: Arc<Shared>,
-    node: Arc<Node>,
+    node: Attachment,
 }
 
 impl Drop for Permit {
@@ -153,7 +154,7 @@ impl Shared {
         if gate.phase != Phase::Open {
             return None;
         }
-        let node = Arc::clone(gate.attachment.as_ref()?.node());
+        let node = gate.attachment.as_ref()?.clone();
         gate.in_flight += 1;
         Some(Permit {
             shared: Arc::clone(self),
@@ -187,7 +188,7 @@ impl Shared {
                     Phase::Closed => return,
                 }
                 gate.phase = Phase::Closing;
-                gate.attachment.as_ref().map(|a| Arc::clone(a.node()))
+                gate.attachment.clone()
             };
             let result = match node {
                 Some(node) => self.drain_and_flush(node),
@@ -210,7 +211,7 @@ impl Shared {
         self.lock_gate().close_error.take()
     }
 
-    fn drain_and_flush(&self, node: Arc<Node>) -> Result<(), FuseError> {
+    fn drain_and_flush(&self, node: Attachment) -> Result<(), FuseError> {
         let mut gate = self.lock_gate();
         while gate.in_flight > 0 {
             gate = self.changed.wait(gate).unwrap_or_else(|e| e.into_inner());
@@ -231,9 +232,10 @@ impl Shared {
     }
 
     /// The attributes of the file showing `node`.
-    fn node_attr(&self, node: &Node) -> FileAttr {
-        let blksize = node.driver().preferred_alignment().max(512);
-        let allocated = node.driver().image_details().actual_size;
+    fn node_attr(&self, io: &Attachment) -> FileAttr {
+        let node = io.node();
+        let blksize = node.preferred_alignment().max(512);
+        let allocated = node.image_details().actual_size;
         self.attr(node.size(), allocated, blksize)
     }
 
@@ -316,7 +318,7 @@ impl ExportFs {
 }
 
 /// Grows the node to `new_size` unless it is already that large; size changes are serialised.
-async fn grow(shared: &Shared, node: &Node, new_size: u64) -> Result<(), BlockError> {
+async fn grow(shared: &Shared, node: &Attachment, new_size: u64) -> Result<(), BlockError> {
     let _guard = shared.resize.lock().await;
     if node.size() < new_size {
         node.resize(new_size).await?;
@@ -325,7 +327,7 @@ async fn grow(shared: &Shared, node: &Node, new_size: u64) -> Result<(), BlockEr
 }
 
 /// Fills the holes of the range with zeroes, which allocates them.
-async fn allocate(node: &Node, mut offset: u64, len: u64) -> Result<(), BlockError> {
+async fn allocate(node: &Attachment, mut offset: u64, len: u64) -> Result<(), BlockError> {
     let end = offset + len;
     while offset < end {
         let extent = node.block_status(offset, end - offset).await?;
@@ -344,7 +346,7 @@ async fn allocate(node: &Node, mut offset: u64, len: u64) -> Result<(), BlockErr
 
 /// The first offset at or after `offset` that is data (`want_data`) or a hole; the end of the
 /// node counts as a hole, as on any file system.
-async fn seek(node: &Node, mut offset: u64, want_data: bool) -> Result<u64, i32> {
+async fn seek(node: &Attachment, mut offset: u64, want_data: bool) -> Result<u64, i32> {
     loop {
         let size = node.size();
         if offset >= size {
@@ -522,9 +524,13 @@ impl Filesystem for ExportFs {
         }
         self.spawn(async move {
             // len <= MAX_REQUEST, checked above.
-            let mut buf = vec![0u8; len as usize];
-            match permit.node.read(offset, &mut buf).await {
-                Ok(()) => reply.data(&buf),
+            let buf = SgList::zeroed(len as usize);
+            match permit.node.readv(offset, &buf).await {
+                Ok(()) => match buf.into_vec() {
+                    Ok(data) => reply.data(&data),
+                    // A clone outlived the request (not expected): copy.
+                    Err(buf) => reply.data(&buf.to_vec()),
+                },
                 Err(e) => reply.error(block_errno(&e)),
             }
         });
@@ -565,7 +571,7 @@ impl Filesystem for ExportFs {
             WritePlan::Write { len } => len as usize,
             WritePlan::GrowThenWrite { .. } => data.len(),
         };
-        let buf = data[..len].to_vec();
+        let buf = SgList::from_vec(data[..len].to_vec());
         let fua = self.shared.writethrough || flags.0 & libc::O_DSYNC != 0;
         let shared = Arc::clone(&self.shared);
         self.spawn(async move {
@@ -575,7 +581,7 @@ impl Filesystem for ExportFs {
                     return reply.error(block_errno(&e));
                 }
             }
-            match node.write(offset, &buf, WriteFlags { fua }).await {
+            match node.writev(offset, &buf, WriteFlags { fua }).await {
                 // len <= MAX_REQUEST, so it fits.
                 Ok(()) => reply.written(buf.len() as u32),
                 Err(e) => reply.error(block_errno(&e)),

@@ -136,11 +136,7 @@ impl Export {
 
     /// The request alignment of the node (the minimum block size).
     pub(crate) fn alignment(&self) -> u32 {
-        self.attachment
-            .node()
-            .driver()
-            .request_alignment()
-            .clamp(1, 1 << 16)
+        self.attachment.node().request_alignment().clamp(1, 1 << 16)
     }
 
     /// The transmission flags, as QEMU 10 sets them: flush, FUA and cache always;

@@ -747,33 +747,43 @@ mod tests {
     #[derive(Debug)]
     struct Zeroes(u64);
 
-    #[async_trait::async_trait]
-    impl BlockDriver for Zeroes {
+    impl block_core::ImageFacts for Zeroes {
         fn driver_name(&self) -> &'static str {
             "zeroes"
         }
+    }
+
+    #[async_trait::async_trait]
+    impl block_core::BlockIo for Zeroes {
         fn size(&self) -> u64 {
             self.0
         }
+
         fn read_only(&self) -> bool {
             false
         }
-        async fn read(&self, _offset: u64, buf: &mut [u8]) -> block_core::Result<()> {
-            buf.fill(0);
+
+        async fn readv(&self, _offset: u64, buf: &block_core::SgList) -> block_core::Result<()> {
+            buf.fill_zero(0, buf.len());
             Ok(())
         }
-        async fn write(
+
+        async fn writev(
             &self,
             _offset: u64,
-            _buf: &[u8],
+            _buf: &block_core::SgList,
             _flags: block_core::WriteFlags,
         ) -> block_core::Result<()> {
             Ok(())
         }
+
         async fn flush(&self) -> block_core::Result<()> {
             Ok(())
         }
     }
+
+    #[async_trait::async_trait]
+    impl BlockDriver for Zeroes {}
 
     struct Exports(Vec<Arc<Export>>);
 

@@ -22,7 +22,7 @@ use crate::proto::{
 };
 use crate::socket::Rebind;
 use crate::splice::{Pipe, Pipes, SpliceSink, SPLICE_MIN};
-use block_core::{DirtyBitmap, Node, WriteFlags, ZeroFlags};
+use block_core::{Attachment, DirtyBitmap, SgList, WriteFlags, ZeroFlags};
 use bytes::{Buf, BytesMut};
 use futures::stream::{FuturesUnordered, StreamExt};
 use std::collections::VecDeque;
@@ -469,7 +469,8 @@ struct Conn {
     /// Buffers of large replies already sent, for the next copied reads.
     bufs: BufPool,
     export: Arc<Export>,
-    node: Arc<Node>,
+    /// The export's I/O handle.
+    io: Attachment,
     params: Params,
 }
 
@@ -542,7 +543,7 @@ impl Conn {
             } => {
                 if fua {
                     // QEMU flushes before a read with FUA.
-                    if let Err(e) = self.node.flush().await {
+                    if let Err(e) = self.io.flush().await {
                         let r = self.block_error("flush failed", &e);
                         self.error_reply(&mut out, h.cookie, h.offset, &r);
                         return Reply::Bytes(out);
@@ -554,20 +555,20 @@ impl Conn {
                 let flags = WriteFlags {
                     fua: fua || self.export.writethrough,
                 };
-                self.node
-                    .write(offset, &data, flags)
+                self.io
+                    .writev(offset, &SgList::from_owned(data), flags)
                     .await
                     .map_err(|e| self.block_error("writing to file failed", &e))
             }
             Op::Flush => self
-                .node
+                .io
                 .flush()
                 .await
                 .map_err(|e| self.block_error("flush failed", &e)),
             Op::Trim { offset, len, fua } => {
-                let mut r = self.node.discard(offset, len).await;
+                let mut r = self.io.discard(offset, len).await;
                 if r.is_ok() && (fua || self.export.writethrough) {
-                    r = self.node.flush().await;
+                    r = self.io.flush().await;
                 }
                 r.map_err(|e| self.block_error("discard failed", &e))
             }
@@ -580,7 +581,7 @@ impl Conn {
                 mut flags,
             } => {
                 flags.fua |= self.export.writethrough;
-                self.node
+                self.io
                     .write_zeroes(offset, len, flags)
                     .await
                     .map_err(|e| self.block_error("writing to file failed", &e))
@@ -616,13 +617,32 @@ impl Conn {
         // <= 32 MiB, checked by validate().
         let mut out = self.bufs.take(header.len() + len as usize);
         out[..header.len()].copy_from_slice(header);
-        match self.node.read(offset, &mut out[header.len()..]).await {
+        let (out, r) = self.read_into(out, header.len(), offset).await;
+        match r {
             Ok(()) => Reply::Bytes(out),
             Err(e) => {
                 self.bufs.put(out);
                 failed(e)
             }
         }
+    }
+
+    /// Reads the bytes at `offset` into `out[at..]` (straight into the vector's memory, which
+    /// travels with the request as an [`SgList`]) and gives the vector back.
+    async fn read_into(
+        &self,
+        out: Vec<u8>,
+        at: usize,
+        offset: u64,
+    ) -> (Vec<u8>, Result<(), block_core::BlockError>) {
+        let list = SgList::from_vec(out);
+        let r = self
+            .io
+            .readv(offset, &list.slice(at, list.len() - at))
+            .await;
+        // Every clone is gone once the request is done; a copy otherwise (not expected).
+        let out = list.into_vec().unwrap_or_else(|list| list.to_vec());
+        (out, r)
     }
 
     /// The zero-copy read: `header`, then the `len` bytes at `offset` in pipes filled from
@@ -653,7 +673,7 @@ impl Conn {
                 return Ok(None);
             };
             if !self
-                .node
+                .io
                 .splice_read(offset + done, n, pipe.write_end())
                 .await?
             {
@@ -696,7 +716,7 @@ impl Conn {
         let first = if df {
             None
         } else {
-            match self.node.block_status(offset, len).await {
+            match self.io.block_status(offset, len).await {
                 Ok(e) => Some(e),
                 Err(e) => {
                     let r = self.block_error("reading from file failed", &e);
@@ -757,7 +777,7 @@ impl Conn {
         while pos < end {
             let extent = match next.take() {
                 Some(e) => e,
-                None => self.node.block_status(pos, end - pos).await?,
+                None => self.io.block_status(pos, end - pos).await?,
             };
             let n = extent.len.min(end - pos);
             last_flags_at = out.len() + 4;
@@ -778,7 +798,9 @@ impl Conn {
                 out.extend_from_slice(&pos.to_be_bytes());
                 let start = out.len();
                 out.resize(start + n as usize, 0);
-                self.node.read(pos, &mut out[start..]).await?;
+                let (back, r) = self.read_into(std::mem::take(out), start, pos).await;
+                *out = back;
+                r?;
             }
             pos += n;
         }
@@ -797,7 +819,7 @@ impl Conn {
         contexts: &[MetaContext],
     ) -> Vec<u8> {
         let mut out = Vec::new();
-        if !self.node.is_active() {
+        if !self.io.node().is_active() {
             // QEMU's NBD server serves only reads from an inactive node (block status of the
             // node itself stays possible, for sparse reads).
             let r = self.block_error("block status failed", &block_core::BlockError::Inactive);
@@ -890,7 +912,7 @@ impl Conn {
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
-            let e = self.node.block_status(pos, end - pos).await?;
+            let e = self.io.block_status(pos, end - pos).await?;
             let n = e.len.min(end - pos);
             let mut flags = 0;
             if !e.data {
@@ -919,7 +941,7 @@ impl Conn {
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
-            let e = self.node.block_status(pos, end - pos).await?;
+            let e = self.io.block_status(pos, end - pos).await?;
             let n = e.len.min(end - pos);
             if !extents.add(n, e.depth) {
                 break;
@@ -1246,7 +1268,7 @@ where
     let conn = Conn {
         pipes,
         bufs: BufPool::default(),
-        node: Arc::clone(export.attachment.node()),
+        io: export.attachment.clone(),
         params: Params {
             mode: session.mode,
             size: session.size,

@@ -42,12 +42,14 @@ impl Recording {
     }
 }
 
-#[async_trait]
-impl BlockDriver for Recording {
+impl block_core::ImageFacts for Recording {
     fn driver_name(&self) -> &'static str {
         "recording"
     }
+}
 
+#[async_trait]
+impl block_core::BlockIo for Recording {
     fn size(&self) -> u64 {
         self.disk.size()
     }
@@ -56,14 +58,19 @@ impl BlockDriver for Recording {
         self.disk.read_only()
     }
 
-    async fn read(&self, offset: u64, buf: &mut [u8]) -> block_core::Result<()> {
+    async fn readv(&self, offset: u64, buf: &block_core::SgList) -> block_core::Result<()> {
         self.note();
-        self.disk.read(offset, buf).await
+        self.disk.readv(offset, buf).await
     }
 
-    async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> block_core::Result<()> {
+    async fn writev(
+        &self,
+        offset: u64,
+        buf: &block_core::SgList,
+        flags: WriteFlags,
+    ) -> block_core::Result<()> {
         self.note();
-        self.disk.write(offset, buf, flags).await
+        self.disk.writev(offset, buf, flags).await
     }
 
     async fn flush(&self) -> block_core::Result<()> {
@@ -91,6 +98,9 @@ impl BlockDriver for Recording {
         self.disk.block_status(offset, len).await
     }
 }
+
+#[async_trait]
+impl BlockDriver for Recording {}
 
 /// A server with one export `e` (4 MiB, writable), on a unix and a TCP listener, run by a
 /// multi-thread runtime whose threads are named [`MAIN`]; with `on_iothread`, the export

@@ -147,10 +147,12 @@ fn memory_returns_after_a_burst_of_abrupt_nbd_clients() {
     // Warm up (code paths faulted in), then the idle value.
     abrupt_client(&sock, 1, 4096);
     let idle = status(pid, "VmRSS");
+    // Reads of the whole 16 MiB image: a qcow2 read goes straight into the reply buffer
+    // (one buffer per read), so the burst needs large reads to load the daemon.
     let clients: Vec<_> = (0..64)
         .map(|_| {
             let sock = sock.clone();
-            std::thread::spawn(move || abrupt_client(&sock, 4, 4 << 20))
+            std::thread::spawn(move || abrupt_client(&sock, 4, 16 << 20))
         })
         .collect();
     for c in clients {

@@ -1,7 +1,10 @@
 //! The `null-co` driver: a node of a given size whose reads return nothing useful (or
 //! zeroes with `read-zeroes=on`) and whose writes are dropped. Meant for benchmarks.
 
-use crate::driver::{BlockDriver, Extent, ImageDetails, WriteFlags, ZeroFlags};
+use crate::buffer::SgList;
+use crate::driver::{
+    BlockDriver, BlockIo, Extent, ImageDetails, ImageFacts, WriteFlags, ZeroFlags,
+};
 use crate::error::Result;
 use async_trait::async_trait;
 use std::time::Duration;
@@ -42,18 +45,9 @@ impl NullDriver {
     }
 }
 
-#[async_trait]
-impl BlockDriver for NullDriver {
+impl ImageFacts for NullDriver {
     fn driver_name(&self) -> &'static str {
         "null-co"
-    }
-
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn read_only(&self) -> bool {
-        self.read_only
     }
 
     fn filename(&self) -> Option<String> {
@@ -66,16 +60,30 @@ impl BlockDriver for NullDriver {
             ..ImageDetails::default()
         }
     }
+}
 
-    async fn read(&self, _offset: u64, buf: &mut [u8]) -> Result<()> {
+#[async_trait]
+impl BlockDriver for NullDriver {}
+
+#[async_trait]
+impl BlockIo for NullDriver {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    async fn readv(&self, _offset: u64, buf: &SgList) -> Result<()> {
         self.delay().await;
         if self.read_zeroes {
-            buf.fill(0);
+            buf.fill_zero(0, buf.len());
         }
         Ok(())
     }
 
-    async fn write(&self, _offset: u64, _buf: &[u8], _flags: WriteFlags) -> Result<()> {
+    async fn writev(&self, _offset: u64, _buf: &SgList, _flags: WriteFlags) -> Result<()> {
         self.delay().await;
         Ok(())
     }
@@ -109,12 +117,12 @@ mod tests {
     #[tokio::test]
     async fn reads_leave_the_buffer_alone_unless_read_zeroes() {
         let d = NullDriver::new(4096, false, false, 0);
-        let mut buf = [7u8; 16];
-        d.read(0, &mut buf).await.expect("read");
-        assert_eq!(buf, [7u8; 16]);
+        let buf = SgList::from_vec(vec![7u8; 16]);
+        d.readv(0, &buf).await.expect("read");
+        assert_eq!(buf.to_vec(), [7u8; 16]);
         let z = NullDriver::new(4096, true, false, 0);
-        z.read(0, &mut buf).await.expect("read");
-        assert_eq!(buf, [0u8; 16]);
+        z.readv(0, &buf).await.expect("read");
+        assert_eq!(buf.to_vec(), [0u8; 16]);
         assert!(z.block_status(0, 4096).await.expect("status").zero);
     }
 }

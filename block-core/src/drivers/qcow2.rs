@@ -11,12 +11,22 @@
 //! threads, each running a single-threaded tokio runtime with a `LocalSet`; every request is
 //! sent to one of them (round-robin) with owned buffers and runs there as a local task, so
 //! that many requests are in flight at once. imago's `FormatAccess` is `Sync`, so the
-//! threads share one. The data
-//! itself still goes through the child node (whose `file` driver does its own I/O inline or
-//! on the blocking pool).
+//! threads share one.
+//!
+//! # Buffers
+//! A request's [`SgList`] goes to imago's vectored I/O as it is when it is private memory
+//! (see [`crate::buffer`]); a list over foreign memory (a guest's) is copied into a private
+//! one first, since imago takes slices. imago hands the data parts back to [`NodeStorage`]
+//! as slices; those that lie in the request's own list (found through a task-local) go to
+//! the file node as part of that list, with its owner, so the data is read and written
+//! straight between the file and the request's buffers. What imago reads for itself
+//! (metadata, copy-on-write) goes through a buffer of ours.
 
 use crate::bitmap::DirtyBitmap;
-use crate::driver::{BlockDriver, Extent, ImageDetails, WriteFlags, ZeroFlags};
+use crate::buffer::SgList;
+use crate::driver::{
+    BlockDriver, BlockIo, Extent, ImageDetails, ImageFacts, Resize, WriteFlags, ZeroFlags,
+};
 use crate::error::{BlockError, Result};
 use crate::node::Node;
 use crate::qcow2_bitmaps::{self, BitmapError, BitmapsLayout, ImageFile, StoredBitmap};
@@ -109,6 +119,16 @@ fn to_io(e: BlockError) -> io::Error {
     }
 }
 
+tokio::task_local! {
+    /// The list of the request imago is serving on this task (see the module docs).
+    static REQUEST: SgList;
+}
+
+/// The part of the current request's list that is the slice at `ptr`, `len` bytes long.
+fn request_part(ptr: *const u8, len: usize) -> Option<SgList> {
+    REQUEST.try_with(|r| r.find(ptr, len)).ok().flatten()
+}
+
 impl Storage for NodeStorage {
     fn size(&self) -> io::Result<u64> {
         Ok(self.node.size())
@@ -133,15 +153,25 @@ impl Storage for NodeStorage {
     async unsafe fn pure_readv(&self, bufv: IoVectorMut<'_>, mut offset: u64) -> io::Result<()> {
         let size = self.node.size();
         for mut slice in bufv.into_inner() {
-            let buf: &mut [u8] = &mut slice;
-            let len = buf.len() as u64;
-            let inside = size.saturating_sub(offset).min(len) as usize;
-            self.node
-                .read(offset, &mut buf[..inside])
-                .await
-                .map_err(to_io)?;
-            buf[inside..].fill(0);
-            offset += len;
+            let len = slice.len();
+            let inside = size.saturating_sub(offset).min(len as u64) as usize;
+            if let Some(part) = request_part(slice.as_ptr(), len) {
+                // The request's own memory: read straight into it (through the list, not
+                // through the slice, which is not touched until the read is done).
+                self.node
+                    .readv(offset, &part.slice(0, inside))
+                    .await
+                    .map_err(to_io)?;
+                part.fill_zero(inside, len - inside);
+            } else {
+                let buf: &mut [u8] = &mut slice;
+                self.node
+                    .read(offset, &mut buf[..inside])
+                    .await
+                    .map_err(to_io)?;
+                buf[inside..].fill(0);
+            }
+            offset += len as u64;
         }
         Ok(())
     }
@@ -151,10 +181,11 @@ impl Storage for NodeStorage {
         let mut offset = offset;
         for slice in bufv.into_inner() {
             let buf: &[u8] = &slice;
-            self.node
-                .write(offset, buf, WriteFlags::default())
-                .await
-                .map_err(to_io)?;
+            match request_part(buf.as_ptr(), buf.len()) {
+                Some(part) => self.node.writev(offset, &part, WriteFlags::default()).await,
+                None => self.node.write(offset, buf, WriteFlags::default()).await,
+            }
+            .map_err(to_io)?;
             offset += buf.len() as u64;
         }
         Ok(())
@@ -930,12 +961,29 @@ async fn zero_in_place(acc: &Access, mut offset: u64, mut len: u64) -> io::Resul
     Ok(())
 }
 
-#[async_trait]
-impl BlockDriver for Qcow2Driver {
+impl ImageFacts for Qcow2Driver {
     fn driver_name(&self) -> &'static str {
         "qcow2"
     }
 
+    fn filename(&self) -> Option<String> {
+        self.file.filename()
+    }
+
+    fn image_details(&self) -> ImageDetails {
+        ImageDetails {
+            actual_size: self.file.image_details().actual_size,
+            cluster_size: Some(self.cluster_size),
+            backing_filename: self.backing_file.clone(),
+            backing_format: self.backing_format.clone(),
+            dirty_flag: Some(self.facts.dirty()),
+            format_specific: Some(self.facts.format_specific()),
+        }
+    }
+}
+
+#[async_trait]
+impl BlockIo for Qcow2Driver {
     fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
     }
@@ -948,48 +996,50 @@ impl BlockDriver for Qcow2Driver {
         u32::try_from(self.cluster_size).unwrap_or(u32::MAX)
     }
 
-    fn exclusive_file_writer(&self) -> bool {
-        !self.read_only
-    }
-
-    fn filename(&self) -> Option<String> {
-        self.file.driver().filename()
-    }
-
-    fn image_details(&self) -> ImageDetails {
-        ImageDetails {
-            actual_size: self.file.driver().image_details().actual_size,
-            cluster_size: Some(self.cluster_size),
-            backing_filename: self.backing_file.clone(),
-            backing_format: self.backing_format.clone(),
-            dirty_flag: Some(self.facts.dirty()),
-            format_specific: Some(self.facts.format_specific()),
-        }
-    }
-
-    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let len = buf.len();
+    async fn readv(&self, offset: u64, buf: &SgList) -> Result<()> {
+        // imago takes slices: foreign memory is read into a list of ours first.
+        let list = if buf.is_private() {
+            buf.clone()
+        } else {
+            SgList::zeroed(buf.len())
+        };
         let st = Arc::clone(&self.state);
-        let data = self
-            .worker
+        let job = list.clone();
+        self.worker
             .run(move || async move {
-                let mut v = vec![0u8; len];
                 let acc = st.shared().await?;
-                acc.read(&mut v[..], offset).await.map(|()| v)
+                // SAFETY: `job` is private memory (checked above) that nothing else
+                // touches while the request runs: its caller waits for it, and the list
+                // is ours when it was copied.
+                let slices = unsafe { job.io_slices_mut() };
+                REQUEST
+                    .scope(job.clone(), acc.readv(IoVectorMut::from(slices), offset))
+                    .await
             })
             .await?
             .map_err(|e| Self::err("reading qcow2", e))?;
-        buf.copy_from_slice(&data);
+        if !buf.is_private() {
+            buf.copy_from_slice(0, &list.to_vec());
+        }
         Ok(())
     }
 
-    async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
-        let data = buf.to_vec();
+    async fn writev(&self, offset: u64, buf: &SgList, flags: WriteFlags) -> Result<()> {
+        let job = if buf.is_private() {
+            buf.clone()
+        } else {
+            SgList::from_vec(buf.to_vec())
+        };
         let st = Arc::clone(&self.state);
         self.worker
             .run(move || async move {
                 let acc = st.shared().await?;
-                acc.write(&data[..], offset).await
+                // SAFETY: as in `readv`: private memory that nobody writes while the
+                // request runs.
+                let slices = unsafe { job.io_slices() };
+                REQUEST
+                    .scope(job.clone(), acc.writev(IoVector::from(slices), offset))
+                    .await
             })
             .await?
             .map_err(|e| Self::err("writing qcow2", e))?;
@@ -1106,6 +1156,56 @@ impl BlockDriver for Qcow2Driver {
             },
         })
     }
+}
+
+#[async_trait]
+impl Resize for Qcow2Driver {
+    async fn resize(&self, new_size: u64) -> Result<()> {
+        let st = Arc::clone(&self.state);
+        // A grown area reads as zeroes. Two things could show through it after a shrink: the
+        // backing file's data (QEMU zeroes where the backing file reaches into the new area,
+        // in `bdrv_co_truncate`), and the old data in the rest of the cluster the shrink cut
+        // in two (imago and QEMU keep that cluster; QEMU 10 shows the stale bytes again).
+        let old_size = self.size();
+        let cs = self.cluster_size.max(1);
+        let backing_end = self.backing.as_ref().map_or(0, |b| b.size());
+        let zero_end = backing_end.max(old_size.next_multiple_of(cs)).min(new_size);
+        let size = self
+            .worker
+            .run(move || async move {
+                let mut acc = st.exclusive().await?;
+                acc.resize(new_size, imago::format::PreallocateMode::None)
+                    .await?;
+                if zero_end > old_size {
+                    acc.write_zeroes(old_size, zero_end - old_size).await?;
+                }
+                acc.flush().await?;
+                Ok::<_, io::Error>(acc.size())
+            })
+            .await?
+            .map_err(|e| Self::err("resizing qcow2", e))?;
+        self.size.store(size, Ordering::Release);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BlockDriver for Qcow2Driver {
+    fn resizer(&self) -> Option<&dyn Resize> {
+        Some(self)
+    }
+
+    fn exclusive_file_writer(&self) -> bool {
+        !self.read_only
+    }
+
+    fn attach_node(&self, node: Weak<Node>) {
+        let _ = self.node.set(node);
+    }
+
+    fn supports_persistent_bitmaps(&self) -> bool {
+        !self.read_only
+    }
 
     async fn set_active(&self, active: bool) -> Result<()> {
         let was_inactive = self.inactive.swap(!active, Ordering::AcqRel);
@@ -1152,42 +1252,6 @@ impl BlockDriver for Qcow2Driver {
             self.file.flush().await?;
         }
         self.closed.store(true, Ordering::Release);
-        Ok(())
-    }
-
-    fn attach_node(&self, node: Weak<Node>) {
-        let _ = self.node.set(node);
-    }
-
-    fn supports_persistent_bitmaps(&self) -> bool {
-        !self.read_only
-    }
-
-    async fn resize(&self, new_size: u64) -> Result<()> {
-        let st = Arc::clone(&self.state);
-        // A grown area reads as zeroes. Two things could show through it after a shrink: the
-        // backing file's data (QEMU zeroes where the backing file reaches into the new area,
-        // in `bdrv_co_truncate`), and the old data in the rest of the cluster the shrink cut
-        // in two (imago and QEMU keep that cluster; QEMU 10 shows the stale bytes again).
-        let old_size = self.size();
-        let cs = self.cluster_size.max(1);
-        let backing_end = self.backing.as_ref().map_or(0, |b| b.size());
-        let zero_end = backing_end.max(old_size.next_multiple_of(cs)).min(new_size);
-        let size = self
-            .worker
-            .run(move || async move {
-                let mut acc = st.exclusive().await?;
-                acc.resize(new_size, imago::format::PreallocateMode::None)
-                    .await?;
-                if zero_end > old_size {
-                    acc.write_zeroes(old_size, zero_end - old_size).await?;
-                }
-                acc.flush().await?;
-                Ok::<_, io::Error>(acc.size())
-            })
-            .await?
-            .map_err(|e| Self::err("resizing qcow2", e))?;
-        self.size.store(size, Ordering::Release);
         Ok(())
     }
 }

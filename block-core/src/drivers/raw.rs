@@ -1,7 +1,11 @@
 //! The `raw` format driver: the bytes of its `file` child, optionally a window of them
 //! (`offset`, `size`), with everything passed through.
 
-use crate::driver::{BlockDriver, Extent, ImageDetails, WriteFlags, ZeroFlags};
+use crate::buffer::SgList;
+use crate::driver::{
+    BlockDriver, BlockIo, Extent, ImageDetails, ImageFacts, Resize, SpliceRead, WriteFlags,
+    ZeroFlags,
+};
 use crate::error::{BlockError, Result};
 use crate::node::Node;
 use async_trait::async_trait;
@@ -89,12 +93,26 @@ impl RawDriver {
     }
 }
 
-#[async_trait]
-impl BlockDriver for RawDriver {
+impl ImageFacts for RawDriver {
     fn driver_name(&self) -> &'static str {
         "raw"
     }
 
+    fn filename(&self) -> Option<String> {
+        self.child.filename()
+    }
+
+    fn image_details(&self) -> ImageDetails {
+        ImageDetails {
+            actual_size: self.child.image_details().actual_size,
+            dirty_flag: Some(false),
+            ..ImageDetails::default()
+        }
+    }
+}
+
+#[async_trait]
+impl BlockIo for RawDriver {
     fn size(&self) -> u64 {
         self.size
             .unwrap_or_else(|| self.child.size().saturating_sub(self.offset))
@@ -105,37 +123,19 @@ impl BlockDriver for RawDriver {
     }
 
     fn request_alignment(&self) -> u32 {
-        self.child.driver().request_alignment()
+        self.child.request_alignment()
     }
 
     fn preferred_alignment(&self) -> u32 {
-        self.child.driver().preferred_alignment()
+        self.child.preferred_alignment()
     }
 
-    fn filename(&self) -> Option<String> {
-        self.child.driver().filename()
+    async fn readv(&self, offset: u64, buf: &SgList) -> Result<()> {
+        self.child.readv(self.offset + offset, buf).await
     }
 
-    fn image_details(&self) -> ImageDetails {
-        ImageDetails {
-            actual_size: self.child.driver().image_details().actual_size,
-            dirty_flag: Some(false),
-            ..ImageDetails::default()
-        }
-    }
-
-    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.child.read(self.offset + offset, buf).await
-    }
-
-    async fn splice_read(&self, offset: u64, len: usize, pipe: &Arc<OwnedFd>) -> Result<bool> {
-        self.child
-            .splice_read(self.offset + offset, len, pipe)
-            .await
-    }
-
-    async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
-        self.child.write(self.offset + offset, buf, flags).await
+    async fn writev(&self, offset: u64, buf: &SgList, flags: WriteFlags) -> Result<()> {
+        self.child.writev(self.offset + offset, buf, flags).await
     }
 
     async fn flush(&self) -> Result<()> {
@@ -155,7 +155,19 @@ impl BlockDriver for RawDriver {
     async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         self.child.block_status(self.offset + offset, len).await
     }
+}
 
+#[async_trait]
+impl SpliceRead for RawDriver {
+    async fn splice_read(&self, offset: u64, len: usize, pipe: &Arc<OwnedFd>) -> Result<bool> {
+        self.child
+            .splice_read(self.offset + offset, len, pipe)
+            .await
+    }
+}
+
+#[async_trait]
+impl Resize for RawDriver {
     async fn resize(&self, new_size: u64) -> Result<()> {
         if self.size.is_some() {
             return Err(BlockError::Invalid(
@@ -167,6 +179,17 @@ impl BlockDriver for RawDriver {
             .checked_add(new_size)
             .ok_or_else(|| BlockError::Invalid("Image size too large".into()))?;
         self.child.resize(end).await
+    }
+}
+
+#[async_trait]
+impl BlockDriver for RawDriver {
+    fn splice(&self) -> Option<&dyn SpliceRead> {
+        self.child.can_splice().then_some(self as &dyn SpliceRead)
+    }
+
+    fn resizer(&self) -> Option<&dyn Resize> {
+        Some(self)
     }
 
     async fn close(&self) -> Result<()> {

@@ -5,11 +5,25 @@
 //! Images are made, written and checked with the real `qemu-img` and `qemu-io`. Without
 //! them the tests print why and pass, unless `CI=true`, where they fail.
 
-use block_core::{open, BlockError, Extent, Node, NodeGraph, WriteFlags, ZeroFlags};
+use block_core::{open, Attachment, BlockError, Extent, Node, NodeGraph, WriteFlags, ZeroFlags};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Arc;
+
+/// The tests' I/O goes through an attachment, as an export's does: writable where the node
+/// allows a writer, read-only otherwise (writes then fail with EPERM).
+trait NodeIo {
+    fn io(&self) -> Attachment;
+}
+
+impl NodeIo for Arc<Node> {
+    fn io(&self) -> Attachment {
+        self.attach("conformance test", !self.read_only())
+            .or_else(|_| self.attach("conformance test", false))
+            .expect("attach")
+    }
+}
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 4 * MIB;
@@ -277,7 +291,7 @@ impl Stack {
     async fn close(self) {
         drop(self.node);
         for node in self.graph.drain() {
-            node.driver().close().await.expect("close");
+            node.close().await.expect("close");
         }
     }
 }
@@ -304,15 +318,16 @@ async fn reads_what_qemu_io_wrote() {
                 .child(block_core::ChildRole::File)
                 .cloned()
                 .unwrap_or_else(|| Arc::clone(&stack.node));
-            assert!(file.driver().request_alignment() >= 512, "{kind:?}");
+            assert!(file.request_alignment() >= 512, "{kind:?}");
             assert_eq!(open::node_info(&file, false)["cache"]["direct"], true);
         }
         let mut buf = vec![0u8; 64 * 1024];
-        stack.node.read(0, &mut buf).await.expect("read");
+        stack.node.io().read(0, &mut buf).await.expect("read");
         assert!(buf.iter().all(|&b| b == 0xab), "{kind:?}: data at 0");
         let mut buf = vec![1u8; 8192];
         stack
             .node
+            .io()
             .read(3 * MIB - 4096, &mut buf)
             .await
             .expect("read");
@@ -326,7 +341,12 @@ async fn reads_what_qemu_io_wrote() {
         );
         if kind == Kind::Qcow2Backing {
             let mut buf = vec![0u8; 4096];
-            stack.node.read(MIB + 512, &mut buf).await.expect("read");
+            stack
+                .node
+                .io()
+                .read(MIB + 512, &mut buf)
+                .await
+                .expect("read");
             assert!(buf.iter().all(|&b| b == 0x11), "backing data shows through");
         }
         stack.close().await;
@@ -342,18 +362,21 @@ async fn qemu_reads_what_we_wrote() {
         let images = Images::create(kind);
         let stack = images.open(false).await;
         let node = &stack.node;
-        node.write(0, &[0xab; 65536], WriteFlags::default())
+        node.io()
+            .write(0, &[0xab; 65536], WriteFlags::default())
             .await
             .expect("write");
         // Unaligned, crossing a cluster boundary.
         let odd = pattern(70_000, 7);
-        node.write(2 * MIB - 1000, &odd, WriteFlags { fua: true })
+        node.io()
+            .write(2 * MIB - 1000, &odd, WriteFlags { fua: true })
             .await
             .expect("write unaligned");
-        node.write(SIZE - 512, &[0x5a; 512], WriteFlags::default())
+        node.io()
+            .write(SIZE - 512, &[0x5a; 512], WriteFlags::default())
             .await
             .expect("write last sector");
-        node.flush().await.expect("flush");
+        node.io().flush().await.expect("flush");
         stack.close().await;
 
         images.qemu_io(&[
@@ -408,22 +431,25 @@ async fn zeroes_and_discard_read_back_as_zeroes() {
         let images = Images::create(kind);
         let stack = images.open(false).await;
         let node = &stack.node;
-        node.write(0, &vec![0xff; 2 * MIB as usize], WriteFlags::default())
+        node.io()
+            .write(0, &vec![0xff; 2 * MIB as usize], WriteFlags::default())
             .await
             .expect("fill");
-        node.write_zeroes(65536, 131072, ZeroFlags::default())
+        node.io()
+            .write_zeroes(65536, 131072, ZeroFlags::default())
             .await
             .expect("write zeroes");
         let unmap = ZeroFlags {
             may_unmap: true,
             ..ZeroFlags::default()
         };
-        node.write_zeroes(300_000, 100_000, unmap)
+        node.io()
+            .write_zeroes(300_000, 100_000, unmap)
             .await
             .expect("write zeroes, may unmap");
-        node.discard(MIB, 131072).await.expect("discard");
+        node.io().discard(MIB, 131072).await.expect("discard");
         let mut buf = vec![1u8; 2 * MIB as usize];
-        node.read(0, &mut buf).await.expect("read");
+        node.io().read(0, &mut buf).await.expect("read");
         let zero_ranges = [
             (65536, 196608),
             (300_000, 400_000),
@@ -513,6 +539,7 @@ async fn block_status_matches_qemu_img_map() {
                 depth,
             } = stack
                 .node
+                .io()
                 .block_status(offset, SIZE - offset)
                 .await
                 .expect("block status");
@@ -543,7 +570,8 @@ async fn many_requests_in_flight_from_many_tasks() {
                 for i in 0..PER_TASK {
                     let offset = (i * TASKS + t) * CHUNK;
                     let data = pattern(CHUNK as usize, (t * 7 + i) as u8);
-                    node.write(offset, &data, WriteFlags::default())
+                    node.io()
+                        .write(offset, &data, WriteFlags::default())
                         .await
                         .expect("concurrent write");
                 }
@@ -560,7 +588,10 @@ async fn many_requests_in_flight_from_many_tasks() {
                     for i in 0..PER_TASK {
                         let offset = (i * TASKS + t) * CHUNK;
                         let mut buf = vec![0u8; CHUNK as usize];
-                        node.read(offset, &mut buf).await.expect("concurrent read");
+                        node.io()
+                            .read(offset, &mut buf)
+                            .await
+                            .expect("concurrent read");
                         assert_eq!(
                             buf,
                             pattern(CHUNK as usize, (t * 7 + i) as u8),
@@ -594,34 +625,38 @@ async fn out_of_range_is_einval_and_read_only_is_eperm() {
         let stack = images.open(false).await;
         let node = &stack.node;
         let mut buf = vec![0u8; 1024];
-        assert_eq!(errno(node.read(SIZE - 512, &mut buf).await), libc::EINVAL);
         assert_eq!(
-            errno(node.write(SIZE, &buf, WriteFlags::default()).await),
+            errno(node.io().read(SIZE - 512, &mut buf).await),
+            libc::EINVAL
+        );
+        assert_eq!(
+            errno(node.io().write(SIZE, &buf, WriteFlags::default()).await),
             libc::EINVAL
         );
         assert_eq!(
             errno(
-                node.write_zeroes(u64::MAX - 1, 4096, ZeroFlags::default())
+                node.io()
+                    .write_zeroes(u64::MAX - 1, 4096, ZeroFlags::default())
                     .await
             ),
             libc::EINVAL
         );
-        assert_eq!(errno(node.discard(SIZE - 1, 2).await), libc::EINVAL);
+        assert_eq!(errno(node.io().discard(SIZE - 1, 2).await), libc::EINVAL);
         stack.close().await;
 
         let stack = images.open(true).await;
         let node = &stack.node;
         assert!(node.read_only());
         assert_eq!(
-            errno(node.write(0, &buf, WriteFlags::default()).await),
+            errno(node.io().write(0, &buf, WriteFlags::default()).await),
             libc::EPERM
         );
         assert_eq!(
-            errno(node.write_zeroes(0, 4096, ZeroFlags::default()).await),
+            errno(node.io().write_zeroes(0, 4096, ZeroFlags::default()).await),
             libc::EPERM
         );
-        assert_eq!(errno(node.discard(0, 4096).await), libc::EPERM);
-        node.read(0, &mut buf).await.expect("reads still work");
+        assert_eq!(errno(node.io().discard(0, 4096).await), libc::EPERM);
+        node.io().read(0, &mut buf).await.expect("reads still work");
         assert!(
             node.attach("export 'e'", true).is_err(),
             "{kind:?}: writable user refused"
@@ -722,7 +757,7 @@ async fn locking_against_qemu() {
             .expect("force-share reader");
         drop(node);
         for n in graph.drain() {
-            n.driver().close().await.expect("close");
+            n.close().await.expect("close");
         }
         drop(qsd);
     }
@@ -798,11 +833,12 @@ async fn resize_where_the_format_allows_it() {
             _ => result.unwrap_or_else(|e| panic!("{kind:?}: resize: {e}")),
         }
         assert_eq!(node.size(), new_size, "{kind:?}");
-        node.write(new_size - 4096, &[0x77; 4096], WriteFlags::default())
+        node.io()
+            .write(new_size - 4096, &[0x77; 4096], WriteFlags::default())
             .await
             .expect("write in the new area");
         let mut buf = vec![1u8; 4096];
-        node.read(SIZE, &mut buf).await.expect("read new area");
+        node.io().read(SIZE, &mut buf).await.expect("read new area");
         assert!(
             buf.iter().all(|&b| b == 0),
             "{kind:?}: new area reads zeroes"
@@ -835,7 +871,7 @@ async fn growing_after_a_shrink_shows_no_old_data() {
     node.resize(MIB + 4096).await.expect("shrink");
     node.resize(SIZE).await.expect("grow");
     let mut buf = vec![1u8; MIB as usize];
-    node.read(MIB, &mut buf).await.expect("read");
+    node.io().read(MIB, &mut buf).await.expect("read");
     assert_eq!(buf[..4096], [0x11; 4096], "kept before the shrink point");
     assert!(
         buf[4096..].iter().all(|&b| b == 0),
@@ -850,13 +886,14 @@ async fn growing_after_a_shrink_shows_no_old_data() {
     let images = Images::create(Kind::Qcow2);
     let stack = images.open(false).await;
     let node = &stack.node;
-    node.write(MIB, &[0xaa; 65536], WriteFlags::default())
+    node.io()
+        .write(MIB, &[0xaa; 65536], WriteFlags::default())
         .await
         .expect("write");
     node.resize(MIB + 512).await.expect("shrink");
     node.resize(SIZE).await.expect("grow");
     let mut buf = vec![1u8; 65536];
-    node.read(MIB, &mut buf).await.expect("read");
+    node.io().read(MIB, &mut buf).await.expect("read");
     assert_eq!(buf[..512], [0xaa; 512], "kept before the shrink point");
     assert!(
         buf[512..].iter().all(|&b| b == 0),
@@ -880,17 +917,18 @@ async fn detect_zeroes_unmap_punches_holes() {
         let graph = NodeGraph::new();
         let node = open::blockdev_add(&graph, options).await.expect("open");
         assert_eq!(open::node_info(&node, false)["detect_zeroes"], "unmap");
-        node.write(0, &[0u8; 65536], WriteFlags::default())
+        node.io()
+            .write(0, &[0u8; 65536], WriteFlags::default())
             .await
             .expect("zero write");
-        let e = node.block_status(0, 65536).await.expect("status");
+        let e = node.io().block_status(0, 65536).await.expect("status");
         assert!(!e.data && e.zero, "{kind:?}: {e:?}");
         let mut buf = vec![1u8; 65536];
-        node.read(0, &mut buf).await.expect("read");
+        node.io().read(0, &mut buf).await.expect("read");
         assert!(buf.iter().all(|&b| b == 0));
         drop(node);
         for n in graph.drain() {
-            n.driver().close().await.expect("close");
+            n.close().await.expect("close");
         }
         images.qemu_io(&["read -P 0 0 64k", "read -P 0xab 64k 960k"]);
     }
@@ -937,7 +975,7 @@ async fn a_qcow2_file_has_one_writer() {
     drop(reader);
     // Once q1 is gone the file is free again.
     let q1 = graph.remove("q1").expect("remove q1");
-    q1.driver().close().await.expect("close q1");
+    q1.close().await.expect("close q1");
     open::blockdev_add(
         &graph,
         json!({"driver": "qcow2", "node-name": "q2", "file": "f"}),
@@ -945,7 +983,7 @@ async fn a_qcow2_file_has_one_writer() {
     .await
     .expect("second qcow2 after the first left");
     for n in graph.drain() {
-        n.driver().close().await.expect("close");
+        n.close().await.expect("close");
     }
 }
 
@@ -1018,12 +1056,13 @@ async fn host_device_on_a_loop_device() {
     .await
     .expect("host_device");
     assert_eq!(node.size(), SIZE, "size from BLKGETSIZE64");
-    assert_eq!(node.driver().driver_name(), "host_device");
-    node.write(4096, &[0x3c; 8192], WriteFlags { fua: true })
+    assert_eq!(node.driver_name(), "host_device");
+    node.io()
+        .write(4096, &[0x3c; 8192], WriteFlags { fua: true })
         .await
         .expect("write");
     let mut buf = vec![0u8; 8192];
-    node.read(4096, &mut buf).await.expect("read");
+    node.io().read(4096, &mut buf).await.expect("read");
     assert!(buf.iter().all(|&b| b == 0x3c));
     assert_eq!(
         node.resize(SIZE + MIB).await.expect_err("grow").to_string(),
@@ -1045,7 +1084,7 @@ async fn host_device_on_a_loop_device() {
     );
     drop(node);
     for n in graph.drain() {
-        n.driver().close().await.expect("close");
+        n.close().await.expect("close");
     }
     // What we wrote reached the backing file.
     images.qemu_io(&["read -P 0x3c 4k 8k"]);
@@ -1175,7 +1214,7 @@ async fn query_named_block_nodes_matches_qsd() {
             );
         }
         for n in graph.drain() {
-            n.driver().close().await.expect("close");
+            n.close().await.expect("close");
         }
     }
 }
@@ -1196,12 +1235,14 @@ async fn fast_zeroes_and_a_dropped_qcow2_keeps_its_data() {
         let stack = images.open(false).await;
         stack
             .node
+            .io()
             .write_zeroes(65536, 65536, fast)
             .await
             .unwrap_or_else(|e| panic!("{kind:?}: aligned fast zeroes: {e}"));
         if kind == Kind::Qcow2 {
             let err = stack
                 .node
+                .io()
                 .write_zeroes(1000, 4096, fast)
                 .await
                 .expect_err("unaligned fast zeroes on qcow2");
@@ -1217,6 +1258,7 @@ async fn fast_zeroes_and_a_dropped_qcow2_keeps_its_data() {
         let stack = images.open(false).await;
         stack
             .node
+            .io()
             .write(0, &[0x42; 131072], WriteFlags::default())
             .await
             .expect("write");
@@ -1241,7 +1283,7 @@ async fn explicit_backing_choices() {
     let file = json!({"driver": "file", "filename": images.top()});
     let read_at_1m = |node: Arc<Node>| async move {
         let mut buf = vec![0u8; 4096];
-        node.read(MIB, &mut buf).await.expect("read");
+        node.io().read(MIB, &mut buf).await.expect("read");
         buf[0]
     };
 
@@ -1280,7 +1322,7 @@ async fn explicit_backing_choices() {
     assert_eq!(open::node_info(&node, false)["backing_file_depth"], 1);
     drop(node);
     for n in graph.drain() {
-        n.driver().close().await.expect("close");
+        n.close().await.expect("close");
     }
 
     // A missing backing file: QEMU's message.
@@ -1323,7 +1365,7 @@ async fn persistent_bitmaps_survive_a_close() {
     };
 
     let stack = images.open(false).await;
-    assert!(stack.node.driver().supports_persistent_bitmaps());
+    assert!(stack.node.supports_persistent_bitmaps());
     let b0 = stack.node.bitmap("b0").expect("b0 loaded from the image");
     assert!(b0.persistent() && b0.enabled() && !b0.inconsistent());
     assert_eq!(b0.granularity(), 65536);
@@ -1334,6 +1376,7 @@ async fn persistent_bitmaps_survive_a_close() {
     );
     stack
         .node
+        .io()
         .write(MIB, &[1; 4096], WriteFlags::default())
         .await
         .expect("write");
@@ -1401,13 +1444,13 @@ async fn compressed_qcow2_reads_back() {
     .await
     .expect("open compressed image");
     let mut buf = vec![0u8; SIZE as usize];
-    node.read(0, &mut buf).await.expect("read");
+    node.io().read(0, &mut buf).await.expect("read");
     assert!(buf == data, "compressed clusters decompress to the source");
-    let e = node.block_status(0, 65536).await.expect("status");
+    let e = node.io().block_status(0, 65536).await.expect("status");
     assert!(e.data && e.depth == 1, "{e:?}");
     drop(node);
     for n in graph.drain() {
-        n.driver().close().await.expect("close");
+        n.close().await.expect("close");
     }
 
     // Overwriting part of a compressed cluster rewrites it uncompressed.
@@ -1417,12 +1460,13 @@ async fn compressed_qcow2_reads_back() {
     )
     .await
     .expect("open writable");
-    node.write(8192, &[0x99; 4096], WriteFlags::default())
+    node.io()
+        .write(8192, &[0x99; 4096], WriteFlags::default())
         .await
         .expect("write into a compressed cluster");
     drop(node);
     for n in graph.drain() {
-        n.driver().close().await.expect("close");
+        n.close().await.expect("close");
     }
     run("qemu-img", &["check", "-q", &qcow2]);
     data[8192..12288].fill(0x99);

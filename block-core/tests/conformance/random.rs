@@ -11,7 +11,7 @@
 //! The seed is printed and every failure names it. Replay or soak:
 //! `RANDOM_OPS_SEED=N RANDOM_OPS_BATCHES=5000 cargo test -p block-core --test conformance random`.
 
-use super::{begin, run};
+use super::{begin, run, NodeIo};
 use block_core::{open, BlockError, Node, NodeGraph, WriteFlags, ZeroFlags};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -158,19 +158,19 @@ async fn execute(node: Arc<Node>, op: Op) -> Result<Done, BlockError> {
     match op {
         Op::Read { offset, len } => {
             let mut buf = vec![0x5cu8; len as usize];
-            node.read(offset, &mut buf).await?;
+            node.io().read(offset, &mut buf).await?;
             Ok(Done::Read(buf))
         }
         Op::Write { offset, data, fua } => {
-            node.write(offset, &data, WriteFlags { fua }).await?;
+            node.io().write(offset, &data, WriteFlags { fua }).await?;
             Ok(Done::Ok)
         }
-        Op::Zero { offset, len, flags } => match node.write_zeroes(offset, len, flags).await {
+        Op::Zero { offset, len, flags } => match node.io().write_zeroes(offset, len, flags).await {
             Err(BlockError::NotFast) if flags.fast => Ok(Done::NotFast),
             r => r.map(|()| Done::Ok),
         },
-        Op::Discard { offset, len } => node.discard(offset, len).await.map(|()| Done::Ok),
-        Op::Flush => node.flush().await.map(|()| Done::Ok),
+        Op::Discard { offset, len } => node.io().discard(offset, len).await.map(|()| Done::Ok),
+        Op::Flush => node.io().flush().await.map(|()| Done::Ok),
     }
 }
 
@@ -409,7 +409,8 @@ async fn run_one(stack: Stack, discard: &str, detect: &str, seed: u64, index: u6
     while offset < size {
         let len = (size - offset).min(1 << 20);
         let mut buf = vec![0u8; len as usize];
-        node.read(offset, &mut buf)
+        node.io()
+            .read(offset, &mut buf)
             .await
             .unwrap_or_else(|e| panic!("{what}: final read: {e}"));
         if let Some((at, got, want)) = model.check(offset, &buf) {
@@ -419,8 +420,7 @@ async fn run_one(stack: Stack, discard: &str, detect: &str, seed: u64, index: u6
     }
     drop(node);
     for n in graph.drain() {
-        n.driver()
-            .close()
+        n.close()
             .await
             .unwrap_or_else(|e| panic!("{what}: close: {e}"));
     }

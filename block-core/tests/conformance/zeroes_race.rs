@@ -8,7 +8,7 @@
 //! `discard=unmap` with may-unmap off, and `detect-zeroes=on` (a write of zeroes becomes a
 //! write-zeroes).
 
-use super::{begin, run};
+use super::{begin, run, NodeIo};
 use block_core::{open, Node, NodeGraph, WriteFlags, ZeroFlags};
 use futures::future::join_all;
 use serde_json::json;
@@ -103,14 +103,17 @@ fn model(reqs: &[Req]) -> Vec<u8> {
 async fn issue(node: Arc<Node>, r: Req, zeroing: Zeroing) {
     match (r.fill, zeroing) {
         (Some(b), _) => node
+            .io()
             .write(r.offset, &vec![b; r.len as usize], WriteFlags::default())
             .await
             .expect("write"),
         (None, Zeroing::DetectZeroes) => node
+            .io()
             .write(r.offset, &vec![0; r.len as usize], WriteFlags::default())
             .await
             .expect("write of zeroes"),
         (None, Zeroing::DiscardIgnore) => node
+            .io()
             .write_zeroes(
                 r.offset,
                 r.len,
@@ -122,6 +125,7 @@ async fn issue(node: Arc<Node>, r: Req, zeroing: Zeroing) {
             .await
             .expect("write-zeroes"),
         (None, Zeroing::NoUnmap) => node
+            .io()
             .write_zeroes(r.offset, r.len, ZeroFlags::default())
             .await
             .expect("write-zeroes"),
@@ -171,7 +175,7 @@ async fn writes_and_zeroes_on_fresh_clusters_at_once() {
             .into_iter()
             .for_each(|r| r.expect("request task"));
             let mut back = vec![0xffu8; expected.len()];
-            node.read(0, &mut back).await.expect("read back");
+            node.io().read(0, &mut back).await.expect("read back");
             let lost = (0..CLUSTERS as usize)
                 .filter(|&c| {
                     let r = c * CLUSTER as usize..(c + 1) * CLUSTER as usize;
@@ -184,7 +188,7 @@ async fn writes_and_zeroes_on_fresh_clusters_at_once() {
             );
             drop(node);
             for n in graph.drain() {
-                n.driver().close().await.expect("close");
+                n.close().await.expect("close");
             }
             let reference = dir.path().join("ref.raw");
             std::fs::write(&reference, &expected).expect("reference");

@@ -122,12 +122,14 @@ impl MemDriver {
     }
 }
 
-#[async_trait]
-impl BlockDriver for MemDriver {
+impl block_core::ImageFacts for MemDriver {
     fn driver_name(&self) -> &'static str {
         "mem"
     }
+}
 
+#[async_trait]
+impl block_core::BlockIo for MemDriver {
     fn size(&self) -> u64 {
         self.image.lock().unwrap().bytes.len() as u64
     }
@@ -136,23 +138,34 @@ impl BlockDriver for MemDriver {
         self.read_only
     }
 
-    async fn read(&self, offset: u64, buf: &mut [u8]) -> block_core::Result<()> {
+    async fn readv(&self, offset: u64, buf: &block_core::SgList) -> block_core::Result<()> {
         let barrier = self.read_barrier.lock().unwrap().clone();
         if let Some(barrier) = barrier {
             barrier.wait().await;
         }
         let image = self.image.lock().unwrap();
-        buf.copy_from_slice(&image.bytes[offset as usize..offset as usize + buf.len()]);
+        buf.copy_from_slice(
+            0,
+            &image.bytes[offset as usize..offset as usize + buf.len()],
+        );
         Ok(())
     }
 
-    async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> block_core::Result<()> {
+    async fn writev(
+        &self,
+        offset: u64,
+        buf: &block_core::SgList,
+        flags: WriteFlags,
+    ) -> block_core::Result<()> {
         if flags.fua {
             self.fua_writes.fetch_add(1, Ordering::SeqCst);
         }
         self.max_write.fetch_max(buf.len() as u64, Ordering::SeqCst);
         let mut image = self.image.lock().unwrap();
-        image.bytes[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+        buf.copy_to_slice(
+            0,
+            &mut image.bytes[offset as usize..offset as usize + buf.len()],
+        );
         image.allocate(offset, buf.len() as u64);
         Ok(())
     }
@@ -204,13 +217,23 @@ impl BlockDriver for MemDriver {
             depth: u32::from(data),
         })
     }
+}
 
+#[async_trait]
+impl block_core::Resize for MemDriver {
     async fn resize(&self, new_size: u64) -> block_core::Result<()> {
         if new_size > 1 << 34 {
             return Err(BlockError::NoSpace);
         }
         self.image.lock().unwrap().resize(new_size);
         Ok(())
+    }
+}
+
+#[async_trait]
+impl BlockDriver for MemDriver {
+    fn resizer(&self) -> Option<&dyn block_core::Resize> {
+        Some(self)
     }
 }
 

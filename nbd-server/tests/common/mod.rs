@@ -90,12 +90,14 @@ impl MemDisk {
     }
 }
 
-#[async_trait]
-impl BlockDriver for MemDisk {
+impl block_core::ImageFacts for MemDisk {
     fn driver_name(&self) -> &'static str {
         "mem"
     }
+}
 
+#[async_trait]
+impl block_core::BlockIo for MemDisk {
     fn size(&self) -> u64 {
         self.state.read().unwrap().0.len() as u64
     }
@@ -108,20 +110,25 @@ impl BlockDriver for MemDisk {
         self.alignment
     }
 
-    async fn read(&self, offset: u64, buf: &mut [u8]) -> block_core::Result<()> {
+    async fn readv(&self, offset: u64, buf: &block_core::SgList) -> block_core::Result<()> {
         if self.gated_offset == Some(offset) {
             self.gate.acquire().await.unwrap().forget();
         }
         let s = self.state.read().unwrap();
-        buf.copy_from_slice(&s.0[offset as usize..offset as usize + buf.len()]);
+        buf.copy_from_slice(0, &s.0[offset as usize..offset as usize + buf.len()]);
         Ok(())
     }
 
-    async fn write(&self, offset: u64, buf: &[u8], _flags: WriteFlags) -> block_core::Result<()> {
+    async fn writev(
+        &self,
+        offset: u64,
+        buf: &block_core::SgList,
+        _flags: WriteFlags,
+    ) -> block_core::Result<()> {
         if self.read_only {
             return Err(BlockError::ReadOnly);
         }
-        self.fill(offset, buf);
+        self.fill(offset, &buf.to_vec());
         Ok(())
     }
 
@@ -173,6 +180,9 @@ impl BlockDriver for MemDisk {
         })
     }
 }
+
+#[async_trait]
+impl BlockDriver for MemDisk {}
 
 /// A server running on a background runtime, listening on a unix socket.
 pub struct TestServer {

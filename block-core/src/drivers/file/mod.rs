@@ -1,10 +1,15 @@
 //! The `file` protocol driver (also registered as `host_device`): a host file or block device.
 //!
 //! # How I/O is done
-//! Buffered reads and writes are first tried inline with `preadv2`/`pwritev2` and `RWF_NOWAIT`:
+//! Reads and writes go straight between the request's [`SgList`] and the kernel
+//! (`preadv2`/`pwritev2` over its segments): no bounce copy, except where `O_DIRECT`
+//! alignment needs one. Buffered reads and writes are first tried inline with `RWF_NOWAIT`:
 //! a page-cache hit completes on the calling task with no thread hop. When the kernel answers
 //! `EAGAIN` (the data is not cached, or the write would block) the rest of the request goes to
-//! tokio's blocking thread pool with an owned buffer. If the kernel refuses `RWF_NOWAIT`
+//! tokio's blocking thread pool, which takes a clone of the list (so its memory lives until
+//! the pool is done with it, even if the caller stops waiting). Outside a tokio runtime the
+//! request is done on the calling thread; threads that want many requests in flight submit
+//! them through a [`Submitter`](crate::Submitter). If the kernel refuses `RWF_NOWAIT`
 //! altogether (`EOPNOTSUPP`), the driver stops trying it for that kind of request.
 //!
 //! ext4 refuses `RWF_NOWAIT` for buffered writes. There a write is still done inline when
@@ -19,8 +24,9 @@
 //! on to a socket without copying. It runs inline when `cachestat(2)` says every page of the
 //! range is cached, and in the blocking pool otherwise (reading from the disk blocks).
 //!
-//! With `cache.direct=on` (`O_DIRECT`) every request goes through the pool via a bounce
-//! buffer aligned to [`BlockDriver::request_alignment`]; misaligned writes are done as
+//! With `cache.direct=on` (`O_DIRECT`) every request goes through the pool; a request whose
+//! offset, length and memory are aligned to [`BlockIo::request_alignment`] goes straight
+//! into its buffers, others through an aligned bounce buffer; misaligned writes are done as
 //! read-modify-write under an exclusive lock so that they cannot race with other writes.
 //!
 //! Holes: `write_zeroes` uses `fallocate(ZERO_RANGE)`, or `PUNCH_HOLE` when unmapping is
@@ -30,7 +36,11 @@ mod lock;
 
 pub use lock::{LockError, Perms};
 
-use crate::driver::{page_size, BlockDriver, Extent, ImageDetails, WriteFlags, ZeroFlags};
+use crate::buffer::{AlignedBuf, SgList};
+use crate::driver::{
+    page_size, write_zero_buffers, BlockDriver, BlockIo, Extent, ImageDetails, ImageFacts, Resize,
+    SpliceRead, WriteFlags, ZeroFlags,
+};
 use crate::error::{BlockError, Result};
 use async_trait::async_trait;
 use std::fs::{File, OpenOptions};
@@ -38,7 +48,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// `RWF_DSYNC` from `linux/fs.h`: a per-write `O_DSYNC`.
@@ -156,6 +166,26 @@ pub struct FileDriver {
     locks: Option<(Perms, Perms)>,
     /// The locks are released (or were never taken): the node was inactive.
     unlocked: AtomicBool,
+    /// Reads and writes in the driver now, and the most at once (see [`FileDriver::in_flight`]).
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+/// A read or write counted while it is in the driver.
+struct InFlight<'a>(&'a FileDriver);
+
+impl<'a> InFlight<'a> {
+    fn new(drv: &'a FileDriver) -> InFlight<'a> {
+        let now = drv.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        drv.max_in_flight.fetch_max(now, Ordering::Relaxed);
+        InFlight(drv)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn errno(e: &io::Error) -> i32 {
@@ -275,12 +305,23 @@ impl FileDriver {
             rmw: tokio::sync::RwLock::new(()),
             locks,
             unlocked: AtomicBool::new(opts.defer_locks),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
         })
     }
 
     /// Whether the node is a `host_device` (a block or character device).
     pub fn is_block_device(&self) -> bool {
         self.block_device
+    }
+
+    /// Reads and writes in the driver now, and the most that were at once since the node
+    /// was opened.
+    pub fn in_flight(&self) -> (usize, usize) {
+        (
+            self.in_flight.load(Ordering::Relaxed),
+            self.max_in_flight.load(Ordering::Relaxed),
+        )
     }
 
     /// Whether `O_DIRECT` is in use.
@@ -320,23 +361,22 @@ impl FileDriver {
         }
     }
 
-    /// One inline `preadv2(RWF_NOWAIT)`; `Ok(None)` when it would block.
-    fn try_read_nowait(&self, offset: u64, buf: &mut [u8]) -> Result<Option<usize>> {
-        let iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        // SAFETY: `iov` describes `buf`, which is valid for writes of its length for the whole
-        // call; the fd is open while `self.file` lives.
-        let n = unsafe {
-            libc::preadv2(
-                self.file.as_raw_fd(),
-                &iov,
-                1,
-                offset as libc::off_t,
-                RWF_NOWAIT,
-            )
-        };
+    /// One inline `preadv2(RWF_NOWAIT)` into `buf` from byte `skip` on; `Ok(None)` when it
+    /// would block.
+    fn try_read_nowait(&self, offset: u64, buf: &SgList, skip: usize) -> Result<Option<usize>> {
+        let n = buf.with_iovecs(skip, |iovs| {
+            // SAFETY: the iovecs describe memory of `buf`, which its owner keeps valid for
+            // writes during the call; the fd is open while `self.file` lives.
+            unsafe {
+                libc::preadv2(
+                    self.file.as_raw_fd(),
+                    iovs.as_ptr(),
+                    iovs.len() as libc::c_int,
+                    offset as libc::off_t,
+                    RWF_NOWAIT,
+                )
+            }
+        });
         if n >= 0 {
             return Ok(Some(n as usize));
         }
@@ -352,23 +392,22 @@ impl FileDriver {
         }
     }
 
-    /// One inline `pwritev2(RWF_NOWAIT)`; `Ok(None)` when it would block.
-    fn try_write_nowait(&self, offset: u64, buf: &[u8]) -> Result<Option<usize>> {
-        let iov = libc::iovec {
-            iov_base: buf.as_ptr() as *mut libc::c_void,
-            iov_len: buf.len(),
-        };
-        // SAFETY: `iov` describes `buf`, valid for reads of its length during the call (the
-        // kernel does not write through it); the fd is open while `self.file` lives.
-        let n = unsafe {
-            libc::pwritev2(
-                self.file.as_raw_fd(),
-                &iov,
-                1,
-                offset as libc::off_t,
-                RWF_NOWAIT,
-            )
-        };
+    /// One inline `pwritev2(RWF_NOWAIT)` of `buf` from byte `skip` on; `Ok(None)` when it
+    /// would block.
+    fn try_write_nowait(&self, offset: u64, buf: &SgList, skip: usize) -> Result<Option<usize>> {
+        let n = buf.with_iovecs(skip, |iovs| {
+            // SAFETY: the iovecs describe memory of `buf`, valid for reads during the call;
+            // the fd is open while `self.file` lives.
+            unsafe {
+                libc::pwritev2(
+                    self.file.as_raw_fd(),
+                    iovs.as_ptr(),
+                    iovs.len() as libc::c_int,
+                    offset as libc::off_t,
+                    RWF_NOWAIT,
+                )
+            }
+        });
         if n >= 0 {
             return Ok(Some(n as usize));
         }
@@ -399,8 +438,22 @@ impl FileDriver {
     /// Whether the page holding `offset` can be read without waiting (one byte read with
     /// `RWF_NOWAIT`).
     fn up_to_date(&self, offset: u64) -> bool {
-        let mut byte = [0u8; 1];
-        matches!(self.try_read_nowait(offset, &mut byte), Ok(Some(1)))
+        let mut byte = 0u8;
+        let iov = libc::iovec {
+            iov_base: (&mut byte as *mut u8).cast(),
+            iov_len: 1,
+        };
+        // SAFETY: `iov` describes `byte`, valid for writes during the call; the fd is open.
+        let n = unsafe {
+            libc::preadv2(
+                self.file.as_raw_fd(),
+                &iov,
+                1,
+                offset as libc::off_t,
+                RWF_NOWAIT,
+            )
+        };
+        n == 1
     }
 
     /// Whether every page of the range is in the page cache (`cachestat`); false when that
@@ -452,46 +505,61 @@ impl FileDriver {
         stat.nr_cache >= pages
     }
 
-    async fn read_direct(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+    /// Whether an `O_DIRECT` request can use the caller's buffers as they are.
+    fn direct_aligned(&self, offset: u64, buf: &SgList) -> bool {
+        let align = self.align as usize;
+        offset % align as u64 == 0 && buf.len() % align == 0 && buf.is_aligned(align)
+    }
+
+    async fn read_direct(&self, offset: u64, buf: &SgList) -> Result<()> {
+        if self.direct_aligned(offset, buf) {
+            let buf = buf.clone();
+            return self
+                .blocking("reading", move |f| read_full_sg(f, &buf, 0, offset))
+                .await;
+        }
         let align = u64::from(self.align);
         let start = offset / align * align;
         let end = (offset + buf.len() as u64).div_ceil(align) * align;
-        let len = (end - start) as usize;
-        let bounce = self
-            .blocking("reading", move |f| {
-                let mut b = AlignedBuf::new(len, BUFFER_ALIGN)?;
-                read_full(f, b.as_mut_slice(), start)?;
-                Ok(b)
-            })
+        let bounce = SgList::aligned((end - start) as usize, BUFFER_ALIGN)
+            .map_err(|e| self.io_err("allocating a buffer for", e))?;
+        let b = bounce.clone();
+        self.blocking("reading", move |f| read_full_sg(f, &b, 0, start))
             .await?;
         let skip = (offset - start) as usize;
-        buf.copy_from_slice(&bounce.as_slice()[skip..skip + buf.len()]);
+        let mut data = vec![0u8; buf.len()];
+        bounce.copy_to_slice(skip, &mut data);
+        buf.copy_from_slice(0, &data);
         Ok(())
     }
 
-    async fn write_direct(&self, offset: u64, buf: &[u8], fua: bool) -> Result<()> {
+    async fn write_direct(&self, offset: u64, buf: &SgList, fua: bool) -> Result<()> {
+        if self.direct_aligned(offset, buf) {
+            let buf = buf.clone();
+            let _shared = self.rmw.read().await;
+            return self
+                .blocking("writing", move |f| write_full_sg(f, &buf, 0, offset, fua))
+                .await;
+        }
         let align = u64::from(self.align);
         let start = offset / align * align;
         let end = (offset + buf.len() as u64).div_ceil(align) * align;
-        let len = (end - start) as usize;
         let aligned = start == offset && end == offset + buf.len() as u64;
-        let mut bounce = AlignedBuf::new(len, BUFFER_ALIGN)
+        let bounce = SgList::aligned((end - start) as usize, BUFFER_ALIGN)
             .map_err(|e| self.io_err("allocating a buffer for", e))?;
         let skip = (offset - start) as usize;
+        let data = buf.to_vec();
         if aligned {
-            bounce.as_mut_slice().copy_from_slice(buf);
+            bounce.copy_from_slice(0, &data);
             let _shared = self.rmw.read().await;
-            self.blocking("writing", move |f| {
-                write_full(f, bounce.as_slice(), start, fua)
-            })
-            .await
+            self.blocking("writing", move |f| write_full_sg(f, &bounce, 0, start, fua))
+                .await
         } else {
-            let data = buf.to_vec();
             let _exclusive = self.rmw.write().await;
             self.blocking("writing", move |f| {
-                read_full(f, bounce.as_mut_slice(), start)?;
-                bounce.as_mut_slice()[skip..skip + data.len()].copy_from_slice(&data);
-                write_full(f, bounce.as_slice(), start, fua)
+                read_full_sg(f, &bounce, 0, start)?;
+                bounce.copy_from_slice(skip, &data);
+                write_full_sg(f, &bounce, 0, start, fua)
             })
             .await
         }
@@ -515,19 +583,6 @@ impl FileDriver {
             }
         })
         .await
-    }
-
-    async fn write_zero_buffers(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
-        const CHUNK: u64 = 1 << 20;
-        let zeroes = vec![0u8; CHUNK.min(len) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(CHUNK);
-            self.write(offset + done, &zeroes[..n as usize], WriteFlags { fua })
-                .await?;
-            done += n;
-        }
-        Ok(())
     }
 
     fn seek(&self, offset: u64, whence: libc::c_int) -> io::Result<u64> {
@@ -632,45 +687,61 @@ fn splice_full(
     Ok(true)
 }
 
-/// Reads until `buf` is full; what lies beyond the end of the file reads as zeroes.
-fn read_full(f: &File, buf: &mut [u8], mut offset: u64) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match f.read_at(&mut buf[done..], offset) {
-            Ok(0) => {
-                buf[done..].fill(0);
-                break;
+/// Reads until `buf` is full from byte `skip` on; what lies beyond the end of the file reads
+/// as zeroes.
+fn read_full_sg(f: &File, buf: &SgList, mut skip: usize, mut offset: u64) -> io::Result<()> {
+    while skip < buf.len() {
+        let n = buf.with_iovecs(skip, |iovs| {
+            // SAFETY: the iovecs describe memory of `buf`, which its owner keeps valid for
+            // writes during the call; the fd is open while `f` is borrowed.
+            unsafe {
+                libc::preadv(
+                    f.as_raw_fd(),
+                    iovs.as_ptr(),
+                    iovs.len() as libc::c_int,
+                    offset as libc::off_t,
+                )
             }
-            Ok(n) => {
-                done += n;
-                offset += n as u64;
+        });
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            return Err(e);
         }
+        if n == 0 {
+            buf.fill_zero(skip, buf.len() - skip);
+            break;
+        }
+        skip += n as usize;
+        offset += n as u64;
     }
     Ok(())
 }
 
-/// Writes all of `buf`; with `fua`, each write is `RWF_DSYNC`.
-fn write_full(f: &File, buf: &[u8], mut offset: u64, fua: bool) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let rest = &buf[done..];
-        let iov = libc::iovec {
-            iov_base: rest.as_ptr() as *mut libc::c_void,
-            iov_len: rest.len(),
-        };
-        // SAFETY: `iov` describes `rest`, valid for reads during the call; the fd is open.
-        let n = unsafe {
-            libc::pwritev2(
-                f.as_raw_fd(),
-                &iov,
-                1,
-                offset as libc::off_t,
-                if fua { RWF_DSYNC } else { 0 },
-            )
-        };
+/// Writes all of `buf` from byte `skip` on; with `fua`, each write is `RWF_DSYNC`.
+fn write_full_sg(
+    f: &File,
+    buf: &SgList,
+    mut skip: usize,
+    mut offset: u64,
+    fua: bool,
+) -> io::Result<()> {
+    while skip < buf.len() {
+        let n = buf.with_iovecs(skip, |iovs| {
+            // SAFETY: the iovecs describe memory of `buf`, valid for reads during the call;
+            // the fd is open while `f` is borrowed.
+            unsafe {
+                libc::pwritev2(
+                    f.as_raw_fd(),
+                    iovs.as_ptr(),
+                    iovs.len() as libc::c_int,
+                    offset as libc::off_t,
+                    if fua { RWF_DSYNC } else { 0 },
+                )
+            }
+        });
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -681,70 +752,19 @@ fn write_full(f: &File, buf: &[u8], mut offset: u64, fua: bool) -> io::Result<()
         if n == 0 {
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
-        done += n as usize;
+        skip += n as usize;
         offset += n as u64;
     }
     Ok(())
 }
 
-/// A heap buffer aligned for `O_DIRECT`.
-struct AlignedBuf {
-    ptr: std::ptr::NonNull<u8>,
-    layout: std::alloc::Layout,
-}
-
-// SAFETY: the buffer is uniquely owned heap memory; nothing else aliases it.
-unsafe impl Send for AlignedBuf {}
-
-impl AlignedBuf {
-    fn new(len: usize, align: usize) -> io::Result<AlignedBuf> {
-        let layout = std::alloc::Layout::from_size_align(len.max(1), align.max(1))
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr = std::ptr::NonNull::new(ptr)
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
-        Ok(AlignedBuf { ptr, layout })
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: `ptr` points at `layout.size()` initialised (zeroed) bytes owned by `self`.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as in `as_slice`, and `&mut self` makes the access unique.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: `ptr` was allocated with exactly this layout and is freed once.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
-    }
-}
-
-#[async_trait]
-impl BlockDriver for FileDriver {
+impl ImageFacts for FileDriver {
     fn driver_name(&self) -> &'static str {
         if self.block_device {
             "host_device"
         } else {
             "file"
         }
-    }
-
-    fn size(&self) -> u64 {
-        self.size.load(Ordering::Acquire)
-    }
-
-    fn read_only(&self) -> bool {
-        self.read_only
-    }
-
-    fn request_alignment(&self) -> u32 {
-        self.align
     }
 
     fn filename(&self) -> Option<String> {
@@ -762,18 +782,34 @@ impl BlockDriver for FileDriver {
             ..ImageDetails::default()
         }
     }
+}
 
-    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+#[async_trait]
+impl BlockIo for FileDriver {
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn request_alignment(&self) -> u32 {
+        self.align
+    }
+
+    async fn readv(&self, offset: u64, buf: &SgList) -> Result<()> {
+        let _counted = InFlight::new(self);
         if self.direct {
             return self.read_direct(offset, buf).await;
         }
         let mut done = 0;
         if self.nowait_read.load(Ordering::Relaxed) {
             while done < buf.len() {
-                match self.try_read_nowait(offset + done as u64, &mut buf[done..])? {
+                match self.try_read_nowait(offset + done as u64, buf, done)? {
                     Some(0) => {
                         // Beyond the end of the file (it shrank behind our back): zeroes.
-                        buf[done..].fill(0);
+                        buf.fill_zero(done, buf.len() - done);
                         return Ok(());
                     }
                     Some(n) => done += n,
@@ -784,46 +820,21 @@ impl BlockDriver for FileDriver {
                 return Ok(());
             }
         }
-        let len = buf.len() - done;
         let start = offset + done as u64;
-        let data = self
-            .blocking("reading", move |f| {
-                let mut v = vec![0u8; len];
-                read_full(f, &mut v, start)?;
-                Ok(v)
-            })
-            .await?;
-        buf[done..].copy_from_slice(&data);
-        Ok(())
+        let buf = buf.clone();
+        self.blocking("reading", move |f| read_full_sg(f, &buf, done, start))
+            .await
     }
 
-    async fn splice_read(&self, offset: u64, len: usize, pipe: &Arc<OwnedFd>) -> Result<bool> {
-        if !self.splice.load(Ordering::Relaxed) {
-            return Ok(false);
-        }
-        // `cachestat` also counts pages still being read in (readahead in flight); a page
-        // read with `RWF_NOWAIT` must be up to date. Probing the last page suffices in
-        // practice: readahead fills a window front to back.
-        if self.cached(offset, len) && self.up_to_date(offset + len as u64 - 1) {
-            return splice_full(&self.file, pipe, offset, len, &self.splice)
-                .map_err(|e| self.io_err("reading", e));
-        }
-        let pipe = Arc::clone(pipe);
-        let splice = Arc::clone(&self.splice);
-        self.blocking("reading", move |f| {
-            splice_full(f, &pipe, offset, len, &splice)
-        })
-        .await
-    }
-
-    async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+    async fn writev(&self, offset: u64, buf: &SgList, flags: WriteFlags) -> Result<()> {
+        let _counted = InFlight::new(self);
         if self.direct {
             return self.write_direct(offset, buf, flags.fua).await;
         }
         let mut done = 0;
         if !flags.fua && self.nowait_write.load(Ordering::Relaxed) {
             while done < buf.len() {
-                match self.try_write_nowait(offset + done as u64, &buf[done..])? {
+                match self.try_write_nowait(offset + done as u64, buf, done)? {
                     Some(0) | None => break,
                     Some(n) => done += n,
                 }
@@ -840,7 +851,7 @@ impl BlockDriver for FileDriver {
             && self.may_write_inline(start, buf.len() - done)
         {
             let began = clock();
-            let r = write_full(&self.file, &buf[done..], start, false);
+            let r = write_full_sg(&self.file, buf, done, start, false);
             let took = clock() - began;
             if took > SLOW_INLINE_WRITE.as_nanos() as u64 {
                 self.pool_writes_until.store(
@@ -850,9 +861,11 @@ impl BlockDriver for FileDriver {
             }
             return r.map_err(|e| self.io_err("writing", e));
         }
-        let data = buf[done..].to_vec();
-        self.blocking("writing", move |f| write_full(f, &data, start, flags.fua))
-            .await
+        let buf = buf.clone();
+        self.blocking("writing", move |f| {
+            write_full_sg(f, &buf, done, start, flags.fua)
+        })
+        .await
     }
 
     async fn flush(&self) -> Result<()> {
@@ -860,40 +873,6 @@ impl BlockDriver for FileDriver {
             return Ok(());
         }
         self.blocking("flushing", |f| f.sync_data()).await
-    }
-
-    async fn set_active(&self, active: bool) -> Result<()> {
-        if self.unlocked.load(Ordering::Acquire) != active {
-            return Ok(());
-        }
-        if active && !self.block_device {
-            // Another process may have grown or shrunk the file meanwhile.
-            let meta = self
-                .blocking("reading the size of", |f| f.metadata())
-                .await?;
-            self.size
-                .store(meta.len().div_ceil(512) * 512, Ordering::Release);
-        }
-        if let Some((perm, shared)) = self.locks {
-            let file = Arc::clone(&self.file);
-            let path = self.path.clone();
-            tokio::task::spawn_blocking(move || {
-                if active {
-                    match lock::lock(&file, perm, shared) {
-                        // `locking=auto` where the file system has no locks (deferred locks
-                        // were never tried at open).
-                        Err(e) if e.unsupported() => Ok(()),
-                        r => r.map_err(|e| BlockError::Invalid(e.to_string())),
-                    }
-                } else {
-                    lock::unlock(&file).map_err(|e| BlockError::io(format!("unlocking {path}"), e))
-                }
-            })
-            .await
-            .map_err(|e| BlockError::Invalid(e.to_string()))??;
-        }
-        self.unlocked.store(!active, Ordering::Release);
-        Ok(())
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -947,7 +926,7 @@ impl BlockDriver for FileDriver {
                 if flags.fast {
                     Err(BlockError::NotFast)
                 } else {
-                    self.write_zero_buffers(offset, len, flags.fua).await
+                    write_zero_buffers(self, offset, len, flags.fua).await
                 }
             }
             Err(e) => Err(e),
@@ -993,7 +972,32 @@ impl BlockDriver for FileDriver {
             Err(_) => Ok(data),
         }
     }
+}
 
+#[async_trait]
+impl SpliceRead for FileDriver {
+    async fn splice_read(&self, offset: u64, len: usize, pipe: &Arc<OwnedFd>) -> Result<bool> {
+        if !self.splice.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        // `cachestat` also counts pages still being read in (readahead in flight); a page
+        // read with `RWF_NOWAIT` must be up to date. Probing the last page suffices in
+        // practice: readahead fills a window front to back.
+        if self.cached(offset, len) && self.up_to_date(offset + len as u64 - 1) {
+            return splice_full(&self.file, pipe, offset, len, &self.splice)
+                .map_err(|e| self.io_err("reading", e));
+        }
+        let pipe = Arc::clone(pipe);
+        let splice = Arc::clone(&self.splice);
+        self.blocking("reading", move |f| {
+            splice_full(f, &pipe, offset, len, &splice)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Resize for FileDriver {
     async fn resize(&self, new_size: u64) -> Result<()> {
         if self.block_device {
             let size = self.size();
@@ -1015,9 +1019,70 @@ impl BlockDriver for FileDriver {
     }
 }
 
+#[async_trait]
+impl BlockDriver for FileDriver {
+    fn splice(&self) -> Option<&dyn SpliceRead> {
+        // O_DIRECT bypasses the page cache: nothing to splice from.
+        (!self.direct).then_some(self as &dyn SpliceRead)
+    }
+
+    fn resizer(&self) -> Option<&dyn Resize> {
+        Some(self)
+    }
+
+    async fn set_active(&self, active: bool) -> Result<()> {
+        if self.unlocked.load(Ordering::Acquire) != active {
+            return Ok(());
+        }
+        if active && !self.block_device {
+            // Another process may have grown or shrunk the file meanwhile.
+            let meta = self
+                .blocking("reading the size of", |f| f.metadata())
+                .await?;
+            self.size
+                .store(meta.len().div_ceil(512) * 512, Ordering::Release);
+        }
+        if let Some((perm, shared)) = self.locks {
+            let file = Arc::clone(&self.file);
+            let path = self.path.clone();
+            tokio::task::spawn_blocking(move || {
+                if active {
+                    match lock::lock(&file, perm, shared) {
+                        // `locking=auto` where the file system has no locks (deferred locks
+                        // were never tried at open).
+                        Err(e) if e.unsupported() => Ok(()),
+                        r => r.map_err(|e| BlockError::Invalid(e.to_string())),
+                    }
+                } else {
+                    lock::unlock(&file).map_err(|e| BlockError::io(format!("unlocking {path}"), e))
+                }
+            })
+            .await
+            .map_err(|e| BlockError::Invalid(e.to_string()))??;
+        }
+        self.unlocked.store(!active, Ordering::Release);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Slice conveniences for the tests.
+    impl FileDriver {
+        async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            let list = SgList::zeroed(buf.len());
+            self.readv(offset, &list).await?;
+            list.copy_to_slice(0, buf);
+            Ok(())
+        }
+
+        async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+            self.writev(offset, &SgList::from_vec(buf.to_vec()), flags)
+                .await
+        }
+    }
 
     fn image(len: usize) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
