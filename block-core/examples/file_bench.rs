@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release -p block-core --example file_bench -- \
-//!     [inline|pool|qcow2] [read|write] [COUNT] [DEPTH] [tasks|thread]
+//!     [inline|pool|qcow2] [read|write] [COUNT] [DEPTH] [tasks|thread|thread-inline]
 //! ```
 //!
 //! Nodes: `inline` (the default) is a `file` node that tries `RWF_NOWAIT` on the calling task
@@ -14,7 +14,10 @@
 //! the other through an [`Attachment`](block_core::Attachment); `thread` submits from one
 //! plain thread through a [`Submitter`](block_core::Submitter), keeping DEPTH requests in
 //! flight and reaping completions from a [`CompletionQueue`](block_core::CompletionQueue), as
-//! a virtqueue worker does. Each request has its own 4 KiB [`SgList`](block_core::SgList),
+//! a virtqueue worker does; `thread-inline` does the same with
+//! [`Submitter::with_inline_start`](block_core::Submitter::with_inline_start), so that a
+//! request the driver completes without blocking completes on the submitting thread. Each
+//! request has its own 4 KiB [`SgList`](block_core::SgList),
 //! reused from one request to the next. The runtime has two worker threads.
 //!
 //! Printed: requests per second, and the process's CPU time (user + system, all threads) per
@@ -190,13 +193,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let start = Instant::now();
     match submit {
         "tasks" => runtime.block_on(run_tasks(&io, write, count, depth))?,
-        "thread" => {
-            let submitter = Submitter::new(io.clone(), runtime.handle().clone());
+        "thread" | "thread-inline" => {
+            let submitter = Submitter::new(io.clone(), runtime.handle().clone())
+                .with_inline_start(submit == "thread-inline");
             std::thread::spawn(move || run_thread(submitter, write, count, depth))
                 .join()
                 .map_err(|_| "the submitting thread panicked")??
         }
-        other => return Err(format!("unknown submission '{other}': tasks or thread").into()),
+        other => {
+            return Err(
+                format!("unknown submission '{other}': tasks, thread or thread-inline").into(),
+            )
+        }
     }
     let elapsed = start.elapsed();
     let cpu = cpu_seconds() - cpu;

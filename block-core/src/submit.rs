@@ -132,6 +132,7 @@ impl Request {
 pub struct Submitter {
     attachment: Attachment,
     runtime: tokio::runtime::Handle,
+    inline_start: bool,
 }
 
 impl Submitter {
@@ -141,7 +142,19 @@ impl Submitter {
         Submitter {
             attachment,
             runtime,
+            inline_start: false,
         }
+    }
+
+    /// With `true`, [`submit`](Self::submit) starts each request on the calling thread
+    /// (inside the runtime's context) and hands it to the runtime only if it has to wait: a
+    /// request the driver completes without blocking (a `file` read that hits the page cache
+    /// with `RWF_NOWAIT`) then completes on the calling thread, before `submit` returns, with
+    /// no hop between threads. Nothing blocks either way: what would block goes to the
+    /// runtime's blocking pool or worker threads. Off by default.
+    pub fn with_inline_start(mut self, inline_start: bool) -> Submitter {
+        self.inline_start = inline_start;
+        self
     }
 
     /// The attachment requests go through.
@@ -150,12 +163,26 @@ impl Submitter {
     }
 
     /// Starts `request` and returns at once; `done` is called with its completion, on a
-    /// thread of the runtime.
+    /// thread of the runtime (or on the calling thread, before `submit` returns, when the
+    /// request started inline completed at once: see
+    /// [`with_inline_start`](Self::with_inline_start)).
     pub fn submit(&self, request: Request, done: impl FnOnce(Completion) + Send + 'static) {
         let attachment = self.attachment.clone();
-        self.runtime.spawn(async move {
+        let task = async move {
             done(request.run(&attachment).await);
-        });
+        };
+        if !self.inline_start {
+            self.runtime.spawn(task);
+            return;
+        }
+        let mut task = Box::pin(task);
+        let _context = self.runtime.enter();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if std::future::Future::poll(task.as_mut(), &mut cx).is_pending() {
+            // What it waits for registered the no-op waker; the runtime polls it again at
+            // once, which registers the task's own (a future checks its state on every poll).
+            self.runtime.spawn(task);
+        }
     }
 
     /// Starts `request` and returns at once; its completion goes to `queue` with `tag`.
@@ -173,8 +200,16 @@ pub struct CompletionQueue {
 
 #[derive(Debug)]
 struct Queue {
-    done: Mutex<VecDeque<(u64, Completion)>>,
+    state: Mutex<State>,
     eventfd: OwnedFd,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    done: VecDeque<(u64, Completion)>,
+    /// The eventfd was written since the last drain: later completions need not write it
+    /// again (one system call per batch, not per completion).
+    signalled: bool,
 }
 
 impl CompletionQueue {
@@ -187,7 +222,7 @@ impl CompletionQueue {
         }
         Ok(CompletionQueue {
             inner: Arc::new(Queue {
-                done: Mutex::new(VecDeque::new()),
+                state: Mutex::new(State::default()),
                 // SAFETY: eventfd returned a new descriptor that nothing else owns.
                 eventfd: unsafe { OwnedFd::from_raw_fd(fd) },
             }),
@@ -200,53 +235,54 @@ impl CompletionQueue {
         self.inner.eventfd.as_fd()
     }
 
-    /// Adds a completion and signals the eventfd.
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a completion; signals the eventfd if it was not signalled since the last drain.
     pub fn push(&self, tag: u64, completion: Completion) {
-        self.inner
-            .done
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_back((tag, completion));
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from `one` to an eventfd we own. A full counter (EAGAIN
-        // after 2^64-2 unread signals) cannot happen; the fd stays readable either way.
-        unsafe {
-            libc::write(
-                self.inner.eventfd.as_raw_fd(),
-                (&one as *const u64).cast(),
-                8,
-            )
-        };
+        let mut state = self.lock();
+        state.done.push_back((tag, completion));
+        if !state.signalled {
+            state.signalled = true;
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from `one` to an eventfd we own. It cannot fail with a
+            // full counter: it is written once per drain.
+            unsafe {
+                libc::write(
+                    self.inner.eventfd.as_raw_fd(),
+                    (&one as *const u64).cast(),
+                    8,
+                )
+            };
+        }
     }
 
     /// Moves every waiting completion to `out` (and resets the eventfd); returns how many.
     pub fn drain(&self, out: &mut Vec<(u64, Completion)>) -> usize {
-        let mut count: u64 = 0;
-        // SAFETY: reads at most 8 bytes into `count` from a non-blocking eventfd we own; it
-        // fails with EAGAIN when nothing was signalled, which is fine.
-        unsafe {
-            libc::read(
-                self.inner.eventfd.as_raw_fd(),
-                (&mut count as *mut u64).cast(),
-                8,
-            )
-        };
-        let mut done = self.inner.done.lock().unwrap_or_else(|e| e.into_inner());
-        let n = done.len();
-        out.extend(done.drain(..));
+        let mut state = self.lock();
+        if state.signalled {
+            state.signalled = false;
+            let mut count: u64 = 0;
+            // SAFETY: reads at most 8 bytes into `count` from a non-blocking eventfd we own
+            // (signalled, so the read does not fail with EAGAIN).
+            unsafe {
+                libc::read(
+                    self.inner.eventfd.as_raw_fd(),
+                    (&mut count as *mut u64).cast(),
+                    8,
+                )
+            };
+        }
+        let n = state.done.len();
+        out.extend(state.done.drain(..));
         n
     }
 
     /// Blocks the calling thread until a completion waits (returns at once if one does).
     pub fn wait(&self) -> io::Result<()> {
         loop {
-            if !self
-                .inner
-                .done
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_empty()
-            {
+            if !self.lock().done.is_empty() {
                 return Ok(());
             }
             let mut pfd = libc::pollfd {
@@ -261,19 +297,7 @@ impl CompletionQueue {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return Err(e);
                 }
-                continue;
             }
-            // Consume the signal (a completion drained before may have left it set), then
-            // look at the queue again.
-            let mut count: u64 = 0;
-            // SAFETY: reads at most 8 bytes into `count` from a non-blocking eventfd we own.
-            unsafe {
-                libc::read(
-                    self.inner.eventfd.as_raw_fd(),
-                    (&mut count as *mut u64).cast(),
-                    8,
-                )
-            };
         }
     }
 }
