@@ -8,6 +8,9 @@
 //! - [`NodeGraph`]: all nodes by name; [`open::blockdev_add`] builds nodes from QAPI
 //!   `BlockdevOptions` JSON.
 //!
+//! - [`RemoveMode`] and [`ExportGone`]: how any export is removed and the future of its end,
+//!   shared by every export crate.
+//!
 //! Errors carry an errno ([`BlockError::errno`]) that each export maps onto its protocol.
 //!
 //! ```no_run
@@ -43,6 +46,7 @@ pub mod bitmap;
 pub mod driver;
 pub mod drivers;
 pub mod error;
+pub mod export;
 pub mod graph;
 pub mod iothread;
 pub mod node;
@@ -54,6 +58,7 @@ pub mod qcow2_bitmaps;
 pub use bitmap::DirtyBitmap;
 pub use driver::{BlockDriver, Extent, ImageDetails, WriteFlags, ZeroFlags};
 pub use error::{BlockError, Result};
+pub use export::{ExportGone, RemoveMode};
 pub use graph::{GraphError, NodeGraph};
 pub use iothread::IoThread;
 pub use node::{Attachment, ChildRole, DetectZeroes, Node, NodeConfig, UserInfo};
