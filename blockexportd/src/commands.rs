@@ -61,7 +61,7 @@ pub fn register(daemon: &Arc<Daemon>) {
             .await
     });
     command!("block-export-add", |d, args| {
-        d.block_export_add(Daemon::parse_export(args, false)?).await
+        d.block_export_add(d.parse_export(args, false)?).await
     });
     command!("block-export-del", |d, args| {
         let a: qapi::BlockExportDel = parse_arguments(args)?;
