@@ -816,15 +816,28 @@ impl Daemon {
         Ok(json!({}))
     }
 
-    /// `block-export-del` (and `nbd-server-remove`). A removal without clients finishes
+    /// `block-export-del`. A removal without clients finishes
     /// before the reply, its event first, as in QEMU; with clients (`mode: hard`), the export
     /// shows `shutting-down` until its last request is done.
     pub async fn block_export_del(self: &Arc<Self>, id: &str, mode: RemoveMode) -> CmdResult {
+        self.export_del(id, mode, false).await
+    }
+
+    /// `nbd-server-remove` (deprecated): `block-export-del` of an NBD export.
+    pub async fn nbd_server_remove(self: &Arc<Self>, name: &str, mode: RemoveMode) -> CmdResult {
+        self.export_del(name, mode, true).await
+    }
+
+    /// Removes the export `id`, which must be an NBD export if `nbd_only`.
+    async fn export_del(self: &Arc<Self>, id: &str, mode: RemoveMode, nbd_only: bool) -> CmdResult {
         let mut state = self.state.lock().await;
         let export = state
             .exports
             .get_mut(id)
             .ok_or_else(|| generic(format!("Export '{id}' is not found")))?;
+        if nbd_only && export.type_name != exports::nbd::TYPE_NAME {
+            return Err(generic(format!("Block export '{id}' is not an NBD export")));
+        }
         if export.shutting_down {
             return Err(generic(format!("Export '{id}' is already shutting down")));
         }

@@ -89,6 +89,11 @@ fn safe_removal_unmounts_while_the_file_is_open() {
         json!({"type": "fuse", "id": "fx", "node-name": "f",
                "mountpoint": mountpoint.to_str().unwrap()}),
     );
+    let (_, desc) = q.err("nbd-server-remove", json!({"name": "fx"}));
+    assert_eq!(
+        desc, "Block export 'fx' is not an NBD export",
+        "QSD's answer"
+    );
     let mut held = std::fs::File::open(&mountpoint).unwrap();
     let mut buf = [0u8; 512];
     held.read_exact(&mut buf).unwrap();
