@@ -802,17 +802,9 @@ impl Daemon {
             graph: &self.graph,
         };
         let export = options.start(ctx).await?;
-        state.exports.insert(
-            o.id,
-            RunningExport {
-                type_name: ty.name(),
-                node_name: o.node_name,
-                iothread: o.iothread,
-                shutting_down: false,
-                created: 0,
-                export,
-            },
-        );
+        state
+            .exports
+            .insert(o.id, ty.name(), o.node_name, o.iothread, export);
         Ok(json!({}))
     }
 

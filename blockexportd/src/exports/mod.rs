@@ -3,20 +3,27 @@
 //!
 //! `block-export-add` goes one way for every type ([`Daemon::block_export_add`]):
 //!
-//! 1. [`Registry::parse`] takes the common QAPI base ([`CommonOptions`]: `type`, `id`,
+//! 1. [`Registry::parse`] finds the type (`type`; the registry refuses types QEMU has and
+//!    this daemon does not serve yet), takes the common QAPI base ([`CommonOptions`]: `id`,
 //!    `node-name`, `writable`, `writethrough`, `iothread`, `fixed-iothread`,
-//!    `allow-inactive`), finds the type, and lets it parse the rest of the arguments
-//!    ([`ExportType::parse`]). Nothing is checked against the daemon yet.
+//!    `allow-inactive`), and lets the type parse the rest of the arguments
+//!    ([`ExportType::parse`]). Nothing is checked against the daemon yet, so that syntax
+//!    errors come first, as with QEMU's QAPI visitor.
 //! 2. The daemon checks what is common, once, in QEMU's order (`blk_exp_add`): the id is well
-//!    formed and unused by any export of any type, the node exists, the iothread exists, the
-//!    node is activated (or the type supports inactive exports), and the node may be attached
-//!    as asked (`writable`).
+//!    formed and unused by any export of any type, the node exists, a read-only node is not
+//!    exported writable, the iothread exists, the node is activated (or the type supports
+//!    inactive exports), and the node is attached as asked (`writable`).
 //! 3. The type starts the export from that [`ExportContext`] ([`ExportOptions::start`]).
 //!
 //! `block-export-del`, `query-block-exports`, `BLOCK_EXPORT_DELETED`, `nbd-server-stop`,
-//! `quit` and the signals then handle every running export alike, through [`Export`]: whether
-//! clients are connected, and [`Export::shutdown`] in a [`RemoveMode`], which hands back the
-//! [`ExportGone`] that resolves when its last request is done.
+//! `quit` and the signals then handle every running export alike: the daemon keeps what
+//! every type has ([`RunningExport`]: type, id, node, iothread, `shutting-down`, creation
+//! order) and asks the type's [`Export`] only whether clients are connected and to
+//! [`shutdown`](Export::shutdown) in a [`RemoveMode`], which hands back the [`ExportGone`]
+//! that resolves when its last request is done. A removal without clients is over before
+//! `block-export-del` replies (its event first, as with QSD); one with clients (`mode:
+//! hard`) drains in the background. `quit` and `nbd-server-stop` end exports newest first
+//! and wait for those already draining.
 //!
 //! Adding an export type is one module here that implements [`ExportType`] and one line in
 //! [`registry`].
@@ -276,11 +283,25 @@ impl Exports {
         self.by_id.contains_key(id)
     }
 
-    /// Adds a started export, the newest.
-    pub fn insert(&mut self, id: String, mut export: RunningExport) {
+    /// Adds a started export of type `type_name`, the newest.
+    pub fn insert(
+        &mut self,
+        id: String,
+        type_name: &'static str,
+        node_name: String,
+        iothread: Option<String>,
+        export: Box<dyn Export>,
+    ) {
         self.created += 1;
-        export.created = self.created;
-        self.by_id.insert(id, export);
+        let running = RunningExport {
+            type_name,
+            node_name,
+            iothread,
+            shutting_down: false,
+            created: self.created,
+            export,
+        };
+        self.by_id.insert(id, running);
     }
 
     /// Removes the export `id` (once it is gone).
