@@ -21,6 +21,9 @@
 //!   [`ImageFacts`] (for `query-named-block-nodes`), [`BlockDriver`] (all of it, and the
 //!   lifecycle).
 //!
+//! - [`RemoveMode`] and [`ExportGone`]: how any export is removed and the future of its end,
+//!   shared by every export crate.
+//!
 //! Errors carry an errno ([`BlockError::errno`]) that each export maps onto its protocol.
 //!
 //! ```no_run
@@ -61,6 +64,7 @@ pub mod buffer;
 pub mod driver;
 pub mod drivers;
 pub mod error;
+pub mod export;
 pub mod graph;
 pub mod iothread;
 pub mod node;
@@ -77,6 +81,7 @@ pub use driver::{
     ZeroFlags,
 };
 pub use error::{BlockError, Result};
+pub use export::{ExportGone, RemoveMode};
 pub use graph::{GraphError, NodeGraph};
 pub use iothread::IoThread;
 pub use node::{Attachment, ChildRole, DetectZeroes, Node, NodeConfig, UserInfo};

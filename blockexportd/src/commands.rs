@@ -57,16 +57,15 @@ pub fn register(daemon: &Arc<Daemon>) {
     });
     command!("nbd-server-remove", |d, args| {
         let a: qapi::NbdServerRemove = parse_arguments(args)?;
-        d.block_export_del(&a.name, a.mode.unwrap_or(qapi::RemoveMode::Safe))
+        d.nbd_server_remove(&a.name, a.mode.unwrap_or_default())
             .await
     });
     command!("block-export-add", |d, args| {
-        d.block_export_add(Daemon::parse_export(args, false)?).await
+        d.block_export_add(d.parse_export(args, false)?).await
     });
     command!("block-export-del", |d, args| {
         let a: qapi::BlockExportDel = parse_arguments(args)?;
-        d.block_export_del(&a.id, a.mode.unwrap_or(qapi::RemoveMode::Safe))
-            .await
+        d.block_export_del(&a.id, a.mode.unwrap_or_default()).await
     });
     command!("block-dirty-bitmap-add", |d, args| {
         bitmaps::add(d.graph(), parse_arguments(args)?)

@@ -1,9 +1,10 @@
 //! The daemon: nodes, objects, chardevs, monitors, the NBD server and exports, and the
 //! commands that change them. Both the command line and QMP go through the methods here.
 
+use crate::exports::{self, ExportContext, ExportRequest, Exports, Registry, RunningExport};
 use crate::objects::{IoThread, Object, ObjectEntry};
-use crate::qapi::{self, BlockExportOptions, RemoveMode, SocketAddress};
-use block_core::{GraphError, Node, NodeGraph};
+use crate::qapi::{self, SocketAddress};
+use block_core::{GraphError, Node, NodeGraph, RemoveMode};
 use qmp_server::{EventSender, QmpError, QmpServer};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -14,11 +15,6 @@ use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
-
-/// QEMU's default connection limit of the NBD server (`NBD_DEFAULT_MAX_CONNECTIONS`).
-pub const NBD_DEFAULT_MAX_CONNECTIONS: u32 = 100;
-/// QEMU's default handshake limit of the NBD server, in seconds.
-pub const NBD_DEFAULT_HANDSHAKE_MAX_SECONDS: u32 = 10;
 
 /// A command's error: a QMP error class and QEMU's message.
 pub type CmdResult<T = Value> = Result<T, QmpError>;
@@ -158,35 +154,10 @@ impl ConnectReporter {
     }
 }
 
+/// The NBD server's listeners while it runs (the server itself is in [`Daemon::nbd_server`]).
 struct NbdState {
-    server: nbd_server::NbdServer,
     listeners: Vec<JoinHandle<()>>,
     unix_path: Option<PathBuf>,
-}
-
-enum ExportKind {
-    Nbd { name: String },
-    Fuse(Option<fuse_export::FuseExport>),
-}
-
-struct Export {
-    node_name: String,
-    kind: ExportKind,
-    shutting_down: Arc<AtomicBool>,
-    /// The iothread the export's I/O runs in (NBD and FUSE exports), which may not be deleted
-    /// while the export lives.
-    iothread: Option<String>,
-    /// Creation order: QEMU ends exports newest first.
-    created: u64,
-}
-
-impl Export {
-    fn type_name(&self) -> &'static str {
-        match self.kind {
-            ExportKind::Nbd { .. } => "nbd",
-            ExportKind::Fuse(_) => "fuse",
-        }
-    }
 }
 
 #[derive(Default)]
@@ -194,16 +165,7 @@ struct State {
     chardevs: BTreeMap<String, Chardev>,
     monitors: Vec<JoinHandle<()>>,
     nbd: Option<NbdState>,
-    exports: BTreeMap<String, Export>,
-    exports_created: u64,
-}
-
-impl State {
-    /// The creation stamp of a new export.
-    fn next_export(&mut self) -> u64 {
-        self.exports_created += 1;
-        self.exports_created
-    }
+    exports: Exports,
 }
 
 /// The daemon's state, shared by the command line, every monitor and the signal handlers.
@@ -216,12 +178,19 @@ pub struct Daemon {
     /// synchronous code when a client connects.
     objects: Arc<std::sync::Mutex<BTreeMap<String, ObjectEntry>>>,
     runtime: tokio::runtime::Handle,
+    /// The export types.
+    export_types: Registry,
+    /// The NBD server while it runs; NBD exports are added to it.
+    nbd_server: exports::nbd::ServerSlot,
+    /// Bumped whenever an export is gone, for those waiting for draining exports to end.
+    export_removed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Daemon {
     /// A daemon with no nodes, exports or monitors, answering QMP through `qmp`.
     pub fn new(qmp: QmpServer, runtime: tokio::runtime::Handle) -> Arc<Daemon> {
         let events = qmp.events();
+        let nbd_server = exports::nbd::ServerSlot::default();
         Arc::new(Daemon {
             graph: NodeGraph::new(),
             qmp,
@@ -229,6 +198,9 @@ impl Daemon {
             state: Mutex::new(State::default()),
             objects: Arc::default(),
             runtime,
+            export_types: exports::registry(&nbd_server),
+            nbd_server,
+            export_removed: tokio::sync::watch::channel(0).0,
         })
     }
 
@@ -267,27 +239,6 @@ impl Daemon {
             .await
             .map_err(graph_error)?;
         Ok(json!({}))
-    }
-
-    /// An export's node: active, as QEMU activates the node of an export, unless the
-    /// export allows it to be inactive (which only NBD exports can).
-    async fn export_activation(
-        &self,
-        node: &Arc<Node>,
-        allow_inactive: Option<bool>,
-        supports_inactive: bool,
-    ) -> CmdResult<bool> {
-        if allow_inactive == Some(true) {
-            if !supports_inactive {
-                return Err(generic("Export type does not support inactive exports"));
-            }
-            return Ok(true);
-        }
-        self.graph
-            .activate(node)
-            .await
-            .map_err(|e| generic(e.to_string()))?;
-        Ok(false)
     }
 
     /// Closes the implicit children that were only kept by an export that is gone.
@@ -338,9 +289,7 @@ impl Daemon {
     }
 
     fn find_node(&self, name: &str) -> CmdResult<Arc<Node>> {
-        self.graph
-            .get(name)
-            .map_err(|_| generic(format!("Cannot find device='' nor node-name='{name}'")))
+        find_node(&self.graph, name)
     }
 
     // ----- objects -----
@@ -505,14 +454,7 @@ impl Daemon {
 
     /// `object-del`.
     pub async fn object_del(&self, args: qapi::ObjectDel) -> CmdResult {
-        if let Some((id, _)) = self
-            .state
-            .lock()
-            .await
-            .exports
-            .iter()
-            .find(|(_, e)| e.iothread.as_deref() == Some(args.id.as_str()))
-        {
+        if let Some(id) = self.state.lock().await.exports.using_iothread(&args.id) {
             return Err(generic(format!(
                 "object '{}' is in use by export '{id}' and cannot be deleted",
                 args.id
@@ -664,10 +606,12 @@ impl Daemon {
         }
         let tls = self.nbd_tls_config(&opts)?;
         let config = nbd_server::ServerConfig {
-            max_connections: opts.max_connections.unwrap_or(NBD_DEFAULT_MAX_CONNECTIONS),
+            max_connections: opts
+                .max_connections
+                .unwrap_or(nbd_server::DEFAULT_MAX_CONNECTIONS),
             handshake_max: match opts
                 .handshake_max_seconds
-                .unwrap_or(NBD_DEFAULT_HANDSHAKE_MAX_SECONDS)
+                .unwrap_or(nbd_server::DEFAULT_HANDSHAKE_MAX_SECONDS)
             {
                 0 => None,
                 s => Some(Duration::from_secs(u64::from(s))),
@@ -709,8 +653,8 @@ impl Daemon {
                 }
             }
         };
+        *self.lock_nbd_server() = Some(server);
         state.nbd = Some(NbdState {
-            server,
             listeners: vec![task],
             unix_path,
         });
@@ -770,6 +714,10 @@ impl Daemon {
         }))
     }
 
+    fn lock_nbd_server(&self) -> std::sync::MutexGuard<'_, Option<nbd_server::NbdServer>> {
+        self.nbd_server.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// `nbd-server-stop`: ends every NBD export and every client.
     pub async fn nbd_server_stop(&self) -> CmdResult {
         let mut state = self.state.lock().await;
@@ -777,314 +725,143 @@ impl Daemon {
             .nbd
             .take()
             .ok_or_else(|| generic("NBD server not running"))?;
-        let ids: Vec<String> = state
-            .exports
-            .iter()
-            .filter(|(_, e)| matches!(e.kind, ExportKind::Nbd { .. }))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in ids {
-            if let Some(export) = state.exports.remove(&id) {
-                if let ExportKind::Nbd { name } = &export.kind {
-                    if let Ok(gone) = nbd.server.remove_export(name, nbd_server::RemoveMode::Hard) {
-                        gone.await;
-                    }
-                }
-                self.emit_deleted(&id);
-            }
-        }
-        self.close_unused_nodes().await;
-        nbd.server.stop();
-        for task in nbd.listeners {
-            task.abort();
-        }
-        if let Some(path) = nbd.unix_path {
-            let _ = std::fs::remove_file(path);
-        }
+        // No NBD export can be added from here on.
+        let server = self.lock_nbd_server().take();
+        drop(state);
+        self.end_exports(|e| e.type_name == exports::nbd::TYPE_NAME)
+            .await;
+        stop_nbd_server(nbd, server);
         Ok(json!({}))
     }
 
     // ----- exports -----
 
-    /// Parses `block-export-add` arguments, typed by `type`.
-    pub fn parse_export(
-        mut args: Map<String, Value>,
-        keyval: bool,
-    ) -> CmdResult<BlockExportOptions> {
-        if keyval {
-            crate::keyval::coerce_paths(&mut args, qapi::EXPORT_TYPES_KEYVAL)
-                .map_err(|e| generic(e.to_string()))?;
-        }
-        let ty = match args.remove("type") {
-            Some(Value::String(t)) => t,
-            Some(_) => {
-                return Err(generic(
-                    "Invalid parameter type for 'type', expected: string",
-                ))
-            }
-            None => return Err(generic("Parameter 'type' is missing")),
-        };
-        Ok(match ty.as_str() {
-            "nbd" => BlockExportOptions::Nbd(qmp_server::parse_arguments(args)?),
-            "fuse" => BlockExportOptions::Fuse(qmp_server::parse_arguments(args)?),
-            t if qapi::EXPORT_TYPES.contains(&t) => BlockExportOptions::Unserved(t.to_string()),
-            t => {
-                return Err(generic(format!(
-                    "Parameter 'type' does not accept value '{t}'"
-                )))
-            }
-        })
+    /// Parses `block-export-add` arguments (`--export` with `keyval`): the common base, the
+    /// type, and the type's own members (see [`exports`]).
+    pub fn parse_export(&self, args: Map<String, Value>, keyval: bool) -> CmdResult<ExportRequest> {
+        self.export_types.parse(args, keyval)
     }
 
-    /// `block-export-add` / `--export`: validates everything, then starts the export.
-    pub async fn block_export_add(&self, options: BlockExportOptions) -> CmdResult {
-        match options {
-            BlockExportOptions::Nbd(o) => self.nbd_export_add(o).await,
-            BlockExportOptions::Fuse(o) => self.fuse_export_add(o).await,
-            BlockExportOptions::Unserved(t) => Err(generic(format!(
-                "Export type '{t}' is not supported by this version of blockexportd"
-            ))),
-        }
-    }
-
-    fn check_common(
-        &self,
-        state: &State,
-        id: &str,
-        node_name: &str,
-        iothread: Option<&str>,
-    ) -> CmdResult<Arc<Node>> {
-        // QEMU's checks of every export type, in its order (`blk_exp_add`).
-        if !block_core::graph::id_wellformed(id) {
+    /// `block-export-add` / `--export`: the checks every type shares, in QEMU's order
+    /// (`blk_exp_add`), then the type checks its own options and starts the export.
+    pub async fn block_export_add(&self, request: ExportRequest) -> CmdResult {
+        let ExportRequest {
+            common: o,
+            ty,
+            options,
+        } = request;
+        let mut state = self.state.lock().await;
+        if !block_core::graph::id_wellformed(&o.id) {
             return Err(generic("Invalid block export id"));
         }
-        if state.exports.contains_key(id) {
-            return Err(generic(format!("Block export id '{id}' is already in use")));
+        if state.exports.contains(&o.id) {
+            return Err(generic(format!(
+                "Block export id '{}' is already in use",
+                o.id
+            )));
         }
-        let node = self.find_node(node_name)?;
-        if let Some(iothread) = iothread {
-            if !matches!(
-                self.lock_objects().get(iothread).map(|e| &e.object),
-                Some(Object::IoThread(_))
-            ) {
-                return Err(generic(format!("iothread \"{iothread}\" not found")));
-            }
-        }
-        Ok(node)
-    }
-
-    async fn nbd_export_add(&self, o: qapi::NbdExport) -> CmdResult {
-        let mut state = self.state.lock().await;
-        let node = self.check_common(&state, &o.id, &o.node_name, o.iothread.as_deref())?;
-        let allow_inactive = self
-            .export_activation(&node, o.allow_inactive, true)
-            .await?;
-        let server = state
-            .nbd
-            .as_ref()
-            .map(|nbd| nbd.server.clone())
-            .ok_or_else(|| generic("NBD server not running"))?;
-        let name = o.name.clone().unwrap_or_else(|| o.node_name.clone());
-        let bitmaps = o
-            .bitmaps
-            .iter()
-            .flatten()
-            .map(|b| self.export_bitmap(&node, b))
-            .collect::<CmdResult<Vec<_>>>()?;
+        let node = self.find_node(&o.node_name)?;
         let writable = o.writable.unwrap_or(false);
-        let attachment = node
-            .attach(format!("export '{}'", o.id), writable)
-            .map_err(|e| generic(e.to_string()))?;
-        if allow_inactive {
-            node.allow_inactive(attachment.id());
+        if writable && node.read_only() {
+            return Err(generic("Cannot export read-only node as writable"));
         }
-        let mut config = nbd_server::ExportConfig::new(name.clone(), attachment);
-        config.description = o.description.clone();
-        config.writethrough = o.writethrough.unwrap_or(false);
-        config.bitmaps = bitmaps;
-        config.allocation_depth = o.allocation_depth.unwrap_or(false);
-        // As QEMU: the listener and the handshake stay on the main loop; a client that picked
-        // this export moves to its iothread, where all of its requests run. `fixed-iothread`
-        // needs nothing here: nodes have no AioContext to move, so the export always gets
-        // the iothread it asked for.
-        config.runtime = match o.iothread.as_deref() {
+        let iothread = match o.iothread.as_deref() {
             Some(name) => match self.lock_objects().get(name).map(|e| &e.object) {
                 Some(Object::IoThread(t)) => Some(t.handle().clone()),
                 _ => return Err(generic(format!("iothread \"{name}\" not found"))),
             },
             None => None,
         };
-        // The server checks, as QEMU does, that each bitmap may be exported (not busy, not
-        // inconsistent, not recording on a read-only export) and marks them busy.
-        server
-            .add_export(config)
-            .map_err(|e| generic(e.to_string()))?;
-        let created = state.next_export();
-        state.exports.insert(
-            o.id.clone(),
-            Export {
-                created,
-                node_name: o.node_name,
-                kind: ExportKind::Nbd { name },
-                shutting_down: Arc::new(AtomicBool::new(false)),
-                // `object-del` refuses to end an iothread an export runs in.
-                iothread: o.iothread,
-            },
-        );
-        Ok(json!({}))
-    }
-
-    /// Finds a bitmap named by an export: by name on the exported node or down its chain of
-    /// children (as QEMU looks through filters and backing files), or on a named node.
-    fn export_bitmap(
-        &self,
-        node: &Arc<Node>,
-        bitmap: &qapi::BitmapRef,
-    ) -> CmdResult<Arc<block_core::DirtyBitmap>> {
-        let not_found = |name: &str| generic(format!("Bitmap '{name}' is not found"));
-        match bitmap {
-            qapi::BitmapRef::Name(name) => {
-                let mut layer = Some(Arc::clone(node));
-                while let Some(n) = layer {
-                    if let Some(b) = n.bitmap(name) {
-                        return Ok(b);
-                    }
-                    layer = n
-                        .child(block_core::ChildRole::Backing)
-                        .or_else(|| n.child(block_core::ChildRole::File))
-                        .cloned();
-                }
-                Err(not_found(name))
+        // As QEMU, the export's node is activated unless the export may serve it inactive.
+        let allow_inactive = o.allow_inactive == Some(true);
+        if allow_inactive {
+            if !ty.supports_inactive() {
+                return Err(generic("Export type does not support inactive exports"));
             }
-            qapi::BitmapRef::Qualified { node, name } => self
-                .find_node(node)?
-                .bitmap(name)
-                .ok_or_else(|| not_found(name)),
+        } else {
+            self.graph
+                .activate(&node)
+                .await
+                .map_err(|e| generic(e.to_string()))?;
         }
-    }
-
-    async fn fuse_export_add(&self, o: qapi::FuseExport) -> CmdResult {
-        let mut state = self.state.lock().await;
-        let node = self.check_common(&state, &o.id, &o.node_name, o.iothread.as_deref())?;
-        self.export_activation(&node, o.allow_inactive, false)
-            .await?;
-        let allow_other = match o.allow_other.as_deref() {
-            None | Some("auto") => fuse_export::AllowOther::Auto,
-            Some("on") => fuse_export::AllowOther::On,
-            Some("off") => fuse_export::AllowOther::Off,
-            Some(v) => {
-                return Err(generic(format!(
-                    "Parameter 'allow-other' does not accept value '{v}'"
-                )))
-            }
-        };
-        let writable = o.writable.unwrap_or(false);
         let attachment = node
             .attach(format!("export '{}'", o.id), writable)
             .map_err(|e| generic(e.to_string()))?;
-        let config = fuse_export::FuseExportConfig {
-            mountpoint: PathBuf::from(&o.mountpoint),
-            growable: o.growable.unwrap_or(false),
+        if allow_inactive {
+            node.allow_inactive(attachment.id());
+        }
+        // `fixed-iothread` needs nothing here: nodes have no iothread to move (see
+        // `CommonOptions::fixed_iothread`).
+        let ctx = ExportContext {
+            id: &o.id,
+            attachment,
             writable,
             writethrough: o.writethrough.unwrap_or(false),
-            allow_other,
+            iothread,
+            runtime: &self.runtime,
+            graph: &self.graph,
         };
-        // The export's requests run in its iothread's event loop when it names one.
-        let runtime = match o.iothread.as_deref() {
-            Some(name) => match self.lock_objects().get(name).map(|e| &e.object) {
-                Some(Object::IoThread(t)) => t.handle().clone(),
-                _ => return Err(generic(format!("iothread \"{name}\" not found"))),
-            },
-            None => self.runtime.clone(),
-        };
-        let export = tokio::task::spawn_blocking(move || {
-            fuse_export::FuseExport::mount(config, attachment, runtime)
-        })
-        .await
-        .map_err(|e| generic(format!("FUSE mount failed: {e}")))?
-        .map_err(|e| generic(e.to_string()))?;
-        let created = state.next_export();
-        state.exports.insert(
-            o.id.clone(),
-            Export {
-                created,
-                node_name: o.node_name,
-                kind: ExportKind::Fuse(Some(export)),
-                shutting_down: Arc::new(AtomicBool::new(false)),
-                iothread: o.iothread,
-            },
-        );
+        let export = options.start(ctx).await?;
+        state
+            .exports
+            .insert(o.id, ty.name(), o.node_name, o.iothread, export);
         Ok(json!({}))
     }
 
-    /// `block-export-del`.
+    /// `block-export-del`. A removal without clients finishes
+    /// before the reply, its event first, as in QEMU; with clients (`mode: hard`), the export
+    /// shows `shutting-down` until its last request is done.
     pub async fn block_export_del(self: &Arc<Self>, id: &str, mode: RemoveMode) -> CmdResult {
+        self.export_del(id, mode, false).await
+    }
+
+    /// `nbd-server-remove` (deprecated): `block-export-del` of an NBD export.
+    pub async fn nbd_server_remove(self: &Arc<Self>, name: &str, mode: RemoveMode) -> CmdResult {
+        self.export_del(name, mode, true).await
+    }
+
+    /// Removes the export `id`, which must be an NBD export if `nbd_only`.
+    async fn export_del(self: &Arc<Self>, id: &str, mode: RemoveMode, nbd_only: bool) -> CmdResult {
         let mut state = self.state.lock().await;
         let export = state
             .exports
             .get_mut(id)
             .ok_or_else(|| generic(format!("Export '{id}' is not found")))?;
-        if export.shutting_down.load(Ordering::Acquire) {
+        if nbd_only && export.type_name != exports::nbd::TYPE_NAME {
+            return Err(generic(format!("Block export '{id}' is not an NBD export")));
+        }
+        if export.shutting_down {
             return Err(generic(format!("Export '{id}' is already shutting down")));
         }
-        match &mut export.kind {
-            ExportKind::Nbd { name } => {
-                let name = name.clone();
-                let server = state
-                    .nbd
-                    .as_ref()
-                    .map(|n| n.server.clone())
-                    .ok_or_else(|| generic("NBD server not running"))?;
-                let nbd_mode = match mode {
-                    RemoveMode::Safe => nbd_server::RemoveMode::Safe,
-                    RemoveMode::Hard => nbd_server::RemoveMode::Hard,
-                };
-                let gone = server.remove_export(&name, nbd_mode).map_err(|e| match e {
-                    // QEMU names the export by its id here.
-                    nbd_server::NbdError::InUse(_) => {
-                        generic(format!("export '{id}' still in use"))
-                    }
-                    e => generic(e.to_string()),
-                })?;
-                if let Some(export) = state.exports.get(id) {
-                    export.shutting_down.store(true, Ordering::Release);
-                }
-                drop(state);
-                // Most removals finish at once: then the event comes before the reply, as in
-                // QEMU. Otherwise the export shows `shutting-down` until its last request is done.
-                let mut gone = Box::pin(gone);
-                let finished = futures_now(&mut gone).await;
-                let daemon = Arc::clone(self);
-                let id = id.to_string();
-                if finished {
-                    daemon.finish_delete(&id).await;
-                } else {
-                    tokio::spawn(async move {
-                        gone.await;
-                        daemon.finish_delete(&id).await;
-                    });
-                }
-            }
-            ExportKind::Fuse(fuse) => {
-                let fuse = fuse.take();
-                state.exports.remove(id);
-                drop(state);
-                if let Some(fuse) = fuse {
-                    fuse.unmount_async()
-                        .await
-                        .map_err(|e| generic(e.to_string()))?;
-                }
-                self.close_unused_nodes().await;
-                self.emit_deleted(id);
-            }
+        let clients = export.export.has_clients();
+        let gone = export.export.shutdown(mode).map_err(|e| match e {
+            exports::ShutdownError::InUse => generic(format!("export '{id}' still in use")),
+            exports::ShutdownError::Failed(msg) => generic(msg),
+        })?;
+        export.shutting_down = true;
+        drop(state);
+        if clients {
+            let daemon = Arc::clone(self);
+            let id = id.to_string();
+            tokio::spawn(async move {
+                gone.await;
+                daemon.finish_delete(&id).await;
+            });
+        } else {
+            gone.await;
+            self.finish_delete(id).await;
         }
         Ok(json!({}))
     }
 
+    /// An export is gone: its id is free, its implicit nodes closed, its event sent.
     async fn finish_delete(&self, id: &str) {
-        self.state.lock().await.exports.remove(id);
-        self.close_unused_nodes().await;
-        self.emit_deleted(id);
+        let removed = self.state.lock().await.exports.remove(id);
+        if removed.is_some() {
+            self.close_unused_nodes().await;
+            self.emit_deleted(id);
+            self.export_removed.send_modify(|n| *n += 1);
+        }
     }
 
     fn emit_deleted(&self, id: &str) {
@@ -1092,26 +869,56 @@ impl Daemon {
             .emit("BLOCK_EXPORT_DELETED", json!({ "id": id }));
     }
 
-    /// `query-block-exports`.
-    pub async fn query_block_exports(&self) -> CmdResult {
-        let state = self.state.lock().await;
-        Ok(Value::Array(
-            state
+    /// Ends the exports `which` selects, newest first as QEMU does (`blk_exp_close_all_type`),
+    /// disconnecting their clients, and waits until each is gone (those already draining
+    /// too).
+    async fn end_exports(&self, which: impl Fn(&RunningExport) -> bool) {
+        let mut removed = self.export_removed.subscribe();
+        let mut state = self.state.lock().await;
+        let mut ending = Vec::new();
+        for id in state.exports.newest_first(|e| which(e) && !e.shutting_down) {
+            let Some(export) = state.exports.get_mut(&id) else {
+                continue;
+            };
+            match export.export.shutdown(RemoveMode::Hard) {
+                Ok(gone) => {
+                    export.shutting_down = true;
+                    ending.push((id, gone));
+                }
+                Err(e) => tracing::warn!("ending export '{id}': {e}"),
+            }
+        }
+        drop(state);
+        for (id, gone) in ending {
+            gone.await;
+            self.finish_delete(&id).await;
+        }
+        // Exports removed earlier whose clients are still finishing.
+        loop {
+            removed.borrow_and_update();
+            if self
+                .state
+                .lock()
+                .await
                 .exports
-                .iter()
-                .map(|(id, e)| {
-                    json!({
-                        "id": id,
-                        "type": e.type_name(),
-                        "node-name": e.node_name,
-                        "shutting-down": e.shutting_down.load(Ordering::Acquire),
-                    })
-                })
-                .collect(),
-        ))
+                .newest_first(&which)
+                .is_empty()
+            {
+                return;
+            }
+            if removed.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
-    /// `nbd-server-add` (deprecated): an NBD export whose id is its name.
+    /// `query-block-exports`.
+    pub async fn query_block_exports(&self) -> CmdResult {
+        Ok(self.state.lock().await.exports.query())
+    }
+
+    /// `nbd-server-add` (deprecated): an NBD export whose id is its name, added as
+    /// `block-export-add` adds it.
     pub async fn nbd_server_add(&self, a: qapi::NbdServerAdd) -> CmdResult {
         let name = a.name.clone().unwrap_or_else(|| a.device.clone());
         // QEMU looks the device up first, by device and node name, then adds the export as
@@ -1122,20 +929,23 @@ impl Daemon {
                 a.device
             ))
         })?;
-        self.nbd_export_add(qapi::NbdExport {
-            id: name.clone(),
-            node_name: a.device,
-            fixed_iothread: None,
-            iothread: None,
-            writable: a.writable,
-            writethrough: None,
-            allow_inactive: None,
-            name: Some(name),
-            description: a.description,
-            bitmaps: a.bitmap.map(|b| vec![qapi::BitmapRef::Name(b)]),
-            allocation_depth: None,
-        })
-        .await
+        let mut args = json!({
+            "type": exports::nbd::TYPE_NAME, "id": name, "node-name": a.device, "name": name,
+        });
+        let fields = [
+            ("writable", a.writable.map(Value::from)),
+            ("description", a.description.map(Value::from)),
+            ("bitmaps", a.bitmap.map(|b| json!([b]))),
+        ];
+        for (key, value) in fields {
+            if let Some(value) = value {
+                args[key] = value;
+            }
+        }
+        let Value::Object(args) = args else {
+            unreachable!("a JSON object")
+        };
+        self.block_export_add(self.parse_export(args, false)?).await
     }
 
     // ----- shutdown -----
@@ -1144,30 +954,7 @@ impl Daemon {
     /// (the `quit` command does this before it replies; [`Daemon::shutdown`] again, for
     /// signals).
     pub async fn close_all_exports(&self) {
-        let mut state = self.state.lock().await;
-        let mut exports: Vec<_> = std::mem::take(&mut state.exports).into_iter().collect();
-        exports.sort_by_key(|(_, e)| std::cmp::Reverse(e.created));
-        let server = state.nbd.as_ref().map(|nbd| nbd.server.clone());
-        drop(state);
-        for (id, mut export) in exports {
-            match &mut export.kind {
-                ExportKind::Nbd { name } => {
-                    if let Some(server) = &server {
-                        if let Ok(gone) = server.remove_export(name, nbd_server::RemoveMode::Hard) {
-                            gone.await;
-                        }
-                    }
-                }
-                ExportKind::Fuse(fuse) => {
-                    if let Some(fuse) = fuse.take() {
-                        if let Err(e) = fuse.unmount_async().await {
-                            tracing::warn!("unmounting export '{id}': {e}");
-                        }
-                    }
-                }
-            }
-            self.emit_deleted(&id);
-        }
+        self.end_exports(|_| true).await;
     }
 
     /// Ends every export (unmounting FUSE mountpoints), stops the NBD server and the monitors,
@@ -1175,15 +962,8 @@ impl Daemon {
     pub async fn shutdown(&self) {
         self.close_all_exports().await;
         let mut state = self.state.lock().await;
-        let nbd = state.nbd.take();
-        if let Some(nbd) = nbd {
-            nbd.server.stop();
-            for task in nbd.listeners {
-                task.abort();
-            }
-            if let Some(path) = nbd.unix_path {
-                let _ = std::fs::remove_file(path);
-            }
+        if let Some(nbd) = state.nbd.take() {
+            stop_nbd_server(nbd, self.lock_nbd_server().take());
         }
         let objects = std::mem::take(&mut *self.lock_objects());
         let chardevs = std::mem::take(&mut state.chardevs);
@@ -1205,14 +985,24 @@ impl Daemon {
     }
 }
 
-/// Resolves to whether `fut` finishes without waiting.
-async fn futures_now<F: std::future::Future<Output = ()> + Unpin>(fut: &mut F) -> bool {
-    use std::task::Poll;
-    std::future::poll_fn(|cx| match std::pin::Pin::new(&mut *fut).poll(cx) {
-        Poll::Ready(()) => Poll::Ready(true),
-        Poll::Pending => Poll::Ready(false),
-    })
-    .await
+/// Stops the NBD server: its listeners, and the clients still connected.
+fn stop_nbd_server(nbd: NbdState, server: Option<nbd_server::NbdServer>) {
+    if let Some(server) = server {
+        server.stop();
+    }
+    for task in nbd.listeners {
+        task.abort();
+    }
+    if let Some(path) = nbd.unix_path {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// The node `name`, with QEMU's message when there is none.
+pub(crate) fn find_node(graph: &NodeGraph, name: &str) -> CmdResult<Arc<Node>> {
+    graph
+        .get(name)
+        .map_err(|_| generic(format!("Cannot find device='' nor node-name='{name}'")))
 }
 
 async fn close_node(node: &Node) {

@@ -3,13 +3,15 @@
 //!
 //! The binary (`main.rs`) only parses the command line and calls this library:
 //! [`cli`] splits the command line, [`run`] applies it in order, [`daemon`] holds the state
-//! and implements the commands, [`commands`] registers them on the QMP server.
+//! and implements the commands, [`exports`] holds the export types, [`commands`] registers
+//! them on the QMP server.
 
 pub mod authz;
 pub mod bitmaps;
 pub mod cli;
 pub mod commands;
 pub mod daemon;
+pub mod exports;
 pub mod keyval;
 pub mod logging;
 pub mod memory;

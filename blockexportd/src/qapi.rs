@@ -3,6 +3,7 @@
 //! Member names and optionality follow QEMU 10.0's schema (`block-export.json`,
 //! `sockets.json`, `block-core.json`, `qom.json`). Unknown members are refused, as QAPI does.
 
+pub use block_core::RemoveMode;
 use serde::Deserialize;
 
 /// QAPI `InetSocketAddress`.
@@ -141,76 +142,6 @@ pub enum BitmapRef {
     },
 }
 
-/// `block-export-add` with `type: nbd`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct NbdExport {
-    /// Export id.
-    pub id: String,
-    /// Node to export.
-    pub node_name: String,
-    /// Refuse to move the node to another iothread.
-    pub fixed_iothread: Option<bool>,
-    /// Run the export in this iothread.
-    pub iothread: Option<String>,
-    /// Allow writes.
-    pub writable: Option<bool>,
-    /// Every write is FUA.
-    pub writethrough: Option<bool>,
-    /// Serve the node while it is inactive (QEMU 10); otherwise adding the export
-    /// activates it.
-    pub allow_inactive: Option<bool>,
-    /// Export name (default: the node name).
-    pub name: Option<String>,
-    /// Free-form description.
-    pub description: Option<String>,
-    /// Dirty bitmaps to export.
-    pub bitmaps: Option<Vec<BitmapRef>>,
-    /// Export the `qemu:allocation-depth` context.
-    pub allocation_depth: Option<bool>,
-}
-
-/// `block-export-add` with `type: fuse`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct FuseExport {
-    /// Export id.
-    pub id: String,
-    /// Node to export.
-    pub node_name: String,
-    /// Refuse to move the node to another iothread.
-    pub fixed_iothread: Option<bool>,
-    /// Run the export in this iothread.
-    pub iothread: Option<String>,
-    /// Allow writes.
-    pub writable: Option<bool>,
-    /// Every write is FUA.
-    pub writethrough: Option<bool>,
-    /// Serve the node while it is inactive (QEMU 10); otherwise adding the export
-    /// activates it.
-    pub allow_inactive: Option<bool>,
-    /// The regular file to mount on.
-    pub mountpoint: String,
-    /// Writes past the end grow the node.
-    pub growable: Option<bool>,
-    /// `on`, `off` or `auto`.
-    pub allow_other: Option<String>,
-}
-
-/// `block-export-add` arguments, dispatched on `type`.
-#[derive(Debug, Clone)]
-pub enum BlockExportOptions {
-    /// `type: nbd`.
-    Nbd(NbdExport),
-    /// `type: fuse`.
-    Fuse(FuseExport),
-    /// A type QEMU has but this daemon does not serve yet (`vhost-user-blk`, `vduse-blk`).
-    Unserved(String),
-}
-
-/// The export types of QEMU's `BlockExportType`.
-pub const EXPORT_TYPES: [&str; 4] = ["nbd", "vhost-user-blk", "fuse", "vduse-blk"];
-
 /// `block-export-del` arguments.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -219,16 +150,6 @@ pub struct BlockExportDel {
     pub id: String,
     /// `safe` (default) or `hard`.
     pub mode: Option<RemoveMode>,
-}
-
-/// QAPI `BlockExportRemoveMode`.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum RemoveMode {
-    /// Refuse while clients are connected.
-    Safe,
-    /// Disconnect the clients.
-    Hard,
 }
 
 /// `nbd-server-add` arguments (deprecated).
@@ -391,19 +312,6 @@ pub const NBD_SERVER_TYPES: &[(&str, Kind)] = &[
     ("addr.to", Kind::Uint16),
     ("max-connections", Kind::Uint32),
     ("handshake-max-seconds", Kind::Uint32),
-];
-
-/// The typed members of `--export`.
-pub const EXPORT_TYPES_KEYVAL: &[(&str, Kind)] = &[
-    ("fixed-iothread", Kind::Bool),
-    ("writable", Kind::Bool),
-    ("writethrough", Kind::Bool),
-    ("allow-inactive", Kind::Bool),
-    ("allocation-depth", Kind::Bool),
-    ("growable", Kind::Bool),
-    ("logical-block-size", Kind::Size),
-    ("num-queues", Kind::Uint16),
-    ("queue-size", Kind::Uint16),
 ];
 
 /// The typed members of `--chardev`.

@@ -41,7 +41,7 @@ async fn apply(daemon: &Arc<Daemon>, item: &Item) -> Result<(), String> {
                 Err(e) => Err(e),
             }
         }
-        ItemKind::Export => match Daemon::parse_export(args, item.keyval) {
+        ItemKind::Export => match daemon.parse_export(args, item.keyval) {
             Ok(opts) => daemon.block_export_add(opts).await,
             Err(e) => Err(e),
         },
@@ -102,7 +102,7 @@ async fn quick_export(daemon: &Arc<Daemon>, q: &QuickExport) -> Result<(), Start
         "type": "nbd", "id": "export0", "node-name": node, "name": "", "writable": q.writable,
     }));
     daemon
-        .block_export_add(Daemon::parse_export(export, false).map_err(err)?)
+        .block_export_add(daemon.parse_export(export, false).map_err(err)?)
         .await
         .map_err(err)?;
     let uri = match &q.socket {

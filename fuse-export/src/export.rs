@@ -4,7 +4,7 @@ use crate::config::{AllowOther, FuseExportConfig};
 use crate::error::FuseError;
 use crate::fs::{ExportFs, Shared};
 use crate::sys::{self, MountKind, Reservation};
-use block_core::Attachment;
+use block_core::{Attachment, ExportGone, RemoveMode};
 use fuser::{Config, Session, SessionACL};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -148,6 +148,21 @@ impl FuseExport {
             Err(join) => Err(FuseError::CloseTask(join)),
         };
         detached.and(closed)
+    }
+
+    /// Ends the export as `block-export-del` does, in either [`RemoveMode`]: a FUSE export
+    /// has no clients to refuse or disconnect (a process holding the file open is not one;
+    /// QSD removes the export in `safe` mode too), so both modes unmount as
+    /// [`unmount_async`](Self::unmount_async) does. The future resolves when the last request
+    /// is done and the node flushed; a failure is logged, as there is nobody to tell.
+    pub fn remove(self, mode: RemoveMode) -> ExportGone {
+        let _ = mode;
+        ExportGone::new(async move {
+            let mountpoint = self.mountpoint.clone();
+            if let Err(err) = self.unmount_async().await {
+                tracing::error!(error = %err, mountpoint = %mountpoint.display(), "unmounting FUSE export");
+            }
+        })
     }
 
     /// Detaches the mount and frees the mountpoint; `None` when that was done already.

@@ -1,11 +1,8 @@
 //! Exports: a named node with its NBD settings, and the count of clients using it.
 
 use crate::proto::transmission_flags as tf;
-use block_core::{Attachment, DirtyBitmap};
-use std::future::Future;
-use std::pin::Pin;
+use block_core::{Attachment, DirtyBitmap, ExportGone};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use tokio::sync::watch;
 
 /// What [`NbdServer::add_export`](crate::NbdServer::add_export) needs to export a node.
@@ -48,36 +45,6 @@ impl ExportConfig {
             allocation_depth: false,
             runtime: None,
         }
-    }
-}
-
-/// How [`NbdServer::remove_export`](crate::NbdServer::remove_export) treats connected clients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RemoveMode {
-    /// Refuse to remove an export while clients are connected to it.
-    Safe,
-    /// Disconnect the export's clients (after their in-flight requests complete).
-    Hard,
-}
-
-/// A future that resolves when a removed export's last client has disconnected and its last
-/// request is done; the node's attachment is released by then.
-#[must_use = "the future does nothing unless awaited; drop it to not wait"]
-pub struct ExportGone {
-    inner: Pin<Box<dyn Future<Output = ()> + Send>>,
-}
-
-impl std::fmt::Debug for ExportGone {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ExportGone").finish_non_exhaustive()
-    }
-}
-
-impl Future for ExportGone {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        self.inner.as_mut().poll(cx)
     }
 }
 
@@ -188,12 +155,10 @@ impl Export {
     /// The caller must not keep an `Arc` of the export.
     pub(crate) fn gone(&self) -> ExportGone {
         let mut rx = self.clients.subscribe();
-        ExportGone {
-            inner: Box::pin(async move {
-                // `changed` fails once the sender, a field of the export, is dropped.
-                while rx.changed().await.is_ok() {}
-            }),
-        }
+        ExportGone::new(async move {
+            // `changed` fails once the sender, a field of the export, is dropped.
+            while rx.changed().await.is_ok() {}
+        })
     }
 }
 

@@ -45,9 +45,13 @@ mod splice;
 mod tls;
 pub mod transmission;
 
-pub use export::{ExportConfig, ExportGone, RemoveMode};
+/// The removal mode and drain future of every export type, from [`block_core`].
+pub use block_core::{ExportGone, RemoveMode};
+pub use export::ExportConfig;
 #[cfg(feature = "psk")]
 pub use psk::{PskAcceptor, PskError, PskLookup};
-pub use server::{NbdError, NbdServer, ServerConfig};
+pub use server::{
+    NbdError, NbdServer, ServerConfig, DEFAULT_HANDSHAKE_MAX_SECONDS, DEFAULT_MAX_CONNECTIONS,
+};
 pub use splice::spliced_bytes;
 pub use tls::{Authorize, Peer, TlsAcceptor, TlsConfig};

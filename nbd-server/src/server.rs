@@ -1,12 +1,13 @@
 //! The server: exports by name, listeners, connection limits, handshake deadline, stop.
 
-use crate::export::{Export, ExportConfig, ExportGone, RemoveMode};
+use crate::export::{Export, ExportConfig};
 use crate::handshake::{self, ExportSource, HandshakeError};
 use crate::loops::Loops;
 use crate::proto::MAX_STRING_SIZE;
 use crate::socket::{Fixed, Rebind, Socket};
 use crate::tls::TlsConfig;
 use crate::transmission;
+use block_core::{ExportGone, RemoveMode};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
@@ -66,12 +67,22 @@ pub struct ServerConfig {
     pub event_loops: usize,
 }
 
+/// QEMU's default connection limit of the NBD server (`NBD_DEFAULT_MAX_CONNECTIONS`).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 100;
+
+/// QEMU's default handshake deadline of the NBD server, in seconds
+/// (`NBD_DEFAULT_HANDSHAKE_MAX_SECS`).
+pub const DEFAULT_HANDSHAKE_MAX_SECONDS: u32 = 10;
+
 impl Default for ServerConfig {
-    /// QEMU 10's defaults: at most 100 connections, a 10 second handshake deadline.
+    /// QEMU 10's defaults: at most [`DEFAULT_MAX_CONNECTIONS`] connections, a
+    /// [`DEFAULT_HANDSHAKE_MAX_SECONDS`] second handshake deadline.
     fn default() -> Self {
         ServerConfig {
-            max_connections: 100,
-            handshake_max: Some(Duration::from_secs(10)),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            handshake_max: Some(Duration::from_secs(u64::from(
+                DEFAULT_HANDSHAKE_MAX_SECONDS,
+            ))),
             tls: None,
             event_loops: 0,
         }

@@ -70,6 +70,63 @@ fn fuse_export_over_qmp_reads_writes_and_unmounts() {
 }
 
 #[test]
+fn safe_removal_unmounts_while_the_file_is_open() {
+    if !fuse_usable() {
+        return;
+    }
+    let d = Daemon::start(&[]);
+    let image = d.path("disk.raw");
+    qemu_img_create(&image, "raw", "1M");
+    let mountpoint = d.path("mnt");
+    std::fs::write(&mountpoint, b"").unwrap();
+    let mut q = d.qmp();
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "f", "filename": image.to_str().unwrap()}),
+    );
+    q.ok(
+        "block-export-add",
+        json!({"type": "fuse", "id": "fx", "node-name": "f",
+               "mountpoint": mountpoint.to_str().unwrap()}),
+    );
+    let (_, desc) = q.err("nbd-server-remove", json!({"name": "fx"}));
+    assert_eq!(
+        desc, "Block export 'fx' is not an NBD export",
+        "QSD's answer"
+    );
+    let mut held = std::fs::File::open(&mountpoint).unwrap();
+    let mut buf = [0u8; 512];
+    held.read_exact(&mut buf).unwrap();
+    // As QSD: an open file is no client, so `mode: safe` (the default) removes the export,
+    // and the removal is over (event first) when the reply comes.
+    q.ok("block-export-del", json!({"id": "fx"}));
+    assert_eq!(
+        q.events
+            .iter()
+            .filter(|e| e["event"] == "BLOCK_EXPORT_DELETED")
+            .count(),
+        1,
+        "the event comes before the reply: {:?}",
+        q.events
+    );
+    assert_eq!(q.ok("query-block-exports", json!({})), json!([]));
+    assert_eq!(
+        std::fs::metadata(&mountpoint).unwrap().len(),
+        0,
+        "unmounted"
+    );
+    let err = held.read(&mut buf).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
+    drop(held);
+    // The id and the mountpoint are free again.
+    q.ok(
+        "block-export-add",
+        json!({"type": "fuse", "id": "fx", "node-name": "f",
+               "mountpoint": mountpoint.to_str().unwrap()}),
+    );
+}
+
+#[test]
 fn fuse_export_on_command_line_is_unmounted_at_sigterm() {
     if !fuse_usable() {
         return;
