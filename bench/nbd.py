@@ -178,6 +178,11 @@ def main():
     ap.add_argument("--transports", default="unix,tcp,tls")
     ap.add_argument("--qcow2-transports", default="unix",
                     help="transports of the qcow2 rows (empty: none)")
+    ap.add_argument("--dir", default=None,
+                    help="where the images go (e.g. /dev/shm, so that the host's file system "
+                         "does not bound the write rows); the system's temporary directory "
+                         "by default")
+    ap.add_argument("--only", default="", help="run only the tests whose name has this text")
     ap.add_argument("--extra", action="append", default=[], metavar="NAME=PATH",
                     help="another blockexportd binary, shown as 'blockexportd NAME'")
     args = ap.parse_args()
@@ -192,7 +197,7 @@ def main():
             sys.exit(f"missing tool: {tool}")
     servers = args.servers.split(",")
     servers[1:1] = extra
-    work = tempfile.mkdtemp(prefix="bench-nbd-")
+    work = tempfile.mkdtemp(prefix="bench-nbd-", dir=args.dir)
     pki = os.path.join(work, "pki")
     make_pki(pki)
     image = os.path.join(work, "disk.raw")
@@ -209,6 +214,7 @@ def main():
              ("seq read, nbdcopy 4 conn (GiB/s)", lambda u: nbdcopy(u, 4)),
              ("4k randread QD32 (IOPS)", lambda u: fio(u, "randread", args.seconds)),
              ("4k randwrite QD32 (IOPS)", lambda u: fio(u, "randwrite", args.seconds))]
+    tests = [t for t in tests if args.only in t[0]]
     results = {}  # (transport, test, server) -> [values]
     cpu = {}  # (transport, test, server) -> [server CPU seconds per GiB, or µs per request]
     rss = {s: 0 for s in servers}
