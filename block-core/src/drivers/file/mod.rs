@@ -12,6 +12,9 @@
 //! them through a [`Submitter`](crate::Submitter). If the kernel refuses `RWF_NOWAIT`
 //! altogether (`EOPNOTSUPP`), the driver stops trying it for that kind of request.
 //!
+//! tmpfs refuses `RWF_NOWAIT` for reads: there a read whose pages `cachestat(2)` finds in
+//! memory is done inline all the same (a copy out of the page cache).
+//!
 //! ext4 refuses `RWF_NOWAIT` for buffered writes. There a write is still done inline when
 //! the page cache can take it without reading from the disk (it covers whole pages, or
 //! `cachestat(2)` finds its pages cached): a copy into the cache costs a few microseconds,
@@ -155,7 +158,8 @@ pub struct FileDriver {
     splice: Arc<AtomicBool>,
     /// `cachestat` works (cleared at its first failure).
     cachestat: AtomicBool,
-    /// Buffered writes that `RWF_NOWAIT` refuses may be done inline (see the module docs).
+    /// Buffered writes (and reads) that `RWF_NOWAIT` refuses may be done inline when the page
+    /// cache can take them at once (see the module docs).
     inline_write: bool,
     /// Until when (nanoseconds after [`clock`]) writes go to the pool after a slow one.
     pool_writes_until: AtomicU64,
@@ -166,6 +170,8 @@ pub struct FileDriver {
     locks: Option<(Perms, Perms)>,
     /// The locks are released (or were never taken): the node was inactive.
     unlocked: AtomicBool,
+    /// The last data region `SEEK_HOLE` found, `(start, end)`: see [`FileDriver::block_status`].
+    data_region: std::sync::Mutex<Option<(u64, u64)>>,
     /// Reads and writes in the driver now, and the most at once (see [`FileDriver::in_flight`]).
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
@@ -305,6 +311,7 @@ impl FileDriver {
             rmw: tokio::sync::RwLock::new(()),
             locks,
             unlocked: AtomicBool::new(opts.defer_locks),
+            data_region: std::sync::Mutex::new(None),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
         })
@@ -322,6 +329,11 @@ impl FileDriver {
             self.in_flight.load(Ordering::Relaxed),
             self.max_in_flight.load(Ordering::Relaxed),
         )
+    }
+
+    /// Forgets the cached data region (a hole may have been punched).
+    fn forget_data_region(&self) {
+        *self.data_region.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Whether `O_DIRECT` is in use.
@@ -819,6 +831,14 @@ impl BlockIo for FileDriver {
             if done == buf.len() {
                 return Ok(());
             }
+        } else if self.inline_write
+            && buf.len() <= MAX_INLINE_WRITE
+            && self.cached(offset, buf.len())
+        {
+            // The kernel refuses `RWF_NOWAIT` for reads here (tmpfs does), but every page
+            // is in memory: a copy out of the page cache, done here, costs less than a hop
+            // to the pool and back.
+            return read_full_sg(&self.file, buf, 0, offset).map_err(|e| self.io_err("reading", e));
         }
         let start = offset + done as u64;
         let buf = buf.clone();
@@ -876,6 +896,7 @@ impl BlockIo for FileDriver {
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.forget_data_region();
         match self
             .fallocate(
                 "discarding",
@@ -892,6 +913,7 @@ impl BlockIo for FileDriver {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.forget_data_region();
         let mode = if flags.may_unmap {
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
         } else {
@@ -951,14 +973,30 @@ impl BlockIo for FileDriver {
         if self.block_device {
             return Ok(data);
         }
-        // Data first, in one lseek (NBD asks before every structured read): from inside
-        // data, SEEK_HOLE finds where the data ends (the end of the file at the latest);
-        // from inside a hole it answers `offset` itself.
+        // The data region found last, as QEMU's block-status cache: on tmpfs SEEK_HOLE
+        // walks every page up to the hole (milliseconds in a large file), and NBD asks before
+        // every structured read. Only data is cached, and "data" is always a safe answer: a
+        // hole punched meanwhile reads as zeroes all the same (discard and write-zeroes
+        // forget the region; a write can only turn holes into data).
+        let cached = *self.data_region.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((start, end)) = cached {
+            if start <= offset && offset < end {
+                return Ok(Extent {
+                    len: (end - offset).min(len),
+                    ..data
+                });
+            }
+        }
+        // Data first, in one lseek: from inside data, SEEK_HOLE finds where the data ends
+        // (the end of the file at the latest); from inside a hole it answers `offset` itself.
         match self.seek(offset, libc::SEEK_HOLE) {
-            Ok(h) if h > offset => Ok(Extent {
-                len: (h - offset).min(len),
-                ..data
-            }),
+            Ok(h) if h > offset => {
+                *self.data_region.lock().unwrap_or_else(|e| e.into_inner()) = Some((offset, h));
+                Ok(Extent {
+                    len: (h - offset).min(len),
+                    ..data
+                })
+            }
             Ok(_) => match self.seek(offset, libc::SEEK_DATA) {
                 Ok(d) if d > offset => Ok(hole((d - offset).min(len))),
                 // No data after `offset`: a hole up to the end of the file.
@@ -1011,6 +1049,7 @@ impl Resize for FileDriver {
                 }
             };
         }
+        self.forget_data_region();
         self.blocking("resizing", move |f| f.set_len(new_size))
             .await?;
         self.size
@@ -1034,6 +1073,8 @@ impl BlockDriver for FileDriver {
         if self.unlocked.load(Ordering::Acquire) != active {
             return Ok(());
         }
+        // Another process may punch holes while we are inactive.
+        self.forget_data_region();
         if active && !self.block_device {
             // Another process may have grown or shrunk the file meanwhile.
             let meta = self
@@ -1294,6 +1335,39 @@ mod tests {
             }
             std::thread::park();
         }
+    }
+
+    #[tokio::test]
+    async fn the_data_region_is_remembered_until_a_hole_may_be_punched() {
+        let (_dir, path) = image(0);
+        std::fs::write(&path, vec![1u8; 1 << 20]).expect("write image");
+        let drv = FileDriver::open(&FileOptions {
+            filename: path,
+            ..FileOptions::default()
+        })
+        .expect("open");
+        let e = drv.block_status(4096, 8192).await.expect("status");
+        assert!(e.data && e.len == 8192);
+        assert_eq!(
+            *drv.data_region.lock().unwrap(),
+            Some((4096, 1 << 20)),
+            "SEEK_HOLE found the data up to the end"
+        );
+        // Answered from the region: no lseek needed.
+        let e = drv.block_status(500_000, 1 << 20).await.expect("status");
+        assert!(e.data);
+        assert_eq!(e.len, (1 << 20) - 500_000);
+        drv.discard(65536, 65536).await.expect("discard");
+        assert_eq!(*drv.data_region.lock().unwrap(), None);
+        let e = drv.block_status(65536, 65536).await.expect("status");
+        if !e.data {
+            // The file system punched the hole: it shows.
+            assert!(e.zero);
+        }
+        drv.write_zeroes(0, 4096, ZeroFlags::default())
+            .await
+            .expect("zeroes");
+        assert_eq!(*drv.data_region.lock().unwrap(), None);
     }
 
     #[tokio::test]
