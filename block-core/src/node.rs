@@ -112,8 +112,10 @@ pub struct Node {
     active: std::sync::atomic::AtomicBool,
     /// Requests that change the node, in flight (see [`Node::drain_changes`]).
     changing: std::sync::atomic::AtomicUsize,
-    /// Woken when `changing` drops to zero.
+    /// Woken when `changing` drops to zero while `draining` is not zero.
     drained: tokio::sync::Notify,
+    /// Callers of [`Node::drain_changes`] waiting.
+    draining: std::sync::atomic::AtomicUsize,
 }
 
 /// A request that changes the node, counted while it runs.
@@ -121,7 +123,10 @@ struct Changing<'a>(&'a Node);
 
 impl Drop for Changing<'_> {
     fn drop(&mut self) {
-        if self.0.changing.fetch_sub(1, Ordering::SeqCst) == 1 {
+        // Notify (a lock) only while somebody drains.
+        if self.0.changing.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.0.draining.load(Ordering::SeqCst) > 0
+        {
             self.0.drained.notify_waiters();
         }
     }
@@ -166,6 +171,7 @@ impl Node {
             active: std::sync::atomic::AtomicBool::new(true),
             changing: std::sync::atomic::AtomicUsize::new(0),
             drained: tokio::sync::Notify::new(),
+            draining: std::sync::atomic::AtomicUsize::new(0),
         });
         node.driver.attach_node(Arc::downgrade(&node));
         node
@@ -299,9 +305,19 @@ impl Node {
     /// Waits until no request that changes the node is in flight (QEMU drains a node before
     /// it inactivates it: a write acknowledged after the flush would be lost).
     pub(crate) async fn drain_changes(&self) {
+        struct Draining<'a>(&'a Node);
+        impl Drop for Draining<'_> {
+            fn drop(&mut self) {
+                self.0.draining.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.draining.fetch_add(1, Ordering::SeqCst);
+        let _draining = Draining(self);
         loop {
             let drained = self.drained.notified();
             tokio::pin!(drained);
+            // Registered before the count is read: a request ending after the read sees
+            // `draining` set and notifies (both SeqCst).
             drained.as_mut().enable();
             if self.changing.load(Ordering::SeqCst) == 0 {
                 return;

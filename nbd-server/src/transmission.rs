@@ -462,6 +462,66 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
     }
 }
 
+/// A future that polls the one it wraps only once that one asked to be woken (and at the
+/// first poll). For a future polled at every turn of a busy loop that is almost never ready,
+/// such as the connection's shutdown watch (two `watch` receivers, each taking a lock per
+/// poll: 3% of the server's CPU at 150,000 writes per second).
+struct Gated<F> {
+    inner: std::pin::Pin<Box<F>>,
+    wake: Arc<GateWake>,
+}
+
+struct GateWake {
+    woken: std::sync::atomic::AtomicBool,
+    outer: futures::task::AtomicWaker,
+}
+
+impl std::task::Wake for GateWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, std::sync::atomic::Ordering::Release);
+        self.outer.wake();
+    }
+}
+
+impl<F: std::future::Future> Gated<F> {
+    fn new(inner: F) -> Gated<F> {
+        Gated {
+            inner: Box::pin(inner),
+            wake: Arc::new(GateWake {
+                // The first poll goes through.
+                woken: std::sync::atomic::AtomicBool::new(true),
+                outer: futures::task::AtomicWaker::new(),
+            }),
+        }
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for Gated<F> {
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        self.wake.outer.register(cx.waker());
+        if !self
+            .wake
+            .woken
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            return std::task::Poll::Pending;
+        }
+        let waker = std::task::Waker::from(Arc::clone(&self.wake));
+        self.inner
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(&waker))
+    }
+}
+
 /// The per-connection state shared by request futures.
 struct Conn {
     /// Pipes for zero-copy reads, when the connection can splice.
@@ -1291,14 +1351,14 @@ where
     let mut reading = !*stop.borrow() && !*closed.borrow();
     // One future for the whole connection (not one per loop turn): resolves when the server
     // stops or the export is closed (or either sender is gone).
-    let shutdown = async move {
+    // Polled only when it was woken (`Gated`): the loop turns at every request.
+    let mut shutdown = Gated::new(async move {
         let (mut stop, mut closed) = (stop, closed);
         tokio::select! {
             _ = stop.wait_for(|s| *s) => {}
             _ = closed.wait_for(|c| *c) => {}
         }
-    };
-    tokio::pin!(shutdown);
+    });
     let mut outcome: Result<(), ConnError> = Ok(());
     let mut final_flush: Option<tokio::time::Instant> = None;
     // Written since the last flush.

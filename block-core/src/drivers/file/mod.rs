@@ -19,9 +19,13 @@
 //! the page cache can take it without reading from the disk (it covers whole pages, or
 //! `cachestat(2)` finds its pages cached): a copy into the cache costs a few microseconds,
 //! a hop to the pool and back several times that. The kernel may still make such a write
-//! wait when it throttles writers with too many dirty pages; a write that takes longer than
-//! [`SLOW_INLINE_WRITE`] sends the writes of the next [`POOL_AFTER_SLOW_WRITE`] to the pool,
-//! so that the calling event loop is held up once, not at every write.
+//! wait when it throttles writers with too many dirty pages: when a write takes longer than
+//! [`SLOW_INLINE_WRITE`], the next one is watched, and if it is slow too and slept (a
+//! voluntary context switch, `getrusage`), the writes of the next [`POOL_AFTER_SLOW_WRITE`]
+//! go to the pool, so that the calling event loop is held up once, not at every write. A
+//! write that was slow only because the thread was preempted (a busy machine) keeps writes
+//! inline: sending them to the pool there made them slower still (on 2 cores shared with
+//! the client, 4 KiB NBD writes to tmpfs spent most of their time in futex wake-ups).
 //!
 //! `splice_read` hands page-cache pages to a pipe (`splice(2)`), for exports that send them
 //! on to a socket without copying. It runs inline when `cachestat(2)` says every page of the
@@ -163,6 +167,8 @@ pub struct FileDriver {
     inline_write: bool,
     /// Until when (nanoseconds after [`clock`]) writes go to the pool after a slow one.
     pool_writes_until: AtomicU64,
+    /// An inline write was slow: the next one checks whether the kernel made it sleep.
+    probe_next_write: AtomicBool,
     /// Taken shared by aligned `O_DIRECT` writes and exclusively by read-modify-write.
     rmw: tokio::sync::RwLock<()>,
     /// The permissions locked at open (none with `locking=off`, or where locks are not
@@ -308,6 +314,7 @@ impl FileDriver {
             cachestat: AtomicBool::new(!opts.no_inline),
             inline_write: !opts.direct && !opts.no_inline,
             pool_writes_until: AtomicU64::new(0),
+            probe_next_write: AtomicBool::new(false),
             rmw: tokio::sync::RwLock::new(()),
             locks,
             unlocked: AtomicBool::new(opts.defer_locks),
@@ -437,14 +444,17 @@ impl FileDriver {
     /// Whether a buffered write of the range may run on the calling thread: it needs no read
     /// from the disk (whole pages, or pages all cached) and no write was slow lately.
     fn may_write_inline(&self, offset: u64, len: usize) -> bool {
-        if !self.inline_write
-            || len > MAX_INLINE_WRITE
-            || clock() < self.pool_writes_until.load(Ordering::Relaxed)
-        {
+        if !self.inline_write || len > MAX_INLINE_WRITE || self.writes_go_to_the_pool() {
             return false;
         }
         let page = page_size();
         (offset % page == 0 && len as u64 % page == 0) || self.cached(offset, len)
+    }
+
+    /// Whether a slow write lately sends writes to the pool (the clock is read only then).
+    fn writes_go_to_the_pool(&self) -> bool {
+        let until = self.pool_writes_until.load(Ordering::Relaxed);
+        until != 0 && clock() < until
     }
 
     /// Whether the page holding `offset` can be read without waiting (one byte read with
@@ -643,6 +653,17 @@ fn logical_block_size(file: &File) -> Option<u32> {
     // SAFETY: BLKSSZGET writes one int through the pointer, which points at `size`.
     let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET as _, &mut size as *mut _) };
     (r == 0 && size > 0).then_some(size as u32)
+}
+
+/// How many times the calling thread gave up the CPU to wait (voluntary context switches).
+fn voluntary_switches() -> i64 {
+    // SAFETY: getrusage writes one `rusage` into the zeroed struct it is given.
+    let usage = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_THREAD, &mut u);
+        u
+    };
+    usage.ru_nvcsw as i64
 }
 
 /// Nanoseconds on a monotonic clock (since its first use in this process).
@@ -870,14 +891,24 @@ impl BlockIo for FileDriver {
             && !self.nowait_write.load(Ordering::Relaxed)
             && self.may_write_inline(start, buf.len() - done)
         {
+            // After a slow write, the next one is watched: only a write that slept (a
+            // voluntary context switch: the kernel throttling writers) sends writes to the
+            // pool; one that was merely preempted (a busy machine) does not.
+            let probing = self.probe_next_write.load(Ordering::Relaxed);
+            let slept_before = if probing { voluntary_switches() } else { 0 };
             let began = clock();
             let r = write_full_sg(&self.file, buf, done, start, false);
-            let took = clock() - began;
-            if took > SLOW_INLINE_WRITE.as_nanos() as u64 {
-                self.pool_writes_until.store(
-                    clock() + POOL_AFTER_SLOW_WRITE.as_nanos() as u64,
-                    Ordering::Relaxed,
-                );
+            let slow = clock() - began > SLOW_INLINE_WRITE.as_nanos() as u64;
+            if probing {
+                if slow && voluntary_switches() > slept_before {
+                    self.pool_writes_until.store(
+                        clock() + POOL_AFTER_SLOW_WRITE.as_nanos() as u64,
+                        Ordering::Relaxed,
+                    );
+                }
+                self.probe_next_write.store(false, Ordering::Relaxed);
+            } else if slow {
+                self.probe_next_write.store(true, Ordering::Relaxed);
             }
             return r.map_err(|e| self.io_err("writing", e));
         }
