@@ -87,11 +87,23 @@ pub(crate) struct Shared {
 /// attached while a permit lives).
 struct Permit {
     shared: Arc<Shared>,
-    node: Attachment,
+    /// Always `Some` until the permit drops: released before the count goes down, so that
+    /// once [`Shared::close`] saw no request in flight, only its own hold is left.
+    io: Option<Attachment>,
+}
+
+impl Permit {
+    /// The export's I/O handle.
+    fn node(&self) -> &Attachment {
+        self.io
+            .as_ref()
+            .expect("a permit holds the attachment until it drops")
+    }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        drop(self.io.take());
         let mut gate = self.shared.lock_gate();
         gate.in_flight -= 1;
         if gate.in_flight == 0 {
@@ -154,11 +166,11 @@ impl Shared {
         if gate.phase != Phase::Open {
             return None;
         }
-        let node = gate.attachment.as_ref()?.clone();
+        let io = gate.attachment.as_ref()?.clone();
         gate.in_flight += 1;
         Some(Permit {
             shared: Arc::clone(self),
-            node,
+            io: Some(io),
         })
     }
 
@@ -403,7 +415,7 @@ impl Filesystem for ExportFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.enter(ino) {
             Ok(permit) => {
-                reply.attr(&ATTR_TTL, &self.shared.node_attr(&permit.node));
+                reply.attr(&ATTR_TTL, &self.shared.node_attr(permit.node()));
             }
             Err(e) => reply.error(e),
         }
@@ -457,7 +469,7 @@ impl Filesystem for ExportFs {
         }
         let shared = Arc::clone(shared);
         self.spawn(async move {
-            let node = &permit.node;
+            let node = permit.node();
             if let Some(size) = size {
                 let _guard = shared.resize.lock().await;
                 if let Err(e) = node.resize(size).await {
@@ -518,14 +530,14 @@ impl Filesystem for ExportFs {
         if size > MAX_REQUEST {
             return reply.error(Errno::EINVAL);
         }
-        let len = plan::read_len(offset, u64::from(size), permit.node.size());
+        let len = plan::read_len(offset, u64::from(size), permit.node().size());
         if len == 0 {
             return reply.data(&[]);
         }
         self.spawn(async move {
             // len <= MAX_REQUEST, checked above.
             let buf = SgList::zeroed(len as usize);
-            match permit.node.readv(offset, &buf).await {
+            match permit.node().readv(offset, &buf).await {
                 Ok(()) => match buf.into_vec() {
                     Ok(data) => reply.data(&data),
                     // A clone outlived the request (not expected): copy.
@@ -561,7 +573,7 @@ impl Filesystem for ExportFs {
         let plan = match plan::plan_write(
             offset,
             data.len() as u64,
-            permit.node.size(),
+            permit.node().size(),
             self.shared.growable,
         ) {
             Ok(plan) => plan,
@@ -575,7 +587,7 @@ impl Filesystem for ExportFs {
         let fua = self.shared.writethrough || flags.0 & libc::O_DSYNC != 0;
         let shared = Arc::clone(&self.shared);
         self.spawn(async move {
-            let node = &permit.node;
+            let node = permit.node();
             if let WritePlan::GrowThenWrite { new_size } = plan {
                 if let Err(e) = grow(&shared, node, new_size).await {
                     return reply.error(block_errno(&e));
@@ -606,7 +618,7 @@ impl Filesystem for ExportFs {
             return reply.ok();
         }
         self.spawn(async move {
-            match permit.node.flush().await {
+            match permit.node().flush().await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(block_errno(&e)),
             }
@@ -626,7 +638,7 @@ impl Filesystem for ExportFs {
             Err(e) => return reply.error(e),
         };
         self.spawn(async move {
-            match permit.node.flush().await {
+            match permit.node().flush().await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(block_errno(&e)),
             }
@@ -650,13 +662,13 @@ impl Filesystem for ExportFs {
         if !self.shared.writable {
             return reply.error(Errno::EACCES);
         }
-        let plan = match plan::plan_fallocate(mode, offset, length, permit.node.size()) {
+        let plan = match plan::plan_fallocate(mode, offset, length, permit.node().size()) {
             Ok(plan) => plan,
             Err(code) => return reply.error(errno(code)),
         };
         let shared = Arc::clone(&self.shared);
         self.spawn(async move {
-            let node = &permit.node;
+            let node = permit.node();
             let result = async {
                 if let Some(new_size) = plan.grow_to {
                     grow(&shared, node, new_size).await?;
@@ -698,12 +710,12 @@ impl Filesystem for ExportFs {
             Ok(permit) => permit,
             Err(e) => return reply.error(e),
         };
-        let (offset, want_data) = match plan::check_seek(offset, whence, permit.node.size()) {
+        let (offset, want_data) = match plan::check_seek(offset, whence, permit.node().size()) {
             Ok(checked) => checked,
             Err(code) => return reply.error(errno(code)),
         };
         self.spawn(async move {
-            match seek(&permit.node, offset, want_data).await {
+            match seek(permit.node(), offset, want_data).await {
                 // A node is never larger than i64::MAX bytes (the kernel's loff_t).
                 Ok(found) => reply.offset(i64::try_from(found).unwrap_or(i64::MAX)),
                 Err(code) => reply.error(errno(code)),
