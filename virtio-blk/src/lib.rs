@@ -1,8 +1,22 @@
-//! The virtio-blk device model of blockexportd (virtio 1.2, section 5.2).
+//! The virtio-blk device model (virtio 1.2, section 5.2), shared by blockexportd's
+//! vhost-user-blk and VDUSE exports and usable by any virtio transport built on
+//! `virtio-queue` and `vm-memory`.
 //!
-//! This crate will hold what the vhost-user-blk and VDUSE exports share: the configuration
-//! space layout and feature bits, request parsing over `virtio-queue` descriptor chains,
-//! execution against a `block-core` node and the mapping of errors onto virtio status bytes.
-//! Its content arrives with the vhost-user-blk export; nothing is implemented yet.
+//! - [`config`]: feature bits and the little-endian configuration space, built from a
+//!   [`DeviceConfig`].
+//! - [`chain`]: walking a descriptor chain with every rule checked (loops, nested indirect
+//!   tables, addresses outside guest memory, readable after writable).
+//! - [`request`]: parsing a request and checking it against the device before any I/O.
+//! - [`status`]: the one mapping from block-layer errors to status bytes.
+//! - [`queue`]: serving a queue, many requests in flight, straight on guest memory through
+//!   block-core's vectored handle ([`block_core::Submitter`]).
 
-#![forbid(unsafe_code)]
+pub mod chain;
+pub mod config;
+pub mod queue;
+pub mod request;
+pub mod status;
+
+pub use config::{ConfigSpace, DeviceConfig};
+pub use queue::{BlkDevice, InflightLog, NoLog, QueueHandler, StableMemory};
+pub use status::Status;
