@@ -169,7 +169,11 @@ impl Submitter {
     pub fn submit(&self, request: Request, done: impl FnOnce(Completion) + Send + 'static) {
         let attachment = self.attachment.clone();
         let task = async move {
-            done(request.run(&attachment).await);
+            let completion = request.run(&attachment).await;
+            // The handle goes before the completion is told: once the submitter's owner saw
+            // its last completion, only its own hold on the node is left.
+            drop(attachment);
+            done(completion);
         };
         if !self.inline_start {
             self.runtime.spawn(task);

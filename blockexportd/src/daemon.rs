@@ -1030,13 +1030,13 @@ async fn bind_tcp(host: &str, port: &str) -> CmdResult<TcpListener> {
         .map_err(|e| generic(format!("Failed to bind socket: {e}")))
 }
 
-enum InheritedListener {
+pub(crate) enum InheritedListener {
     Unix(UnixListener),
     Tcp(TcpListener),
 }
 
 /// A listening socket inherited as a file descriptor (QAPI address type `fd`).
-fn listener_from_fd(s: &str) -> CmdResult<InheritedListener> {
+pub(crate) fn listener_from_fd(s: &str) -> CmdResult<InheritedListener> {
     use std::os::fd::{FromRawFd, OwnedFd};
     let fd: i32 = s
         .parse()

@@ -32,6 +32,7 @@
 
 pub mod fuse;
 pub mod nbd;
+pub mod vhost_user_blk;
 
 use crate::daemon::CmdResult;
 use crate::keyval::Kind;
@@ -246,6 +247,7 @@ pub fn registry(nbd_server: &nbd::ServerSlot) -> Registry {
     let mut registry = Registry::default();
     registry.register(nbd::Nbd::new(nbd_server.clone()));
     registry.register(fuse::Fuse);
+    registry.register(vhost_user_blk::VhostUserBlk);
     registry
 }
 
