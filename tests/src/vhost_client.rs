@@ -328,11 +328,28 @@ impl VhostClient {
         self.run(&[(queue, op)]).pop().expect("one outcome")
     }
 
-    /// Reads `len` bytes at `offset` on queue 0; panics on error.
+    /// Reads `len` bytes at `offset` on queue 0 (in pieces of the slot size, all in flight at
+    /// once); panics on error.
     pub fn read(&mut self, offset: u64, len: usize) -> Vec<u8> {
-        let o = self.run_one(0, Op::Read { offset, len });
-        assert_eq!(o.ret, 0, "read {len} at {offset}");
-        o.data
+        let batch: Vec<(usize, Op)> = (0..len)
+            .step_by(self.slot_size)
+            .map(|at| {
+                let piece = (len - at).min(self.slot_size);
+                (
+                    0,
+                    Op::Read {
+                        offset: offset + at as u64,
+                        len: piece,
+                    },
+                )
+            })
+            .collect();
+        let mut data = Vec::with_capacity(len);
+        for o in self.run(&batch) {
+            assert_eq!(o.ret, 0, "read {len} at {offset}");
+            data.extend_from_slice(&o.data);
+        }
+        data
     }
 
     /// Writes `data` at `offset` on queue 0; panics on error.
