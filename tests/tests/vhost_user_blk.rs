@@ -562,11 +562,43 @@ fn random_ops_raw_unmap_blockexportd() {
 
 #[test]
 fn random_ops_qcow2_qsd() {
-    random_ops_case(Flavor::Qsd, Format::Qcow2, ",discard=unmap", 2);
+    random_ops_case(Flavor::Qsd, Format::Qcow2, "", 2);
 }
 
 #[test]
 fn random_ops_qcow2_blockexportd() {
+    random_ops_case(Flavor::Blockexportd, Format::Qcow2, "", 2);
+}
+
+/// qcow2 with `discard=unmap` (on both nodes): blockexportd must pass every check. QSD 10.0
+/// leaves the image corrupt in some runs (`qemu-img check`: "cluster N refcount=0
+/// reference=1", seen once in six runs of VHOST_RANDOM_BATCHES=400; timing-dependent; the
+/// NBD random test sees the same), so for QSD a failed image check or a read that contradicts
+/// the model is printed for comparison, not asserted; any other failure is.
+#[test]
+fn random_ops_qcow2_unmap_qsd() {
+    let run = std::panic::catch_unwind(|| {
+        random_ops_case(Flavor::Qsd, Format::Qcow2, ",discard=unmap", 2)
+    });
+    if let Err(panic) = run {
+        let msg = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        let known = msg.contains("\"qemu-img\" \"check\"")
+            || msg.contains("differs from the model")
+            || msg.contains("neither its old data nor zeroes")
+            || msg.contains("the image differs");
+        if !known {
+            std::panic::resume_unwind(panic);
+        }
+        eprintln!("for comparison, qemu-storage-daemon (known QEMU 10.0 qcow2 discard bug): {msg}");
+    }
+}
+
+#[test]
+fn random_ops_qcow2_unmap_blockexportd() {
     random_ops_case(Flavor::Blockexportd, Format::Qcow2, ",discard=unmap", 2);
 }
 
