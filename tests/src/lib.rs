@@ -3,6 +3,8 @@
 
 #![allow(missing_docs)]
 
+pub mod vhost_client;
+
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
