@@ -243,7 +243,9 @@ fn config_case(flavor: Flavor) {
             max_discard_len: 32768 * 512,
             discard_alignment: block_size,
             max_write_zeroes_len: 32768 * 512,
-            flush_needed: false,
+            // QSD reports the write cache off (and makes every write stable); blockexportd
+            // reports it on unless the export is `writethrough`, and the guest flushes.
+            flush_needed: flavor == Flavor::Blockexportd,
         };
         assert_eq!(config_of(&c), want, "{format:?} {size} {opts}");
         drop(c);
@@ -710,8 +712,9 @@ fn deep_queues_blockexportd() {
 // ---------------------------------------------------------------------------------------
 // Read-only export.
 
-/// A read-only export offers VIRTIO_BLK_F_RO: libblkio refuses to start a writable device
-/// (EROFS) and, opened read-only, fails writes itself (EBADF). A front end that ignores the
+/// A read-only export offers VIRTIO_BLK_F_RO (and, on blockexportd, neither discard nor
+/// write-zeroes): libblkio refuses to start a writable device (EROFS) and, opened read-only,
+/// fails writes itself (EBADF). A front end that ignores the
 /// feature and writes anyway gets VIRTIO_BLK_S_IOERR for writes, write-zeroes and discards,
 /// and the image is unchanged; reads and flushes still succeed.
 fn read_only_case(flavor: Flavor) {
@@ -758,11 +761,14 @@ fn read_only_case(flavor: Flavor) {
         },
     ];
     for op in &refused {
-        assert_eq!(
-            c.run_one(0, op.clone()).ret,
-            -libc::EBADF,
-            "libblkio {op:?}"
-        );
+        // QSD offers discard and write-zeroes on a read-only device, which libblkio then
+        // refuses as read-only (EBADF); blockexportd does not offer them there (ENOTSUP).
+        let want = match op {
+            Op::Write { .. } => -libc::EBADF,
+            _ if flavor == Flavor::Blockexportd => -libc::ENOTSUP,
+            _ => -libc::EBADF,
+        };
+        assert_eq!(c.run_one(0, op.clone()).ret, want, "libblkio {op:?}");
     }
     drop(c);
 
@@ -1032,6 +1038,17 @@ fn qmp_case(flavor: Flavor) {
     assert_eq!(c.read(0, 4096), content[..4096]);
     c.write(4096, &[1; 4096]);
     assert_eq!(c.read(4096, 4096), vec![1; 4096]);
+    if flavor == Flavor::Blockexportd {
+        // `mode: safe` refuses while a frontend is connected (QSD disconnects it).
+        let (class, desc) = qmp.err("block-export-del", serde_json::json!({"id": "exp0"}));
+        assert_eq!(class, "GenericError");
+        assert_eq!(desc, "export 'exp0' still in use");
+        assert_eq!(
+            c.read(0, 4096),
+            content[..4096],
+            "the frontend is still served"
+        );
+    }
     drop(c);
     qmp.ok("block-export-del", serde_json::json!({"id": "exp0"}));
     let ev = qmp.wait_event("BLOCK_EXPORT_DELETED");

@@ -151,7 +151,9 @@ impl VhostUserBlk {
             logical_block_size: options.logical_block_size,
             optimal_io_size: 0,
             num_queues: options.num_queues,
-            queue_size: MAX_QUEUE_SIZE,
+            // seg_max follows from it: 126 segments, as QSD offers, which a driver without
+            // indirect descriptors fits in a ring of 128.
+            queue_size: 128,
             writable: options.writable,
             writeback: !options.writethrough,
             serial: options.serial.clone(),
@@ -177,9 +179,24 @@ impl VhostUserBlk {
         })
     }
 
-    /// Whether a frontend is connected.
+    /// Whether a frontend is connected. A frontend that has closed its end counts as gone at
+    /// once, even before its connection's rings are stopped.
     pub fn has_client(&self) -> bool {
-        self.state.connected.load(Ordering::Acquire)
+        if !self.state.connected.load(Ordering::Acquire) {
+            return false;
+        }
+        let client = self.state.client.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(c) = client.as_ref() else {
+            return false;
+        };
+        let mut pfd = libc::pollfd {
+            fd: c.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the call; a zero timeout only samples its state.
+        let r = unsafe { libc::poll(&mut pfd, 1, 0) };
+        !(r > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0)
     }
 
     /// Disconnects the current frontend, if any (it may connect again).

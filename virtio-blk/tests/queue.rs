@@ -197,7 +197,9 @@ fn writes_and_reads_go_straight_between_guest_memory_and_the_node() {
     let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
     r.mem.write_slice(&data, GuestAddress(DATA)).expect("data");
     r.header(HEADERS, kind::OUT, 8);
-    r.mem.write_obj(0xffu8, GuestAddress(STATUS)).expect("status");
+    r.mem
+        .write_obj(0xffu8, GuestAddress(STATUS))
+        .expect("status");
     // Header, data in two buffers (the second split across descriptors), status.
     let head = r.chain(&[
         (HEADERS, 16, 0),
@@ -272,7 +274,9 @@ fn flush_get_id_discard_and_write_zeroes() {
     let mut seg = 16u64.to_le_bytes().to_vec();
     seg.extend_from_slice(&16u32.to_le_bytes());
     seg.extend_from_slice(&1u32.to_le_bytes());
-    r.mem.write_slice(&seg, GuestAddress(DATA + 0x1000)).expect("seg");
+    r.mem
+        .write_slice(&seg, GuestAddress(DATA + 0x1000))
+        .expect("seg");
     r.header(HEADERS, kind::WRITE_ZEROES, 0);
     let h = r.chain(&[
         (HEADERS, 16, 0),
@@ -288,7 +292,9 @@ fn flush_get_id_discard_and_write_zeroes() {
     let mut seg = 64u64.to_le_bytes().to_vec();
     seg.extend_from_slice(&8u32.to_le_bytes());
     seg.extend_from_slice(&0u32.to_le_bytes());
-    r.mem.write_slice(&seg, GuestAddress(DATA + 0x2000)).expect("seg");
+    r.mem
+        .write_slice(&seg, GuestAddress(DATA + 0x2000))
+        .expect("seg");
     r.header(HEADERS, kind::DISCARD, 0);
     let h = r.chain(&[
         (HEADERS, 16, 0),
@@ -306,7 +312,9 @@ fn flush_get_id_discard_and_write_zeroes() {
 fn malformed_requests_get_their_status_and_the_queue_goes_on() {
     let mut r = Rig::new(true, 4096);
     let check = |r: &mut Rig, name: &str, bufs: Vec<(u64, u32, u16)>, want: Option<u8>| {
-        r.mem.write_obj(0xeeu8, GuestAddress(STATUS)).expect("status");
+        r.mem
+            .write_obj(0xeeu8, GuestAddress(STATUS))
+            .expect("status");
         let head = r.chain(&bufs);
         let used = r.run(1);
         assert_eq!(used.len(), 1, "{name}");
@@ -320,18 +328,29 @@ fn malformed_requests_get_their_status_and_the_queue_goes_on() {
         }
         // The next request is served.
         r.header(HEADERS + 0x800, kind::FLUSH, 0);
-        r.mem.write_obj(0xeeu8, GuestAddress(STATUS + 8)).expect("status");
+        r.mem
+            .write_obj(0xeeu8, GuestAddress(STATUS + 8))
+            .expect("status");
         r.chain(&[(HEADERS + 0x800, 16, 0), (STATUS + 8, 1, WRITE)]);
         r.run(1);
         assert_eq!(r.status(STATUS + 8), 0, "{name}: the queue goes on");
     };
     r.header(HEADERS, kind::IN, 8);
-    check(&mut r, "no status byte", vec![(HEADERS, 16, 0), (DATA, 4096, 0)], None);
+    check(
+        &mut r,
+        "no status byte",
+        vec![(HEADERS, 16, 0), (DATA, 4096, 0)],
+        None,
+    );
     check(&mut r, "header only", vec![(HEADERS, 16, 0)], None);
     check(
         &mut r,
         "device-writable header",
-        vec![(HEADERS, 16, WRITE), (DATA, 4096, WRITE), (STATUS, 1, WRITE)],
+        vec![
+            (HEADERS, 16, WRITE),
+            (DATA, 4096, WRITE),
+            (STATUS, 1, WRITE),
+        ],
         Some(1),
     );
     check(
@@ -344,28 +363,44 @@ fn malformed_requests_get_their_status_and_the_queue_goes_on() {
     check(
         &mut r,
         "sector not on a logical block",
-        vec![(HEADERS + 16, 16, 0), (DATA, 4096, WRITE), (STATUS, 1, WRITE)],
+        vec![
+            (HEADERS + 16, 16, 0),
+            (DATA, 4096, WRITE),
+            (STATUS, 1, WRITE),
+        ],
         Some(1),
     );
     r.header(HEADERS + 32, kind::IN, IMAGE / 512 - 8);
     check(
         &mut r,
         "beyond the end",
-        vec![(HEADERS + 32, 16, 0), (DATA, 8192, WRITE), (STATUS, 1, WRITE)],
+        vec![
+            (HEADERS + 32, 16, 0),
+            (DATA, 8192, WRITE),
+            (STATUS, 1, WRITE),
+        ],
         Some(1),
     );
     r.header(HEADERS + 48, kind::IN, u64::MAX / 256);
     check(
         &mut r,
         "sector overflow",
-        vec![(HEADERS + 48, 16, 0), (DATA, 4096, WRITE), (STATUS, 1, WRITE)],
+        vec![
+            (HEADERS + 48, 16, 0),
+            (DATA, 4096, WRITE),
+            (STATUS, 1, WRITE),
+        ],
         Some(1),
     );
     r.header(HEADERS + 64, kind::IN, 0);
     check(
         &mut r,
         "length not whole sectors",
-        vec![(HEADERS + 64, 16, 0), (DATA, 1000, WRITE), (STATUS, 1, WRITE)],
+        vec![
+            (HEADERS + 64, 16, 0),
+            (DATA, 1000, WRITE),
+            (STATUS, 1, WRITE),
+        ],
         Some(1),
     );
     check(
@@ -453,7 +488,9 @@ fn loops_nested_indirect_tables_and_too_many_segments_are_refused() {
     assert_eq!(r.run(1), vec![(205, 513)]);
     assert_eq!(r.status(STATUS), 0);
     let mut back = vec![0u8; 512];
-    r.mem.read_slice(&mut back, GuestAddress(DATA)).expect("data");
+    r.mem
+        .read_slice(&mut back, GuestAddress(DATA))
+        .expect("data");
     assert_eq!(back, r.image()[..512]);
 
     // A loop inside an indirect table.
@@ -479,7 +516,9 @@ fn loops_nested_indirect_tables_and_too_many_segments_are_refused() {
     r.desc(TABLES + 0x1000, n + 1, STATUS, 1, WRITE, 0);
     r.desc(0, 207, TABLES + 0x1000, 16 * u32::from(n + 2), INDIRECT, 0);
     r.offer(207);
-    r.mem.write_obj(0xeeu8, GuestAddress(STATUS)).expect("status");
+    r.mem
+        .write_obj(0xeeu8, GuestAddress(STATUS))
+        .expect("status");
     assert_eq!(r.run(1), vec![(207, 1)]);
     assert_eq!(r.status(STATUS), 1);
 }
@@ -497,10 +536,15 @@ fn a_read_only_device_refuses_writes_with_ioerr() {
     r.mem.write_slice(&seg, GuestAddress(DATA)).expect("seg");
     for ty in [kind::DISCARD, kind::WRITE_ZEROES] {
         r.header(HEADERS, ty, 0);
-        r.mem.write_obj(0xeeu8, GuestAddress(STATUS)).expect("status");
+        r.mem
+            .write_obj(0xeeu8, GuestAddress(STATUS))
+            .expect("status");
         r.chain(&[(HEADERS, 16, 0), (DATA, 16, 0), (STATUS, 1, WRITE)]);
         r.run(1);
         assert_eq!(r.status(STATUS), 1);
     }
-    assert!(r.image()[..512].iter().enumerate().all(|(i, &b)| b == (i % 253) as u8));
+    assert!(r.image()[..512]
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == (i % 253) as u8));
 }
