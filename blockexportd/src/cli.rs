@@ -102,6 +102,9 @@ pub struct QuickExport {
     pub port: u16,
     /// `--socket PATH`: a unix socket instead of TCP.
     pub socket: Option<PathBuf>,
+    /// `--vhost-user-blk PATH`: a vhost-user-blk export on the unix socket PATH instead of
+    /// NBD.
+    pub vhost_user_blk: Option<PathBuf>,
 }
 
 /// A command-line error; printed as `blockexportd: MESSAGE`.
@@ -133,6 +136,7 @@ pub enum CliError {
 pub const USAGE: &str = "\
 Usage: blockexportd [options]
        blockexportd IMAGE [--writable] [--port PORT | --socket PATH]
+       blockexportd --vhost-user-blk SOCKET IMAGE [--writable]
 blockexportd: export disk images over NBD and FUSE, managed over QMP
 
   -h, --help             display this help and exit
@@ -144,6 +148,9 @@ blockexportd: export disk images over NBD and FUSE, managed over QMP
   --writable             with IMAGE: export it writable
   --port PORT            with IMAGE: listen on 127.0.0.1:PORT
   --socket PATH          with IMAGE: listen on the unix socket PATH
+  --vhost-user-blk SOCKET
+                         with IMAGE: export it over vhost-user-blk on the unix socket
+                         SOCKET (a VM's virtio-blk disk) instead of NBD
 
   --blockdev [driver=]<driver>[,node-name=<N>][,discard=ignore|unmap]
              [,cache.direct=on|off][,cache.no-flush=on|off]
@@ -200,6 +207,7 @@ where
     let mut writable = false;
     let mut port: Option<u16> = None;
     let mut socket: Option<PathBuf> = None;
+    let mut vhost_user_blk: Option<PathBuf> = None;
     let mut i = 0;
     while i < args.len() {
         let arg = &args[i];
@@ -253,6 +261,10 @@ where
                 socket = Some(PathBuf::from(value("--socket")?));
                 None
             }
+            "--vhost-user-blk" => {
+                vhost_user_blk = Some(PathBuf::from(value("--vhost-user-blk")?));
+                None
+            }
             _ if !arg.starts_with('-') && image.is_none() => {
                 image = Some(PathBuf::from(arg));
                 None
@@ -277,11 +289,17 @@ where
                     "--port and --socket cannot be used together".into(),
                 ));
             }
+            if vhost_user_blk.is_some() && (port.is_some() || socket.is_some()) {
+                return Err(CliError::Invalid(
+                    "--vhost-user-blk cannot be used with --port or --socket".into(),
+                ));
+            }
             run.quick = Some(QuickExport {
                 image,
                 writable,
                 port: port.unwrap_or(10809),
                 socket,
+                vhost_user_blk,
             });
         }
         None => {
@@ -289,6 +307,7 @@ where
                 (writable, "--writable"),
                 (port.is_some(), "--port"),
                 (socket.is_some(), "--socket"),
+                (vhost_user_blk.is_some(), "--vhost-user-blk"),
             ] {
                 if set {
                     return Err(CliError::Invalid(format!(
@@ -402,9 +421,23 @@ mod tests {
                 image: "disk.qcow2".into(),
                 writable: true,
                 port: 10810,
-                socket: None
+                socket: None,
+                vhost_user_blk: None,
             })
         );
+        let r = run(&["--vhost-user-blk", "/tmp/vub.sock", "disk.img"]);
+        assert_eq!(
+            r.quick.and_then(|q| q.vhost_user_blk),
+            Some("/tmp/vub.sock".into())
+        );
+        assert!(matches!(
+            parse(["--vhost-user-blk", "/tmp/s", "d.img", "--port", "1"]),
+            Err(CliError::Invalid(_))
+        ));
+        assert!(matches!(
+            parse(["--vhost-user-blk", "/tmp/s"]),
+            Err(CliError::Invalid(_))
+        ));
         assert!(matches!(parse(["-V"]), Ok(Command::Version)));
         assert!(matches!(parse(["x", "--help"]), Ok(Command::Help)));
     }

@@ -91,6 +91,29 @@ async fn quick_export(daemon: &Arc<Daemon>, q: &QuickExport) -> Result<(), Start
         daemon.blockdev_add(object(fmt)).await.map_err(err)?;
         node = "disk0";
     }
+    let kind = if qcow2 { "qcow2" } else { "raw" };
+    let access = if q.writable { "writable" } else { "read-only" };
+    if let Some(path) = &q.vhost_user_blk {
+        let export = object(json!({
+            "type": "vhost-user-blk", "id": "export0", "node-name": node, "writable": q.writable,
+            "addr": {"type": "unix", "path": path.to_string_lossy()},
+        }));
+        daemon
+            .block_export_add(daemon.parse_export(export, false).map_err(err)?)
+            .await
+            .map_err(err)?;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "Exporting {image} ({kind}, {access}) over vhost-user-blk at {path}; attach it to a \
+             QEMU guest (whose memory must be shared) with:\n  \
+             -object memory-backend-memfd,id=mem0,size=<guest RAM>,share=on -numa node,memdev=mem0\n  \
+             -chardev socket,id=vub0,path={path} -device vhost-user-blk-pci,chardev=vub0",
+            path = path.display()
+        );
+        let _ = out.flush();
+        return Ok(());
+    }
     let addr = match &q.socket {
         Some(path) => json!({"type": "unix", "path": path.to_string_lossy()}),
         None => json!({"type": "inet", "host": "127.0.0.1", "port": q.port.to_string()}),
@@ -110,12 +133,7 @@ async fn quick_export(daemon: &Arc<Daemon>, q: &QuickExport) -> Result<(), Start
         None => format!("nbd://127.0.0.1:{}", q.port),
     };
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(
-        out,
-        "Exporting {image} ({}, {}) at {uri}",
-        if qcow2 { "qcow2" } else { "raw" },
-        if q.writable { "writable" } else { "read-only" }
-    );
+    let _ = writeln!(out, "Exporting {image} ({kind}, {access}) at {uri}");
     let _ = out.flush();
     Ok(())
 }

@@ -1075,3 +1075,63 @@ fn qmp_qsd() {
 fn qmp_blockexportd() {
     qmp_case(Flavor::Blockexportd);
 }
+
+// ---------------------------------------------------------------------------------------
+// The short form.
+
+/// `blockexportd --vhost-user-blk SOCKET IMAGE --writable` exports the image, prints the QEMU
+/// lines that attach it, and serves a frontend.
+#[test]
+fn short_form_blockexportd() {
+    use std::io::BufRead;
+    if !tools(Flavor::Blockexportd, &[]) {
+        return;
+    }
+    let work = tempfile::tempdir().expect("tempdir");
+    let sock = work.path().join("vub.sock");
+    let image = work.path().join("disk.raw");
+    let content = patterned_raw(&image, 4 << 20, 21);
+    let mut child = std::process::Command::new(blockexportd_tests::daemon_binary())
+        .arg("--vhost-user-blk")
+        .arg(&sock)
+        .arg(&image)
+        .arg("--writable")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start");
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = lines.next().expect("a line").expect("read");
+    assert!(
+        first.starts_with(&format!(
+            "Exporting {} (raw, writable) over vhost-user-blk at {}",
+            image.display(),
+            sock.display()
+        )),
+        "{first}"
+    );
+    let rest: Vec<String> = lines.by_ref().take(2).map(|l| l.expect("line")).collect();
+    assert!(rest[1].contains(&format!(
+        "-chardev socket,id=vub0,path={} -device vhost-user-blk-pci,chardev=vub0",
+        sock.display()
+    )));
+    let mut c = VhostClient::connect_wait(&sock, &ConnectOptions::default(), CONNECT_TIMEOUT);
+    assert_eq!(c.read(0, 8192), content[..8192]);
+    c.write(8192, &[7; 4096]);
+    c.flush();
+    drop(c);
+    blockexportd_tests::signal(child.id(), libc::SIGTERM);
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{:?}", out.status);
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut want = content.clone();
+    want[8192..12288].fill(7);
+    assert!(
+        std::fs::read(&image).expect("image") == want,
+        "image differs"
+    );
+}
