@@ -1,195 +1,11 @@
 //! The device model driven through `virtio-queue`'s mock split queue: a driver's view of
 //! well-formed and malformed requests, against a real `file` node.
 
-use block_core::drivers::file::{FileDriver, FileOptions, Locking};
-use block_core::{BlockDriver, Node, Submitter};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-use virtio_blk::config::DeviceConfig;
+mod common;
+
+use common::*;
 use virtio_blk::request::kind;
-use virtio_blk::{BlkDevice, NoLog, QueueHandler};
-use virtio_queue::desc::split::Descriptor;
-use virtio_queue::desc::RawDescriptor;
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-
-const QSIZE: u16 = 256;
-const NEXT: u16 = 1;
-const WRITE: u16 = 2;
-const INDIRECT: u16 = 4;
-const IMAGE: u64 = 1 << 20;
-const HEADERS: u64 = 0x10_0000;
-const STATUS: u64 = 0x20_0000;
-const DATA: u64 = 0x30_0000;
-const TABLES: u64 = 0x80_0000;
-
-struct Rig {
-    mem: Arc<GuestMemoryMmap>,
-    queue: Queue,
-    handler: QueueHandler<GuestMemoryMmap>,
-    node: Arc<Node>,
-    _dir: tempfile::TempDir,
-    _runtime: tokio::runtime::Runtime,
-    path: std::path::PathBuf,
-    next_desc: u16,
-    avail: u16,
-    avail_addr: u64,
-    used_addr: u64,
-    used_seen: u16,
-}
-
-impl Rig {
-    fn new(writable: bool, lbs: u32) -> Rig {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("img");
-        let image: Vec<u8> = (0..IMAGE).map(|i| (i % 253) as u8).collect();
-        std::fs::write(&path, &image).expect("image");
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let driver = FileDriver::open(&FileOptions {
-            filename: path.clone(),
-            locking: Locking::Off,
-            read_only: !writable,
-            ..FileOptions::default()
-        })
-        .expect("open");
-        let node = Node::new("disk", Arc::new(driver) as Arc<dyn BlockDriver>, Vec::new());
-        let att = node.attach("test", writable).expect("attach");
-        let config = DeviceConfig {
-            size: IMAGE,
-            logical_block_size: lbs,
-            optimal_io_size: 0,
-            num_queues: 1,
-            queue_size: QSIZE,
-            writable,
-            writeback: true,
-            serial: Some("serial-0123456789-abcdef".into()),
-        };
-        let device = Arc::new(BlkDevice::new(
-            Submitter::new(att, runtime.handle().clone()),
-            &config,
-        ));
-        let mem = Arc::new(
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).expect("memory"),
-        );
-        let mock = MockSplitQueue::new(&*mem, QSIZE);
-        let mut queue: Queue = mock.create_queue().expect("queue");
-        let (avail_addr, used_addr) = (mock.avail_addr().0, mock.used_addr().0);
-        virtio_queue::QueueT::set_event_idx(&mut queue, false);
-        Rig {
-            handler: QueueHandler::new(device).expect("handler"),
-            mem,
-            queue,
-            node,
-            _dir: dir,
-            _runtime: runtime,
-            path,
-            next_desc: 0,
-            avail: 0,
-            avail_addr,
-            used_addr,
-            used_seen: 0,
-        }
-    }
-
-    fn desc(&self, table: u64, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let d = RawDescriptor::from(Descriptor::new(addr, len, flags, next));
-        self.mem
-            .write_obj(d, GuestAddress(table + 16 * u64::from(index)))
-            .expect("descriptor");
-    }
-
-    /// Puts a chain of `(addr, len, flags)` in the table and makes it available; returns its
-    /// head. NEXT flags are set here.
-    fn chain(&mut self, bufs: &[(u64, u32, u16)]) -> u16 {
-        let head = self.next_desc;
-        for (i, &(addr, len, flags)) in bufs.iter().enumerate() {
-            let index = (head + i as u16) % QSIZE;
-            let last = i + 1 == bufs.len();
-            let flags = if last { flags } else { flags | NEXT };
-            self.desc(0, index, addr, len, flags, (index + 1) % QSIZE);
-        }
-        self.next_desc = (head + bufs.len() as u16) % QSIZE;
-        self.offer(head);
-        head
-    }
-
-    fn offer(&mut self, head: u16) {
-        let avail = self.avail_addr;
-        let slot = avail + 4 + 2 * u64::from(self.avail % QSIZE);
-        self.mem.write_obj(head, GuestAddress(slot)).expect("ring");
-        self.avail = self.avail.wrapping_add(1);
-        self.mem
-            .write_obj(self.avail, GuestAddress(avail + 2))
-            .expect("idx");
-    }
-
-    fn header(&self, at: u64, ty: u32, sector: u64) {
-        let mut h = ty.to_le_bytes().to_vec();
-        h.extend_from_slice(&0u32.to_le_bytes());
-        h.extend_from_slice(&sector.to_le_bytes());
-        self.mem.write_slice(&h, GuestAddress(at)).expect("header");
-    }
-
-    /// Kicks and waits for `n` used entries; returns them as (head, len).
-    fn run(&mut self, n: usize) -> Vec<(u16, u32)> {
-        self.handler
-            .process_queue(&mut self.queue, &self.mem, &mut NoLog)
-            .expect("process");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut out = Vec::new();
-        loop {
-            self.handler
-                .complete(&mut self.queue, &mut NoLog)
-                .expect("complete");
-            out.extend(self.take_used());
-            if out.len() >= n {
-                assert_eq!(out.len(), n, "more used entries than requests");
-                return out;
-            }
-            assert!(Instant::now() < deadline, "requests never completed");
-            let fd = self.handler.completion_fd();
-            let mut pfd = libc_pollfd(fd);
-            // SAFETY: one valid pollfd for the call.
-            unsafe { libc::poll(&mut pfd, 1, 100) };
-        }
-    }
-
-    fn take_used(&mut self) -> Vec<(u16, u32)> {
-        let used = self.used_addr;
-        let idx: u16 = self.mem.read_obj(GuestAddress(used + 2)).expect("used idx");
-        let mut out = Vec::new();
-        while self.used_seen != idx {
-            let e = used + 4 + 8 * u64::from(self.used_seen % QSIZE);
-            let id: u32 = self.mem.read_obj(GuestAddress(e)).expect("id");
-            let len: u32 = self.mem.read_obj(GuestAddress(e + 4)).expect("len");
-            out.push((id as u16, len));
-            self.used_seen = self.used_seen.wrapping_add(1);
-        }
-        out
-    }
-
-    fn status(&self, at: u64) -> u8 {
-        self.mem.read_obj(GuestAddress(at)).expect("status")
-    }
-
-    fn image(&self) -> Vec<u8> {
-        std::fs::read(&self.path).expect("read image")
-    }
-}
-
-fn libc_pollfd(fd: std::os::fd::BorrowedFd<'_>) -> libc::pollfd {
-    use std::os::fd::AsRawFd;
-    libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    }
-}
+use vm_memory::{Bytes, GuestAddress};
 
 #[test]
 fn writes_and_reads_go_straight_between_guest_memory_and_the_node() {
@@ -197,7 +13,9 @@ fn writes_and_reads_go_straight_between_guest_memory_and_the_node() {
     let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
     r.mem.write_slice(&data, GuestAddress(DATA)).expect("data");
     r.header(HEADERS, kind::OUT, 8);
-    r.mem.write_obj(0xffu8, GuestAddress(STATUS)).expect("status");
+    r.mem
+        .write_obj(0xffu8, GuestAddress(STATUS))
+        .expect("status");
     // Header, data in two buffers (the second split across descriptors), status.
     let head = r.chain(&[
         (HEADERS, 16, 0),
@@ -272,7 +90,9 @@ fn flush_get_id_discard_and_write_zeroes() {
     let mut seg = 16u64.to_le_bytes().to_vec();
     seg.extend_from_slice(&16u32.to_le_bytes());
     seg.extend_from_slice(&1u32.to_le_bytes());
-    r.mem.write_slice(&seg, GuestAddress(DATA + 0x1000)).expect("seg");
+    r.mem
+        .write_slice(&seg, GuestAddress(DATA + 0x1000))
+        .expect("seg");
     r.header(HEADERS, kind::WRITE_ZEROES, 0);
     let h = r.chain(&[
         (HEADERS, 16, 0),
@@ -288,7 +108,9 @@ fn flush_get_id_discard_and_write_zeroes() {
     let mut seg = 64u64.to_le_bytes().to_vec();
     seg.extend_from_slice(&8u32.to_le_bytes());
     seg.extend_from_slice(&0u32.to_le_bytes());
-    r.mem.write_slice(&seg, GuestAddress(DATA + 0x2000)).expect("seg");
+    r.mem
+        .write_slice(&seg, GuestAddress(DATA + 0x2000))
+        .expect("seg");
     r.header(HEADERS, kind::DISCARD, 0);
     let h = r.chain(&[
         (HEADERS, 16, 0),
@@ -306,7 +128,9 @@ fn flush_get_id_discard_and_write_zeroes() {
 fn malformed_requests_get_their_status_and_the_queue_goes_on() {
     let mut r = Rig::new(true, 4096);
     let check = |r: &mut Rig, name: &str, bufs: Vec<(u64, u32, u16)>, want: Option<u8>| {
-        r.mem.write_obj(0xeeu8, GuestAddress(STATUS)).expect("status");
+        r.mem
+            .write_obj(0xeeu8, GuestAddress(STATUS))
+            .expect("status");
         let head = r.chain(&bufs);
         let used = r.run(1);
         assert_eq!(used.len(), 1, "{name}");
@@ -320,18 +144,29 @@ fn malformed_requests_get_their_status_and_the_queue_goes_on() {
         }
         // The next request is served.
         r.header(HEADERS + 0x800, kind::FLUSH, 0);
-        r.mem.write_obj(0xeeu8, GuestAddress(STATUS + 8)).expect("status");
+        r.mem
+            .write_obj(0xeeu8, GuestAddress(STATUS + 8))
+            .expect("status");
         r.chain(&[(HEADERS + 0x800, 16, 0), (STATUS + 8, 1, WRITE)]);
         r.run(1);
         assert_eq!(r.status(STATUS + 8), 0, "{name}: the queue goes on");
     };
     r.header(HEADERS, kind::IN, 8);
-    check(&mut r, "no status byte", vec![(HEADERS, 16, 0), (DATA, 4096, 0)], None);
+    check(
+        &mut r,
+        "no status byte",
+        vec![(HEADERS, 16, 0), (DATA, 4096, 0)],
+        None,
+    );
     check(&mut r, "header only", vec![(HEADERS, 16, 0)], None);
     check(
         &mut r,
         "device-writable header",
-        vec![(HEADERS, 16, WRITE), (DATA, 4096, WRITE), (STATUS, 1, WRITE)],
+        vec![
+            (HEADERS, 16, WRITE),
+            (DATA, 4096, WRITE),
+            (STATUS, 1, WRITE),
+        ],
         Some(1),
     );
     check(
@@ -344,28 +179,44 @@ fn malformed_requests_get_their_status_and_the_queue_goes_on() {
     check(
         &mut r,
         "sector not on a logical block",
-        vec![(HEADERS + 16, 16, 0), (DATA, 4096, WRITE), (STATUS, 1, WRITE)],
+        vec![
+            (HEADERS + 16, 16, 0),
+            (DATA, 4096, WRITE),
+            (STATUS, 1, WRITE),
+        ],
         Some(1),
     );
     r.header(HEADERS + 32, kind::IN, IMAGE / 512 - 8);
     check(
         &mut r,
         "beyond the end",
-        vec![(HEADERS + 32, 16, 0), (DATA, 8192, WRITE), (STATUS, 1, WRITE)],
+        vec![
+            (HEADERS + 32, 16, 0),
+            (DATA, 8192, WRITE),
+            (STATUS, 1, WRITE),
+        ],
         Some(1),
     );
     r.header(HEADERS + 48, kind::IN, u64::MAX / 256);
     check(
         &mut r,
         "sector overflow",
-        vec![(HEADERS + 48, 16, 0), (DATA, 4096, WRITE), (STATUS, 1, WRITE)],
+        vec![
+            (HEADERS + 48, 16, 0),
+            (DATA, 4096, WRITE),
+            (STATUS, 1, WRITE),
+        ],
         Some(1),
     );
     r.header(HEADERS + 64, kind::IN, 0);
     check(
         &mut r,
         "length not whole sectors",
-        vec![(HEADERS + 64, 16, 0), (DATA, 1000, WRITE), (STATUS, 1, WRITE)],
+        vec![
+            (HEADERS + 64, 16, 0),
+            (DATA, 1000, WRITE),
+            (STATUS, 1, WRITE),
+        ],
         Some(1),
     );
     check(
@@ -453,7 +304,9 @@ fn loops_nested_indirect_tables_and_too_many_segments_are_refused() {
     assert_eq!(r.run(1), vec![(205, 513)]);
     assert_eq!(r.status(STATUS), 0);
     let mut back = vec![0u8; 512];
-    r.mem.read_slice(&mut back, GuestAddress(DATA)).expect("data");
+    r.mem
+        .read_slice(&mut back, GuestAddress(DATA))
+        .expect("data");
     assert_eq!(back, r.image()[..512]);
 
     // A loop inside an indirect table.
@@ -479,7 +332,9 @@ fn loops_nested_indirect_tables_and_too_many_segments_are_refused() {
     r.desc(TABLES + 0x1000, n + 1, STATUS, 1, WRITE, 0);
     r.desc(0, 207, TABLES + 0x1000, 16 * u32::from(n + 2), INDIRECT, 0);
     r.offer(207);
-    r.mem.write_obj(0xeeu8, GuestAddress(STATUS)).expect("status");
+    r.mem
+        .write_obj(0xeeu8, GuestAddress(STATUS))
+        .expect("status");
     assert_eq!(r.run(1), vec![(207, 1)]);
     assert_eq!(r.status(STATUS), 1);
 }
@@ -497,10 +352,15 @@ fn a_read_only_device_refuses_writes_with_ioerr() {
     r.mem.write_slice(&seg, GuestAddress(DATA)).expect("seg");
     for ty in [kind::DISCARD, kind::WRITE_ZEROES] {
         r.header(HEADERS, ty, 0);
-        r.mem.write_obj(0xeeu8, GuestAddress(STATUS)).expect("status");
+        r.mem
+            .write_obj(0xeeu8, GuestAddress(STATUS))
+            .expect("status");
         r.chain(&[(HEADERS, 16, 0), (DATA, 16, 0), (STATUS, 1, WRITE)]);
         r.run(1);
         assert_eq!(r.status(STATUS), 1);
     }
-    assert!(r.image()[..512].iter().enumerate().all(|(i, &b)| b == (i % 253) as u8));
+    assert!(r.image()[..512]
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == (i % 253) as u8));
 }
