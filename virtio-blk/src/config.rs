@@ -51,7 +51,9 @@ pub const SIZE_MAX: u32 = 1 << 22;
 /// The configuration space, laid out as `struct virtio_blk_config`, all fields little-endian
 /// (a virtio 1.x device). Its `writeback` byte is the only one a driver may write.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct ConfigSpace {
     /// Size of the device in 512-byte sectors.
     pub capacity: U64,
@@ -195,7 +197,9 @@ pub fn read_config(space: &ConfigSpace, offset: u32, len: u32) -> Vec<u8> {
     let bytes = space.as_bytes();
     let mut out = vec![0u8; len as usize];
     let start = (offset as usize).min(bytes.len());
-    let end = (offset as usize).saturating_add(len as usize).min(bytes.len());
+    let end = (offset as usize)
+        .saturating_add(len as usize)
+        .min(bytes.len());
     out[..end - start].copy_from_slice(&bytes[start..end]);
     out
 }
@@ -214,7 +218,10 @@ mod tests {
         assert_eq!(offset_of!(ConfigSpace, physical_block_exp), 24);
         assert_eq!(offset_of!(ConfigSpace, min_io_size), 26);
         assert_eq!(offset_of!(ConfigSpace, opt_io_size), 28);
-        assert_eq!(offset_of!(ConfigSpace, writeback), WRITEBACK_OFFSET as usize);
+        assert_eq!(
+            offset_of!(ConfigSpace, writeback),
+            WRITEBACK_OFFSET as usize
+        );
         assert_eq!(offset_of!(ConfigSpace, num_queues), 34);
         assert_eq!(offset_of!(ConfigSpace, max_discard_sectors), 36);
         assert_eq!(offset_of!(ConfigSpace, max_write_zeroes_sectors), 48);

@@ -119,7 +119,12 @@ pub fn parse<M: GuestMemory + ?Sized>(
     if !last.write {
         return Err(Refused);
     }
-    let status = GuestAddress(last.addr.0.checked_add(u64::from(last.len) - 1).ok_or(Refused)?);
+    let status = GuestAddress(
+        last.addr
+            .0
+            .checked_add(u64::from(last.len) - 1)
+            .ok_or(Refused)?,
+    );
     let done = |s| {
         Ok(Parsed {
             action: Action::Done(s),

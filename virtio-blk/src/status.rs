@@ -44,7 +44,10 @@ mod tests {
         let rows: Vec<(Result<(), BlockError>, Status)> = vec![
             (Ok(()), Status::Ok),
             (
-                Err(BlockError::io("reading", io::Error::from_raw_os_error(libc_eio()))),
+                Err(BlockError::io(
+                    "reading",
+                    io::Error::from_raw_os_error(libc_eio()),
+                )),
                 Status::IoErr,
             ),
             (
