@@ -225,13 +225,17 @@ impl<M: StableMemory> QueueHandler<M> {
                 return;
             }
             Action::GetId { data } => {
-                let s = if self.device.has_serial {
-                    scatter(&**mem, &data, &self.device.serial);
+                let s = if !self.device.has_serial {
+                    Status::Unsupp
+                } else if scatter(&**mem, &data, &self.device.serial) {
                     Status::Ok
                 } else {
-                    Status::Unsupp
+                    Status::IoErr
                 };
-                let written = self.device.serial.len().min(total(&data) as usize) as u32;
+                let written = match s {
+                    Status::Ok => self.device.serial.len().min(total(&data) as usize) as u32,
+                    _ => 0,
+                };
                 self.finish(queue, mem, head, status, s, written + 1, log);
                 return;
             }
@@ -369,8 +373,12 @@ impl<M: StableMemory> QueueHandler<M> {
         log: &mut dyn InflightLog,
     ) {
         // The status byte is the last byte of a buffer the driver gave as device-writable; if
-        // it is not in guest memory the driver lied and gets nothing written.
-        let _ = mem.write_obj(s as u8, status);
+        // it is not in guest memory the driver lied and gets nothing written (used length 0).
+        let used_len = if mem.write_obj(s as u8, status).is_ok() {
+            used_len
+        } else {
+            0
+        };
         log.before_used(head);
         if queue.add_used(&**mem, head, used_len).is_ok() {
             log.after_used(head, queue.next_used());
@@ -400,8 +408,9 @@ fn sg_list<M: StableMemory>(mem: &Arc<M>, segs: &[Segment], perm: Permissions) -
     Some(unsafe { SgList::from_raw(&raw, owner) })
 }
 
-/// Copies `bytes` into the buffers `segs` (as far as they reach).
-fn scatter<M: GuestMemory + ?Sized>(mem: &M, segs: &[Segment], bytes: &[u8]) {
+/// Copies `bytes` into the buffers `segs` (as far as they reach); false if a buffer is not
+/// in guest memory.
+fn scatter<M: GuestMemory + ?Sized>(mem: &M, segs: &[Segment], bytes: &[u8]) -> bool {
     let mut at = 0;
     for s in segs {
         if at == bytes.len() {
@@ -409,8 +418,9 @@ fn scatter<M: GuestMemory + ?Sized>(mem: &M, segs: &[Segment], bytes: &[u8]) {
         }
         let n = (bytes.len() - at).min(s.len as usize);
         if mem.write_slice(&bytes[at..at + n], s.addr).is_err() {
-            return;
+            return false;
         }
         at += n;
     }
+    true
 }
