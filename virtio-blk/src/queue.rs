@@ -125,6 +125,9 @@ pub struct QueueHandler<M: StableMemory> {
     done: Vec<(u64, Completion)>,
     segs: Vec<Segment>,
     warned: bool,
+    /// Used entries were added since the driver was last considered for a notification,
+    /// with the memory they were added in.
+    added: Option<Arc<M>>,
 }
 
 impl<M: StableMemory> std::fmt::Debug for QueueHandler<M> {
@@ -147,6 +150,7 @@ impl<M: StableMemory> QueueHandler<M> {
             done: Vec::new(),
             segs: Vec::new(),
             warned: false,
+            added: None,
         })
     }
 
@@ -295,7 +299,8 @@ impl<M: StableMemory> QueueHandler<M> {
     }
 
     /// Puts every completed request in the used ring. Returns whether the driver must be
-    /// notified.
+    /// notified: of these, and of requests answered at once by
+    /// [`process_queue`](Self::process_queue) (malformed, `GET_ID`, finished inline).
     pub fn complete(
         &mut self,
         queue: &mut Queue,
@@ -303,7 +308,6 @@ impl<M: StableMemory> QueueHandler<M> {
     ) -> Result<bool, virtio_queue::Error> {
         let mut done = std::mem::take(&mut self.done);
         self.completions.drain(&mut done);
-        let mut last_mem = None;
         for (tag, completion) in done.drain(..) {
             let slot = tag as usize;
             let Some(p) = self.pending.get_mut(slot).and_then(Option::take) else {
@@ -315,10 +319,9 @@ impl<M: StableMemory> QueueHandler<M> {
             let used_len = if s == Status::Ok { p.used_len } else { 1 };
             drop(completion.buf);
             self.finish(queue, &p.mem, p.head, p.status, s, used_len, log);
-            last_mem = Some(p.mem);
         }
         self.done = done;
-        match last_mem {
+        match self.added.take() {
             Some(mem) => queue.needs_notification(&*mem),
             None => Ok(false),
         }
@@ -358,6 +361,7 @@ impl<M: StableMemory> QueueHandler<M> {
         log.before_used(head);
         if queue.add_used(&**mem, head, 0).is_ok() {
             log.after_used(head, queue.next_used());
+            self.added = Some(Arc::clone(mem));
         }
     }
 
@@ -382,6 +386,7 @@ impl<M: StableMemory> QueueHandler<M> {
         log.before_used(head);
         if queue.add_used(&**mem, head, used_len).is_ok() {
             log.after_used(head, queue.next_used());
+            self.added = Some(Arc::clone(mem));
         }
     }
 }
