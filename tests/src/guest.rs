@@ -73,7 +73,7 @@ pub fn find_kernel() -> Option<Kernel> {
             })
         })
         .collect();
-    found.sort_by(|a, b| version_key(&a.version).cmp(&version_key(&b.version)));
+    found.sort_by_key(|k| version_key(&k.version));
     found.pop()
 }
 
@@ -353,7 +353,7 @@ fn ldd(binary: &Path) -> Result<Vec<PathBuf>, String> {
         let line = line.trim();
         // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
         let path = match line.split_once("=>") {
-            Some((_, rest)) => rest.trim().split_whitespace().next().unwrap_or(""),
+            Some((_, rest)) => rest.split_whitespace().next().unwrap_or(""),
             None => line.split_whitespace().next().unwrap_or(""),
         };
         if path.starts_with('/') {
@@ -703,7 +703,7 @@ impl Vm {
             .arg(&kernel)
             .arg("-initrd")
             .arg(&initrd)
-            .args(["-append", &cmdline])
+            .args(["-append", cmdline])
             .args(["-chardev", &vub])
             .args([
                 "-device",
@@ -822,6 +822,14 @@ impl Vm {
     /// QEMU's QMP monitor, capabilities negotiated.
     pub fn qmp(&mut self) -> &mut Qmp {
         self.qmp.as_mut().expect("QMP")
+    }
+
+    /// What QEMU wrote to its stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// QEMU's process id.
