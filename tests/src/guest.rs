@@ -501,8 +501,8 @@ fn init_script(modules: &[String]) -> String {
     s
 }
 
-/// The part of the initramfs every guest shares.
-fn base_initramfs() -> Result<&'static [u8], String> {
+/// The part of the initramfs every guest shares (one newc archive), built once per process.
+pub fn base_initramfs() -> Result<&'static [u8], String> {
     static BASE: OnceLock<Result<Vec<u8>, String>> = OnceLock::new();
     BASE.get_or_init(|| {
         let t0 = Instant::now();

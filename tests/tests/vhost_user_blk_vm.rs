@@ -5,7 +5,9 @@
 use blockexportd_tests::guest::{self, Vm, VmConfig, DEFAULT_TIMEOUT};
 use blockexportd_tests::{pattern, process_exists, Daemon, Flavor};
 use serde_json::json;
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 const KIB: u64 = 1 << 10;
@@ -113,8 +115,6 @@ fn read_write_patterns(flavor: Flavor) {
     if !guest::require_guest() {
         return;
     }
-    let _vm = guest::vm_lock();
-    let t0 = Instant::now();
     let size = 64 * MIB;
     let mut expected = vec![0u8; size as usize];
     // Written by the host before boot: (offset, length).
@@ -175,6 +175,10 @@ fn read_write_patterns(flavor: Flavor) {
     }
     cfg.script = script;
 
+    // One guest at a time, taken once the daemon runs (a daemon that cannot start fails at
+    // once); the case's time counts from here.
+    let _vm = guest::vm_lock();
+    let t0 = Instant::now();
     let mut vm = Vm::boot(&cfg);
     for i in 0..host.len() {
         assert_eq!(
@@ -206,8 +210,6 @@ fn two_queues(flavor: Flavor) {
     if !guest::require_guest() {
         return;
     }
-    let _vm = guest::vm_lock();
-    let t0 = Instant::now();
     let size = 16 * MIB;
     let s = start(
         flavor,
@@ -238,6 +240,10 @@ fn two_queues(flavor: Flavor) {
          then report r1 match; else report r1 differ; fi\n\
          report after $(irqs)\n"
         .to_string();
+    // One guest at a time, taken once the daemon runs (a daemon that cannot start fails at
+    // once); the case's time counts from here.
+    let _vm = guest::vm_lock();
+    let t0 = Instant::now();
     let mut vm = Vm::boot(&cfg);
     assert_eq!(
         vm.result("mq_count"),
@@ -282,8 +288,6 @@ fn logical_block_size_4096(flavor: Flavor) {
     if !guest::require_guest() {
         return;
     }
-    let _vm = guest::vm_lock();
-    let t0 = Instant::now();
     let size = 16 * MIB;
     let s = start(flavor, &vec![0u8; size as usize], "", None);
     let mut qmp = s.daemon.qmp();
@@ -310,6 +314,10 @@ fn logical_block_size_4096(flavor: Flavor) {
     )
     .file("/data/p", &data)
     .file("/data/small", &data[..512]);
+    // One guest at a time, taken once the daemon runs (a daemon that cannot start fails at
+    // once); the case's time counts from here.
+    let _vm = guest::vm_lock();
+    let t0 = Instant::now();
     let mut vm = Vm::boot(&cfg);
     assert_eq!(vm.result("lbs"), "4096", "logical_block_size");
     assert_eq!(vm.result("sectors"), (size / 512).to_string(), "capacity");
@@ -336,8 +344,6 @@ fn read_only(flavor: Flavor) {
     if !guest::require_guest() {
         return;
     }
-    let _vm = guest::vm_lock();
-    let t0 = Instant::now();
     let size = 16 * MIB;
     let mut contents = vec![0u8; size as usize];
     let h = pattern(MIB as usize, 3);
@@ -350,6 +356,10 @@ fn read_only(flavor: Flavor) {
         + &read_check("read", "/data/h", 0, MIB, 64 * KIB)
         + &write_cmd("write", "/data/g", 0, 4096, "")
         + "dd if=/data/g of=/dev/vda bs=4096 seek=1024 conv=fsync 2>/dev/null; report buffered $?\n";
+    // One guest at a time, taken once the daemon runs (a daemon that cannot start fails at
+    // once); the case's time counts from here.
+    let _vm = guest::vm_lock();
+    let t0 = Instant::now();
     let mut vm = Vm::boot(&cfg);
     assert_eq!(vm.result("ro"), "1", "/sys/block/vda/ro");
     assert_eq!(vm.result("read"), "match", "reading the read-only disk");
@@ -384,8 +394,6 @@ fn discard_unmap(flavor: Flavor) {
     if !guest::require_guest() {
         return;
     }
-    let _vm = guest::vm_lock();
-    let t0 = Instant::now();
     let size = 16 * MIB;
     let contents = pattern(size as usize, 5);
     let s = start(flavor, &contents, "discard=unmap", Some("writable=on"));
@@ -410,6 +418,10 @@ fn discard_unmap(flavor: Flavor) {
     )
     .file("/data/before", &contents[3 * MIB as usize..4 * MIB as usize])
     .file("/data/after", &contents[8 * MIB as usize..9 * MIB as usize]);
+    // One guest at a time, taken once the daemon runs (a daemon that cannot start fails at
+    // once); the case's time counts from here.
+    let _vm = guest::vm_lock();
+    let t0 = Instant::now();
     let mut vm = Vm::boot(&cfg);
     let max: u64 = vm.result("discard_max").parse().expect("discard_max_bytes");
     assert!(max > 0, "the guest sees no discard support");
@@ -450,8 +462,6 @@ fn flush_reaches_image(flavor: Flavor) {
     if !guest::require_guest() {
         return;
     }
-    let _vm = guest::vm_lock();
-    let t0 = Instant::now();
     let size = 16 * MIB;
     let s = start(flavor, &vec![0u8; size as usize], "", Some("writable=on"));
     let data = pattern(2 * MIB as usize, 6);
@@ -468,6 +478,10 @@ fn flush_reaches_image(flavor: Flavor) {
          read -r go; report go $go\n",
     )
     .file("/data/f", &data);
+    // One guest at a time, taken once the daemon runs (a daemon that cannot start fails at
+    // once); the case's time counts from here.
+    let _vm = guest::vm_lock();
+    let t0 = Instant::now();
     let mut vm = Vm::boot(&cfg);
     assert_eq!(
         vm.result("initial"),
@@ -516,8 +530,6 @@ fn guest_reboot(flavor: Flavor) {
     if !guest::require_guest() {
         return;
     }
-    let _vm = guest::vm_lock();
-    let t0 = Instant::now();
     let size = 16 * MIB;
     let s = start(flavor, &vec![0u8; size as usize], "", Some("writable=on"));
     let (a, b, c) = (
@@ -556,6 +568,10 @@ fn guest_reboot(flavor: Flavor) {
         .file("/data/stage1", &stage(1))
         .file("/data/stage2", &stage(2));
     cfg.allow_reboot = true;
+    // One guest at a time, taken once the daemon runs (a daemon that cannot start fails at
+    // once); the case's time counts from here.
+    let _vm = guest::vm_lock();
+    let t0 = Instant::now();
     let mut vm = Vm::boot(&cfg);
     let boot = Instant::now();
     assert_eq!(vm.result("stage"), "x", "first boot");
@@ -611,8 +627,6 @@ fn frontend_killed_mid_io(flavor: Flavor) {
     if !guest::require_guest() {
         return;
     }
-    let _vm = guest::vm_lock();
-    let t0 = Instant::now();
     let size = 64 * MIB;
     let mut s = start(flavor, &vec![0u8; size as usize], "", Some("writable=on"));
     let a = pattern(256 * KIB as usize, 21);
@@ -627,6 +641,10 @@ fn frontend_killed_mid_io(flavor: Flavor) {
                report fio_ended $?\n"),
     )
     .file("/data/a", &a);
+    // One guest at a time, taken once the daemon runs (a daemon that cannot start fails at
+    // once); the case's time counts from here.
+    let _vm = guest::vm_lock();
+    let t0 = Instant::now();
     let mut vm = Vm::boot(&cfg);
     assert_eq!(vm.result("a_synced"), "0", "write with fsync");
     // Kill once fio's status says it has written (and so has requests in flight, QD16).
@@ -690,6 +708,55 @@ fn frontend_killed_mid_io(flavor: Flavor) {
     assert_eq!(&img[b_off as usize..b_off as usize + b.len()], &b[..], "b");
     drop(s);
     report_time("frontend_killed_mid_io", flavor, t0);
+}
+
+/// The harness's own cpio writer, read back by GNU cpio: the names the guest needs are there,
+/// and `/init` is what the harness wrote.
+#[test]
+fn initramfs_reads_back_with_cpio() {
+    if !guest::require_guest() || !blockexportd_tests::require_tool("cpio") {
+        return;
+    }
+    let base = guest::base_initramfs().expect("the initramfs");
+    let cpio = |args: &[&str]| -> Vec<u8> {
+        let mut child = Command::new("cpio")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start cpio");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let writer = std::thread::spawn(move || stdin.write_all(base));
+        let out = child.wait_with_output().expect("cpio");
+        writer.join().expect("writer").expect("write to cpio");
+        assert!(
+            out.status.success(),
+            "cpio {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let list = String::from_utf8(cpio(&["-it", "--quiet"])).expect("utf-8 names");
+    let names: Vec<&str> = list.lines().collect();
+    for want in [
+        "init",
+        "bin/busybox",
+        "bin/sh",
+        "sbin/insmod",
+        "sbin/poweroff",
+        "usr/bin/fio",
+        "usr/sbin/blkdiscard",
+        "lib/modules/virtio_blk.ko",
+        "lib/modules/virtio_pci.ko",
+        "dev/console",
+    ] {
+        assert!(names.contains(&want), "{want} is not in the initramfs");
+    }
+    let init = cpio(&["-i", "--quiet", "--to-stdout", "init"]);
+    let init = String::from_utf8(init).expect("utf-8 init");
+    assert!(init.starts_with("#!/bin/sh\n"), "{init}");
+    assert!(init.contains("insmod /lib/modules/virtio_blk.ko"), "{init}");
 }
 
 macro_rules! per_flavor {
