@@ -420,11 +420,17 @@ fn module_load_order(kernel: &Kernel, wanted: &[&str]) -> Result<Vec<String>, St
         done.push(m.to_string());
         Ok(())
     }
+    // A kernel may have some of them built in: nothing to load then.
+    let builtin: BTreeSet<String> = std::fs::read_to_string(kernel.modules.join("modules.builtin"))
+        .unwrap_or_default()
+        .lines()
+        .map(module_name)
+        .collect();
     let mut order = Vec::new();
-    for name in wanted {
+    for name in wanted.iter().filter(|n| !builtin.contains(**n)) {
         let module = by_name.get(*name).ok_or_else(|| {
             format!(
-                "module {name} is not in {}/modules.dep (built in?)",
+                "module {name} is neither in {}/modules.dep nor built in",
                 kernel.modules.display()
             )
         })?;
