@@ -3,6 +3,7 @@
 
 #![allow(missing_docs)]
 
+pub mod guest;
 pub mod vhost_client;
 
 use serde_json::{json, Value};
