@@ -133,6 +133,7 @@ pub struct Submitter {
     attachment: Attachment,
     runtime: tokio::runtime::Handle,
     inline_start: bool,
+    inline_max: usize,
 }
 
 impl Submitter {
@@ -143,6 +144,7 @@ impl Submitter {
             attachment,
             runtime,
             inline_start: false,
+            inline_max: usize::MAX,
         }
     }
 
@@ -157,6 +159,15 @@ impl Submitter {
         self
     }
 
+    /// Reads and writes of more than `bytes` are not started inline (with
+    /// [`with_inline_start`](Self::with_inline_start)) but handed to the runtime at once, so
+    /// that the submitting thread goes on while the runtime's threads copy: a thread that
+    /// copied every large request itself would do them one at a time.
+    pub fn with_inline_limit(mut self, bytes: usize) -> Submitter {
+        self.inline_max = bytes;
+        self
+    }
+
     /// The attachment requests go through.
     pub fn attachment(&self) -> &Attachment {
         &self.attachment
@@ -167,6 +178,10 @@ impl Submitter {
     /// request started inline completed at once: see
     /// [`with_inline_start`](Self::with_inline_start)).
     pub fn submit(&self, request: Request, done: impl FnOnce(Completion) + Send + 'static) {
+        let len = match &request {
+            Request::Read { buf, .. } | Request::Write { buf, .. } => buf.len(),
+            _ => 0,
+        };
         let attachment = self.attachment.clone();
         let task = async move {
             let completion = request.run(&attachment).await;
@@ -175,7 +190,7 @@ impl Submitter {
             drop(attachment);
             done(completion);
         };
-        if !self.inline_start {
+        if !self.inline_start || len > self.inline_max {
             self.runtime.spawn(task);
             return;
         }

@@ -229,3 +229,54 @@ async fn scattered_foreign_buffers_round_trip_on_every_driver() {
         }
     }
 }
+
+/// With inline start a request the driver finishes at once completes on the submitting
+/// thread before `submit` returns; a request over the inline limit is handed to the runtime
+/// and completes on one of its threads.
+#[test]
+fn inline_start_stops_at_its_limit() {
+    use block_core::drivers::null::NullDriver;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let node = Node::new(
+        "null",
+        Arc::new(NullDriver::new(1 << 20, true, false, 0)) as Arc<dyn BlockDriver>,
+        Vec::new(),
+    );
+    let submitter = Submitter::new(
+        node.attach("test", false).expect("attach"),
+        runtime.handle().clone(),
+    )
+    .with_inline_start(true)
+    .with_inline_limit(4096);
+    let me = std::thread::current().id();
+    let (tx, rx) = mpsc::channel();
+    for len in [4096usize, 8192] {
+        let tx = tx.clone();
+        submitter.submit(
+            Request::Read {
+                offset: 0,
+                buf: SgList::from_vec(vec![0xff; len]),
+            },
+            move |c| {
+                c.result.expect("read");
+                assert!(c.buf.expect("buffer back").is_zero());
+                tx.send((len, std::thread::current().id())).expect("send");
+            },
+        );
+        if len == 4096 {
+            assert_eq!(
+                rx.try_recv().expect("completed before submit returned"),
+                (4096, me)
+            );
+        }
+    }
+    let (len, thread) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("completion");
+    assert_eq!(len, 8192);
+    assert_ne!(thread, me, "over the limit: completed on the runtime");
+}

@@ -1135,3 +1135,73 @@ fn short_form_blockexportd() {
         "image differs"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// An inherited listening socket, an iothread, and `mode: hard`.
+
+/// The export listens on a socket the daemon inherited (`addr.type=fd`) and runs its I/O in
+/// an iothread; `block-export-del` with `mode: hard` ends it while a frontend is connected
+/// (BLOCK_EXPORT_DELETED), and what the frontend wrote is on the image.
+fn fd_iothread_hard_case(flavor: Flavor) {
+    use std::os::fd::AsRawFd;
+    if !tools(flavor, &[]) {
+        return;
+    }
+    let work = tempfile::tempdir().expect("tempdir");
+    let sock = work.path().join("inherited.sock");
+    let image = work.path().join("disk.raw");
+    let content = patterned_raw(&image, 4 << 20, 31);
+    let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+    blockexportd_tests::clear_cloexec(listener.as_raw_fd());
+    let d = start(
+        flavor,
+        &[
+            "--object".to_string(),
+            "iothread,id=io0".to_string(),
+            "--blockdev".to_string(),
+            format!("driver=file,node-name=disk0,filename={}", image.display()),
+            "--export".to_string(),
+            format!(
+                "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=fd,addr.str={},\
+                 writable=on,iothread=io0",
+                listener.as_raw_fd()
+            ),
+        ],
+    );
+    let mut c = connect(&sock, 1);
+    assert_eq!(c.read(0, 8192), content[..8192]);
+    c.write(0, &[9; 4096]);
+    c.flush();
+    let mut qmp = d.qmp();
+    qmp.ok(
+        "block-export-del",
+        serde_json::json!({"id": "exp0", "mode": "hard"}),
+    );
+    let ev = qmp.wait_event("BLOCK_EXPORT_DELETED");
+    assert_eq!(ev["data"], serde_json::json!({"id": "exp0"}));
+    assert_eq!(
+        qmp.ok("query-block-exports", serde_json::json!({})),
+        serde_json::json!([])
+    );
+    // The node is free again: it can be deleted.
+    qmp.ok("blockdev-del", serde_json::json!({"node-name": "disk0"}));
+    drop(c);
+    drop(qmp);
+    stop(d);
+    let mut want = content;
+    want[..4096].fill(9);
+    assert!(
+        std::fs::read(&image).expect("image") == want,
+        "image differs"
+    );
+}
+
+#[test]
+fn fd_iothread_hard_qsd() {
+    fd_iothread_hard_case(Flavor::Qsd);
+}
+
+#[test]
+fn fd_iothread_hard_blockexportd() {
+    fd_iothread_hard_case(Flavor::Blockexportd);
+}

@@ -13,6 +13,9 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use vhost_user_blk::{Listen, Options, VhostUserBlk as Server};
 
+/// Requests larger than this start on the runtime rather than on the queue's thread.
+const INLINE_LIMIT: usize = 128 * 1024;
+
 /// The serial `GET_ID` answers, QSD's.
 const SERIAL: &str = "vhost_user_blk";
 
@@ -100,7 +103,11 @@ impl ExportOptions for VhostUserBlkOptions {
             // iothread when it names one. A request the driver can finish without blocking
             // (a page-cache read) completes on the queue's thread.
             let runtime = ctx.iothread.unwrap_or_else(|| ctx.runtime.clone());
-            let submitter = Submitter::new(ctx.attachment, runtime).with_inline_start(true);
+            // Large requests go to the runtime at once, whose threads copy them side by side
+            // (1 MiB reads from one queue: 4.7 GiB/s copied on the queue's thread alone).
+            let submitter = Submitter::new(ctx.attachment, runtime)
+                .with_inline_start(true)
+                .with_inline_limit(INLINE_LIMIT);
             let server = Server::start(submitter, options).map_err(|e| generic(e.to_string()))?;
             Ok(Box::new(Running(Some(Arc::new(server)))) as Box<dyn Export>)
         })
