@@ -142,6 +142,14 @@ impl Backend {
 
     fn map_region(region: &VhostUserMemoryRegion, file: File) -> Result<Region> {
         let size = usize::try_from(region.memory_size).map_err(|_| Error::InvalidParam)?;
+        // A mapping past the end of its file would fault (SIGBUS) when touched.
+        let end = region
+            .mmap_offset
+            .checked_add(region.memory_size)
+            .ok_or(Error::InvalidParam)?;
+        if !covers(&file, end) {
+            return Err(invalid("memory region past the end of its file"));
+        }
         let mapping = MmapRegion::from_file(FileOffset::new(file, region.mmap_offset), size)
             .map_err(|e| os(io::Error::other(e.to_string())))?;
         let mapping = GuestRegionMmap::new(mapping, GuestAddress(region.guest_phys_addr))
@@ -188,7 +196,7 @@ impl Backend {
             .and_then(|m| QueueLog::new(Arc::clone(m), index as u16, size));
         let resubmit = log
             .as_mut()
-            .map(|l| l.recover(used_idx))
+            .map(|l| l.recover(used_idx, size))
             .unwrap_or_default();
         let next_avail = if log.is_some() {
             // Chains a previous backend took are either in the used ring or resubmitted.
@@ -453,7 +461,8 @@ impl VhostUserBackendReqHandlerMut for Backend {
         &mut self,
         inflight: &VhostUserInflight,
     ) -> Result<(VhostUserInflight, File)> {
-        let queues = inflight.num_queues.max(self.device.config.num_queues);
+        // As many queues as the frontend asks for, up to the device's own.
+        let queues = inflight.num_queues.clamp(1, self.device.config.num_queues);
         let map = InflightMap::create(queues, inflight.queue_size).map_err(os)?;
         let file = map.file().try_clone().map_err(os)?;
         let reply = VhostUserInflight {
@@ -468,6 +477,13 @@ impl VhostUserBackendReqHandlerMut for Backend {
 
     fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> Result<()> {
         let len = usize::try_from(inflight.mmap_size).map_err(|_| Error::InvalidParam)?;
+        let end = inflight
+            .mmap_offset
+            .checked_add(inflight.mmap_size)
+            .ok_or(Error::InvalidParam)?;
+        if !covers(&file, end) {
+            return Err(invalid("in-flight log past the end of its file"));
+        }
         let map = InflightMap::map(
             file,
             inflight.mmap_offset,
@@ -528,5 +544,15 @@ impl VhostUserBackendReqHandlerMut for Backend {
 
     fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> Result<()> {
         Err(invalid("dirty logging is not supported"))
+    }
+}
+
+/// Whether `file` reaches `end` bytes (a file that is not a regular one, a device or a
+/// hugetlbfs file whose size says nothing, is taken as it is).
+fn covers(file: &File, end: u64) -> bool {
+    match file.metadata() {
+        Ok(m) if m.file_type().is_file() => m.len() >= end,
+        Ok(_) => true,
+        Err(_) => false,
     }
 }

@@ -202,9 +202,10 @@ impl QueueLog {
 
     /// What a previous backend left: brings the log in line with the used ring's index
     /// `used_idx` (undoing the one request it may have died between publishing and clearing)
-    /// and returns the heads still in flight, oldest first. The queue must go on taking
+    /// and returns the heads still in flight, oldest first (only heads of a ring of
+    /// `ring_size`: a log's entries beyond it are nobody's). The queue must go on taking
     /// chains at `used_idx + returned.len()`.
-    pub fn recover(&mut self, used_idx: u16) -> Vec<u16> {
+    pub fn recover(&mut self, used_idx: u16, ring_size: u16) -> Vec<u16> {
         let r = self.map.queue(self.queue);
         if r.header_u16(8).load(Ordering::Relaxed) != VERSION {
             // A log no backend has written: nothing to recover.
@@ -221,7 +222,7 @@ impl QueueLog {
             }
             r.header_u16(14).store(used_idx, Ordering::Release);
         }
-        let mut heads: Vec<(u64, u16)> = (0..r.size)
+        let mut heads: Vec<(u64, u16)> = (0..r.size.min(ring_size))
             .filter(|&h| r.inflight(h).load(Ordering::Acquire) == 1)
             .map(|h| (r.counter(h).load(Ordering::Relaxed), h))
             .collect();
@@ -265,7 +266,7 @@ mod tests {
     fn a_second_backend_finds_what_the_first_left_in_flight() {
         let map = Arc::new(InflightMap::create(2, 8).expect("create"));
         let mut first = QueueLog::new(Arc::clone(&map), 1, 8).expect("log");
-        assert!(first.recover(0).is_empty());
+        assert!(first.recover(0, 8).is_empty());
         for h in [3, 5, 1, 7] {
             first.started(h);
         }
@@ -280,10 +281,14 @@ mod tests {
         let len = map.len();
         let again = Arc::new(InflightMap::map(file, 0, len, 2, 8).expect("map"));
         let mut second = QueueLog::new(Arc::clone(&again), 1, 8).expect("log");
-        assert_eq!(second.recover(2), vec![3, 7], "oldest first, 1 and 5 done");
+        assert_eq!(
+            second.recover(2, 8),
+            vec![3, 7],
+            "oldest first, 1 and 5 done"
+        );
         // Queue 0 was never used.
         let mut other = QueueLog::new(again, 0, 8).expect("log");
-        assert!(other.recover(0).is_empty());
+        assert!(other.recover(0, 8).is_empty());
         // New requests count on from the recovered ones.
         second.started(2);
         assert_eq!(second.counter, 5);
