@@ -231,7 +231,10 @@ impl Shared {
         drop(gate);
         let (tx, rx) = std::sync::mpsc::channel();
         self.rt.spawn(async move {
-            let _ = tx.send(node.flush().await);
+            let result = node.flush().await;
+            // The handle goes before the closer hears: once it has, only its hold is left.
+            drop(node);
+            let _ = tx.send(result);
         });
         match rx.recv() {
             Ok(Ok(())) => Ok(()),
