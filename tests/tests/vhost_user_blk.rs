@@ -1205,3 +1205,54 @@ fn fd_iothread_hard_qsd() {
 fn fd_iothread_hard_blockexportd() {
     fd_iothread_hard_case(Flavor::Blockexportd);
 }
+
+/// Bad export options get QSD's messages, word for word.
+#[test]
+fn bad_options_get_qsds_messages() {
+    if !require_tools(&["qemu-storage-daemon"]) {
+        return;
+    }
+    let work = tempfile::tempdir().expect("tempdir");
+    let sock = work.path().join("bad.sock");
+    for extra in [
+        format!(
+            "addr.type=unix,addr.path={},logical-block-size=1000",
+            sock.display()
+        ),
+        format!(
+            "addr.type=unix,addr.path={},logical-block-size=8G",
+            sock.display()
+        ),
+        format!(
+            "addr.type=unix,addr.path={},logical-block-size=256",
+            sock.display()
+        ),
+        format!("addr.type=unix,addr.path={},num-queues=0", sock.display()),
+        "addr.type=inet,addr.host=127.0.0.1,addr.port=1".to_string(),
+        "logical-block-size=4096".to_string(),
+    ] {
+        let export = format!("type=vhost-user-blk,id=e,node-name=n,{extra}");
+        let message = |program: &Path, name: &str| {
+            let out = Command::new(program)
+                .args([
+                    "--blockdev",
+                    "driver=null-co,node-name=n",
+                    "--export",
+                    &export,
+                ])
+                .output()
+                .expect("run");
+            assert!(!out.status.success(), "{name} accepted {export}");
+            String::from_utf8_lossy(&out.stderr)
+                .trim_end()
+                .strip_prefix(&format!("{name}: "))
+                .unwrap_or_else(|| panic!("{name}: {}", String::from_utf8_lossy(&out.stderr)))
+                .to_string()
+        };
+        assert_eq!(
+            message(&blockexportd_tests::daemon_binary(), "blockexportd"),
+            message(Path::new("qemu-storage-daemon"), "qemu-storage-daemon"),
+            "{export}"
+        );
+    }
+}

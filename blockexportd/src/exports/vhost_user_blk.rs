@@ -61,14 +61,12 @@ impl ExportOptions for VhostUserBlkOptions {
             // QEMU's order: the block size, the queue count, then the address.
             let lbs = self.logical_block_size.unwrap_or(512);
             let mut options = Options::new(Listen::Path(Default::default()));
-            options.logical_block_size = u32::try_from(lbs).unwrap_or(u32::MAX);
+            // Above u32 it cannot be valid: 0 gets QEMU's message from the check.
+            options.logical_block_size = u32::try_from(lbs).unwrap_or(0);
             options.num_queues = self.num_queues.unwrap_or(1);
             options.writable = ctx.writable;
             options.writethrough = ctx.writethrough;
             options.serial = Some(SERIAL.to_string());
-            if lbs > u64::from(u32::MAX) {
-                options.logical_block_size = 0;
-            }
             options.check().map_err(generic)?;
             let fd: OwnedFd = match &self.addr {
                 SocketAddress::Unix(u) => {
