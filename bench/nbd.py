@@ -142,6 +142,16 @@ def peak_rss_kib(pid):
     return 0
 
 
+def stop_server(proc, timeout=20):
+    """SIGTERM, then SIGKILL if the server has not exited within `timeout` seconds."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def nbdcopy(uri, connections):
     t0 = time.monotonic()
     subprocess.run(["nbdcopy", f"--connections={connections}", "--requests=64", uri, "null:"],
@@ -254,12 +264,7 @@ def main():
                               file=sys.stderr, flush=True)
                     rss[server] = max(rss[server], peak_rss_kib(proc.pid))
                 finally:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        proc.wait(timeout=20)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
+                    stop_server(proc)
     ref = "qemu-storage-daemon"
     print(f"| transport | test | " + " | ".join(servers) + " |")
     print("|---|---|" + "---|" * len(servers))

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -36,7 +35,7 @@ import time
 
 sys.dont_write_bytecode = True  # no bench/__pycache__ from the import below
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from nbd import cpu_seconds, peak_rss_kib  # noqa: E402  (bench/nbd.py's /proc readers)
+from nbd import cpu_seconds, peak_rss_kib, stop_server  # noqa: E402  (bench/nbd.py's helpers)
 
 GiB = 1 << 30
 QSD = "qemu-storage-daemon"
@@ -147,12 +146,7 @@ def main():
                               file=sys.stderr, flush=True)
                     rss[server] = max(rss[server], peak_rss_kib(proc.pid))
                 finally:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        proc.wait(timeout=20)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
+                    stop_server(proc)
     finally:
         shutil.rmtree(work)
 
