@@ -156,16 +156,17 @@ fn run_one(
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    assert!(
-        exit.status.success(),
-        "{what}: daemon exit {:?}",
-        exit.status
-    );
-    assert!(
-        exit.stderr.is_empty(),
-        "{what}: daemon stderr: {}",
-        String::from_utf8_lossy(&exit.stderr)
-    );
+    if !exit.status.success() {
+        return Err(format!("{what}: daemon exit {:?}", exit.status));
+    }
+    // Quiet like QSD: a warning on stderr is a failure too (QEMU 10.0's qcow2 prints
+    // "qcow2_free_clusters failed" in the runs where it loses track of a cluster).
+    if !exit.stderr.is_empty() {
+        return Err(format!(
+            "{what}: daemon stderr: {}",
+            String::from_utf8_lossy(&exit.stderr)
+        ));
+    }
     let out = Command::new("qemu-img")
         .args(["compare", "-f", "raw", "-F", format])
         .arg(&model_out)
