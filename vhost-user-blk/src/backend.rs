@@ -6,8 +6,7 @@
 //! and cannot be extended from outside; so the messages are handled here, on `vhost`'s
 //! message layer, and the rings on `virtio-queue`.
 
-use crate::inflight::{queue_region_size, InflightMap, QueueLog};
-use crate::worker::{Shared, Start, Worker};
+use crate::transport::CallFd;
 use std::fs::File;
 use std::io;
 use std::sync::atomic::Ordering;
@@ -22,6 +21,8 @@ use vhost::vhost_user::VhostUserBackendReqHandlerMut;
 use vhost::vhost_user::{Backend as BackendChannel, Error, GpuBackend, Result};
 use vhost::VhostUserMemoryRegionBase;
 use virtio_blk::config::{feature, read_config, DeviceConfig, WRITEBACK_OFFSET};
+use virtio_blk::inflight::{queue_region_size, InflightMap, QueueLog};
+use virtio_blk::worker::{Shared, Start, Worker};
 use virtio_blk::BlkDevice;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{
@@ -64,8 +65,8 @@ struct Vring {
     used: u64,
     base: u16,
     kick: Option<File>,
-    worker: Option<Worker>,
-    shared: Option<Arc<Shared>>,
+    worker: Option<Worker<CallFd>>,
+    shared: Option<Arc<Shared<CallFd>>>,
     enabled: bool,
 }
 
@@ -216,7 +217,7 @@ impl Backend {
         let shared = match &v.shared {
             Some(s) => Arc::clone(s),
             None => {
-                let s = Arc::new(Shared::new().map_err(os)?);
+                let s = Arc::new(Shared::new(CallFd::default()).map_err(os)?);
                 v.shared = Some(Arc::clone(&s));
                 s
             }
@@ -234,7 +235,7 @@ impl Backend {
                 device: Arc::clone(&self.device.blk),
                 log,
                 resubmit,
-                index,
+                name: format!("vhost-user-blk q{index}"),
             },
             shared,
         )
@@ -385,12 +386,12 @@ impl VhostUserBackendReqHandlerMut for Backend {
         let shared = match &v.shared {
             Some(s) => Arc::clone(s),
             None => {
-                let s = Arc::new(Shared::new().map_err(os)?);
+                let s = Arc::new(Shared::new(CallFd::default()).map_err(os)?);
                 v.shared = Some(Arc::clone(&s));
                 s
             }
         };
-        *shared.call.lock().unwrap_or_else(|e| e.into_inner()) = fd;
+        shared.transport.set(fd);
         Ok(())
     }
 

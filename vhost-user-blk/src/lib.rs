@@ -31,8 +31,10 @@
 //! ```
 
 mod backend;
-pub mod inflight;
-mod worker;
+mod transport;
+
+/// The in-flight log (moved to the `virtio-blk` crate, which VDUSE shares).
+pub use virtio_blk::inflight;
 
 pub use backend::MAX_QUEUE_SIZE;
 
@@ -166,7 +168,7 @@ impl VhostUserBlk {
             client: Mutex::new(None),
             connected: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
-            stop: worker::eventfd()?,
+            stop: virtio_blk::worker::eventfd()?,
         });
         let s = Arc::clone(&state);
         let thread = std::thread::Builder::new()

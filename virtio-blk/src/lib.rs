@@ -10,12 +10,18 @@
 //! - [`status`]: the one mapping from block-layer errors to status bytes.
 //! - [`queue`]: serving a queue, many requests in flight, straight on guest memory through
 //!   block-core's vectored handle ([`block_core::Submitter`]).
+//! - [`worker`]: a thread per queue for transports that kick through eventfds (vhost-user,
+//!   VDUSE), with the notification left to the transport.
+//! - [`inflight`]: the log of requests in flight that lets a restarted backend resubmit what
+//!   its predecessor had taken (vhost-user's `INFLIGHT_SHMFD`, VDUSE's reconnect file).
 
 pub mod chain;
 pub mod config;
+pub mod inflight;
 pub mod queue;
 pub mod request;
 pub mod status;
+pub mod worker;
 
 pub use config::{ConfigSpace, DeviceConfig};
 pub use queue::{BlkDevice, InflightLog, NoLog, QueueHandler, StableMemory};

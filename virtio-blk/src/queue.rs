@@ -7,7 +7,7 @@
 //! driver when `complete` says so. Many requests are in flight at once: the handler never
 //! waits for one.
 
-use crate::chain::{walk, Segment};
+use crate::chain::{walk, ChainError, Segment};
 use crate::config::DeviceConfig;
 use crate::request::{parse, Action, Limits, ID_BYTES};
 use crate::status::{status_of, Status};
@@ -107,6 +107,9 @@ impl BlkDevice {
     }
 }
 
+/// A chain named memory outside the map it was tried on.
+struct Miss;
+
 struct Pending<M> {
     head: u16,
     status: GuestAddress,
@@ -172,12 +175,27 @@ impl<M: StableMemory> QueueHandler<M> {
         mem: &Arc<M>,
         log: &mut dyn InflightLog,
     ) -> Result<(), virtio_queue::Error> {
+        let mut mem = Arc::clone(mem);
+        self.process_queue_with(queue, &mut mem, log, &mut || None)
+    }
+
+    /// As [`process_queue`](Self::process_queue), for memory that may be incomplete: a chain
+    /// that names memory outside `mem` calls `refresh`, and when that gives a newer map the
+    /// chain is tried again on it (and `mem` is the newer map from then on). Only then is the
+    /// chain refused.
+    pub fn process_queue_with(
+        &mut self,
+        queue: &mut Queue,
+        mem: &mut Arc<M>,
+        log: &mut dyn InflightLog,
+        refresh: &mut dyn FnMut() -> Option<Arc<M>>,
+    ) -> Result<(), virtio_queue::Error> {
         loop {
             queue.disable_notification(&**mem)?;
             while let Some(chain) = queue.pop_descriptor_chain(&**mem) {
                 let head = chain.head_index();
                 log.started(head);
-                self.start(queue, mem, head, log);
+                self.start(queue, mem, head, log, refresh);
             }
             if !queue.enable_notification(&**mem)? {
                 return Ok(());
@@ -190,16 +208,44 @@ impl<M: StableMemory> QueueHandler<M> {
     pub fn resubmit(
         &mut self,
         queue: &mut Queue,
-        mem: &Arc<M>,
+        mem: &mut Arc<M>,
         heads: &[u16],
         log: &mut dyn InflightLog,
+        refresh: &mut dyn FnMut() -> Option<Arc<M>>,
     ) {
         for &head in heads {
-            self.start(queue, mem, head, log);
+            self.start(queue, mem, head, log, refresh);
         }
     }
 
-    fn start(&mut self, queue: &mut Queue, mem: &Arc<M>, head: u16, log: &mut dyn InflightLog) {
+    fn start(
+        &mut self,
+        queue: &mut Queue,
+        mem: &mut Arc<M>,
+        head: u16,
+        log: &mut dyn InflightLog,
+        refresh: &mut dyn FnMut() -> Option<Arc<M>>,
+    ) {
+        if self.try_start(queue, mem, head, log, true).is_ok() {
+            return;
+        }
+        if let Some(newer) = refresh() {
+            *mem = newer;
+        }
+        let _ = self.try_start(queue, mem, head, log, false);
+    }
+
+    /// Starts the chain at `head`. With `may_miss`, a chain naming memory outside `mem` is
+    /// left untouched (`Err`) for the caller to retry on a fresher map; otherwise it is
+    /// refused or failed.
+    fn try_start(
+        &mut self,
+        queue: &mut Queue,
+        mem: &Arc<M>,
+        head: u16,
+        log: &mut dyn InflightLog,
+        may_miss: bool,
+    ) -> Result<(), Miss> {
         let mut segs = std::mem::take(&mut self.segs);
         let walked = walk(
             &**mem,
@@ -209,30 +255,46 @@ impl<M: StableMemory> QueueHandler<M> {
             &mut segs,
         );
         let parsed = match walked {
+            Err(ChainError::BadAddress) if may_miss => {
+                self.segs = segs;
+                return Err(Miss);
+            }
             Err(e) => {
                 self.refuse(queue, mem, head, &e.to_string(), log);
                 self.segs = segs;
-                return;
+                return Ok(());
             }
             Ok(()) => parse(&**mem, &segs, &self.device.limits()),
         };
         self.segs = segs;
         let Ok(parsed) = parsed else {
+            if may_miss {
+                return Err(Miss);
+            }
             self.refuse(queue, mem, head, "no status byte", log);
-            return;
+            return Ok(());
         };
         let status = parsed.status;
+        if may_miss && !mem.check_range(status, 1, Permissions::Write) {
+            return Err(Miss);
+        }
         let writeback = self.device.writeback();
         let (request, used_len) = match parsed.action {
             Action::Done(s) => {
+                // An unreadable header is answered IOERR: unless it was only not mapped yet.
+                if may_miss && s == Status::IoErr && !covered(&**mem, &self.segs) {
+                    return Err(Miss);
+                }
                 self.finish(queue, mem, head, status, s, 1, log);
-                return;
+                return Ok(());
             }
             Action::GetId { data } => {
                 let s = if !self.device.has_serial {
                     Status::Unsupp
                 } else if scatter(&**mem, &data, &self.device.serial) {
                     Status::Ok
+                } else if may_miss {
+                    return Err(Miss);
                 } else {
                     Status::IoErr
                 };
@@ -241,13 +303,14 @@ impl<M: StableMemory> QueueHandler<M> {
                     _ => 0,
                 };
                 self.finish(queue, mem, head, status, s, written + 1, log);
-                return;
+                return Ok(());
             }
             Action::Read { offset, data, len } => match sg_list(mem, &data, Permissions::Write) {
                 Some(buf) => (Request::Read { offset, buf }, len as u32 + 1),
+                None if may_miss => return Err(Miss),
                 None => {
                     self.finish(queue, mem, head, status, Status::IoErr, 1, log);
-                    return;
+                    return Ok(());
                 }
             },
             Action::Write { offset, data, .. } => match sg_list(mem, &data, Permissions::Read) {
@@ -259,9 +322,10 @@ impl<M: StableMemory> QueueHandler<M> {
                     },
                     1,
                 ),
+                None if may_miss => return Err(Miss),
                 None => {
                     self.finish(queue, mem, head, status, Status::IoErr, 1, log);
-                    return;
+                    return Ok(());
                 }
             },
             Action::Flush => (Request::Flush, 1),
@@ -296,6 +360,7 @@ impl<M: StableMemory> QueueHandler<M> {
         self.device
             .submitter
             .submit_to(request, slot as u64, &self.completions);
+        Ok(())
     }
 
     /// Puts every completed request in the used ring. Returns whether the driver must be
@@ -389,6 +454,18 @@ impl<M: StableMemory> QueueHandler<M> {
             self.added = Some(Arc::clone(mem));
         }
     }
+}
+
+/// Whether every buffer of `segs` lies in `mem`.
+fn covered<M: GuestMemory + ?Sized>(mem: &M, segs: &[Segment]) -> bool {
+    segs.iter().all(|s| {
+        let perm = if s.write {
+            Permissions::Write
+        } else {
+            Permissions::Read
+        };
+        mem.check_range(s.addr, s.len as usize, perm)
+    })
 }
 
 fn total(segs: &[Segment]) -> u64 {

@@ -364,3 +364,59 @@ fn a_read_only_device_refuses_writes_with_ioerr() {
         .enumerate()
         .all(|(i, &b)| b == (i % 253) as u8));
 }
+
+/// VDUSE's IOTLB grows as the driver maps buffers, without telling the device: a request on
+/// memory the handler's map lacks asks for a newer map and is served on it, and only a
+/// transport that has none refuses it.
+#[test]
+fn a_request_outside_the_map_is_served_on_the_refreshed_map() {
+    let mut r = Rig::new(true, 512);
+    let data: Vec<u8> = (0..4096u32).map(|i| (i * 13 + 1) as u8).collect();
+    r.mem.write_slice(&data, GuestAddress(DATA)).expect("data");
+    r.header(HEADERS, kind::OUT, 16);
+    let head = r.chain(&[(HEADERS, 16, 0), (DATA, 4096, 0), (STATUS, 1, WRITE)]);
+    let full = std::sync::Arc::clone(&r.mem);
+    let mut asked = 0;
+    let (used, ended_on) = r.run_on(
+        r.without_data(),
+        &mut || {
+            asked += 1;
+            Some(std::sync::Arc::clone(&full))
+        },
+        1,
+    );
+    assert_eq!(used, vec![(head, 1)]);
+    assert_eq!(asked, 1, "one refresh for the one miss");
+    assert!(
+        std::sync::Arc::ptr_eq(&ended_on, &full),
+        "the handler goes on with the newer map"
+    );
+    assert_eq!(r.status(STATUS), 0);
+    assert_eq!(&r.image()[8192..8192 + 4096], &data[..]);
+
+    // A read into memory nobody maps: IOERR, nothing read into it.
+    r.header(HEADERS + 16, kind::IN, 16);
+    let head = r.chain(&[
+        (HEADERS + 16, 16, 0),
+        (DATA, 4096, WRITE),
+        (STATUS, 1, WRITE),
+    ]);
+    let (used, _) = r.run_on(r.without_data(), &mut || None, 1);
+    assert_eq!(used, vec![(head, 1)]);
+    assert_eq!(r.status(STATUS), 1, "VIRTIO_BLK_S_IOERR");
+
+    // A header outside the map is a miss too, not an IOERR.
+    r.header(DATA + 0x8000, kind::IN, 16);
+    let head = r.chain(&[
+        (DATA + 0x8000, 16, 0),
+        (DATA + 0x9000, 512, WRITE),
+        (STATUS, 1, WRITE),
+    ]);
+    let (used, _) = r.run_on(
+        r.without_data(),
+        &mut || Some(std::sync::Arc::clone(&full)),
+        1,
+    );
+    assert_eq!(used, vec![(head, 513)]);
+    assert_eq!(r.status(STATUS), 0);
+}

@@ -73,8 +73,13 @@ impl Rig {
             Submitter::new(att, runtime.handle().clone()),
             &config,
         ));
+        // Two regions, so that a test can offer a map without the data buffers.
         let mem = Arc::new(
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).expect("memory"),
+            GuestMemoryMmap::<()>::from_ranges(&[
+                (GuestAddress(0), DATA as usize),
+                (GuestAddress(DATA), (16 << 20) - DATA as usize),
+            ])
+            .expect("memory"),
         );
         let mock = MockSplitQueue::new(&*mem, QSIZE);
         let mut queue: Queue = mock.create_queue().expect("queue");
@@ -142,6 +147,35 @@ impl Rig {
         self.handler
             .process_queue(&mut self.queue, &self.mem, &mut NoLog)
             .expect("process");
+        self.wait_used(n)
+    }
+
+    /// The same memory without the region the data buffers are in (a VDUSE IOTLB before the
+    /// driver has mapped them).
+    pub fn without_data(&self) -> Arc<GuestMemoryMmap> {
+        let (partial, _) = self
+            .mem
+            .remove_region(GuestAddress(DATA), (16 << 20) - DATA)
+            .expect("the data region");
+        Arc::new(partial)
+    }
+
+    /// As [`run`](Self::run), on `mem`, with `refresh` giving the handler a newer map when a
+    /// chain misses; returns the entries and the map the handler ended on.
+    pub fn run_on(
+        &mut self,
+        mem: Arc<GuestMemoryMmap>,
+        refresh: &mut dyn FnMut() -> Option<Arc<GuestMemoryMmap>>,
+        n: usize,
+    ) -> (Vec<(u16, u32)>, Arc<GuestMemoryMmap>) {
+        let mut mem = mem;
+        self.handler
+            .process_queue_with(&mut self.queue, &mut mem, &mut NoLog, refresh)
+            .expect("process");
+        (self.wait_used(n), mem)
+    }
+
+    fn wait_used(&mut self, n: usize) -> Vec<(u16, u32)> {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut out = Vec::new();
         loop {

@@ -1,24 +1,40 @@
-//! One thread per started virtqueue: it waits on the guest's kick eventfd and on the
-//! completion eventfd of its [`QueueHandler`], takes new requests, puts finished ones in the
-//! used ring and signals the guest's call eventfd when the ring's notification rules say so.
+//! One thread per started virtqueue, for transports whose driver kicks through an eventfd
+//! (vhost-user, VDUSE): it waits on the kick eventfd and on the completion eventfd of its
+//! [`QueueHandler`], takes new requests, puts finished ones in the used ring and has the
+//! [`Transport`] signal the driver when the ring's notification rules say so.
 
 use crate::inflight::QueueLog;
+use crate::queue::{BlkDevice, InflightLog, NoLog, QueueHandler};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use virtio_blk::{BlkDevice, InflightLog, NoLog, QueueHandler};
 use virtio_queue::Queue;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
+/// What the worker needs from its transport.
+pub trait Transport: Send + Sync + 'static {
+    /// Tells the driver that the used ring has new entries (vhost-user writes the call
+    /// eventfd, VDUSE asks the kernel to inject the interrupt).
+    fn notify(&self);
+
+    /// A request named memory the worker's map does not cover: look at the device's memory
+    /// again (VDUSE's IOTLB grows as the driver maps buffers, without a message). Returns
+    /// whether the map changed; the default, for memory that is complete, is `false`.
+    fn refresh_memory(&self) -> bool {
+        false
+    }
+}
+
 /// What a worker and the protocol handler share.
 #[derive(Debug)]
-pub struct Shared {
-    /// The guest's call eventfd (the frontend may replace it while the ring runs).
-    pub call: Mutex<Option<File>>,
-    /// The ring is enabled (`SET_VRING_ENABLE`).
+pub struct Shared<T> {
+    /// The transport's side: notifications and memory.
+    pub transport: T,
+    /// The ring is enabled (vhost-user's `SET_VRING_ENABLE`); a disabled ring takes no new
+    /// requests.
     pub enabled: AtomicBool,
     /// Asked to stop: drain and exit.
     pub stop: AtomicBool,
@@ -26,10 +42,11 @@ pub struct Shared {
     pub wake: File,
 }
 
-impl Shared {
-    pub fn new() -> io::Result<Shared> {
+impl<T: Transport> Shared<T> {
+    /// A disabled ring's shared state.
+    pub fn new(transport: T) -> io::Result<Shared<T>> {
         Ok(Shared {
-            call: Mutex::new(None),
+            transport,
             enabled: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             wake: eventfd()?,
@@ -40,28 +57,23 @@ impl Shared {
     pub fn wake(&self) {
         let _ = (&self.wake).write(&1u64.to_ne_bytes());
     }
-
-    fn signal_guest(&self) {
-        let call = self.call.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = call.as_ref() {
-            let _ = (&*f).write(&1u64.to_ne_bytes());
-        }
-    }
 }
 
 /// An eventfd as a `File` (non-blocking, close-on-exec).
 pub fn eventfd() -> io::Result<File> {
-    let fd = nix::sys::eventfd::EventFd::from_flags(
-        nix::sys::eventfd::EfdFlags::EFD_CLOEXEC | nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
-    )
-    .map_err(io::Error::from)?;
-    Ok(File::from(std::os::fd::OwnedFd::from(fd)))
+    // SAFETY: eventfd takes no pointers; a negative result is checked below.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor that nothing else owns.
+    Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
 /// A running queue.
 #[derive(Debug)]
-pub struct Worker {
-    shared: Arc<Shared>,
+pub struct Worker<T: Transport> {
+    shared: Arc<Shared<T>>,
     thread: Option<JoinHandle<Queue>>,
 }
 
@@ -69,27 +81,27 @@ pub struct Worker {
 pub struct Start {
     /// The queue, addresses set, `next_avail`/`next_used` where the ring is.
     pub queue: Queue,
-    /// Guest memory (the frontend may replace the table while the ring runs).
+    /// The driver's memory (the transport may replace the map while the ring runs).
     pub mem: GuestMemoryAtomic<GuestMemoryMmap>,
-    /// The guest's kick eventfd.
+    /// The driver's kick eventfd.
     pub kick: File,
     /// The device.
     pub device: Arc<BlkDevice>,
-    /// The in-flight log, if the frontend gave one.
+    /// The in-flight log, if the transport keeps one.
     pub log: Option<QueueLog>,
     /// Chains a previous backend had taken and not completed: started first.
     pub resubmit: Vec<u16>,
-    /// Queue index (for the thread name).
-    pub index: usize,
+    /// The thread's name.
+    pub name: String,
 }
 
-impl Worker {
+impl<T: Transport> Worker<T> {
     /// Starts the queue's thread.
-    pub fn start(start: Start, shared: Arc<Shared>) -> io::Result<Worker> {
+    pub fn start(start: Start, shared: Arc<Shared<T>>) -> io::Result<Worker<T>> {
         let handler = QueueHandler::new(Arc::clone(&start.device))?;
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
-            .name(format!("vhost-user-blk q{}", start.index))
+            .name(start.name.clone())
             .spawn(move || run(start, handler, &s))?;
         Ok(Worker {
             shared,
@@ -98,7 +110,7 @@ impl Worker {
     }
 
     /// Stops the queue once every request in flight has completed; returns the queue (its
-    /// `next_avail` is the ring's base for `GET_VRING_BASE`).
+    /// `next_avail` is where the ring goes on).
     pub fn stop(mut self) -> Option<Queue> {
         self.shared.stop.store(true, Ordering::Release);
         self.shared.wake();
@@ -106,7 +118,7 @@ impl Worker {
     }
 }
 
-impl Drop for Worker {
+impl<T: Transport> Drop for Worker<T> {
     fn drop(&mut self) {
         if let Some(t) = self.thread.take() {
             self.shared.stop.store(true, Ordering::Release);
@@ -121,13 +133,18 @@ fn drain_fd(mut f: &File) {
     let _ = f.read(&mut b);
 }
 
-fn run(start: Start, mut handler: QueueHandler<GuestMemoryMmap>, shared: &Shared) -> Queue {
+fn run<T: Transport>(
+    start: Start,
+    mut handler: QueueHandler<GuestMemoryMmap>,
+    shared: &Shared<T>,
+) -> Queue {
     let Start {
         mut queue,
         mem,
         kick,
         log,
         resubmit,
+        name,
         ..
     } = start;
     let mut log = log;
@@ -135,6 +152,12 @@ fn run(start: Start, mut handler: QueueHandler<GuestMemoryMmap>, shared: &Shared
     let log: &mut dyn InflightLog = match log.as_mut() {
         Some(l) => l,
         None => &mut nolog,
+    };
+    let mut refresh = || {
+        shared
+            .transport
+            .refresh_memory()
+            .then(|| mem.memory().into_inner())
     };
     let mut fds = [
         libc::pollfd {
@@ -155,29 +178,29 @@ fn run(start: Start, mut handler: QueueHandler<GuestMemoryMmap>, shared: &Shared
     ];
     let mut first = true;
     loop {
-        let m = mem.memory().into_inner();
+        let mut m = mem.memory().into_inner();
         if first {
             first = false;
-            handler.resubmit(&mut queue, &m, &resubmit, log);
+            handler.resubmit(&mut queue, &mut m, &resubmit, log, &mut refresh);
         }
         if shared.stop.load(Ordering::Acquire) {
             if let Ok(true) = handler.drain(&mut queue, log) {
-                shared.signal_guest();
+                shared.transport.notify();
             }
             return queue;
         }
         let mut notify = false;
         if shared.enabled.load(Ordering::Acquire) {
-            if let Err(e) = handler.process_queue(&mut queue, &m, log) {
-                tracing::warn!("vhost-user-blk: queue error: {e}");
+            if let Err(e) = handler.process_queue_with(&mut queue, &mut m, log, &mut refresh) {
+                tracing::warn!("{name}: queue error: {e}");
             }
         }
         match handler.complete(&mut queue, log) {
             Ok(n) => notify |= n,
-            Err(e) => tracing::warn!("vhost-user-blk: used ring error: {e}"),
+            Err(e) => tracing::warn!("{name}: used ring error: {e}"),
         }
         if notify {
-            shared.signal_guest();
+            shared.transport.notify();
         }
         drop(m);
         for f in fds.iter_mut() {
@@ -188,7 +211,7 @@ fn run(start: Start, mut handler: QueueHandler<GuestMemoryMmap>, shared: &Shared
         if r < 0 {
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
-                tracing::warn!("vhost-user-blk: poll: {e}");
+                tracing::warn!("{name}: poll: {e}");
                 shared.stop.store(true, Ordering::Release);
             }
             continue;

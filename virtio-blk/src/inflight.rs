@@ -1,7 +1,8 @@
-//! `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`: a log of the requests a backend has taken from each
-//! split virtqueue and not yet put in the used ring, kept in shared memory that the frontend
-//! holds on to across a backend's death and hands to the next backend, which resubmits them
-//! (QEMU's docs/interop/vhost-user.rst, "Inflight I/O tracking").
+//! A log of the requests a backend has taken from each split virtqueue and not yet put in the
+//! used ring, kept in shared memory that outlives the backend, so that the next backend
+//! resubmits them. vhost-user's `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD` keeps it in a memfd
+//! the frontend holds on to (QEMU's docs/interop/vhost-user.rst, "Inflight I/O tracking");
+//! VDUSE, whose kernel device outlives the daemon, in a file ([`InflightMap::open`]).
 //!
 //! The layout of a queue's region is the one QEMU's libvhost-user uses, so that a frontend
 //! that moves between backends finds what it expects (the frontend itself never reads it):
@@ -11,13 +12,13 @@
 //! struct { u8 inflight; u8 padding[5]; u16 next; u64 counter; } desc[desc_num];
 //! ```
 
+use crate::queue::InflightLog;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-use virtio_blk::InflightLog;
 
 const HEADER: usize = 16;
 const DESC: usize = 16;
@@ -73,6 +74,45 @@ impl InflightMap {
             r.header_u16(10).store(queue_size, Ordering::Relaxed);
         }
         Ok(map)
+    }
+
+    /// The log kept in the file at `path` (created if missing, mode 0600). A file of another
+    /// size (a log for other queues, or none) is emptied: nothing in it is recovered.
+    pub fn open(
+        path: &std::path::Path,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> io::Result<InflightMap> {
+        use std::os::unix::fs::OpenOptionsExt;
+        if num_queues == 0 || queue_size == 0 || queue_size > 32768 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)?;
+        let len = usize::from(num_queues) * queue_region_size(queue_size);
+        if file.metadata()?.len() != len as u64 {
+            file.set_len(0)?;
+            file.set_len(len as u64)?;
+        }
+        InflightMap::map(file, 0, len, num_queues, queue_size)
+    }
+
+    /// Forgets every queue's log (the driver reset the device: nothing it had made available
+    /// is owed any more).
+    pub fn clear(&self) {
+        for q in 0..self.num_queues {
+            let r = self.queue(q);
+            for h in 0..r.size {
+                r.inflight(h).store(0, Ordering::Relaxed);
+            }
+            r.header_u16(8).store(0, Ordering::Release);
+        }
     }
 
     /// Maps a log the frontend handed over (`SET_INFLIGHT_FD`).
@@ -261,6 +301,33 @@ impl InflightLog for QueueLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_file_is_found_again_and_a_clear_one_recovers_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("log");
+        let map = Arc::new(InflightMap::open(&path, 1, 16).expect("open"));
+        let mut first = QueueLog::new(Arc::clone(&map), 0, 16).expect("log");
+        assert!(first.recover(0, 16).is_empty());
+        first.started(4);
+        first.started(9);
+        drop(first);
+        drop(map);
+        let map = Arc::new(InflightMap::open(&path, 1, 16).expect("open again"));
+        let mut second = QueueLog::new(Arc::clone(&map), 0, 16).expect("log");
+        assert_eq!(second.recover(0, 16), vec![4, 9]);
+        map.clear();
+        let mut third = QueueLog::new(Arc::clone(&map), 0, 16).expect("log");
+        assert!(
+            third.recover(0, 16).is_empty(),
+            "a reset device owes nothing"
+        );
+        drop((second, third, map));
+        // Another geometry: emptied, not misread.
+        let map = Arc::new(InflightMap::open(&path, 2, 16).expect("open larger"));
+        let mut other = QueueLog::new(map, 1, 16).expect("log");
+        assert!(other.recover(0, 16).is_empty());
+    }
 
     #[test]
     fn a_second_backend_finds_what_the_first_left_in_flight() {
