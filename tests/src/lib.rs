@@ -362,6 +362,33 @@ impl Qmp {
 }
 
 /// Runs a command and returns its output, panicking with its stderr if it fails.
+/// Runs `program` (called `name` in its messages) with `args`, which it must refuse at
+/// startup; returns its one error message without the program's name.
+pub fn startup_error(program: &Path, name: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().expect("run");
+    assert!(!out.status.success(), "{name} accepted {args:?}");
+    String::from_utf8_lossy(&out.stderr)
+        .trim_end()
+        .rsplit('\n')
+        .next()
+        .and_then(|l| l.strip_prefix(&format!("{name}: ")))
+        .unwrap_or_else(|| panic!("{name}: {}", String::from_utf8_lossy(&out.stderr)))
+        .to_string()
+}
+
+/// Asserts that blockexportd refuses `args` at startup with qemu-storage-daemon's message.
+pub fn assert_startup_error_as_qsd(args: &[&str]) {
+    assert_eq!(
+        startup_error(&daemon_binary(), "blockexportd", args),
+        startup_error(
+            Path::new("qemu-storage-daemon"),
+            "qemu-storage-daemon",
+            args
+        ),
+        "{args:?}"
+    );
+}
+
 pub fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(

@@ -5,7 +5,10 @@
 //! `VHOST_RANDOM_SEED=N` replays a random run, `VHOST_RANDOM_BATCHES=N` makes it longer.
 
 use blockexportd_tests::vhost_client::{raw_requests, ConnectOptions, Op, Outcome, VhostClient};
-use blockexportd_tests::{pattern, qemu_img_create, require_tools, run_ok, signal, Daemon, Flavor};
+use blockexportd_tests::{
+    assert_startup_error_as_qsd, pattern, qemu_img_create, require_tools, run_ok, signal, Daemon,
+    Flavor,
+};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -1232,27 +1235,12 @@ fn bad_options_get_qsds_messages() {
         "logical-block-size=4096".to_string(),
     ] {
         let export = format!("type=vhost-user-blk,id=e,node-name=n,{extra}");
-        let message = |program: &Path, name: &str| {
-            let out = Command::new(program)
-                .args([
-                    "--blockdev",
-                    "driver=null-co,node-name=n",
-                    "--export",
-                    &export,
-                ])
-                .output()
-                .expect("run");
-            assert!(!out.status.success(), "{name} accepted {export}");
-            String::from_utf8_lossy(&out.stderr)
-                .trim_end()
-                .strip_prefix(&format!("{name}: "))
-                .unwrap_or_else(|| panic!("{name}: {}", String::from_utf8_lossy(&out.stderr)))
-                .to_string()
-        };
-        assert_eq!(
-            message(&blockexportd_tests::daemon_binary(), "blockexportd"),
-            message(Path::new("qemu-storage-daemon"), "qemu-storage-daemon"),
-            "{export}"
-        );
+        let args = [
+            "--blockdev",
+            "driver=null-co,node-name=n",
+            "--export",
+            &export,
+        ];
+        assert_startup_error_as_qsd(&args);
     }
 }

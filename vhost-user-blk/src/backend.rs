@@ -21,7 +21,7 @@ use vhost::vhost_user::VhostUserBackendReqHandlerMut;
 use vhost::vhost_user::{Backend as BackendChannel, Error, GpuBackend, Result};
 use vhost::VhostUserMemoryRegionBase;
 use virtio_blk::config::{feature, read_config, DeviceConfig, WRITEBACK_OFFSET};
-use virtio_blk::inflight::{queue_region_size, InflightMap, QueueLog};
+use virtio_blk::inflight::{queue_region_size, InflightMap, Resume};
 use virtio_blk::worker::{Shared, Start, Worker};
 use virtio_blk::BlkDevice;
 use virtio_queue::{Queue, QueueT};
@@ -191,26 +191,11 @@ impl Backend {
             .used_idx(&*mem, Ordering::Acquire)
             .map_err(|_| invalid("used ring"))?
             .0;
-        let mut log = self
-            .inflight
-            .as_ref()
-            .and_then(|m| QueueLog::new(Arc::clone(m), index as u16, size));
-        let resubmit = log
-            .as_mut()
-            .map(|l| l.recover(used_idx, size))
-            .unwrap_or_default();
-        let next_avail = if log.is_some() {
-            // Chains a previous backend took are either in the used ring or resubmitted.
-            used_idx.wrapping_add(resubmit.len() as u16)
-        } else {
-            v.base
-        };
-        if !resubmit.is_empty() {
-            tracing::info!(
-                "vhost-user-blk: queue {index}: resubmitting {} requests in flight",
-                resubmit.len()
-            );
-        }
+        let Resume {
+            log,
+            resubmit,
+            next_avail,
+        } = Resume::new(self.inflight.as_ref(), index as u16, size, used_idx, v.base);
         queue.set_next_avail(next_avail);
         queue.set_next_used(used_idx);
         drop(mem);
@@ -236,6 +221,7 @@ impl Backend {
                 log,
                 resubmit,
                 name: format!("vhost-user-blk q{index}"),
+                next_avail: None,
             },
             shared,
         )

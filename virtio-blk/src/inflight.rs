@@ -219,6 +219,53 @@ impl QueueRegion<'_> {
     }
 }
 
+/// Where a queue starts again: its log, the chains to resubmit and the next available index.
+#[derive(Debug)]
+pub struct Resume {
+    /// The queue's log, if there is one for it.
+    pub log: Option<QueueLog>,
+    /// Chains a previous backend had taken and not completed, oldest first.
+    pub resubmit: Vec<u16>,
+    /// Where the queue takes chains from: past those in the used ring and those resubmitted
+    /// (with a log), or the transport's own `base` (without).
+    pub next_avail: u16,
+}
+
+impl Resume {
+    /// Queue `queue` of a ring of `ring_size` whose used index is `used_idx`, with the log in
+    /// `map` if any; `base` is the transport's idea of the next available index.
+    pub fn new(
+        map: Option<&Arc<InflightMap>>,
+        queue: u16,
+        ring_size: u16,
+        used_idx: u16,
+        base: u16,
+    ) -> Resume {
+        let mut log = map.and_then(|m| QueueLog::new(Arc::clone(m), queue, ring_size));
+        let resubmit = log
+            .as_mut()
+            .map(|l| l.recover(used_idx, ring_size))
+            .unwrap_or_default();
+        let next_avail = if log.is_some() {
+            // Chains a previous backend took are either in the used ring or resubmitted.
+            used_idx.wrapping_add(resubmit.len() as u16)
+        } else {
+            base
+        };
+        if !resubmit.is_empty() {
+            tracing::info!(
+                "queue {queue}: resubmitting {} requests a previous backend had in flight",
+                resubmit.len()
+            );
+        }
+        Resume {
+            log,
+            resubmit,
+            next_avail,
+        }
+    }
+}
+
 /// One queue's log, kept by its worker (an [`InflightLog`]).
 #[derive(Debug)]
 pub struct QueueLog {

@@ -8,10 +8,10 @@ use crate::queue::{BlkDevice, InflightLog, NoLog, QueueHandler};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 /// What the worker needs from its transport.
@@ -93,6 +93,9 @@ pub struct Start {
     pub resubmit: Vec<u16>,
     /// The thread's name.
     pub name: String,
+    /// Where the worker publishes the ring's next available index after each pass (VDUSE's
+    /// `GET_VQ_STATE` asks it while the ring runs), if anyone asks.
+    pub next_avail: Option<Arc<AtomicU16>>,
 }
 
 impl<T: Transport> Worker<T> {
@@ -145,6 +148,7 @@ fn run<T: Transport>(
         log,
         resubmit,
         name,
+        next_avail,
         ..
     } = start;
     let mut log = log;
@@ -194,6 +198,9 @@ fn run<T: Transport>(
             if let Err(e) = handler.process_queue_with(&mut queue, &mut m, log, &mut refresh) {
                 tracing::warn!("{name}: queue error: {e}");
             }
+        }
+        if let Some(n) = &next_avail {
+            n.store(queue.next_avail(), Ordering::Release);
         }
         match handler.complete(&mut queue, log) {
             Ok(n) => notify |= n,

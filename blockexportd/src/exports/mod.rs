@@ -32,6 +32,7 @@
 
 pub mod fuse;
 pub mod nbd;
+pub mod vduse_blk;
 pub mod vhost_user_blk;
 
 use crate::daemon::CmdResult;
@@ -248,6 +249,7 @@ pub fn registry(nbd_server: &nbd::ServerSlot) -> Registry {
     registry.register(nbd::Nbd::new(nbd_server.clone()));
     registry.register(fuse::Fuse);
     registry.register(vhost_user_blk::VhostUserBlk);
+    registry.register(vduse_blk::VduseBlk);
     registry
 }
 
