@@ -1,19 +1,26 @@
-//! A tiny Linux guest under QEMU (TCG), attached to a vhost-user-blk socket, that runs a
-//! shell script a test hands it and prints its results on the serial console.
+//! A tiny Linux guest under QEMU (TCG) that runs a shell script a test hands it and prints
+//! its results on the serial console: attached to a vhost-user-blk socket, to virtio-blk
+//! disks over host image files, or both.
+//!
+//! The guest boots one of two kernels ([`GuestKernel`]): Debian's packaged kernel, newest in
+//! `/boot`, with its `virtio_pci` and `virtio_blk` modules; or a kernel image with everything
+//! built in, such as the VDUSE kernel of [`crate::kernel::vduse_kernel`] ([`vduse_config`]).
 //!
 //! The initramfs is built at test time from what the host has installed: busybox (static,
-//! with a link per applet), the `virtio_pci` and `virtio_blk` modules of the newest kernel in
-//! `/boot` with everything `modules.dep` says they need, and the host's `fio` and `blkdiscard`
-//! with the libraries `ldd` names. It is written as a newc cpio by this module; the part that
-//! does not change between tests is built once per test process and kept in memory, and each
-//! guest gets it followed by a second archive with its own `/test.sh` and data files (the
-//! kernel unpacks concatenated archives in order).
+//! with a link per applet), the packaged kernel's modules with everything `modules.dep` says
+//! they need (none for a built-in kernel), and the host's `fio` and `blkdiscard` with the
+//! libraries `ldd` names. It is written as a newc cpio by this module; the part that does not
+//! change between tests is built once per test process and kernel kind and kept in memory,
+//! and each guest gets it followed by a second archive with its own `/test.sh`, data files
+//! and programs ([`VmConfig::program`]: a host binary, its debug info stripped, with the
+//! libraries `ldd` names); the kernel unpacks concatenated archives in order.
 //!
-//! The guest's `/init` mounts proc, sysfs and devtmpfs, loads the modules, prints `@@BOOT`,
-//! sources `/test.sh` in a subshell (where `report KEY VALUE...` prints `@@R KEY VALUE...`),
-//! prints `@@END RC` with the script's exit status, syncs and powers off. The harness reads
-//! QEMU's stdout (the serial console) line by line, with a deadline for every wait; nothing
-//! here sleeps.
+//! The guest's `/init` mounts proc, sysfs, devtmpfs and tmpfs on `/tmp` and `/dev/shm`,
+//! loads the modules, checks that the disks are there, prints `@@BOOT`, sources `/test.sh` in
+//! a subshell (where `report KEY VALUE...` prints `@@R KEY VALUE...`, which the test reads
+//! with [`Vm::result`]), prints `@@END RC` with the script's exit status, syncs and powers
+//! off. The harness reads QEMU's stdout (the serial console) line by line, with a deadline
+//! for every wait; nothing here sleeps.
 //!
 //! QEMU's QMP monitor connects out to a socket the harness listens on, so that it is connected
 //! before the guest runs (`Vm::qmp`).
@@ -83,6 +90,21 @@ fn version_key(v: &str) -> Vec<u64> {
         .collect()
 }
 
+/// Which kernel a guest boots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestKernel {
+    /// Debian's packaged kernel ([`find_kernel`]), virtio-pci and virtio-blk loaded from its
+    /// modules.
+    Packaged,
+    /// A bzImage with every driver the guest needs built in (it loads no modules), e.g.
+    /// [`crate::kernel::vduse_kernel`].
+    Image(PathBuf),
+}
+
+/// The host tools a VDUSE guest needs besides [`GUEST_TOOLS`]: `vdpa` (iproute2) runs in it,
+/// and `objcopy` strips the debug info of the programs copied in.
+pub const VDUSE_GUEST_TOOLS: &[&str] = &["vdpa", "objcopy"];
+
 /// Whether everything the guest needs is installed. Under CI a missing piece fails the test
 /// loudly; elsewhere the caller skips with the message printed here.
 pub fn require_guest() -> bool {
@@ -99,6 +121,25 @@ pub fn require_guest() -> bool {
     true
 }
 
+/// Whether a VDUSE guest ([`vduse_config`]) can be booted: the guest's tools and the VDUSE
+/// kernel, cached or buildable. Under CI a missing piece fails the test loudly.
+pub fn require_vduse_guest() -> bool {
+    crate::require_tools(GUEST_TOOLS)
+        && crate::require_tools(VDUSE_GUEST_TOOLS)
+        && crate::kernel::require_vduse_kernel()
+}
+
+/// A guest of the VDUSE kernel (built now if it is not cached) with `vdpa` and this
+/// workspace's blockexportd (as `/usr/bin/blockexportd`), running `script`. Call
+/// [`require_vduse_guest`] first.
+pub fn vduse_config(script: &str) -> VmConfig {
+    let image =
+        crate::kernel::vduse_kernel().unwrap_or_else(|e| panic!("the VDUSE guest kernel: {e}"));
+    VmConfig::bare(GuestKernel::Image(image), script)
+        .host_program("vdpa")
+        .program(&crate::daemon_binary(), "/usr/bin/blockexportd")
+}
+
 /// What QEMU's `-kernel` gets.
 enum BootImage {
     /// The kernel's uncompressed ELF image, which QEMU starts at its PVH entry point: under
@@ -108,32 +149,38 @@ enum BootImage {
     BzImage(PathBuf),
 }
 
-/// The boot image of the newest kernel, made once per test process.
-fn boot_image() -> Result<&'static BootImage, String> {
-    static IMAGE: OnceLock<Result<BootImage, String>> = OnceLock::new();
-    IMAGE
-        .get_or_init(|| {
-            let kernel = find_kernel().ok_or("no guest kernel in /boot")?;
-            let bz = read(&kernel.image)?;
-            let t0 = Instant::now();
-            Ok(match extract_elf(&bz) {
-                Ok(elf) if has_pvh_note(&elf) => {
-                    eprintln!(
-                        "guest: {} decompressed in {:.1} s, booting its ELF image (PVH)",
-                        kernel.image.display(),
-                        t0.elapsed().as_secs_f64()
-                    );
-                    BootImage::Elf(elf)
-                }
-                Ok(_) => BootImage::BzImage(kernel.image),
-                Err(e) => {
-                    eprintln!("guest: booting the bzImage ({e})");
-                    BootImage::BzImage(kernel.image)
-                }
-            })
-        })
-        .as_ref()
-        .map_err(Clone::clone)
+/// The boot image of `kernel`, made once per test process and kernel.
+fn boot_image(kernel: &GuestKernel) -> Result<&'static BootImage, String> {
+    static IMAGES: Mutex<Vec<(PathBuf, &'static BootImage)>> = Mutex::new(Vec::new());
+    let bz_path = match kernel {
+        GuestKernel::Packaged => find_kernel().ok_or("no guest kernel in /boot")?.image,
+        GuestKernel::Image(path) => path.clone(),
+    };
+    let mut images = IMAGES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, image)) = images.iter().find(|(p, _)| *p == bz_path) {
+        return Ok(image);
+    }
+    let bz = read(&bz_path)?;
+    let t0 = Instant::now();
+    let image = match extract_elf(&bz) {
+        Ok(elf) if has_pvh_note(&elf) => {
+            eprintln!(
+                "guest: {} decompressed in {:.1} s, booting its ELF image (PVH)",
+                bz_path.display(),
+                t0.elapsed().as_secs_f64()
+            );
+            BootImage::Elf(elf)
+        }
+        Ok(_) => BootImage::BzImage(bz_path.clone()),
+        Err(e) => {
+            eprintln!("guest: booting the bzImage ({e})");
+            BootImage::BzImage(bz_path.clone())
+        }
+    };
+    // One per kernel a test process boots: kept for the process's life.
+    let image: &'static BootImage = Box::leak(Box::new(image));
+    images.push((bz_path, image));
+    Ok(image)
 }
 
 fn le(bytes: &[u8], at: usize, n: usize) -> Option<u64> {
@@ -248,6 +295,15 @@ impl Cpio {
         }
     }
 
+    /// An archive unpacked after `base`: the directories and files there are not added again.
+    fn continuing(base: &Base) -> Cpio {
+        Cpio {
+            dirs: base.dirs.clone(),
+            names: base.names.clone(),
+            ..Cpio::new()
+        }
+    }
+
     fn pad4(&mut self) {
         while !self.buf.len().is_multiple_of(4) {
             self.buf.push(0);
@@ -324,6 +380,21 @@ impl Cpio {
         self.entry(Cpio::rel(path), S_IFCHR | 0o600, (major, minor), &[]);
     }
 
+    /// A program at `guest` (`data` is its contents) and the libraries `ldd` names for the
+    /// host binary `host`, the dynamic loader included, at the paths ldd names (the loader
+    /// finds them there or in the RUNPATHs that name those directories); a library already
+    /// in the archive, or in the base it continues, is not added again.
+    fn program(&mut self, host: &Path, guest: &str, data: &[u8]) -> Result<(), String> {
+        self.file(guest, 0o755, data);
+        for lib in ldd(host)? {
+            let name = lib.to_string_lossy();
+            if !self.names.contains(Cpio::rel(&name)) {
+                self.file(&name, 0o755, &read(&lib)?);
+            }
+        }
+        Ok(())
+    }
+
     fn finish(mut self) -> Vec<u8> {
         self.entry("TRAILER!!!", 0, (0, 0), &[]);
         self.buf
@@ -366,7 +437,7 @@ fn ldd(binary: &Path) -> Result<Vec<PathBuf>, String> {
 }
 
 /// Finds `tool` on PATH.
-fn which(tool: &str) -> Result<PathBuf, String> {
+pub(crate) fn which(tool: &str) -> Result<PathBuf, String> {
     std::env::var_os("PATH")
         .and_then(|paths| {
             std::env::split_paths(&paths)
@@ -474,9 +545,11 @@ fn module_bytes(path: &Path) -> Result<Vec<u8>, String> {
     Ok(out.stdout)
 }
 
-/// The host programs copied into the guest, at their host paths.
+/// The host programs copied into every guest, at their host paths.
 const GUEST_PROGRAMS: &[&str] = &["fio", "blkdiscard"];
 
+/// The guest's `/init`; `modules` are loaded in order, then the block devices named in
+/// `/etc/vm-disks` (written for each guest) must exist.
 fn init_script(modules: &[String]) -> String {
     let mut s = String::from(
         "#!/bin/sh\n\
@@ -484,6 +557,10 @@ fn init_script(modules: &[String]) -> String {
          mount -t sysfs sysfs /sys\n\
          mount -t devtmpfs devtmpfs /dev\n\
          mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null\n\
+         mkdir -p /dev/shm\n\
+         for d in /tmp /dev/shm; do\n\
+         \x20   mount -t tmpfs tmpfs $d || echo \"@@ERROR mount tmpfs on $d failed\"\n\
+         done\n\
          # Only emergencies on the console, so that kernel messages do not split result lines.\n\
          grep -q quiet /proc/cmdline && echo 1 > /proc/sys/kernel/printk\n\
          echo @@BOOT\n",
@@ -495,9 +572,11 @@ fn init_script(modules: &[String]) -> String {
         ));
     }
     s.push_str(
-        "# virtio_pci and virtio_blk probe synchronously and devtmpfs makes the node before\n\
-         # insmod returns: /dev/vda is there now or never.\n\
-         [ -b /dev/vda ] || echo '@@ERROR no /dev/vda after loading virtio_blk'\n\
+        "# virtio_pci and virtio_blk probe synchronously (built in: before /init runs) and\n\
+         # devtmpfs makes the nodes before insmod returns: the disks are there now or never.\n\
+         for d in $(cat /etc/vm-disks); do\n\
+         \x20   [ -b $d ] || echo \"@@ERROR no $d after loading virtio_blk\"\n\
+         done\n\
          report() { echo \"@@R $*\"; }\n\
          ( . /test.sh )\n\
          echo \"@@END $?\"\n\
@@ -507,28 +586,49 @@ fn init_script(modules: &[String]) -> String {
     s
 }
 
-/// The part of the initramfs every guest shares (one newc archive), built once per process.
+/// The part of the initramfs every guest of a kernel kind shares: one newc archive, and the
+/// directories and files in it.
+struct Base {
+    archive: Vec<u8>,
+    dirs: BTreeSet<String>,
+    names: BTreeSet<String>,
+}
+
+/// The shared part of the initramfs for Debian's packaged kernel, built once per process.
 pub fn base_initramfs() -> Result<&'static [u8], String> {
-    static BASE: OnceLock<Result<Vec<u8>, String>> = OnceLock::new();
-    BASE.get_or_init(|| {
+    base(&GuestKernel::Packaged).map(|b| b.archive.as_slice())
+}
+
+/// The shared part of the initramfs for `kernel`'s kind (with its modules, or with none),
+/// built once per process.
+fn base(kernel: &GuestKernel) -> Result<&'static Base, String> {
+    static PACKAGED: OnceLock<Result<Base, String>> = OnceLock::new();
+    static BUILT_IN: OnceLock<Result<Base, String>> = OnceLock::new();
+    let (cell, packaged) = match kernel {
+        GuestKernel::Packaged => (&PACKAGED, true),
+        GuestKernel::Image(_) => (&BUILT_IN, false),
+    };
+    cell.get_or_init(|| {
         let t0 = Instant::now();
-        let base = build_base();
-        if let Ok(b) = &base {
-            eprintln!(
-                "guest: initramfs of {} MiB built in {:.1} s",
-                b.len() >> 20,
-                t0.elapsed().as_secs_f64()
-            );
-        }
-        base
+        let modules = if packaged {
+            Some(find_kernel().ok_or("no guest kernel in /boot")?)
+        } else {
+            None
+        };
+        let base = build_base(modules.as_ref())?;
+        eprintln!(
+            "guest: initramfs of {} MiB built in {:.1} s",
+            base.archive.len() >> 20,
+            t0.elapsed().as_secs_f64()
+        );
+        Ok(base)
     })
     .as_ref()
-    .map(Vec::as_slice)
     .map_err(Clone::clone)
 }
 
-fn build_base() -> Result<Vec<u8>, String> {
-    let kernel = find_kernel().ok_or("no guest kernel in /boot")?;
+/// The shared archive, with the virtio modules of `kernel` (None: a kernel with them built in).
+fn build_base(kernel: Option<&Kernel>) -> Result<Base, String> {
     let mut cpio = Cpio::new();
     for d in [
         "/bin",
@@ -546,28 +646,15 @@ fn build_base() -> Result<Vec<u8>, String> {
     cpio.char_dev("/dev/console", 5, 1);
     cpio.char_dev("/dev/null", 1, 3);
 
-    // Host programs and their libraries, at the paths ldd names (the loader finds them there
-    // or in the RUNPATHs that name those directories).
-    let mut copied = BTreeSet::new();
     for tool in GUEST_PROGRAMS {
         let bin = which(tool)?;
         let real = std::fs::canonicalize(&bin).map_err(|e| format!("{}: {e}", bin.display()))?;
-        cpio.file(&bin.to_string_lossy(), 0o755, &read(&real)?);
-        for lib in ldd(&real)? {
-            if copied.insert(lib.clone()) {
-                cpio.file(&lib.to_string_lossy(), 0o755, &read(&lib)?);
-            }
-        }
+        cpio.program(&real, &bin.to_string_lossy(), &read(&real)?)?;
     }
 
     // busybox and one link per applet, except where a host program already is.
     let busybox = std::fs::canonicalize(which("busybox")?).map_err(|e| e.to_string())?;
-    cpio.file("/bin/busybox", 0o755, &read(&busybox)?);
-    for lib in ldd(&busybox)? {
-        if copied.insert(lib.clone()) {
-            cpio.file(&lib.to_string_lossy(), 0o755, &read(&lib)?);
-        }
-    }
+    cpio.program(&busybox, "/bin/busybox", &read(&busybox)?)?;
     let list = Command::new(&busybox)
         .arg("--list-full")
         .output()
@@ -580,24 +667,55 @@ fn build_base() -> Result<Vec<u8>, String> {
         cpio.symlink(applet, "/bin/busybox");
     }
 
-    let order = module_load_order(&kernel, &["virtio_pci", "virtio_blk"])?;
-    for m in &order {
-        let bytes = module_bytes(&kernel.modules.join(m))?;
-        cpio.file(
-            &format!("/lib/modules/{}.ko", module_name(m)),
-            0o644,
-            &bytes,
-        );
+    let mut order = Vec::new();
+    if let Some(kernel) = kernel {
+        order = module_load_order(kernel, &["virtio_pci", "virtio_blk"])?;
+        for m in &order {
+            let bytes = module_bytes(&kernel.modules.join(m))?;
+            cpio.file(
+                &format!("/lib/modules/{}.ko", module_name(m)),
+                0o644,
+                &bytes,
+            );
+        }
     }
     cpio.file("/init", 0o755, init_script(&order).as_bytes());
-    Ok(cpio.finish())
+    Ok(Base {
+        dirs: cpio.dirs.clone(),
+        names: cpio.names.clone(),
+        archive: cpio.finish(),
+    })
+}
+
+/// `program` without its debug info (a debug build of blockexportd is 140 MB, 30 MB
+/// without), through a file in `dir`.
+fn without_debug_info(program: &Path, dir: &Path) -> Result<Vec<u8>, String> {
+    let out = dir.join("stripped");
+    let status = Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(program)
+        .arg(&out)
+        .status()
+        .map_err(|e| format!("objcopy: {e} (install binutils)"))?;
+    if !status.success() {
+        return Err(format!(
+            "objcopy --strip-debug {} failed ({status})",
+            program.display()
+        ));
+    }
+    let data = read(&out)?;
+    let _ = std::fs::remove_file(&out);
+    Ok(data)
 }
 
 /// What to boot.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
-    /// The vhost-user-blk socket the daemon listens on.
-    pub socket: PathBuf,
+    /// The kernel the guest boots.
+    pub kernel: GuestKernel,
+    /// The vhost-user-blk socket the daemon listens on: the guest's `/dev/vda`. None: no
+    /// vhost-user-blk device.
+    pub socket: Option<PathBuf>,
     /// `num-queues` of the vhost-user-blk-pci device.
     pub num_queues: u32,
     /// vCPUs (Linux's virtio_blk uses at most one queue per possible CPU).
@@ -610,18 +728,38 @@ pub struct VmConfig {
     pub script: String,
     /// Further files in the guest (absolute paths), e.g. data for the script.
     pub files: Vec<(String, Vec<u8>)>,
+    /// Host image files (raw), each a virtio-blk disk of the guest, after the vhost-user-blk
+    /// disk: `/dev/vdb`, `/dev/vdc`, ... with one, `/dev/vda`, ... without (see
+    /// [`VmConfig::disk_name`]). QEMU writes them through the host's page cache, so that the
+    /// host reads what the guest wrote once the guest has powered off.
+    pub disks: Vec<PathBuf>,
+    /// Host programs copied into the guest, (host path, guest path), each with the libraries
+    /// `ldd` names and without its debug info.
+    pub programs: Vec<(PathBuf, String)>,
 }
 
 impl VmConfig {
+    /// A guest of Debian's packaged kernel on the vhost-user-blk socket `socket`.
     pub fn new(socket: &Path, script: &str) -> VmConfig {
         VmConfig {
-            socket: socket.to_path_buf(),
+            socket: Some(socket.to_path_buf()),
+            ..VmConfig::bare(GuestKernel::Packaged, script)
+        }
+    }
+
+    /// A guest of `kernel` with no disk (add them with [`VmConfig::disk`]).
+    pub fn bare(kernel: GuestKernel, script: &str) -> VmConfig {
+        VmConfig {
+            kernel,
+            socket: None,
             num_queues: 1,
             cpus: 1,
             reconnect_ms: None,
             allow_reboot: false,
             script: script.to_string(),
             files: Vec::new(),
+            disks: Vec::new(),
+            programs: Vec::new(),
         }
     }
 
@@ -629,6 +767,95 @@ impl VmConfig {
         self.files.push((path.to_string(), data.to_vec()));
         self
     }
+
+    /// Adds a virtio-blk disk over the raw host image `image`; its guest device is
+    /// [`VmConfig::disk_name`] of its index.
+    pub fn disk(mut self, image: &Path) -> VmConfig {
+        self.disks.push(image.to_path_buf());
+        self
+    }
+
+    /// The guest's block device for `disks[index]`, e.g. `/dev/vdb` (PCI slots follow the
+    /// command line, and virtio_blk names disks in the order it probes them).
+    pub fn disk_name(&self, index: usize) -> String {
+        let n = index + usize::from(self.socket.is_some());
+        assert!(n < 26, "more disks than /dev/vda to /dev/vdz");
+        format!("/dev/vd{}", char::from(b'a' + n as u8))
+    }
+
+    /// Copies the host binary `host` into the guest as `guest`, with its libraries.
+    pub fn program(mut self, host: &Path, guest: &str) -> VmConfig {
+        self.programs.push((host.to_path_buf(), guest.to_string()));
+        self
+    }
+
+    /// Copies the host program `name`, found on PATH, to the same path in the guest, with its
+    /// libraries. Panics if it is not installed (check with [`crate::require_tool`]).
+    pub fn host_program(self, name: &str) -> VmConfig {
+        let path = which(name).unwrap_or_else(|e| panic!("a program for the guest: {e}"));
+        let guest = path.to_string_lossy().into_owned();
+        self.program(&path, &guest)
+    }
+
+    /// The block devices the guest must have when its script starts.
+    fn disk_names(&self) -> Vec<String> {
+        let vhost_user = self.socket.iter().map(|_| "/dev/vda".to_string());
+        vhost_user
+            .chain((0..self.disks.len()).map(|i| self.disk_name(i)))
+            .collect()
+    }
+}
+
+/// The guest's own archive, unpacked after `base`: `/test.sh`, `/etc/vm-disks`, the files and
+/// the programs of `cfg`.
+fn guest_archive(cfg: &VmConfig, base: &Base, dir: &Path) -> Result<Vec<u8>, String> {
+    let mut own = Cpio::continuing(base);
+    own.file("/test.sh", 0o755, cfg.script.as_bytes());
+    own.file(
+        "/etc/vm-disks",
+        0o644,
+        cfg.disk_names().join("\n").as_bytes(),
+    );
+    for (path, data) in &cfg.files {
+        own.file(path, 0o644, data);
+    }
+    for (host, guest) in &cfg.programs {
+        let real = std::fs::canonicalize(host).map_err(|e| format!("{}: {e}", host.display()))?;
+        own.program(&real, guest, &without_debug_info(&real, dir)?)?;
+    }
+    Ok(own.finish())
+}
+
+/// QEMU's options for the guest's disks: the vhost-user-blk device first, then the image
+/// files, in the order [`VmConfig::disk_name`] counts them.
+fn disk_args(cfg: &VmConfig) -> Vec<String> {
+    let mut args = Vec::new();
+    if let Some(socket) = &cfg.socket {
+        let mut vub = format!("socket,id=vub,path={}", socket.display());
+        if let Some(ms) = cfg.reconnect_ms {
+            vub.push_str(&format!(",reconnect-ms={ms}"));
+        }
+        args.extend([
+            "-chardev".to_string(),
+            vub,
+            "-device".to_string(),
+            format!(
+                "vhost-user-blk-pci,chardev=vub,num-queues={}",
+                cfg.num_queues
+            ),
+        ]);
+    }
+    for (i, image) in cfg.disks.iter().enumerate() {
+        // QEMU's option syntax doubles a comma inside a value.
+        let path = image.to_string_lossy().replace(',', ",,");
+        args.extend([
+            "-blockdev".to_string(),
+            format!("driver=file,node-name=disk{i},filename={path}"),
+            "-device".to_string(),
+            format!("virtio-blk-pci,drive=disk{i},serial=disk{i}"),
+        ]);
+    }
+    args
 }
 
 /// A line from the console, or its end.
@@ -659,19 +886,16 @@ impl Vm {
     /// Builds the initramfs and starts QEMU. Panics (with the reason) if anything the guest
     /// needs is missing; call [`require_guest`] first.
     pub fn boot(cfg: &VmConfig) -> Vm {
-        let image = boot_image().unwrap_or_else(|e| panic!("the guest kernel: {e}"));
-        let base = base_initramfs().unwrap_or_else(|e| panic!("building the initramfs: {e}"));
+        let image = boot_image(&cfg.kernel).unwrap_or_else(|e| panic!("the guest kernel: {e}"));
+        let base = base(&cfg.kernel).unwrap_or_else(|e| panic!("building the initramfs: {e}"));
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut own = Cpio::new();
-        own.file("/test.sh", 0o755, cfg.script.as_bytes());
-        for (path, data) in &cfg.files {
-            own.file(path, 0o644, data);
-        }
         let initrd = dir.path().join("initrd.cpio");
         {
+            let own = guest_archive(cfg, base, dir.path())
+                .unwrap_or_else(|e| panic!("building the guest's own initramfs: {e}"));
             let mut f = std::fs::File::create(&initrd).expect("create initrd");
-            f.write_all(base).expect("write initrd");
-            f.write_all(&own.finish()).expect("write initrd");
+            f.write_all(&base.archive).expect("write initrd");
+            f.write_all(&own).expect("write initrd");
         }
 
         let kernel = match image {
@@ -686,10 +910,6 @@ impl Vm {
         let qmp_path = dir.path().join("qemu-qmp.sock");
         let listener = UnixListener::bind(&qmp_path).expect("bind QMP listener");
 
-        let mut vub = format!("socket,id=vub,path={}", cfg.socket.display());
-        if let Some(ms) = cfg.reconnect_ms {
-            vub.push_str(&format!(",reconnect-ms={ms}"));
-        }
         let cmdline = if verbose() {
             "console=ttyS0 panic=-1 printk.time=1"
         } else {
@@ -710,14 +930,7 @@ impl Vm {
             .arg("-initrd")
             .arg(&initrd)
             .args(["-append", cmdline])
-            .args(["-chardev", &vub])
-            .args([
-                "-device",
-                &format!(
-                    "vhost-user-blk-pci,chardev=vub,num-queues={}",
-                    cfg.num_queues
-                ),
-            ])
+            .args(disk_args(cfg))
             .args([
                 "-chardev",
                 &format!("socket,id=qmp,path={}", qmp_path.display()),

@@ -4,6 +4,7 @@
 #![allow(missing_docs)]
 
 pub mod guest;
+pub mod kernel;
 pub mod vhost_client;
 
 use serde_json::{json, Value};
