@@ -608,7 +608,12 @@ impl Daemon {
                 })?;
                 tokio::spawn(async move { qmp.serve_session(reader, writer, mon_opts).await })
             }
-            Chardev::Used => return Err(generic(format!("Device '{}' is in use", opts.chardev))),
+            Chardev::Used => {
+                return Err(generic(format!(
+                    "chardev '{}' is already in use",
+                    opts.chardev
+                )))
+            }
         };
         state.monitors.push(task);
         Ok(json!({}))
