@@ -9,6 +9,7 @@ pub mod vhost_client;
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -163,6 +164,27 @@ pub fn startup_message(out: &Output) -> String {
     text.trim_start_matches("qemu-storage-daemon: ")
         .trim_start_matches("blockexportd: ")
         .to_string()
+}
+
+/// Waits until `fd` is readable (a listener with a connection to accept, a pipe with data),
+/// failing the test if `child` exits first or 20 seconds pass; `what` names the awaited
+/// event in the failure (`"its greeting"`).
+pub fn wait_readable(fd: &impl AsRawFd, child: &mut Child, what: &str) {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    for _ in 0..200 {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the daemon exited ({status}) before {what}");
+        }
+        // SAFETY: one valid pollfd, count 1, for up to 100 ms.
+        if unsafe { libc::poll(&mut pfd, 1, 100) } > 0 {
+            return;
+        }
+    }
+    panic!("{what} never came");
 }
 
 /// A running daemon with a QMP monitor on a unix socket; killed (SIGTERM) when dropped.
@@ -340,6 +362,11 @@ impl Qmp {
         };
         q.greeting = q.read_message();
         q
+    }
+
+    /// Writes from now on to `writer`, closing the one written to until now.
+    pub fn replace_writer(&mut self, writer: impl Write + Send + 'static) {
+        self.writer = Box::new(writer);
     }
 
     /// Reads one message.

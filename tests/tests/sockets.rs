@@ -3,7 +3,8 @@
 //! and stale socket files at the paths it listens on.
 
 use blockexportd_tests::{
-    flavors, run_failing as run, signal, spawn, startup_message as message, Flavor, Qmp,
+    flavors, run_failing as run, signal, spawn, startup_message as message, wait_readable, Flavor,
+    Qmp,
 };
 use serde_json::json;
 use std::io::{BufRead, BufReader};
@@ -16,22 +17,8 @@ use std::time::Duration;
 /// Accepts one connection, failing the test if none comes within 20 seconds (or the daemon
 /// exits first).
 fn accept(listener: &UnixListener, child: &mut Child) -> UnixStream {
-    let mut pfd = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    for _ in 0..200 {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("the daemon exited ({status}) instead of connecting");
-        }
-        // SAFETY: one valid pollfd, count 1, for up to 100 ms.
-        let n = unsafe { libc::poll(&mut pfd, 1, 100) };
-        if n > 0 {
-            return listener.accept().expect("accept").0;
-        }
-    }
-    panic!("the daemon never connected");
+    wait_readable(listener, child, "connecting");
+    listener.accept().expect("accept").0
 }
 
 fn negotiate(q: &mut Qmp) {
