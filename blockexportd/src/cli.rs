@@ -164,8 +164,11 @@ blockexportd: export disk images over NBD and FUSE, managed over QMP
   --chardev socket,id=<id>,path=<path>[,reconnect-ms=<ms>|,reconnect=<s>]
   --chardev socket,id=<id>,host=<host>,port=<port>[,reconnect-ms=<ms>]
   --chardev stdio,id=<id>
+  --chardev pipe,id=<id>,path=<path>
                          configure a character device backend for a monitor
-                         (without server=on: connect to a listening peer)
+                         (without server=on: connect to a listening peer;
+                         pipe: read <path>.in and write <path>.out, FIFOs, or
+                         <path> itself both ways if either cannot be opened)
 
   --daemonize            daemonize the process, and have the parent exit
                          once startup is complete

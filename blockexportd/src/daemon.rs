@@ -32,6 +32,8 @@ enum Chardev {
     /// A client socket (no `server=on`): the daemon connects to its peer.
     Client(ClientChardev),
     Stdio,
+    /// `pipe`: FIFOs `PATH.in` and `PATH.out`, or `PATH` itself, open since creation.
+    Pipe(crate::pipe::PipeChardev),
     /// Taken by a monitor.
     Used,
 }
@@ -477,14 +479,20 @@ impl Daemon {
             .map_err(|e| generic(e.to_string()))?;
         let opts: qapi::ChardevOptions = qmp_server::parse_arguments(args)?;
         let mut state = self.state.lock().await;
-        if state.chardevs.contains_key(&opts.id) {
-            return Err(generic(format!(
-                "attempt to add duplicate property '{}' to object (type 'container')",
-                opts.id
-            )));
+        // QEMU opens a pipe before it looks at the id (a socket is checked first here).
+        if opts.backend != "pipe" && state.chardevs.contains_key(&opts.id) {
+            return Err(duplicate_chardev(&opts.id));
         }
         let chardev = match opts.backend.as_str() {
             "stdio" => Chardev::Stdio,
+            "pipe" => {
+                let pipe = crate::pipe::open(opts.path.as_deref())
+                    .map_err(|e| generic(e.qemu_message()))?;
+                if state.chardevs.contains_key(&opts.id) {
+                    return Err(duplicate_chardev(&opts.id));
+                }
+                Chardev::Pipe(pipe)
+            }
             "socket" => {
                 if opts.reconnect.is_some() && opts.reconnect_ms.is_some() {
                     return Err(generic(
@@ -590,7 +598,22 @@ impl Daemon {
             }),
             Chardev::Client(client) => tokio::spawn(client.serve(qmp, mon_opts)),
             Chardev::Stdio => tokio::spawn(async move { qmp.serve_stdio(mon_opts).await }),
-            Chardev::Used => return Err(generic(format!("Device '{}' is in use", opts.chardev))),
+            Chardev::Pipe(pipe) => {
+                let (reader, writer) = pipe.into_async().map_err(|e| {
+                    generic(format!(
+                        "chardev '{}': {}",
+                        opts.chardev,
+                        crate::tls::strerror(&e)
+                    ))
+                })?;
+                tokio::spawn(async move { qmp.serve_session(reader, writer, mon_opts).await })
+            }
+            Chardev::Used => {
+                return Err(generic(format!(
+                    "chardev '{}' is already in use",
+                    opts.chardev
+                )))
+            }
         };
         state.monitors.push(task);
         Ok(json!({}))
@@ -996,6 +1019,13 @@ fn stop_nbd_server(nbd: NbdState, server: Option<nbd_server::NbdServer>) {
     if let Some(path) = nbd.unix_path {
         let _ = std::fs::remove_file(path);
     }
+}
+
+/// A chardev id that is taken, in QEMU's words.
+fn duplicate_chardev(id: &str) -> QmpError {
+    generic(format!(
+        "attempt to add duplicate property '{id}' to object (type 'container')"
+    ))
 }
 
 /// The node `name`, with QEMU's message when there is none.

@@ -16,6 +16,7 @@ pub mod keyval;
 pub mod logging;
 pub mod memory;
 pub mod objects;
+pub mod pipe;
 pub mod process;
 pub mod qapi;
 pub mod run;

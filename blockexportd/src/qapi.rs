@@ -248,11 +248,11 @@ pub struct IothreadProps {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ChardevOptions {
-    /// `socket` or `stdio`.
+    /// `socket`, `stdio` or `pipe`.
     pub backend: String,
     /// Chardev id.
     pub id: String,
-    /// Unix socket path.
+    /// Unix socket path; for `pipe`, the FIFOs' name without `.in`/`.out` (or the file).
     pub path: Option<String>,
     /// TCP host.
     pub host: Option<String>,

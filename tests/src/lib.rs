@@ -9,7 +9,8 @@ pub mod vhost_client;
 
 use serde_json::{json, Value};
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -116,6 +117,77 @@ pub enum Flavor {
     Qsd,
 }
 
+impl Flavor {
+    /// The program to run.
+    pub fn program(self) -> PathBuf {
+        match self {
+            Flavor::Blockexportd => daemon_binary(),
+            Flavor::Qsd => PathBuf::from("qemu-storage-daemon"),
+        }
+    }
+}
+
+/// The daemons to compare: blockexportd, and qemu-storage-daemon when it is installed (under
+/// CI it must be).
+pub fn flavors() -> Vec<Flavor> {
+    let mut v = vec![Flavor::Blockexportd];
+    if require_tools(&["qemu-storage-daemon"]) {
+        v.push(Flavor::Qsd);
+    }
+    v
+}
+
+/// Starts a daemon with `args` only (no monitor of ours), its stdin null and its output
+/// piped.
+pub fn spawn(flavor: Flavor, args: &[&str]) -> Child {
+    Command::new(flavor.program())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the daemon")
+}
+
+/// Runs a daemon that must fail at startup; returns its output.
+pub fn run_failing(flavor: Flavor, args: &[&str]) -> Output {
+    let out = spawn(flavor, args).wait_with_output().expect("wait");
+    assert!(
+        !out.status.success(),
+        "{flavor:?} {args:?} should fail: {out:?}"
+    );
+    out
+}
+
+/// A daemon's stderr with the program's name taken off (`--chardev ...: MESSAGE\n`).
+pub fn startup_message(out: &Output) -> String {
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    text.trim_start_matches("qemu-storage-daemon: ")
+        .trim_start_matches("blockexportd: ")
+        .to_string()
+}
+
+/// Waits until `fd` is readable (a listener with a connection to accept, a pipe with data),
+/// failing the test if `child` exits first or 20 seconds pass; `what` names the awaited
+/// event in the failure (`"its greeting"`).
+pub fn wait_readable(fd: &impl AsRawFd, child: &mut Child, what: &str) {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    for _ in 0..200 {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the daemon exited ({status}) before {what}");
+        }
+        // SAFETY: one valid pollfd, count 1, for up to 100 ms.
+        if unsafe { libc::poll(&mut pfd, 1, 100) } > 0 {
+            return;
+        }
+    }
+    panic!("{what} never came");
+}
+
 /// A running daemon with a QMP monitor on a unix socket; killed (SIGTERM) when dropped.
 pub struct Daemon {
     pub child: Option<Child>,
@@ -143,14 +215,10 @@ impl Daemon {
             "socket,id=qmp0,path={},server=on,wait=off",
             qmp_path.display()
         );
-        let program = match flavor {
-            Flavor::Blockexportd => daemon_binary(),
-            Flavor::Qsd => PathBuf::from("qemu-storage-daemon"),
-        };
         // The pidfile is written once startup is complete (both daemons): the tests wait for
         // it, since the monitor, being first on the command line, accepts earlier.
         let pidfile = dir.path().join("daemon.pid");
-        let child = Command::new(program)
+        let child = Command::new(flavor.program())
             .args(["--chardev", &chardev, "--monitor", "chardev=qmp0"])
             .arg("--pidfile")
             .arg(&pidfile)
@@ -259,8 +327,8 @@ pub fn process_exists(pid: i32) -> bool {
 
 /// A QMP client.
 pub struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
+    reader: BufReader<Box<dyn Read + Send>>,
+    writer: Box<dyn Write + Send>,
     pub greeting: Value,
     pub events: VecDeque<Value>,
 }
@@ -278,14 +346,28 @@ impl Qmp {
             .set_read_timeout(Some(Duration::from_secs(60)))
             .expect("timeout");
         let writer = stream.try_clone().expect("clone");
+        Qmp::from_parts(stream, writer)
+    }
+
+    /// Reads the greeting on a monitor reached through a separate reader and writer (the two
+    /// FIFOs of a `pipe` chardev, say).
+    pub fn from_parts(
+        reader: impl Read + Send + 'static,
+        writer: impl Write + Send + 'static,
+    ) -> Qmp {
         let mut q = Qmp {
-            reader: BufReader::new(stream),
-            writer,
+            reader: BufReader::new(Box::new(reader)),
+            writer: Box::new(writer),
             greeting: Value::Null,
             events: VecDeque::new(),
         };
         q.greeting = q.read_message();
         q
+    }
+
+    /// Writes from now on to `writer`, closing the one written to until now.
+    pub fn replace_writer(&mut self, writer: impl Write + Send + 'static) {
+        self.writer = Box::new(writer);
     }
 
     /// Reads one message.

@@ -1,6 +1,8 @@
 //! FUSE exports of the real blockexportd binary, through the kernel's FUSE.
 
-use blockexportd_tests::{pattern, qemu_img_create, require_tools, run_ok, under_ci, Daemon};
+use blockexportd_tests::{
+    flavors, pattern, qemu_img_create, require_tools, run_ok, under_ci, Daemon,
+};
 use serde_json::json;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::process::Command;
@@ -236,14 +238,6 @@ fn fuse_daemon(
     );
     assert_ne!(std::fs::metadata(mountpoint).unwrap().len(), 0, "mounted");
     d
-}
-
-fn flavors() -> Vec<blockexportd_tests::Flavor> {
-    let mut v = vec![blockexportd_tests::Flavor::Blockexportd];
-    if require_tools(&["qemu-storage-daemon"]) {
-        v.push(blockexportd_tests::Flavor::Qsd);
-    }
-    v
 }
 
 /// The errno of a call that returns -1, or 0 when it succeeded.

@@ -2,77 +2,23 @@
 //! connects out to its QMP client, as QEMU's test harness starts QSD), their reconnection,
 //! and stale socket files at the paths it listens on.
 
-use blockexportd_tests::{daemon_binary, require_tools, signal, Flavor, Qmp};
+use blockexportd_tests::{
+    flavors, run_failing as run, signal, spawn, startup_message as message, wait_readable, Flavor,
+    Qmp,
+};
 use serde_json::json;
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Child, Output};
 use std::time::Duration;
-
-fn program(flavor: Flavor) -> PathBuf {
-    match flavor {
-        Flavor::Blockexportd => daemon_binary(),
-        Flavor::Qsd => PathBuf::from("qemu-storage-daemon"),
-    }
-}
-
-fn flavors() -> Vec<Flavor> {
-    let mut v = vec![Flavor::Blockexportd];
-    if require_tools(&["qemu-storage-daemon"]) {
-        v.push(Flavor::Qsd);
-    }
-    v
-}
-
-fn spawn(flavor: Flavor, args: &[&str]) -> Child {
-    Command::new(program(flavor))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the daemon")
-}
-
-/// Runs a daemon that must fail at startup; returns its output.
-fn run(flavor: Flavor, args: &[&str]) -> Output {
-    let out = spawn(flavor, args).wait_with_output().expect("wait");
-    assert!(
-        !out.status.success(),
-        "{flavor:?} {args:?} should fail: {out:?}"
-    );
-    out
-}
-
-/// The startup error with the program's name taken off.
-fn message(out: &Output) -> String {
-    let text = String::from_utf8_lossy(&out.stderr).to_string();
-    text.trim_start_matches("qemu-storage-daemon: ")
-        .trim_start_matches("blockexportd: ")
-        .to_string()
-}
 
 /// Accepts one connection, failing the test if none comes within 20 seconds (or the daemon
 /// exits first).
 fn accept(listener: &UnixListener, child: &mut Child) -> UnixStream {
-    let mut pfd = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    for _ in 0..200 {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("the daemon exited ({status}) instead of connecting");
-        }
-        // SAFETY: one valid pollfd, count 1, for up to 100 ms.
-        let n = unsafe { libc::poll(&mut pfd, 1, 100) };
-        if n > 0 {
-            return listener.accept().expect("accept").0;
-        }
-    }
-    panic!("the daemon never connected");
+    wait_readable(listener, child, "connecting");
+    listener.accept().expect("accept").0
 }
 
 fn negotiate(q: &mut Qmp) {
