@@ -1,0 +1,99 @@
+//! The vduse-blk export in a guest whose kernel has VDUSE (`guest::vduse_config`): the guest
+//! runs blockexportd over its own virtio disk (a host image), creates the export over QMP
+//! (through a pipe chardev: busybox has no unix-socket client), binds it with `vdpa dev add`,
+//! and uses the /dev/vdX that appears; the host checks the image afterwards.
+
+use blockexportd_tests::guest::{self, Vm};
+use blockexportd_tests::pattern;
+
+const MIB: usize = 1 << 20;
+
+/// The guest's QMP helpers: `qmp JSON` prints the reply (events skipped).
+const QMP: &str = r#"
+mkfifo /tmp/qmp.in /tmp/qmp.out
+blockexportd --blockdev driver=host_device,node-name=d0,filename=DISK \
+  --chardev pipe,id=m,path=/tmp/qmp --monitor chardev=m 2>/tmp/daemon.err &
+exec 3>/tmp/qmp.in 4</tmp/qmp.out
+read -r greeting <&4
+qmp() {
+  echo "$1" >&3
+  while read -r l <&4; do
+    case "$l" in *'"return"'*|*'"error"'*) echo "$l"; return;; esac
+  done
+}
+qmp '{"execute":"qmp_capabilities"}' >/dev/null
+"#;
+
+#[test]
+fn a_vduse_export_is_a_host_disk_with_the_right_geometry_and_data() {
+    if !guest::require_vduse_guest() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.img");
+    let mut expected = pattern(32 * MIB, 7);
+    std::fs::write(&image, &expected).expect("write the image");
+    let written = pattern(MIB, 8);
+    expected[4 * MIB..5 * MIB].copy_from_slice(&written);
+
+    let mut cfg = guest::vduse_config("")
+        .disk(&image)
+        .file("/data/written", &written)
+        .file("/data/original", &expected[..MIB]);
+    cfg.cpus = 2;
+    let vda = cfg.disk_name(0);
+    cfg.script = QMP.replace("DISK", &vda)
+        + r#"
+report add $(qmp '{"execute":"block-export-add","arguments":{"type":"vduse-blk","id":"e0","node-name":"d0","name":"vduse0","writable":true,"serial":"bexp-0123","logical-block-size":4096,"num-queues":2}}')
+vdpa dev add name vduse0 mgmtdev vduse
+report size $(cat /sys/block/vdb/size)
+report lbs $(cat /sys/block/vdb/queue/logical_block_size)
+report serial $(cat /sys/block/vdb/serial)
+report ro $(cat /sys/block/vdb/ro)
+dd if=/dev/vdb of=/tmp/first bs=64k count=16 2>/dev/null
+cmp /tmp/first /data/original && report read same
+dd if=/data/written of=/dev/vdb bs=64k seek=64 conv=fsync 2>/dev/null
+blockdev --flushbufs /dev/vdb
+echo 3 > /proc/sys/vm/drop_caches
+dd if=/dev/vdb of=/tmp/back bs=64k skip=64 count=16 2>/dev/null
+cmp /tmp/back /data/written && report write same
+vdpa dev del vduse0
+report del $(qmp '{"execute":"block-export-del","arguments":{"id":"e0"}}')
+i=0; while [ -e /dev/vduse/vduse0 ] && [ $i -lt 50 ]; do i=$((i+1)); usleep 100000; done
+if [ -e /dev/vduse/vduse0 ]; then report gone no; else report gone yes; fi
+report addro $(qmp '{"execute":"block-export-add","arguments":{"type":"vduse-blk","id":"e1","node-name":"d0","name":"vduse1"}}')
+vdpa dev add name vduse1 mgmtdev vduse
+report ro1 $(cat /sys/block/vdb/ro)
+if dd if=/data/written of=/dev/vdb bs=64k seek=128 conv=fsync 2>/dev/null; then report rowrite accepted; else report rowrite refused; fi
+vdpa dev del vduse1
+qmp '{"execute":"block-export-del","arguments":{"id":"e1"}}' >/dev/null
+qmp '{"execute":"quit"}' >/dev/null
+wait
+report stderr "$(tr '\n' ' ' </tmp/daemon.err)"
+"#;
+    let _lock = guest::vm_lock();
+    let mut vm = Vm::boot(&cfg);
+    assert_eq!(vm.result("add"), r#"{"return": {}}"#);
+    assert_eq!(vm.result("size"), (32 * MIB / 512).to_string());
+    assert_eq!(vm.result("lbs"), "4096");
+    assert_eq!(vm.result("serial"), "bexp-0123");
+    assert_eq!(vm.result("ro"), "0");
+    assert_eq!(vm.result("read"), "same");
+    assert_eq!(vm.result("write"), "same");
+    assert_eq!(vm.result("del"), r#"{"return": {}}"#);
+    assert_eq!(
+        vm.result("gone"),
+        "yes",
+        "block-export-del destroys the unbound device"
+    );
+    assert_eq!(vm.result("addro"), r#"{"return": {}}"#);
+    assert_eq!(vm.result("ro1"), "1");
+    assert_eq!(vm.result("rowrite"), "refused");
+    assert_eq!(vm.result("stderr"), "", "the daemon is quiet");
+    vm.finish();
+    let image_now = std::fs::read(&image).expect("read the image");
+    assert!(
+        image_now == expected,
+        "the image holds the original data and the guest's write"
+    );
+}
