@@ -13,7 +13,8 @@ const QMP: &str = r#"
 mkfifo /tmp/qmp.in /tmp/qmp.out
 blockexportd --blockdev driver=host_device,node-name=d0,filename=DISK \
   --chardev pipe,id=m,path=/tmp/qmp --monitor chardev=m 2>/tmp/daemon.err &
-exec 3>/tmp/qmp.in 4</tmp/qmp.out
+# Read-write opens of a FIFO never block (nor get EINTR from a child's exit).
+exec 3<>/tmp/qmp.in 4<>/tmp/qmp.out
 read -r greeting <&4
 qmp() {
   echo "$1" >&3
@@ -95,5 +96,78 @@ report stderr "$(tr '\n' ' ' </tmp/daemon.err)"
     assert!(
         image_now == expected,
         "the image holds the original data and the guest's write"
+    );
+}
+
+/// Reconnection as QSD offers it: the daemon is killed while the guest writes to the bound
+/// device; the kernel device stays and its I/O waits; a new daemon exporting the same name
+/// takes it over (resubmitting what the dead one had in flight, from the reconnect log in
+/// /tmp) and the write completes with every byte in the image.
+#[test]
+fn a_new_daemon_takes_over_a_bound_device_and_the_waiting_io_completes() {
+    if !guest::require_vduse_guest() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.img");
+    let mut expected = vec![0u8; 32 * MIB];
+    std::fs::write(&image, &expected).expect("write the image");
+    let written = pattern(8 * MIB, 9);
+    expected[MIB..9 * MIB].copy_from_slice(&written);
+
+    let mut cfg = guest::vduse_config("")
+        .disk(&image)
+        .file("/data/written", &written);
+    cfg.cpus = 2;
+    let vda = cfg.disk_name(0);
+    let add = r#"'{"execute":"block-export-add","arguments":{"type":"vduse-blk","id":"e0","node-name":"d0","name":"vduse0","writable":true}}'"#;
+    cfg.script = QMP.replace("DISK", &vda)
+        + &format!(
+            r#"
+report add $(qmp {add})
+vdpa dev add name vduse0 mgmtdev vduse
+dd if=/data/written of=/dev/vdb bs=64k seek=16 conv=fsync 2>/tmp/dd.err &
+writer=$!
+head -c 65536 /dev/vdb >/dev/null
+kill -9 $(pidof blockexportd)
+exec 3>&- 4<&-
+report log $(if [ -e /tmp/vduse-blk-vduse0 ]; then echo kept; else echo missing; fi)
+rm -f /tmp/qmp.in /tmp/qmp.out
+"#
+        )
+        + &QMP.replace("DISK", &vda)
+        + &format!(
+            r#"
+report again $(qmp {add})
+wait $writer
+report dd $?
+blockdev --flushbufs /dev/vdb
+echo 3 > /proc/sys/vm/drop_caches
+dd if=/dev/vdb of=/tmp/back bs=64k skip=16 count=128 2>/dev/null
+cmp /tmp/back /data/written && report back same
+vdpa dev del vduse0
+qmp '{{"execute":"quit"}}' >/dev/null
+"#
+        );
+    let _lock = guest::vm_lock();
+    let mut vm = Vm::boot(&cfg);
+    assert_eq!(vm.result("add"), r#"{"return": {}}"#);
+    assert_eq!(
+        vm.result("log"),
+        "kept",
+        "the reconnect log is where QSD keeps it"
+    );
+    assert_eq!(
+        vm.result("again"),
+        r#"{"return": {}}"#,
+        "the device is taken over"
+    );
+    assert_eq!(vm.result("dd"), "0", "the waiting write completed");
+    assert_eq!(vm.result("back"), "same");
+    vm.finish();
+    let image_now = std::fs::read(&image).expect("read the image");
+    assert!(
+        image_now == expected,
+        "every byte of the write is in the image"
     );
 }

@@ -66,10 +66,14 @@ pub struct BlkDevice {
 impl BlkDevice {
     /// A device doing its I/O through `submitter`, as `config` describes it.
     pub fn new(submitter: Submitter, config: &DeviceConfig) -> BlkDevice {
-        let serial = config
-            .serial
-            .as_deref()
-            .map(|s| s.as_bytes()[..s.len().min(ID_BYTES)].to_vec());
+        // The device ID is a NUL-padded string of 20 bytes: a shorter serial is padded, so
+        // that what the driver's buffer held before (a VDUSE bounce page) is not read as part
+        // of it.
+        let serial = config.serial.as_deref().map(|s| {
+            let mut id = s.as_bytes()[..s.len().min(ID_BYTES)].to_vec();
+            id.resize(ID_BYTES, 0);
+            id
+        });
         BlkDevice {
             submitter,
             logical_block_size: config.logical_block_size.max(512),
