@@ -77,6 +77,29 @@ pub const POOL_AFTER_SLOW_WRITE: std::time::Duration = std::time::Duration::from
 /// `BLKGETSIZE64` from `linux/fs.h`: `_IOR(0x12, 114, size_t)`.
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
+/// Whether `file` is on tmpfs (`fstatfs`).
+fn on_tmpfs(file: &File) -> bool {
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: fstatfs writes a `struct statfs` into `st`, valid for writes during the call;
+    // the fd is open.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: fstatfs succeeded, so it filled the struct.
+    unsafe { st.assume_init() }.f_type == libc::TMPFS_MAGIC
+}
+
+/// Whether the system has no swap now (`sysinfo(2)`, a fraction of a microsecond).
+fn no_swap() -> bool {
+    let mut info = std::mem::MaybeUninit::<libc::sysinfo>::uninit();
+    // SAFETY: sysinfo writes a `struct sysinfo` into `info`, valid for writes during the call.
+    if unsafe { libc::sysinfo(info.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: sysinfo succeeded, so it filled the struct.
+    unsafe { info.assume_init() }.totalswap == 0
+}
+
 /// How the `locking` option was given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Locking {
@@ -166,6 +189,8 @@ pub struct FileDriver {
     splice: Arc<AtomicBool>,
     /// `cachestat` works (cleared at its first failure).
     cachestat: AtomicBool,
+    /// The file is on tmpfs: see [`FileDriver::never_waits`].
+    tmpfs: bool,
     /// Buffered writes (and reads) that `RWF_NOWAIT` refuses may be done inline when the page
     /// cache can take them at once (see the module docs).
     inline_write: bool,
@@ -303,6 +328,7 @@ impl FileDriver {
             }
         }
 
+        let tmpfs = on_tmpfs(&file);
         Ok(FileDriver {
             file: Arc::new(file),
             path,
@@ -316,6 +342,7 @@ impl FileDriver {
             nowait_write: AtomicBool::new(!opts.direct && !opts.no_inline),
             splice: Arc::new(AtomicBool::new(!opts.direct)),
             cachestat: AtomicBool::new(!opts.no_inline),
+            tmpfs,
             inline_write: !opts.direct && !opts.no_inline,
             pool_writes_until: AtomicU64::new(0),
             probe_next_write: AtomicBool::new(false),
@@ -482,11 +509,23 @@ impl FileDriver {
         n == 1
     }
 
-    /// Whether every page of the range is in the page cache (`cachestat`); false when that
-    /// cannot be told.
+    /// Whether the file's pages can never wait for a device: on tmpfs while the system has
+    /// no swap, a page is in memory or a hole, which reads as zeroes and is filled by
+    /// allocating memory. `cachestat` is then not asked: it walks every page of the range,
+    /// about 5% of the CPU time of a 1 MiB copy.
+    fn never_waits(&self) -> bool {
+        self.tmpfs && no_swap()
+    }
+
+    /// Whether every page of the range is in the page cache (`cachestat`), or can be read or
+    /// written without waiting for a device all the same ([`never_waits`](Self::never_waits));
+    /// false when that cannot be told.
     fn cached(&self, offset: u64, len: usize) -> bool {
         if !self.cachestat.load(Ordering::Relaxed) {
             return false;
+        }
+        if self.never_waits() {
+            return true;
         }
         #[repr(C)]
         struct Range {
@@ -1206,6 +1245,34 @@ mod tests {
         let mut v = vec![0u8; len];
         r.read_exact(&mut v).expect("read the pipe");
         v
+    }
+
+    /// A file on tmpfs is known to live in memory; with no swap its holes, which
+    /// `cachestat` counts as uncached, are read inline all the same, with zeroes.
+    #[tokio::test]
+    async fn tmpfs_holes_never_wait_without_swap() {
+        let shm = std::path::Path::new("/dev/shm");
+        let dir = tempfile::tempdir_in(shm).expect("tempdir in /dev/shm");
+        let path = dir.path().join("img");
+        let f = File::create(&path).expect("create");
+        f.set_len(1 << 20).expect("a 1 MiB hole");
+        f.write_at(&[7u8; 4096], 0).expect("one page of data");
+        let drv = FileDriver::open(&FileOptions {
+            filename: path.clone(),
+            ..FileOptions::default()
+        })
+        .expect("open");
+        assert!(drv.tmpfs, "/dev/shm is tmpfs here");
+        assert_eq!(drv.never_waits(), no_swap());
+        assert_eq!(
+            drv.cached(8192, 65536),
+            no_swap(),
+            "a hole, cached only without swap"
+        );
+        let buf = SgList::from_vec(vec![1u8; 8192]);
+        drv.readv(0, &buf).await.expect("read");
+        let v = buf.into_vec().expect("the list's own vector");
+        assert!(v[..4096].iter().all(|&b| b == 7) && v[4096..].iter().all(|&b| b == 0));
     }
 
     #[tokio::test]
