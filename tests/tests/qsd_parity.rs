@@ -7,7 +7,8 @@ use serde_json::{json, Value};
 use std::path::Path;
 
 /// One step of a script: a command, or `nodes` (the sorted node names, generated names
-/// made comparable), `active` (whether each named node is active), `qemu-io` (`{"export":
+/// made comparable), `active` (whether each named node is active), `exports` (the ids
+/// `query-block-exports` lists, in its order), `qemu-io` (`{"export":
 /// NAME, "command": COMMAND}`: qemu-io's answer over the `nbd.sock` NBD server).
 type Step = (&'static str, Value);
 
@@ -29,6 +30,18 @@ fn node_names(q: &mut Qmp) -> Value {
         .collect();
     names.sort();
     json!(names)
+}
+
+/// The ids of `query-block-exports`, in the order it lists them.
+fn export_ids(q: &mut Qmp) -> Value {
+    let exports = q.ok("query-block-exports", json!({}));
+    let ids: Vec<Value> = exports
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|e| e["id"].clone())
+        .collect();
+    json!(ids)
 }
 
 /// `{node name: active}` of the named nodes.
@@ -72,9 +85,9 @@ fn nbd_io(dir: &Path, args: &Value) -> Value {
     json!({"output": text.lines().next().unwrap_or_default(), "status": out.status.code()})
 }
 
-/// Runs `script` (built for each daemon's directory by `make`) against QSD and ours, and
-/// fails with every difference.
-fn compare(setup: impl Fn(&Path), make: impl Fn(&Path) -> Vec<Step>) {
+/// Runs `script` (built for each daemon's directory by `make`) against QSD and ours, fails
+/// with every difference, and returns QSD's answers.
+fn compare(setup: impl Fn(&Path), make: impl Fn(&Path) -> Vec<Step>) -> Vec<Value> {
     let mut answers = Vec::new();
     for flavor in [Flavor::Qsd, Flavor::Blockexportd] {
         let d = Daemon::start_flavor(flavor, &[]);
@@ -86,6 +99,8 @@ fn compare(setup: impl Fn(&Path), make: impl Fn(&Path) -> Vec<Step>) {
                 node_names(&mut q)
             } else if cmd == "active" {
                 activity(&mut q)
+            } else if cmd == "exports" {
+                export_ids(&mut q)
             } else if cmd == "qemu-io" {
                 nbd_io(d.dir.path(), &args)
             } else {
@@ -109,6 +124,11 @@ fn compare(setup: impl Fn(&Path), make: impl Fn(&Path) -> Vec<Step>) {
         "differences from QSD:\n{}",
         mismatches.join("\n")
     );
+    answers
+        .swap_remove(0)
+        .into_iter()
+        .map(|(_, _, a)| a)
+        .collect()
 }
 
 fn path(dir: &Path, name: &str) -> String {
@@ -729,4 +749,39 @@ fn the_image_passes_from_an_active_node_to_one_opened_inactive() {
         answers.push(answer);
     }
     assert_eq!(answers[1], answers[0], "ours, then QSD's");
+}
+
+#[test]
+fn query_block_exports_lists_the_newest_first() {
+    let answers = compare(
+        |dir| std::fs::write(dir.join("a.raw"), vec![0u8; 1 << 20]).expect("image"),
+        |dir| {
+            let add = |id: &str| {
+                (
+                    "block-export-add",
+                    json!({"type": "nbd", "id": id, "node-name": "f", "name": id}),
+                )
+            };
+            vec![
+                (
+                    "blockdev-add",
+                    json!({"driver": "file", "node-name": "f",
+                           "filename": path(dir, "a.raw")}),
+                ),
+                (
+                    "nbd-server-start",
+                    json!({"addr": {"type": "unix", "data": {"path": path(dir, "nbd.sock")}}}),
+                ),
+                add("a"),
+                add("c"),
+                add("b"),
+                ("exports", json!(null)),
+                add("aa"),
+                ("block-export-del", json!({"id": "c"})),
+                ("exports", json!(null)),
+            ]
+        },
+    );
+    assert_eq!(answers[5], json!(["b", "c", "a"]), "QSD's order");
+    assert_eq!(answers[8], json!(["aa", "b", "a"]), "QSD's order");
 }

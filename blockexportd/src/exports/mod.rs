@@ -313,11 +313,21 @@ impl Exports {
         self.by_id.remove(id)
     }
 
+    /// Every export, newest first: the order QEMU keeps them in (it adds each at the head
+    /// of its list).
+    fn by_age(&self) -> Vec<(&String, &RunningExport)> {
+        let mut all: Vec<_> = self.by_id.iter().collect();
+        all.sort_by_key(|(_, e)| std::cmp::Reverse(e.created));
+        all
+    }
+
     /// The ids of the exports `which` selects, newest first.
     pub fn newest_first(&self, which: impl Fn(&RunningExport) -> bool) -> Vec<String> {
-        let mut ids: Vec<_> = self.by_id.iter().filter(|(_, e)| which(e)).collect();
-        ids.sort_by_key(|(_, e)| std::cmp::Reverse(e.created));
-        ids.into_iter().map(|(id, _)| id.clone()).collect()
+        self.by_age()
+            .into_iter()
+            .filter(|(_, e)| which(e))
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// The export that runs in iothread `name`, if any.
@@ -328,11 +338,12 @@ impl Exports {
             .map(|(id, _)| id.as_str())
     }
 
-    /// `query-block-exports`: QAPI `BlockExportInfo` of each export.
+    /// `query-block-exports`: QAPI `BlockExportInfo` of each export, newest first as QEMU
+    /// lists them.
     pub fn query(&self) -> Value {
         Value::Array(
-            self.by_id
-                .iter()
+            self.by_age()
+                .into_iter()
                 .map(|(id, e)| {
                     serde_json::json!({
                         "id": id,
