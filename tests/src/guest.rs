@@ -720,6 +720,8 @@ pub struct VmConfig {
     pub num_queues: u32,
     /// vCPUs (Linux's virtio_blk uses at most one queue per possible CPU).
     pub cpus: u32,
+    /// Guest memory in MiB (the initramfs, with its programs, lives in it).
+    pub memory_mib: u32,
     /// `reconnect-ms` of the vhost-user chardev.
     pub reconnect_ms: Option<u32>,
     /// Whether a guest reboot restarts the machine (no `-no-reboot`).
@@ -754,6 +756,7 @@ impl VmConfig {
             socket: None,
             num_queues: 1,
             cpus: 1,
+            memory_mib: 512,
             reconnect_ms: None,
             allow_reboot: false,
             script: script.to_string(),
@@ -916,12 +919,13 @@ impl Vm {
             "console=ttyS0 quiet panic=-1"
         };
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-accel", "tcg", "-m", "512", "-nographic", "-nodefaults"])
+        let memory = cfg.memory_mib.to_string();
+        cmd.args(["-accel", "tcg", "-m", &memory, "-nographic", "-nodefaults"])
             .args(["-serial", "stdio"])
             .args(["-smp", &cfg.cpus.to_string()])
             .args([
                 "-object",
-                "memory-backend-memfd,id=mem,size=512M,share=on",
+                &format!("memory-backend-memfd,id=mem,size={memory}M,share=on"),
                 "-numa",
                 "node,memdev=mem",
             ])

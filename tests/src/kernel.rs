@@ -82,6 +82,8 @@ CONFIG_AIO=y
 CONFIG_POSIX_TIMERS=y
 CONFIG_ADVISE_SYSCALLS=y
 CONFIG_FILE_LOCKING=y
+# System V IPC: fio (bench vduse-bench) keeps its job table in a shared memory segment.
+CONFIG_SYSVIPC=y
 # VDUSE: /dev/vduse/control, the vDPA bus (managed with `vdpa`, over generic netlink, which
 # comes with NET) and the driver that puts a virtio device on a vDPA device.
 CONFIG_VDPA=y

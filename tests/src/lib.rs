@@ -5,6 +5,7 @@
 
 pub mod guest;
 pub mod kernel;
+pub mod model;
 pub mod vhost_client;
 
 use serde_json::{json, Value};

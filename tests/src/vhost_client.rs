@@ -14,6 +14,7 @@
 //! Requests are submitted without waiting ([`VhostClient::submit`]) and reaped later
 //! ([`VhostClient::reap`]), so that many are in flight on every queue at once.
 
+pub use crate::model::Op;
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
@@ -45,25 +46,6 @@ impl Default for ConnectOptions {
             slots: 128,
         }
     }
-}
-
-/// One request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Op {
-    /// Read `len` bytes at `offset`.
-    Read { offset: u64, len: usize },
-    /// Write `data` at `offset` (with `fua`, libblkio follows it with a flush).
-    Write {
-        offset: u64,
-        data: Vec<u8>,
-        fua: bool,
-    },
-    /// Write zeroes; `unmap` allows the device to deallocate.
-    WriteZeroes { offset: u64, len: u64, unmap: bool },
-    /// Discard (the range then reads as its old data or as zeroes).
-    Discard { offset: u64, len: u64 },
-    /// Flush the device's write cache.
-    Flush,
 }
 
 /// The result of one request: `ret` is 0 or a negative errno; `data` is what a read read.

@@ -196,13 +196,7 @@ fn run_one(
 }
 
 fn seed() -> u64 {
-    let seed = match std::env::var("RANDOM_OPS_SEED") {
-        Ok(s) => s.parse().expect("RANDOM_OPS_SEED is a number"),
-        Err(_) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1),
-    };
+    let seed = blockexportd_tests::model::seed_from_env("RANDOM_OPS_SEED");
     eprintln!("random ops over NBD: RANDOM_OPS_SEED={seed}");
     seed
 }

@@ -4,14 +4,18 @@
 //! and uses the /dev/vdX that appears; the host checks the image afterwards.
 
 use blockexportd_tests::guest::{self, Vm};
-use blockexportd_tests::pattern;
+use blockexportd_tests::model::{count_from_env, seed_from_env};
+use blockexportd_tests::{pattern, require_tool, run_ok};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
 const MIB: usize = 1 << 20;
 
 /// The guest's QMP helpers: `qmp JSON` prints the reply (events skipped).
 const QMP: &str = r#"
 mkfifo /tmp/qmp.in /tmp/qmp.out
-blockexportd --blockdev driver=host_device,node-name=d0,filename=DISK \
+blockexportd --blockdev driver=host_device,node-name=d0,filename=DISK MORE \
   --chardev pipe,id=m,path=/tmp/qmp --monitor chardev=m 2>/tmp/daemon.err &
 # Read-write opens of a FIFO never block (nor get EINTR from a child's exit).
 exec 3<>/tmp/qmp.in 4<>/tmp/qmp.out
@@ -24,6 +28,11 @@ qmp() {
 }
 qmp '{"execute":"qmp_capabilities"}' >/dev/null
 "#;
+
+/// [`QMP`] with the daemon over the guest disk `disk`, with further options `more`.
+fn qmp_script(disk: &str, more: &str) -> String {
+    QMP.replace("DISK", disk).replace("MORE", more)
+}
 
 #[test]
 fn a_vduse_export_is_a_host_disk_with_the_right_geometry_and_data() {
@@ -43,7 +52,7 @@ fn a_vduse_export_is_a_host_disk_with_the_right_geometry_and_data() {
         .file("/data/original", &expected[..MIB]);
     cfg.cpus = 2;
     let vda = cfg.disk_name(0);
-    cfg.script = QMP.replace("DISK", &vda)
+    cfg.script = qmp_script(&vda, "")
         + r#"
 report add $(qmp '{"execute":"block-export-add","arguments":{"type":"vduse-blk","id":"e0","node-name":"d0","name":"vduse0","writable":true,"serial":"bexp-0123","logical-block-size":4096,"num-queues":2}}')
 vdpa dev add name vduse0 mgmtdev vduse
@@ -121,7 +130,7 @@ fn a_new_daemon_takes_over_a_bound_device_and_the_waiting_io_completes() {
     cfg.cpus = 2;
     let vda = cfg.disk_name(0);
     let add = r#"'{"execute":"block-export-add","arguments":{"type":"vduse-blk","id":"e0","node-name":"d0","name":"vduse0","writable":true}}'"#;
-    cfg.script = QMP.replace("DISK", &vda)
+    cfg.script = qmp_script(&vda, "")
         + &format!(
             r#"
 report add $(qmp {add})
@@ -135,7 +144,7 @@ report log $(if [ -e /tmp/vduse-blk-vduse0 ]; then echo kept; else echo missing;
 rm -f /tmp/qmp.in /tmp/qmp.out
 "#
         )
-        + &QMP.replace("DISK", &vda)
+        + &qmp_script(&vda, "")
         + &format!(
             r#"
 report again $(qmp {add})
@@ -170,4 +179,110 @@ qmp '{{"execute":"quit"}}' >/dev/null
         image_now == expected,
         "every byte of the write is in the image"
     );
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Raw,
+    Qcow2,
+}
+
+/// Random requests on the VDUSE disk in the guest (`guest-random-ops`: many in flight from
+/// several threads, over two queues, each read checked against a model), then the model,
+/// written by the guest to a second disk, compared with the image on the host by
+/// `qemu-img compare`, and a qcow2 image checked by `qemu-img check`. Both nodes have
+/// `discard=unmap`.
+/// `VDUSE_RANDOM_SEED=N` replays a run, `VDUSE_RANDOM_BATCHES=N` makes it longer.
+fn random_ops_case(format: Format) {
+    if !guest::require_vduse_guest() || !require_tool("qemu-img") {
+        return;
+    }
+    let seed = seed_from_env("VDUSE_RANDOM_SEED");
+    let batches = count_from_env("VDUSE_RANDOM_BATCHES", 150);
+    eprintln!("random ops over VDUSE, {format:?}: VDUSE_RANDOM_SEED={seed}");
+    let size = 16 * MIB;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raw = dir.path().join("disk.raw");
+    std::fs::write(&raw, pattern(size, seed)).expect("write the image");
+    let (image, fmt, more, node) = match format {
+        Format::Raw => (raw.clone(), "raw", "", "d0"),
+        Format::Qcow2 => {
+            let q = dir.path().join("disk.qcow2");
+            run_ok(
+                Command::new("qemu-img")
+                    .args(["convert", "-f", "raw", "-O", "qcow2"])
+                    .arg(&raw)
+                    .arg(&q),
+            );
+            (
+                q,
+                "qcow2",
+                "--blockdev driver=qcow2,node-name=q0,file=d0,discard=unmap",
+                "q0",
+            )
+        }
+    };
+    let model = dir.path().join("model.raw");
+    std::fs::write(&model, vec![0u8; size]).expect("write the model disk");
+
+    let mut cfg = guest::vduse_config("")
+        .program(
+            Path::new(env!("CARGO_BIN_EXE_guest-random-ops")),
+            "/usr/bin/guest-random-ops",
+        )
+        .disk(&image)
+        .disk(&model);
+    cfg.cpus = 2;
+    let (disk, model_disk) = (cfg.disk_name(0), cfg.disk_name(1));
+    // The VDUSE disk is probed after the guest's two PCI disks.
+    let vdev = cfg.disk_name(2);
+    // Discards go down to the guest's disk (and, on qcow2, free clusters).
+    cfg.script = qmp_script(&format!("{disk},discard=unmap"), more)
+        + &format!(
+            r#"
+report add $(qmp '{{"execute":"block-export-add","arguments":{{"type":"vduse-blk","id":"e0","node-name":"{node}","name":"vduse0","writable":true,"num-queues":2}}}}')
+vdpa dev add name vduse0 mgmtdev vduse
+report queues $(ls /sys/block/{vname}/mq | wc -l)
+report random "$(guest-random-ops {vdev} {model_disk} {seed} {batches} 8 2>&1 | tail -n 3 | tr '\n' ' ')"
+vdpa dev del vduse0
+report del $(qmp '{{"execute":"block-export-del","arguments":{{"id":"e0"}}}}')
+qmp '{{"execute":"quit"}}' >/dev/null
+wait
+report stderr "$(tr '\n' ' ' </tmp/daemon.err)"
+"#,
+            vname = vdev.trim_start_matches("/dev/"),
+        );
+    let _lock = guest::vm_lock();
+    let mut vm = Vm::boot(&cfg);
+    assert_eq!(vm.result("add"), r#"{"return": {}}"#);
+    assert_eq!(vm.result("queues"), "2", "the guest uses both queues");
+    let random = vm.result_within("random", Duration::from_secs(600));
+    eprintln!("{random}");
+    assert!(random.starts_with("ok "), "seed {seed}: {random}");
+    assert_eq!(vm.result("del"), r#"{"return": {}}"#);
+    assert_eq!(vm.result("stderr"), "", "the daemon is quiet");
+    vm.finish();
+    run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", fmt, "-F", "raw"])
+            .arg(&image)
+            .arg(&model),
+    );
+    if format == Format::Qcow2 {
+        run_ok(
+            Command::new("qemu-img")
+                .args(["check", "-f", "qcow2"])
+                .arg(&image),
+        );
+    }
+}
+
+#[test]
+fn random_ops_over_vduse_raw() {
+    random_ops_case(Format::Raw);
+}
+
+#[test]
+fn random_ops_over_vduse_qcow2() {
+    random_ops_case(Format::Qcow2);
 }
