@@ -159,10 +159,11 @@ impl Submitter {
         self
     }
 
-    /// Reads and writes of more than `bytes` are not started inline (with
-    /// [`with_inline_start`](Self::with_inline_start)) but handed to the runtime at once, so
-    /// that the submitting thread goes on while the runtime's threads copy: a thread that
-    /// copied every large request itself would do them one at a time.
+    /// Reads and writes of more than `bytes` are not started on the calling thread (with
+    /// [`with_inline_start`](Self::with_inline_start)) but on a thread of the runtime's
+    /// blocking pool, the same way (what has to wait goes on on the runtime), so that the
+    /// submitting thread goes on while the pool's threads copy: a thread that copied every
+    /// large request itself would do them one at a time.
     pub fn with_inline_limit(mut self, bytes: usize) -> Submitter {
         self.inline_max = bytes;
         self
@@ -190,17 +191,18 @@ impl Submitter {
             drop(attachment);
             done(completion);
         };
-        if !self.inline_start || len > self.inline_max {
+        if !self.inline_start {
             self.runtime.spawn(task);
-            return;
-        }
-        let mut task = Box::pin(task);
-        let _context = self.runtime.enter();
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        if std::future::Future::poll(task.as_mut(), &mut cx).is_pending() {
-            // What it waits for registered the no-op waker; the runtime polls it again at
-            // once, which registers the task's own (a future checks its state on every poll).
-            self.runtime.spawn(task);
+        } else if len > self.inline_max {
+            // Started on a thread of the blocking pool, as QEMU's thread pool does it: an
+            // idle one is woken alone, where a task spawned on the runtime wakes a worker
+            // that wakes another to look for more work (an extra switch per request, about
+            // 5% of the CPU of a 1 MiB read from the page cache).
+            let runtime = self.runtime.clone();
+            self.runtime
+                .spawn_blocking(move || start_inline(&runtime, Box::pin(task)));
+        } else {
+            start_inline(&self.runtime, Box::pin(task));
         }
     }
 
@@ -208,6 +210,21 @@ impl Submitter {
     pub fn submit_to(&self, request: Request, tag: u64, queue: &CompletionQueue) {
         let queue = queue.clone();
         self.submit(request, move |c| queue.push(tag, c));
+    }
+}
+
+/// Polls `task` once on the calling thread, in `runtime`'s context; what has to wait goes on
+/// on the runtime.
+fn start_inline(
+    runtime: &tokio::runtime::Handle,
+    mut task: std::pin::Pin<Box<impl std::future::Future<Output = ()> + Send + 'static>>,
+) {
+    let _context = runtime.enter();
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if task.as_mut().poll(&mut cx).is_pending() {
+        // What it waits for registered the no-op waker; the runtime polls it again at once,
+        // which registers the task's own (a future checks its state on every poll).
+        runtime.spawn(task);
     }
 }
 

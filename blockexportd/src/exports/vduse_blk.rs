@@ -12,8 +12,8 @@ use serde_json::{Map, Value};
 use std::sync::Arc;
 use vduse_blk::{Options, VduseBlk as Device};
 
-/// Requests larger than this start on the runtime rather than on the queue's thread (as for
-/// vhost-user-blk).
+/// Requests larger than this start on a thread of the runtime's blocking pool rather than on
+/// the queue's thread (as for vhost-user-blk).
 const INLINE_LIMIT: usize = 128 * 1024;
 
 /// The vduse-blk export type.

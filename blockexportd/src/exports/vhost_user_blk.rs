@@ -13,7 +13,8 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use vhost_user_blk::{Listen, Options, VhostUserBlk as Server};
 
-/// Requests larger than this start on the runtime rather than on the queue's thread.
+/// Requests larger than this start on a thread of the runtime's blocking pool rather than on
+/// the queue's thread.
 const INLINE_LIMIT: usize = 128 * 1024;
 
 /// The serial `GET_ID` answers, QSD's.
