@@ -5,7 +5,8 @@
 //! no System V shared memory).
 //!
 //! ```text
-//! cargo build --release -p blockexportd -p blockexportd-tests --bin vduse-bench
+//! cargo build --release -p blockexportd
+//! cargo build --release -p blockexportd-tests --bin vduse-bench
 //! target/release/vduse-bench [--rounds 3] [--seconds 5] [--binary target/release/blockexportd]
 //! ```
 //!
