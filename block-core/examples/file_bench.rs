@@ -162,8 +162,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             let node = block_core::open::blockdev_add(
                 &graph,
-                serde_json::json!({"driver": "qcow2", "node-name": "bench",
+                block_core::BlockdevOptions::from_json(
+                    serde_json::json!({"driver": "qcow2", "node-name": "bench",
                     "file": {"driver": "file", "filename": qcow2}}),
+                )
+                .expect("options"),
             )
             .await?;
             let fill = node.attach("fill", true)?;

@@ -61,8 +61,10 @@ pub struct ZeroFlags {
     pub fast: bool,
 }
 
-/// The status of one extent, as returned by [`BlockIo::block_status`].
+/// The status of one extent, as returned by [`BlockIo::block_status`]: made with
+/// [`Extent::new`] (more facts may come: the struct cannot be built by hand outside the crate).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Extent {
     /// Length of the extent in bytes; never zero, never beyond the queried range.
     pub len: u64,
@@ -75,6 +77,19 @@ pub struct Extent {
     /// and for holes alike, as QEMU does (`qemu-img map` shows a hole of a raw file as
     /// "present" zeroes).
     pub depth: u32,
+}
+
+impl Extent {
+    /// An extent of `len` bytes: `data` (backed by data in some layer), `zero` (reads as
+    /// zeroes), allocated by layer `depth` of the backing chain (see [`Extent::depth`]).
+    pub const fn new(len: u64, data: bool, zero: bool, depth: u32) -> Extent {
+        Extent {
+            len,
+            data,
+            zero,
+            depth,
+        }
+    }
 }
 
 /// Facts about a layer's image that `query-named-block-nodes` reports (QAPI `ImageInfo`).

@@ -10,17 +10,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-/// How an export treats its connected clients when it is removed (QAPI
-/// `BlockExportRemoveMode`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RemoveMode {
-    /// Refuse to remove the export while clients are connected to it (QEMU's default).
-    #[default]
-    Safe,
-    /// Disconnect the clients (after their requests in flight are done).
-    Hard,
-}
+/// How an export treats its connected clients when it is removed: QAPI
+/// `BlockExportRemoveMode`, from [`qsd_qapi::types`].
+pub use qsd_qapi::types::BlockExportRemoveMode as RemoveMode;
 
 /// A future that resolves when a removed export is over: its last request is done, its last
 /// client gone, and the node's attachment released.

@@ -7,20 +7,115 @@
 //! child that an export still uses stays until that export is gone
 //! ([`NodeGraph::sweep`]).
 
-use crate::node::{Attachment, ChildRole, Node};
+use crate::error::BlockError;
+use crate::node::{AttachError, Attachment, BitmapExists, ChildRole, Node};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Why a graph operation failed. The messages follow QEMU's where QEMU has one.
+/// Why a graph operation failed, with QEMU's messages. Not `#[non_exhaustive]`: callers map
+/// every variant (to a protocol's error class) in one exhaustive match.
 #[derive(Debug, thiserror::Error)]
 pub enum GraphError {
-    /// No node has this name (QMP class `DeviceNotFound` where QEMU uses it).
-    #[error("Cannot find device='{0}' nor node-name='{0}'")]
-    NotFound(String),
-    /// Any other failure (QMP class `GenericError`).
-    #[error("{0}")]
-    Failed(String),
+    /// No node is called so (QEMU's `bdrv_lookup_bs`, which names what it was given: a
+    /// reference names both, a node-name lookup only the node; see
+    /// [`GraphError::not_found`] and [`GraphError::reference_not_found`]).
+    #[error("Cannot find device='{device}' nor node-name='{node_name}'")]
+    NotFound {
+        /// The device (block backend) name looked for; empty when none was.
+        device: String,
+        /// The node name looked for.
+        node_name: String,
+    },
+    /// `blockdev-del`, `blockdev-set-active` or a removal named no node.
+    #[error("Failed to find node with node-name='{0}'")]
+    NoSuchNode(String),
+    /// A new node's name is not an identifier.
+    #[error("Invalid node-name: '{0}'")]
+    InvalidName(String),
+    /// A new node's name is taken.
+    #[error("Duplicate nodes with node-name='{0}'")]
+    DuplicateName(String),
+    /// A new node's name is longer than 31 bytes.
+    #[error("Node name too long")]
+    NameTooLong,
+    /// `blockdev-del` of a node that a user other than its parents holds.
+    #[error("Node {0} is in use")]
+    InUse(String),
+    /// `blockdev-del` of a node that another node's `blockdev-add` opened.
+    #[error("Node {0} is not owned by the monitor")]
+    NotOwnedByMonitor(String),
+    /// `blockdev-del` of a node that a parent still holds.
+    #[error("Block device {0} is in use")]
+    DeviceInUse(String),
+    /// Removing a node that has a user.
+    #[error("Node '{node}' is busy: it is used by {user}")]
+    Busy {
+        /// The node.
+        node: String,
+        /// The description of its first user.
+        user: String,
+    },
+    /// `blockdev-set-active` inactivating a node whose parent is active.
+    #[error("Node has active parent node")]
+    ActiveParent,
+    /// `blockdev-set-active` without a node: an inactivation failed (QEMU puts the cause in
+    /// the message).
+    #[error("Failed to inactivate all nodes: {0}")]
+    InactivateAll(ActiveError),
+    /// `blockdev-set-active` of one node: its inactivation failed.
+    #[error("Failed to inactivate node: {0}")]
+    Inactivate(ActiveError),
+    /// A node could not attach to its child (a permission conflict).
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    /// A bitmap loaded from an image has the name of one the node has.
+    #[error(transparent)]
+    BitmapExists(#[from] BitmapExists),
+    /// Activating a node failed.
+    #[error(transparent)]
+    Activate(#[from] ActiveError),
+    /// `blockdev-add`: the options were refused.
+    #[error(transparent)]
+    Options(#[from] crate::qapi::OptionError),
+    /// `blockdev-add`: `detect-zeroes=unmap` without `discard=unmap`.
+    #[error(
+        "setting detect-zeroes to unmap is not allowed without setting discard operation to \
+         unmap"
+    )]
+    DetectZeroesUnmapWithoutDiscard,
+    /// `blockdev-add`: `force-share=on` on a writable node.
+    #[error("force-share=on can only be used with read-only images")]
+    ForceShareWritable,
+    /// `blockdev-add` of a driver this build leaves out (a cargo feature).
+    #[error("Driver '{0}' is not built into this version of blockexportd")]
+    NotBuilt(&'static str),
+    /// `blockdev-add`: the driver could not open its image. The text is the error with its
+    /// causes, as QEMU prints them ([`crate::open::error_text`]: "Could not open 'x': No
+    /// such file or directory").
+    #[error("{}", crate::open::error_text(.0.as_ref()))]
+    Open(Box<dyn std::error::Error + Send + Sync>),
+    /// `blockdev-add`: the backing file named in a qcow2 header could not be opened.
+    #[error("Could not open backing file: {0}")]
+    BackingFile(Box<GraphError>),
+}
+
+impl GraphError {
+    /// No node `name`, looked up by node name (`device=''`).
+    pub fn not_found(name: &str) -> GraphError {
+        GraphError::NotFound {
+            device: String::new(),
+            node_name: name.to_string(),
+        }
+    }
+
+    /// No node `name`, looked up as a reference (device or node name: both named).
+    pub fn reference_not_found(name: &str) -> GraphError {
+        GraphError::NotFound {
+            device: name.to_string(),
+            node_name: name.to_string(),
+        }
+    }
 }
 
 /// All named nodes of a daemon.
@@ -64,17 +159,13 @@ impl NodeGraph {
     /// an identifier ([`id_wellformed`]), unused, then at most 31 bytes.
     pub fn check_new_name(&self, name: &str) -> Result<(), GraphError> {
         if !id_wellformed(name) {
-            return Err(GraphError::Failed(
-                "Invalid node-name: '".to_string() + name + "'",
-            ));
+            return Err(GraphError::InvalidName(name.to_string()));
         }
         if self.contains(name) {
-            return Err(GraphError::Failed(format!(
-                "Duplicate nodes with node-name='{name}'"
-            )));
+            return Err(GraphError::DuplicateName(name.to_string()));
         }
         if name.len() > 31 {
-            return Err(GraphError::Failed("Node name too long".into()));
+            return Err(GraphError::NameTooLong);
         }
         Ok(())
     }
@@ -94,16 +185,12 @@ impl NodeGraph {
                 child.attach_exclusive_writer(description)
             } else {
                 child.attach(description, writable)
-            }
-            .map_err(|e| GraphError::Failed(e.to_string()))?;
+            }?;
             holds.push(hold);
         }
         let mut nodes = self.lock();
         if nodes.contains_key(node.name()) {
-            return Err(GraphError::Failed(format!(
-                "Duplicate nodes with node-name='{}'",
-                node.name()
-            )));
+            return Err(GraphError::DuplicateName(node.name().to_string()));
         }
         nodes.insert(node.name().to_string(), node.clone());
         drop(nodes);
@@ -119,7 +206,7 @@ impl NodeGraph {
         self.lock()
             .get(name)
             .cloned()
-            .ok_or_else(|| GraphError::NotFound(name.to_string()))
+            .ok_or_else(|| GraphError::reference_not_found(name))
     }
 
     /// Every node, ordered by name.
@@ -146,21 +233,19 @@ impl NodeGraph {
     /// nobody else uses, and returns them, parents first, for the caller to close. The
     /// checks and messages are QEMU's (`qmp_blockdev_del`), in its order.
     pub fn delete(&self, name: &str) -> Result<Vec<Arc<Node>>, GraphError> {
-        let node = self.get(name).map_err(|_| {
-            GraphError::Failed(format!("Failed to find node with node-name='{name}'"))
-        })?;
+        let node = self
+            .get(name)
+            .map_err(|_| GraphError::NoSuchNode(name.to_string()))?;
         let parent_holds = self.parent_hold_ids(&node);
         let users = node.users();
         if users.iter().any(|u| !parent_holds.contains(&u.id)) {
-            return Err(GraphError::Failed(format!("Node {name} is in use")));
+            return Err(GraphError::InUse(name.to_string()));
         }
         if self.is_implicit(name) {
-            return Err(GraphError::Failed(format!(
-                "Node {name} is not owned by the monitor"
-            )));
+            return Err(GraphError::NotOwnedByMonitor(name.to_string()));
         }
         if !users.is_empty() {
-            return Err(GraphError::Failed(format!("Block device {name} is in use")));
+            return Err(GraphError::DeviceInUse(name.to_string()));
         }
         let mut removed = vec![self.remove(name)?];
         removed.extend(self.sweep());
@@ -206,30 +291,27 @@ impl NodeGraph {
                 };
                 if let Err(e) = result {
                     // QEMU prefixes only the inactivation's error.
-                    return Err(GraphError::Failed(if active {
-                        e.to_string()
+                    return Err(if active {
+                        GraphError::Activate(e)
                     } else {
-                        format!("Failed to inactivate all nodes: {e}")
-                    }));
+                        GraphError::InactivateAll(e)
+                    });
                 }
             }
             return Ok(());
         };
-        let node = self.get(name).map_err(|_| {
-            GraphError::Failed(format!("Failed to find node with node-name='{name}'"))
-        })?;
+        let node = self
+            .get(name)
+            .map_err(|_| GraphError::NoSuchNode(name.to_string()))?;
         if active {
-            return self
-                .activate(&node)
-                .await
-                .map_err(|e| GraphError::Failed(e.to_string()));
+            return Ok(self.activate(&node).await?);
         }
         if self.parents(&node).iter().any(|p| p.is_active()) {
-            return Err(GraphError::Failed("Node has active parent node".into()));
+            return Err(GraphError::ActiveParent);
         }
         self.inactivate(&node, true)
             .await
-            .map_err(|e| GraphError::Failed(format!("Failed to inactivate node: {e}")))
+            .map_err(GraphError::Inactivate)
     }
 
     /// Activates `node` and its children (QEMU's `bdrv_activate`): an export without
@@ -239,10 +321,7 @@ impl NodeGraph {
             Box::pin(self.activate(child)).await?;
         }
         // Also for an active node: one opened for an inactive parent takes its image now.
-        node.driver()
-            .set_active(true)
-            .await
-            .map_err(|e| ActiveError::Driver(e.to_string()))?;
+        node.driver().set_active(true).await?;
         node.set_active_flag(true);
         Ok(())
     }
@@ -269,12 +348,9 @@ impl NodeGraph {
         node.drain_changes().await;
         if let Err(e) = node.driver().flush().await {
             node.set_active_flag(true);
-            return Err(ActiveError::Driver(e.to_string()));
+            return Err(ActiveError::Driver(e));
         }
-        node.driver()
-            .set_active(false)
-            .await
-            .map_err(|e| ActiveError::Driver(e.to_string()))?;
+        node.driver().set_active(false).await?;
         for (_, child) in node.children() {
             Box::pin(self.inactivate(child, false)).await?;
         }
@@ -314,15 +390,16 @@ impl NodeGraph {
     /// children become free again (they stay in the graph).
     pub fn remove(&self, name: &str) -> Result<Arc<Node>, GraphError> {
         let mut nodes = self.lock();
-        let node = nodes.get(name).cloned().ok_or_else(|| {
-            GraphError::Failed(format!("Failed to find node with node-name='{name}'"))
-        })?;
+        let node = nodes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| GraphError::NoSuchNode(name.to_string()))?;
         let users = node.users();
         if let Some(user) = users.first() {
-            return Err(GraphError::Failed(format!(
-                "Node '{name}' is busy: it is used by {}",
-                user.description
-            )));
+            return Err(GraphError::Busy {
+                node: name.to_string(),
+                user: user.description.clone(),
+            });
         }
         nodes.remove(name);
         drop(nodes);
@@ -379,8 +456,8 @@ pub enum ActiveError {
     #[error("Operation not permitted")]
     InUse,
     /// The driver could not flush, or release or take back its image.
-    #[error("{0}")]
-    Driver(String),
+    #[error(transparent)]
+    Driver(#[from] BlockError),
 }
 
 /// QEMU's `id_wellformed` (util/id.c), the rule for export, object and chardev ids and node
@@ -415,7 +492,10 @@ mod tests {
         let g = NodeGraph::new();
         let n = open::blockdev_add(
             &g,
-            json!({"driver": "null-co", "node-name": "n", "latency-ns": 300_000_000u64}),
+            crate::BlockdevOptions::from_json(
+                json!({"driver": "null-co", "node-name": "n", "latency-ns": 300_000_000u64}),
+            )
+            .expect("options"),
         )
         .await
         .expect("open");
@@ -441,7 +521,10 @@ mod tests {
         let g = NodeGraph::new();
         let n = open::blockdev_add(
             &g,
-            json!({"driver": "null-co", "node-name": "n", "read-zeroes": true}),
+            crate::BlockdevOptions::from_json(
+                json!({"driver": "null-co", "node-name": "n", "read-zeroes": true}),
+            )
+            .expect("options"),
         )
         .await
         .expect("open");

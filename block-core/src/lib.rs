@@ -2,7 +2,8 @@
 //!
 //! - [`Node`]: a named driver in the graph, with its children, its users and its
 //!   [`DirtyBitmap`]s. [`NodeGraph`] holds all nodes by name; [`open::blockdev_add`] builds
-//!   nodes from QAPI `BlockdevOptions` JSON.
+//!   nodes from a typed QAPI [`BlockdevOptions`] (serde: [`qsd_qapi`] reads it from QMP's
+//!   JSON or the command line's keyval syntax, with QEMU's messages).
 //! - [`Attachment`]: a user's hold on a node (QEMU's BlockBackend), and the **one handle
 //!   exports do I/O through**. It enforces its own permission (a read-only attachment
 //!   refuses writes even on a writable node), the bounds, and marks the node's dirty bitmaps
@@ -32,11 +33,11 @@
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let graph = NodeGraph::new();
-//! let disk = open::blockdev_add(&graph, json!({
+//! let disk = open::blockdev_add(&graph, block_core::BlockdevOptions::from_json(json!({
 //!     "driver": "qcow2",
 //!     "node-name": "disk0",
 //!     "file": {"driver": "file", "filename": "disk.qcow2"},
-//! })).await?;
+//! })).expect("options")).await?;
 //!
 //! // The export's handle: checks its permission and the bounds, marks dirty bitmaps.
 //! let io = disk.attach("export 'exp0'", true)?;
@@ -71,7 +72,7 @@ pub mod node;
 pub mod open;
 pub mod qapi;
 #[cfg(feature = "qcow2")]
-pub mod qcow2_bitmaps;
+mod qcow2_bitmaps;
 pub mod submit;
 
 pub use bitmap::DirtyBitmap;
@@ -84,5 +85,13 @@ pub use error::{BlockError, Result};
 pub use export::{ExportGone, RemoveMode};
 pub use graph::{GraphError, NodeGraph};
 pub use iothread::IoThread;
-pub use node::{Attachment, ChildRole, DetectZeroes, Node, NodeConfig, UserInfo};
+pub use node::{
+    AttachError, Attachment, BitmapExists, ChildRole, DetectZeroes, Node, NodeConfig, UserInfo,
+};
+pub use qapi::{BlockdevOptions, OptionError};
 pub use submit::{Completion, CompletionQueue, Request, Submitter};
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

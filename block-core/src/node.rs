@@ -57,8 +57,39 @@ impl DetectZeroes {
     }
 }
 
+/// Why a user could not attach to a node: QEMU's permission checks, with its messages.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttachError {
+    /// A writable user of a read-only node.
+    #[error("Block node '{node}' is read-only")]
+    ReadOnly {
+        /// The node.
+        node: String,
+    },
+    /// A writable user while another holds the node as its only writer, or an exclusive
+    /// writer while another user may write.
+    #[error(
+        "Permission conflict on node '{node}': permissions 'write, resize' are both required \
+         by {needed_by} and unshared by {unshared_by}."
+    )]
+    PermissionConflict {
+        /// The node.
+        node: String,
+        /// The user that wants to write.
+        needed_by: String,
+        /// The user that does not share writing.
+        unshared_by: String,
+    },
+}
+
+/// A dirty bitmap of this name is already on the node.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("Bitmap already exists: {0}")]
+pub struct BitmapExists(pub String);
+
 /// The generic options of a node (QAPI `BlockdevOptionsBase`) that the node itself applies.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct NodeConfig {
     /// `discard=unmap`: discard requests reach the driver and write-zeroes may unmap. With
     /// `discard=ignore` (QEMU's default, and [`NodeConfig::default`]) discard requests
@@ -116,6 +147,8 @@ pub struct Node {
     drained: tokio::sync::Notify,
     /// Callers of [`Node::drain_changes`] waiting.
     draining: std::sync::atomic::AtomicUsize,
+    /// The size after the last resize, for [`Node::watch_size`].
+    size_tx: tokio::sync::watch::Sender<u64>,
 }
 
 /// A request that changes the node, counted while it runs.
@@ -159,6 +192,7 @@ impl Node {
         children: Vec<(ChildRole, Arc<Node>)>,
         config: NodeConfig,
     ) -> Arc<Node> {
+        let size_tx = tokio::sync::watch::Sender::new(driver.size());
         let node = Arc::new(Node {
             name: name.into(),
             driver,
@@ -172,6 +206,7 @@ impl Node {
             changing: std::sync::atomic::AtomicUsize::new(0),
             drained: tokio::sync::Notify::new(),
             draining: std::sync::atomic::AtomicUsize::new(0),
+            size_tx,
         });
         node.driver.attach_node(Arc::downgrade(&node));
         node
@@ -250,6 +285,19 @@ impl Node {
     /// Current size in bytes.
     pub fn size(&self) -> u64 {
         self.driver.size()
+    }
+
+    /// A receiver of the node's size, marked changed after every successful
+    /// [`resize`](Self::resize) of this node (`block_resize`, or an export's
+    /// [`Attachment::resize`]), so that an export can tell its client (QEMU's
+    /// `BlockDevOps.resize_cb`): a virtio device raises a config interrupt, for example.
+    ///
+    /// The receiver holds the size in bytes as of the last resize; [`size`](Self::size) is
+    /// always the current one. The channel works from any async runtime; a thread without one
+    /// can poll [`has_changed`](tokio::sync::watch::Receiver::has_changed). A resize of a
+    /// child node (the `file` under a `raw`) is not seen by its parent's receivers.
+    pub fn watch_size(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.size_tx.subscribe()
     }
 
     /// Whether the node itself is read-only.
@@ -337,7 +385,7 @@ impl Node {
         self: &Arc<Self>,
         description: impl Into<String>,
         writable: bool,
-    ) -> Result<Attachment> {
+    ) -> std::result::Result<Attachment, AttachError> {
         self.attach_user(description.into(), writable, false)
     }
 
@@ -347,7 +395,7 @@ impl Node {
     pub fn attach_exclusive_writer(
         self: &Arc<Self>,
         description: impl Into<String>,
-    ) -> Result<Attachment> {
+    ) -> std::result::Result<Attachment, AttachError> {
         self.attach_user(description.into(), true, true)
     }
 
@@ -356,12 +404,11 @@ impl Node {
         description: String,
         writable: bool,
         exclusive: bool,
-    ) -> Result<Attachment> {
+    ) -> std::result::Result<Attachment, AttachError> {
         if writable && self.read_only() {
-            return Err(BlockError::Invalid(format!(
-                "Block node '{}' is read-only",
-                self.name
-            )));
+            return Err(AttachError::ReadOnly {
+                node: self.name.clone(),
+            });
         }
         let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
         let mut exclusive_writer = self
@@ -370,18 +417,20 @@ impl Node {
             .unwrap_or_else(|e| e.into_inner());
         if writable && !exclusive {
             if let Some((_, holder)) = exclusive_writer.as_ref() {
-                return Err(BlockError::Invalid(format!(
-                    "Permission conflict on node '{}': permissions 'write, resize' are both required by {description} and unshared by {holder}.",
-                    self.name
-                )));
+                return Err(AttachError::PermissionConflict {
+                    node: self.name.clone(),
+                    needed_by: description,
+                    unshared_by: holder.clone(),
+                });
             }
         }
         if exclusive {
             if let Some(writer) = users.iter().find(|u| u.writable) {
-                return Err(BlockError::Invalid(format!(
-                    "Permission conflict on node '{}': permissions 'write, resize' are both required by {} and unshared by {description}.",
-                    self.name, writer.description
-                )));
+                return Err(AttachError::PermissionConflict {
+                    node: self.name.clone(),
+                    needed_by: writer.description.clone(),
+                    unshared_by: description,
+                });
             }
         }
         let id = self.next_user.fetch_add(1, Ordering::Relaxed);
@@ -421,13 +470,10 @@ impl Node {
     }
 
     /// Adds a dirty bitmap; its name must be unique on the node.
-    pub fn add_bitmap(&self, bitmap: Arc<DirtyBitmap>) -> Result<()> {
+    pub fn add_bitmap(&self, bitmap: Arc<DirtyBitmap>) -> std::result::Result<(), BitmapExists> {
         let mut bitmaps = self.bitmaps.write().unwrap_or_else(|e| e.into_inner());
         if bitmaps.iter().any(|b| b.name() == bitmap.name()) {
-            return Err(BlockError::Invalid(format!(
-                "Bitmap already exists: {}",
-                bitmap.name()
-            )));
+            return Err(BitmapExists(bitmap.name().to_string()));
         }
         bitmaps.push(bitmap);
         Ok(())
@@ -597,6 +643,7 @@ impl Node {
         for bitmap in self.bitmaps() {
             bitmap.resize(new_size);
         }
+        self.size_tx.send_replace(self.size());
         Ok(())
     }
 
@@ -664,6 +711,11 @@ impl Attachment {
     /// The node's current size in bytes.
     pub fn size(&self) -> u64 {
         self.hold.node.size()
+    }
+
+    /// A receiver of the node's size, changed by every resize (see [`Node::watch_size`]).
+    pub fn watch_size(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.hold.node.watch_size()
     }
 
     fn check_write(&self) -> Result<()> {

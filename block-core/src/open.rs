@@ -1,8 +1,8 @@
-//! Building nodes from QAPI `BlockdevOptions` (the JSON of `blockdev-add` and `--blockdev`),
-//! and describing them as `query-named-block-nodes` does.
+//! Building nodes from QAPI [`BlockdevOptions`] (the arguments of `blockdev-add` and
+//! `--blockdev`), and describing them as `query-named-block-nodes` does.
 //!
-//! Every option is validated before anything is opened: unknown members, wrong types and
-//! bad values are refused with QEMU's messages. Children may be given by node name or inline;
+//! Every option is validated before anything is opened: unknown members and wrong types
+//! when the options are read ([`crate::qapi`]), bad values here, with QEMU's messages. Children may be given by node name or inline;
 //! inline children inherit `read-only`, `auto-read-only`, `discard` and `cache.*` from their
 //! parent unless they set them, get generated names when they have none, and are removed
 //! again when their parent fails to open. A qcow2 node whose `backing` is omitted opens the
@@ -16,7 +16,11 @@
 
 use crate::graph::{GraphError, NodeGraph};
 use crate::node::{ChildRole, DetectZeroes, Node, NodeConfig};
-use crate::qapi::{BlockRef, OptionError, Opts};
+use crate::qapi::{
+    BlockdevAioOptions, BlockdevDetectZeroesOptions, BlockdevDiscardOptions, BlockdevOptions,
+    BlockdevOptionsBase, BlockdevOptionsFile, BlockdevRef, BlockdevRefOrNull, DriverOptions,
+    OnOffAuto, OptionError,
+};
 use crate::{BlockDriver, DirtyBitmap};
 use serde_json::{json, Value};
 use std::future::Future;
@@ -28,7 +32,10 @@ use std::sync::Arc;
 /// returns it. Nested child definitions are opened and added first, as implicit children of
 /// the new node (see [`NodeGraph::delete`]); on failure nothing that this call added stays in
 /// the graph.
-pub async fn blockdev_add(graph: &NodeGraph, options: Value) -> Result<Arc<Node>, GraphError> {
+pub async fn blockdev_add(
+    graph: &NodeGraph,
+    options: BlockdevOptions,
+) -> Result<Arc<Node>, GraphError> {
     let mut created = Vec::new();
     let result = open_node(
         graph,
@@ -97,58 +104,48 @@ struct Common {
     config: NodeConfig,
 }
 
-fn parse_common(o: &mut Opts, inh: &Inherited) -> Result<Common, OptionError> {
-    let node_name = o.str("node-name")?;
-    let discard = o.enumeration("discard", &["ignore", "unmap"])?;
-    let (mut direct, mut no_flush) = (None, None);
-    if let Some(mut cache) = o.object("cache")? {
-        direct = cache.bool("direct")?;
-        no_flush = cache.bool("no-flush")?;
-        cache.finish()?;
-    }
-    let read_only = o.bool("read-only")?;
-    let auto_read_only = o.bool("auto-read-only")?;
-    let force_share = o.bool("force-share")?;
-    let active = o.bool("active")?;
-    let detect_zeroes = match o.enumeration("detect-zeroes", &["off", "on", "unmap"])? {
-        Some("on") => DetectZeroes::On,
-        Some("unmap") => DetectZeroes::Unmap,
+fn parse_common(base: BlockdevOptionsBase, inh: &Inherited) -> Common {
+    let cache = base.cache.unwrap_or_default();
+    let detect_zeroes = match base.detect_zeroes {
+        Some(BlockdevDetectZeroesOptions::On) => DetectZeroes::On,
+        Some(BlockdevDetectZeroesOptions::Unmap) => DetectZeroes::Unmap,
         _ => DetectZeroes::Off,
     };
-    Ok(Common {
-        node_name,
-        read_only: read_only.unwrap_or(inh.read_only),
-        auto_read_only: auto_read_only.unwrap_or(inh.auto_read_only),
-        force_share: force_share.unwrap_or(false),
-        active: active.unwrap_or(true),
+    Common {
+        node_name: base.node_name,
+        read_only: base.read_only.unwrap_or(inh.read_only),
+        auto_read_only: base.auto_read_only.unwrap_or(inh.auto_read_only),
+        force_share: base.force_share.unwrap_or(false),
+        active: base.active.unwrap_or(true),
         config: NodeConfig {
-            discard_unmap: discard
-                .map(|d| d == "unmap")
+            discard_unmap: base
+                .discard
+                .map(|d| d == BlockdevDiscardOptions::Unmap)
                 .or(inh.discard_unmap)
                 .unwrap_or(false),
             detect_zeroes,
-            cache_direct: direct.or(inh.direct).unwrap_or(false),
-            cache_no_flush: no_flush.or(inh.no_flush).unwrap_or(false),
+            cache_direct: cache.direct.or(inh.direct).unwrap_or(false),
+            cache_no_flush: cache.no_flush.or(inh.no_flush).unwrap_or(false),
         },
-    })
+    }
 }
 
-/// The driver-specific part of the options.
+/// The driver-specific part of the options, checked.
 #[derive(Debug)]
 enum Spec {
     File {
         filename: String,
-        locking: &'static str,
+        locking: OnOffAuto,
         host_device: bool,
     },
     Raw {
-        file: BlockRef,
+        file: BlockdevRef,
         offset: u64,
         size: Option<u64>,
     },
     Qcow2 {
-        file: BlockRef,
-        backing: Option<BlockRef>,
+        file: BlockdevRef,
+        backing: Option<BlockdevRefOrNull>,
     },
     Null {
         size: u64,
@@ -157,136 +154,101 @@ enum Spec {
     },
 }
 
-fn required_ref(o: &mut Opts, key: &str) -> Result<BlockRef, OptionError> {
-    match o.block_ref(key, false)? {
-        Some(r) => Ok(r),
-        None => Err(OptionError(format!(
-            "Parameter '{}' is missing",
-            o.path(key)
-        ))),
+/// The path of member `key` of the options at `prefix`, in messages.
+fn member_path(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{prefix}.{key}")
     }
 }
 
-fn parse_spec(driver: &str, o: &mut Opts, common: &Common) -> Result<Spec, OptionError> {
-    Ok(match driver {
-        "file" | "host_device" => {
-            let filename = o.req_str("filename")?;
-            if o.str("pr-manager")?.is_some() {
-                return Err(OptionError(
-                    "pr-manager is not supported by blockexportd".into(),
-                ));
-            }
-            let locking = o.enumeration("locking", &["off", "on", "auto"])?;
-            let aio = o.enumeration("aio", &["threads", "native", "io_uring"])?;
-            o.uint("aio-max-batch")?;
-            o.bool("drop-cache")?;
-            o.bool("x-check-cache-dropped")?;
-            match aio {
-                Some("native") if !common.config.cache_direct => {
-                    return Err(OptionError(
-                        "aio=native was specified, but it requires cache.direct=on, which was not specified.".into(),
-                    ))
-                }
-                Some("io_uring") => {
-                    return Err(OptionError(
-                        "aio=io_uring is not supported by blockexportd; use aio=threads".into(),
-                    ))
-                }
-                _ => {}
-            }
-            Spec::File {
-                filename,
-                locking: locking.unwrap_or("auto"),
-                host_device: driver == "host_device",
-            }
+/// An integer member that must not be negative.
+fn non_negative(prefix: &str, key: &str, v: Option<i64>) -> Result<Option<u64>, OptionError> {
+    match v {
+        None => Ok(None),
+        Some(v) => u64::try_from(v)
+            .map(Some)
+            .map_err(|_| OptionError::OutOfRange {
+                value: v,
+                path: member_path(prefix, key),
+            }),
+    }
+}
+
+fn file_spec(
+    o: BlockdevOptionsFile,
+    common: &Common,
+    prefix: &str,
+    host_device: bool,
+) -> Result<Spec, OptionError> {
+    non_negative(prefix, "aio-max-batch", o.aio_max_batch)?;
+    if o.pr_manager.is_some() {
+        return Err(OptionError::NotSupported(
+            "pr-manager is not supported by blockexportd",
+        ));
+    }
+    match o.aio {
+        Some(BlockdevAioOptions::Native) if !common.config.cache_direct => {
+            Err(OptionError::AioNativeWithoutDirect)
         }
-        "raw" => {
-            let file = required_ref(o, "file")?;
-            let offset = o.uint("offset")?.unwrap_or(0);
-            let size = o.uint("size")?;
-            Spec::Raw { file, offset, size }
-        }
-        "qcow2" => {
-            let file = required_ref(o, "file")?;
-            let backing = o.block_ref("backing", true)?;
-            for tuning in [
-                "lazy-refcounts",
-                "pass-discard-request",
-                "pass-discard-snapshot",
-                "pass-discard-other",
-                "discard-no-unref",
+        Some(BlockdevAioOptions::IoUring) => Err(OptionError::NotSupported(
+            "aio=io_uring is not supported by blockexportd; use aio=threads",
+        )),
+        _ => Ok(Spec::File {
+            filename: o.filename,
+            locking: o.locking.unwrap_or(OnOffAuto::Auto),
+            host_device,
+        }),
+    }
+}
+
+fn parse_spec(options: DriverOptions, common: &Common, prefix: &str) -> Result<Spec, OptionError> {
+    Ok(match options {
+        DriverOptions::File(o) => file_spec(o, common, prefix, false)?,
+        DriverOptions::HostDevice(o) => file_spec(o, common, prefix, true)?,
+        DriverOptions::Raw(o) => Spec::Raw {
+            offset: non_negative(prefix, "offset", o.offset)?.unwrap_or(0),
+            size: non_negative(prefix, "size", o.size)?,
+            file: o.file,
+        },
+        DriverOptions::Qcow2(o) => {
+            for (key, v) in [
+                ("cache-size", o.cache_size),
+                ("l2-cache-size", o.l2_cache_size),
+                ("l2-cache-entry-size", o.l2_cache_entry_size),
+                ("refcount-cache-size", o.refcount_cache_size),
+                ("cache-clean-interval", o.cache_clean_interval),
             ] {
-                o.bool(tuning)?;
+                non_negative(prefix, key, v)?;
             }
-            for tuning in [
-                "cache-size",
-                "l2-cache-size",
-                "l2-cache-entry-size",
-                "refcount-cache-size",
-                "cache-clean-interval",
-            ] {
-                o.uint(tuning)?;
-            }
-            o.ignore("overlap-check");
-            if o.has("encrypt") {
-                return Err(OptionError(
-                    "Encrypted qcow2 images are not supported by blockexportd".into(),
+            if o.encrypt.is_some() {
+                return Err(OptionError::NotSupported(
+                    "Encrypted qcow2 images are not supported by blockexportd",
                 ));
             }
-            if o.has("data-file") {
-                return Err(OptionError(
-                    "qcow2 external data files are not supported by blockexportd".into(),
+            if o.data_file.is_some() {
+                return Err(OptionError::NotSupported(
+                    "qcow2 external data files are not supported by blockexportd",
                 ));
             }
-            Spec::Qcow2 { file, backing }
-        }
-        "null-co" => {
-            let size = o.uint("size")?.unwrap_or(1 << 30);
-            let latency_ns = o.uint("latency-ns")?.unwrap_or(0);
-            let read_zeroes = o.bool("read-zeroes")?.unwrap_or(false);
-            Spec::Null {
-                size,
-                read_zeroes,
-                latency_ns,
+            Spec::Qcow2 {
+                file: o.file,
+                backing: o.backing,
             }
         }
-        other => {
-            return Err(OptionError(format!(
-                "Parameter '{}' does not accept value '{other}'",
-                o.path("driver")
-            )))
-        }
+        DriverOptions::NullCo(o) => Spec::Null {
+            size: non_negative(prefix, "size", o.size)?.unwrap_or(1 << 30),
+            latency_ns: non_negative(prefix, "latency-ns", o.latency_ns)?.unwrap_or(0),
+            read_zeroes: o.read_zeroes.unwrap_or(false),
+        },
     })
 }
 
-/// An error and its causes in one line, as QEMU prints them ("Could not open 'x': No such
-/// file or directory").
-pub fn error_text(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let msg = s.to_string();
-        let msg = match msg.rfind(" (os error ") {
-            Some(i) if msg.ends_with(')') => msg[..i].to_string(),
-            _ => msg,
-        };
-        if !msg.is_empty() && !text.ends_with(&msg) {
-            text.push_str(": ");
-            text.push_str(&msg);
-        }
-        source = s.source();
-    }
-    text
-}
+pub use qsd_qapi::error_text;
 
-fn failed(e: &dyn std::error::Error) -> GraphError {
-    GraphError::Failed(error_text(e))
-}
-
-impl From<OptionError> for GraphError {
-    fn from(e: OptionError) -> Self {
-        GraphError::Failed(e.0)
-    }
+fn failed(e: impl std::error::Error + Send + Sync + 'static) -> GraphError {
+    GraphError::Open(Box::new(e))
 }
 
 type Children = Vec<(ChildRole, Arc<Node>)>;
@@ -295,35 +257,23 @@ type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 fn open_node<'a>(
     graph: &'a NodeGraph,
-    options: Value,
+    options: BlockdevOptions,
     inh: Inherited,
     prefix: String,
     created: &'a mut Vec<String>,
 ) -> BoxFuture<'a, Result<Arc<Node>, GraphError>> {
     Box::pin(async move {
-        let mut o = Opts::new(options, &prefix)?;
-        let driver = o.req_str("driver")?;
-        if !drivers().contains(&driver.as_str()) {
-            return Err(GraphError::Failed(format!(
-                "Parameter '{}' does not accept value '{driver}'",
-                o.path("driver")
-            )));
-        }
-        let common = parse_common(&mut o, &inh)?;
-        let spec = parse_spec(&driver, &mut o, &common)?;
-        o.finish()?;
+        let driver = options.options.driver().name();
+        let common = parse_common(options.base, &inh);
+        let spec = parse_spec(options.options, &common, &prefix)?;
         if let Some(name) = &common.node_name {
             graph.check_new_name(name)?;
         }
         if common.config.detect_zeroes == DetectZeroes::Unmap && !common.config.discard_unmap {
-            return Err(GraphError::Failed(
-                "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap".into(),
-            ));
+            return Err(GraphError::DetectZeroesUnmapWithoutDiscard);
         }
         if common.force_share && !common.read_only {
-            return Err(GraphError::Failed(
-                "force-share=on can only be used with read-only images".into(),
-            ));
+            return Err(GraphError::ForceShareWritable);
         }
         let child_inh = Inherited {
             read_only: common.read_only,
@@ -359,9 +309,9 @@ fn open_node<'a>(
                         direct: common.config.cache_direct,
                         no_flush: common.config.cache_no_flush,
                         locking: match locking {
-                            "on" => Locking::On,
-                            "off" => Locking::Off,
-                            _ => Locking::Auto,
+                            OnOffAuto::On => Locking::On,
+                            OnOffAuto::Off => Locking::Off,
+                            OnOffAuto::Auto => Locking::Auto,
                         },
                         force_share: common.force_share,
                         host_device,
@@ -370,8 +320,8 @@ fn open_node<'a>(
                     };
                     let drv = tokio::task::spawn_blocking(move || FileDriver::open(&opts))
                         .await
-                        .map_err(|e| GraphError::Failed(e.to_string()))?
-                        .map_err(|e| failed(&e))?;
+                        .map_err(failed)?
+                        .map_err(failed)?;
                     (Arc::new(drv), Vec::new(), Vec::new())
                 }
                 #[cfg(feature = "null")]
@@ -400,7 +350,7 @@ fn open_node<'a>(
                         size,
                         read_only,
                     )
-                    .map_err(|e| failed(&e))?;
+                    .map_err(failed)?;
                     (Arc::new(drv), vec![(ChildRole::File, child)], Vec::new())
                 }
                 #[cfg(feature = "qcow2")]
@@ -412,26 +362,41 @@ fn open_node<'a>(
                     let opener =
                         Qcow2Driver::open_with(Arc::clone(&child), read_only, child_inh.idle)
                             .await
-                            .map_err(|e| failed(&e))?;
+                            .map_err(failed)?;
                     let backing_inh = Inherited {
                         read_only: true,
                         auto_read_only: false,
                         ..child_inh
                     };
+                    let backing = match backing {
+                        // QEMU still takes "" for null (the only spelling keyval has).
+                        Some(BlockdevRefOrNull::Ref(BlockdevRef::Name(n))) if n.is_empty() => {
+                            let path = child_prefix("backing");
+                            tracing::warn!(
+                                "Use of \"{path}\": \"\" is deprecated; use \"{path}\": null instead"
+                            );
+                            Some(BlockdevRefOrNull::Null)
+                        }
+                        other => other,
+                    };
                     let backing_node = match backing {
-                        Some(BlockRef::Null) => None,
-                        Some(r) => Some(
+                        Some(BlockdevRefOrNull::Null) => None,
+                        Some(BlockdevRefOrNull::Ref(r)) => Some(
                             child_node(graph, r, backing_inh, child_prefix("backing"), created)
                                 .await?,
                         ),
                         None => match opener.backing_file() {
                             None => None,
                             Some(name) => {
+                                let backing_file =
+                                    |e: GraphError| GraphError::BackingFile(Box::new(e));
                                 let options = implicit_backing(
                                     &name,
                                     opener.backing_format().as_deref(),
                                     opener.base_dir().as_deref(),
-                                );
+                                    &child_prefix("backing"),
+                                )
+                                .map_err(|e| backing_file(OptionError::from(e).into()))?;
                                 let node = open_node(
                                     graph,
                                     options,
@@ -440,17 +405,12 @@ fn open_node<'a>(
                                     created,
                                 )
                                 .await
-                                .map_err(|e| {
-                                    GraphError::Failed(format!("Could not open backing file: {e}"))
-                                })?;
+                                .map_err(backing_file)?;
                                 Some(node)
                             }
                         },
                     };
-                    let drv = opener
-                        .finish(backing_node.clone())
-                        .await
-                        .map_err(|e| failed(&e))?;
+                    let drv = opener.finish(backing_node.clone()).await.map_err(failed)?;
                     let loaded = drv.take_loaded_bitmaps();
                     let mut children = vec![(ChildRole::File, child)];
                     if let Some(b) = backing_node {
@@ -459,11 +419,7 @@ fn open_node<'a>(
                     (Arc::new(drv), children, loaded)
                 }
                 #[allow(unreachable_patterns)]
-                _ => {
-                    return Err(GraphError::Failed(format!(
-                        "Driver '{driver}' is not built into this version of blockexportd"
-                    )))
-                }
+                _ => return Err(GraphError::NotBuilt(driver)),
             };
 
         let name = common.node_name.unwrap_or_else(|| graph.generate_name());
@@ -476,14 +432,10 @@ fn open_node<'a>(
         if !common.active {
             // As QEMU opens it with BDRV_O_INACTIVE: this node only, not its children.
             node.set_active_flag(false);
-            node.driver()
-                .set_active(false)
-                .await
-                .map_err(|e| failed(&e))?;
+            node.driver().set_active(false).await.map_err(failed)?;
         }
         for bitmap in loaded_bitmaps {
-            node.add_bitmap(Arc::new(bitmap))
-                .map_err(|e| GraphError::Failed(e.to_string()))?;
+            node.add_bitmap(Arc::new(bitmap))?;
         }
         Ok(node)
     })
@@ -491,25 +443,26 @@ fn open_node<'a>(
 
 async fn child_node(
     graph: &NodeGraph,
-    r: BlockRef,
+    r: BlockdevRef,
     inh: Inherited,
     prefix: String,
     created: &mut Vec<String>,
 ) -> Result<Arc<Node>, GraphError> {
     match r {
         // QEMU reports a missing child with class GenericError.
-        BlockRef::Name(name) => graph
-            .get(&name)
-            .map_err(|e| GraphError::Failed(e.to_string())),
-        BlockRef::Inline(options) => open_node(graph, options, inh, prefix, created).await,
-        BlockRef::Null => Err(GraphError::Failed(format!(
-            "Invalid parameter type for '{prefix}', expected: BlockdevRef"
-        ))),
+        BlockdevRef::Name(name) => graph.get(&name),
+        BlockdevRef::Inline(options) => open_node(graph, *options, inh, prefix, created).await,
     }
 }
 
-/// The options QEMU would use to open a backing file named in an image header.
-fn implicit_backing(name: &str, format: Option<&str>, base_dir: Option<&Path>) -> Value {
+/// The options QEMU would use to open a backing file named in an image header (`prefix`:
+/// where they stand, for messages).
+fn implicit_backing(
+    name: &str,
+    format: Option<&str>,
+    base_dir: Option<&Path>,
+    prefix: &str,
+) -> Result<BlockdevOptions, qsd_qapi::ArgumentError> {
     let path = match base_dir {
         Some(dir) if !Path::new(name).is_absolute() => dir.join(name),
         _ => PathBuf::from(name),
@@ -520,11 +473,12 @@ fn implicit_backing(name: &str, format: Option<&str>, base_dir: Option<&Path>) -
         None => probe_format(&path).to_string(),
     };
     let file = json!({"driver": "file", "filename": filename});
-    if format == "file" {
+    let options = if format == "file" {
         file
     } else {
         json!({"driver": format, "file": file})
-    }
+    };
+    qsd_qapi::from_value_at(options, prefix)
 }
 
 fn probe_format(path: &Path) -> &'static str {
@@ -624,10 +578,17 @@ fn image_info(node: &Node, flat: bool) -> Value {
 mod tests {
     use super::*;
 
+    /// `blockdev-add` with JSON options: parsing, then opening.
+    async fn add(g: &NodeGraph, options: Value) -> Result<Arc<Node>, GraphError> {
+        match BlockdevOptions::from_json(options) {
+            Ok(o) => blockdev_add(g, o).await,
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn failure(r: Result<Arc<Node>, GraphError>) -> String {
         match r {
-            Err(GraphError::Failed(m)) => m,
-            Err(e) => panic!("unexpected error kind: {e:?}"),
+            Err(e) => e.to_string(),
             Ok(n) => panic!("unexpectedly opened {n:?}"),
         }
     }
@@ -655,7 +616,15 @@ mod tests {
             ),
             (
                 json!({"driver": "null-co", "node-name": "a", "size": "abc"}),
-                "Parameter 'size' expects integer",
+                "Invalid parameter type for 'size', expected: integer",
+            ),
+            (
+                json!({"driver": "null-co", "node-name": "a", "size": -1}),
+                "Value '-1' is out of range for parameter 'size'",
+            ),
+            (
+                json!({"driver": "raw", "node-name": "a", "file": {"driver": "null-co", "latency-ns": -1}}),
+                "Value '-1' is out of range for parameter 'file.latency-ns'",
             ),
             (
                 json!({"driver": "raw", "node-name": "a", "file": {"driver": "file", "filename": "/x", "bogus": 1}}),
@@ -688,7 +657,7 @@ mod tests {
         ];
         for (options, message) in cases {
             assert_eq!(
-                failure(blockdev_add(&g, options.clone()).await),
+                failure(add(&g, options.clone()).await),
                 message,
                 "{options}"
             );
@@ -699,7 +668,7 @@ mod tests {
     #[tokio::test]
     async fn null_defaults_and_info() {
         let g = NodeGraph::new();
-        let n = blockdev_add(&g, json!({"driver": "null-co", "read-zeroes": "on"}))
+        let n = add(&g, json!({"driver": "null-co", "read-zeroes": true}))
             .await
             .expect("open null-co");
         assert_eq!(n.size(), 1 << 30);
@@ -709,7 +678,7 @@ mod tests {
         assert_eq!(info["file"], "null-co://");
         assert_eq!(info["image"]["virtual-size"], 1u64 << 30);
         assert_eq!(info["cache"]["direct"], false);
-        let dup = blockdev_add(&g, json!({"driver": "null-co", "node-name": n.name()})).await;
+        let dup = add(&g, json!({"driver": "null-co", "node-name": n.name()})).await;
         assert!(failure(dup).starts_with("Invalid node-name"));
     }
 
@@ -719,7 +688,7 @@ mod tests {
         let path = dir.path().join("img");
         std::fs::write(&path, vec![0u8; 4096]).expect("image");
         let g = NodeGraph::new();
-        let err = blockdev_add(
+        let err = add(
             &g,
             json!({"driver": "raw", "node-name": "r", "size": 8192,
                    "file": {"driver": "file", "filename": path, "node-name": "f", "locking": "off"}}),
@@ -733,7 +702,7 @@ mod tests {
         // The name is free again. (Locks are off here: other unit tests fork processes,
         // whose copies of our descriptions hold OFD locks until they exec; the conformance
         // suite, which runs serially, checks that closing releases the locks.)
-        blockdev_add(
+        add(
             &g,
             json!({"driver": "file", "filename": path, "node-name": "f", "locking": "off"}),
         )

@@ -1,219 +1,402 @@
-//! A small QAPI input visitor over JSON objects, with QEMU's error messages.
+//! QAPI `BlockdevOptions` (the arguments of `blockdev-add` and `--blockdev`) as serde
+//! types, named and shaped as in QEMU 10.0's `block-core.json`, for the drivers this
+//! crate has.
 //!
-//! Options may come from QMP (typed JSON) or from the command line's keyval syntax, where
-//! every scalar is a string (`"on"`, `"1024"`). Both are accepted, as QEMU's keyval visitor
-//! does; a string that does not parse gets the keyval visitor's message, a wrongly typed
-//! JSON value gets the QMP one.
+//! Read them with [`qsd_qapi::from_value`] (QMP, JSON) or [`qsd_qapi::from_keyval`]
+//! (the command line's keyval syntax, whose scalars are strings): errors are QEMU's
+//! (`Parameter 'file.filename' is missing`, `Parameter 'cache.direct' expects 'on' or
+//! 'off'`, `Invalid parameter type for 'file', expected: BlockdevRef`). The flat union
+//! on `driver` and the `BlockdevRef` alternate read their members in place only with
+//! that deserializer.
 
-use serde_json::{Map, Value};
+use qsd_qapi::de::{deserialize_flat_union, deserialize_object_alternate, FlatUnion};
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+use serde_json::Value;
+use std::fmt;
 
-/// Why options were refused: the message QEMU gives.
+/// Why a node's options were refused, with the message QEMU gives.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct OptionError(pub String);
-
-type Result<T> = std::result::Result<T, OptionError>;
-
-fn fail<T>(msg: String) -> Result<T> {
-    Err(OptionError(msg))
+pub enum OptionError {
+    /// QAPI's own checks: a member missing, unexpected or of the wrong type, a value an enum
+    /// does not have.
+    #[error(transparent)]
+    Argument(#[from] qsd_qapi::ArgumentError),
+    /// A negative value where the driver takes none (QEMU's `QERR_INVALID_PARAMETER_VALUE`
+    /// wording for its unsigned options).
+    #[error("Value '{value}' is out of range for parameter '{path}'")]
+    OutOfRange {
+        /// The value given.
+        value: i64,
+        /// The member, by its full path (`file.aio-max-batch`).
+        path: String,
+    },
+    /// `aio=native` without `cache.direct=on`.
+    #[error("aio=native was specified, but it requires cache.direct=on, which was not specified.")]
+    AioNativeWithoutDirect,
+    /// An option or image feature QEMU has and blockexportd does not: the whole message.
+    #[error("{0}")]
+    NotSupported(&'static str),
 }
 
-/// An integer as QEMU's keyval visitor reads it (`strtoll` with base 0: decimal, `0x` hex,
-/// leading-`0` octal, optional sign).
-fn parse_keyval_int(s: &str) -> Option<i128> {
-    let (neg, digits) = match s.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, s.strip_prefix('+').unwrap_or(s)),
-    };
-    let value = if let Some(hex) = digits
-        .strip_prefix("0x")
-        .or_else(|| digits.strip_prefix("0X"))
-    {
-        i128::from_str_radix(hex, 16).ok()?
-    } else if digits.len() > 1 && digits.starts_with('0') {
-        i128::from_str_radix(&digits[1..], 8).ok()?
-    } else {
-        digits.parse::<i128>().ok()?
-    };
-    if digits.is_empty() || digits.starts_with(['+', '-']) {
-        return None;
+/// QAPI `BlockdevDriver`, the drivers this crate knows (whether built or not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum BlockdevDriver {
+    /// A host file.
+    #[serde(rename = "file")]
+    File,
+    /// A host block device.
+    #[serde(rename = "host_device")]
+    HostDevice,
+    /// Reads nothing, writes nowhere.
+    #[serde(rename = "null-co")]
+    NullCo,
+    /// The qcow2 format.
+    #[serde(rename = "qcow2")]
+    Qcow2,
+    /// The raw format.
+    #[serde(rename = "raw")]
+    Raw,
+}
+
+impl BlockdevDriver {
+    /// The QAPI name (`file`, `null-co`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            BlockdevDriver::File => "file",
+            BlockdevDriver::HostDevice => "host_device",
+            BlockdevDriver::NullCo => "null-co",
+            BlockdevDriver::Qcow2 => "qcow2",
+            BlockdevDriver::Raw => "raw",
+        }
     }
-    Some(if neg { -value } else { value })
 }
 
-/// A reference to a node: an existing node's name, an inline definition, or `null`.
-#[derive(Debug, Clone, PartialEq)]
-pub enum BlockRef {
+/// QAPI `BlockdevDiscardOptions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockdevDiscardOptions {
+    /// Discard requests are ignored.
+    Ignore,
+    /// Discard requests are passed on.
+    Unmap,
+}
+
+/// QAPI `BlockdevDetectZeroesOptions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockdevDetectZeroesOptions {
+    /// No detection.
+    Off,
+    /// Zero writes become write-zeroes requests.
+    On,
+    /// Zero writes become discards where allowed.
+    Unmap,
+}
+
+/// QAPI `OnOffAuto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnOffAuto {
+    /// Off.
+    Off,
+    /// On.
+    On,
+    /// As the host allows.
+    Auto,
+}
+
+/// QAPI `BlockdevAioOptions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum BlockdevAioOptions {
+    /// A thread pool.
+    #[serde(rename = "threads")]
+    Threads,
+    /// Linux AIO.
+    #[serde(rename = "native")]
+    Native,
+    /// io_uring.
+    #[serde(rename = "io_uring")]
+    IoUring,
+}
+
+/// QAPI `BlockdevCacheOptions`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockdevCacheOptions {
+    /// `O_DIRECT`.
+    pub direct: Option<bool>,
+    /// Ignore flush requests.
+    pub no_flush: Option<bool>,
+}
+
+/// The base of QAPI `BlockdevOptions` without `driver`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockdevOptionsBase {
+    /// The node's name (generated when absent).
+    pub node_name: Option<String>,
+    /// What to do with discard requests.
+    pub discard: Option<BlockdevDiscardOptions>,
+    /// Cache modes.
+    pub cache: Option<BlockdevCacheOptions>,
+    /// Read-only.
+    pub read_only: Option<bool>,
+    /// Read-only where writing is not possible.
+    pub auto_read_only: Option<bool>,
+    /// Share the image with writers (read-only nodes).
+    pub force_share: Option<bool>,
+    /// Opened active (QEMU 10; default on).
+    pub active: Option<bool>,
+    /// Zero detection on writes.
+    pub detect_zeroes: Option<BlockdevDetectZeroesOptions>,
+}
+
+/// QAPI `BlockdevOptionsFile` (drivers `file` and `host_device`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockdevOptionsFile {
+    /// The host file or device.
+    pub filename: String,
+    /// Refused: persistent reservations.
+    pub pr_manager: Option<String>,
+    /// Image locking.
+    pub locking: Option<OnOffAuto>,
+    /// The I/O backend.
+    pub aio: Option<BlockdevAioOptions>,
+    /// Accepted.
+    pub aio_max_batch: Option<i64>,
+    /// Accepted.
+    pub drop_cache: Option<bool>,
+    /// Accepted.
+    pub x_check_cache_dropped: Option<bool>,
+}
+
+/// QAPI `BlockdevOptionsRaw`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockdevOptionsRaw {
+    /// The child holding the data.
+    pub file: BlockdevRef,
+    /// Where the data starts in the child.
+    pub offset: Option<i64>,
+    /// How much of the child is exported.
+    pub size: Option<i64>,
+}
+
+/// QAPI `BlockdevOptionsQcow2`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockdevOptionsQcow2 {
+    /// The child holding the image.
+    pub file: BlockdevRef,
+    /// The backing node; absent: the one the header names; `null`: none.
+    pub backing: Option<BlockdevRefOrNull>,
+    /// Accepted.
+    pub lazy_refcounts: Option<bool>,
+    /// Accepted.
+    pub pass_discard_request: Option<bool>,
+    /// Accepted.
+    pub pass_discard_snapshot: Option<bool>,
+    /// Accepted.
+    pub pass_discard_other: Option<bool>,
+    /// Accepted.
+    pub discard_no_unref: Option<bool>,
+    /// Accepted and ignored, whatever it holds.
+    pub overlap_check: Option<Value>,
+    /// Accepted.
+    pub cache_size: Option<i64>,
+    /// Accepted.
+    pub l2_cache_size: Option<i64>,
+    /// Accepted.
+    pub l2_cache_entry_size: Option<i64>,
+    /// Accepted.
+    pub refcount_cache_size: Option<i64>,
+    /// Accepted.
+    pub cache_clean_interval: Option<i64>,
+    /// Refused: encrypted images.
+    pub encrypt: Option<Value>,
+    /// Refused: external data files.
+    pub data_file: Option<Value>,
+}
+
+/// QAPI `BlockdevOptionsNull` (driver `null-co`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockdevOptionsNull {
+    /// Size in bytes (default 1 GiB).
+    pub size: Option<i64>,
+    /// Delay of every request.
+    pub latency_ns: Option<i64>,
+    /// Reads return zeroes.
+    pub read_zeroes: Option<bool>,
+}
+
+/// The driver's own members of [`BlockdevOptions`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriverOptions {
+    /// `file`.
+    File(BlockdevOptionsFile),
+    /// `host_device`.
+    HostDevice(BlockdevOptionsFile),
+    /// `null-co`.
+    NullCo(BlockdevOptionsNull),
+    /// `qcow2`.
+    Qcow2(BlockdevOptionsQcow2),
+    /// `raw`.
+    Raw(BlockdevOptionsRaw),
+}
+
+impl DriverOptions {
+    /// The driver.
+    pub fn driver(&self) -> BlockdevDriver {
+        match self {
+            DriverOptions::File(_) => BlockdevDriver::File,
+            DriverOptions::HostDevice(_) => BlockdevDriver::HostDevice,
+            DriverOptions::NullCo(_) => BlockdevDriver::NullCo,
+            DriverOptions::Qcow2(_) => BlockdevDriver::Qcow2,
+            DriverOptions::Raw(_) => BlockdevDriver::Raw,
+        }
+    }
+}
+
+/// QAPI `BlockdevOptions`: the flat union on `driver`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockdevOptions {
+    /// The members every driver has.
+    pub base: BlockdevOptionsBase,
+    /// The driver and its own members.
+    pub options: DriverOptions,
+}
+
+impl BlockdevOptions {
+    /// Options of `driver` with defaults for everything else.
+    pub fn new(options: DriverOptions) -> Self {
+        BlockdevOptions {
+            base: BlockdevOptionsBase::default(),
+            options,
+        }
+    }
+
+    /// Reads options from JSON (QMP's syntax), with QEMU's messages.
+    pub fn from_json(value: Value) -> Result<Self, OptionError> {
+        Ok(qsd_qapi::from_value(value)?)
+    }
+}
+
+impl FlatUnion for BlockdevOptions {
+    const MEMBERS: &'static [&'static str] = &[
+        "driver",
+        "node-name",
+        "discard",
+        "cache",
+        "read-only",
+        "auto-read-only",
+        "force-share",
+        "active",
+        "detect-zeroes",
+    ];
+    type Tag = BlockdevDriver;
+    type Base = BlockdevOptionsBase;
+
+    fn variant<'de, D: Deserializer<'de>>(
+        tag: BlockdevDriver,
+        base: BlockdevOptionsBase,
+        rest: D,
+    ) -> Result<Self, D::Error> {
+        if !crate::open::drivers().contains(&tag.name()) {
+            return Err(de::Error::custom(format!(
+                "Driver '{}' is not built into this version of blockexportd",
+                tag.name()
+            )));
+        }
+        let options = match tag {
+            BlockdevDriver::File => DriverOptions::File(Deserialize::deserialize(rest)?),
+            BlockdevDriver::HostDevice => {
+                DriverOptions::HostDevice(Deserialize::deserialize(rest)?)
+            }
+            BlockdevDriver::NullCo => DriverOptions::NullCo(Deserialize::deserialize(rest)?),
+            BlockdevDriver::Qcow2 => DriverOptions::Qcow2(Deserialize::deserialize(rest)?),
+            BlockdevDriver::Raw => DriverOptions::Raw(Deserialize::deserialize(rest)?),
+        };
+        Ok(BlockdevOptions { base, options })
+    }
+}
+
+impl<'de> Deserialize<'de> for BlockdevOptions {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        deserialize_flat_union(d)
+    }
+}
+
+/// QAPI `BlockdevRef`: a node by name, or one defined inline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlockdevRef {
     /// An existing node, by name.
     Name(String),
-    /// A node defined inline (a nested `BlockdevOptions` object).
-    Inline(Value),
-    /// `null`: explicitly none (only where the schema allows it).
+    /// A node defined inline.
+    Inline(Box<BlockdevOptions>),
+}
+
+/// QAPI `BlockdevRefOrNull`: a [`BlockdevRef`] or `null` (none). QEMU still takes `""`
+/// for `null`, the only spelling keyval has, with a warning: it is read as
+/// `Ref(Name(""))` here, for the user to treat so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlockdevRefOrNull {
+    /// A node.
+    Ref(BlockdevRef),
+    /// `null`: no node.
     Null,
 }
 
-/// The members of one QAPI object, consumed one by one.
-#[derive(Debug)]
-pub struct Opts {
-    map: Map<String, Value>,
-    prefix: String,
+/// Reads either alternate; `None` is `null` (offered when `nullable`).
+struct RefVisitor {
+    nullable: bool,
 }
 
-impl Opts {
-    /// The members of `value`, which must be an object; `prefix` is its path for messages
-    /// (empty at the top).
-    pub fn new(value: Value, prefix: &str) -> Result<Opts> {
-        match value {
-            Value::Object(map) => Ok(Opts {
-                map,
-                prefix: prefix.to_string(),
-            }),
-            _ => fail(format!(
-                "Invalid parameter type for '{}', expected: object",
-                if prefix.is_empty() { "options" } else { prefix }
-            )),
-        }
-    }
+impl<'de> Visitor<'de> for RefVisitor {
+    type Value = Option<BlockdevRef>;
 
-    /// The path of member `key` in messages (`cache.direct`).
-    pub fn path(&self, key: &str) -> String {
-        if self.prefix.is_empty() {
-            key.to_string()
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.nullable {
+            "BlockdevRefOrNull"
         } else {
-            format!("{}.{key}", self.prefix)
+            "BlockdevRef"
+        })
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Some(BlockdevRef::Name(v.to_string())))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        if self.nullable {
+            Ok(None)
+        } else {
+            Err(de::Error::invalid_type(de::Unexpected::Unit, &self))
         }
     }
 
-    fn type_error<T>(&self, key: &str, expected: &str) -> Result<T> {
-        fail(format!(
-            "Invalid parameter type for '{}', expected: {expected}",
-            self.path(key)
-        ))
+    fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        BlockdevOptions::deserialize(d).map(|o| Some(BlockdevRef::Inline(Box::new(o))))
     }
+}
 
-    /// Whether the member is present.
-    pub fn has(&self, key: &str) -> bool {
-        self.map.contains_key(key)
+impl<'de> Deserialize<'de> for BlockdevRef {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = RefVisitor { nullable: false };
+        deserialize_object_alternate(d, v)?
+            .ok_or_else(|| de::Error::invalid_type(de::Unexpected::Unit, &"BlockdevRef"))
     }
+}
 
-    /// An optional string member.
-    pub fn str(&mut self, key: &str) -> Result<Option<String>> {
-        match self.map.remove(key) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
-            Some(_) => self.type_error(key, "string"),
-        }
-    }
-
-    /// A mandatory string member.
-    pub fn req_str(&mut self, key: &str) -> Result<String> {
-        match self.str(key)? {
-            Some(s) => Ok(s),
-            None => fail(format!("Parameter '{}' is missing", self.path(key))),
-        }
-    }
-
-    /// An optional boolean member (`true`/`false`, or `"on"`/`"off"` from keyval).
-    pub fn bool(&mut self, key: &str) -> Result<Option<bool>> {
-        match self.map.remove(key) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(b)),
-            Some(Value::String(s)) => match s.as_str() {
-                "on" | "yes" | "true" | "y" => Ok(Some(true)),
-                "off" | "no" | "false" | "n" => Ok(Some(false)),
-                _ => fail(format!(
-                    "Parameter '{}' expects 'on' or 'off'",
-                    self.path(key)
-                )),
-            },
-            Some(_) => self.type_error(key, "boolean"),
-        }
-    }
-
-    /// An optional integer member that must not be negative.
-    pub fn uint(&mut self, key: &str) -> Result<Option<u64>> {
-        let value = match self.map.remove(key) {
-            None => return Ok(None),
-            Some(Value::Number(n)) => match (n.as_i64(), n.as_u64()) {
-                (Some(i), _) => i128::from(i),
-                (None, Some(u)) => i128::from(u),
-                _ => return self.type_error(key, "integer"),
-            },
-            Some(Value::String(s)) => match parse_keyval_int(&s) {
-                Some(v) => v,
-                None => return fail(format!("Parameter '{}' expects integer", self.path(key))),
-            },
-            Some(_) => return self.type_error(key, "integer"),
-        };
-        match u64::try_from(value) {
-            Ok(v) if value <= i128::from(i64::MAX) => Ok(Some(v)),
-            _ => fail(format!(
-                "Value '{value}' is out of range for parameter '{}'",
-                self.path(key)
-            )),
-        }
-    }
-
-    /// An optional enum member; `allowed` lists its values.
-    pub fn enumeration(
-        &mut self,
-        key: &str,
-        allowed: &[&'static str],
-    ) -> Result<Option<&'static str>> {
-        match self.str(key)? {
-            None => Ok(None),
-            Some(s) => match allowed.iter().find(|a| **a == s) {
-                Some(a) => Ok(Some(*a)),
-                None => fail(format!(
-                    "Parameter '{}' does not accept value '{s}'",
-                    self.path(key)
-                )),
-            },
-        }
-    }
-
-    /// An optional nested object member.
-    pub fn object(&mut self, key: &str) -> Result<Option<Opts>> {
-        let path = self.path(key);
-        match self.map.remove(key) {
-            None => Ok(None),
-            Some(v @ Value::Object(_)) => Opts::new(v, &path).map(Some),
-            Some(_) => self.type_error(key, "object"),
-        }
-    }
-
-    /// An optional node reference (`BlockdevRef`, or `BlockdevRefOrNull` with `nullable`).
-    pub fn block_ref(&mut self, key: &str, nullable: bool) -> Result<Option<BlockRef>> {
-        match self.map.remove(key) {
-            None => Ok(None),
-            // QEMU still takes "" for null (the only spelling keyval has), with a warning.
-            Some(Value::String(s)) if nullable && s.is_empty() => {
-                tracing::warn!(
-                    "Use of \"{}\": \"\" is deprecated; use \"{}\": null instead",
-                    self.path(key),
-                    self.path(key)
-                );
-                Ok(Some(BlockRef::Null))
-            }
-            Some(Value::String(s)) => Ok(Some(BlockRef::Name(s))),
-            Some(v @ Value::Object(_)) => Ok(Some(BlockRef::Inline(v))),
-            Some(Value::Null) if nullable => Ok(Some(BlockRef::Null)),
-            Some(_) if nullable => self.type_error(key, "BlockdevRefOrNull"),
-            Some(_) => self.type_error(key, "BlockdevRef"),
-        }
-    }
-
-    /// Removes a member without looking at it (options accepted and ignored).
-    pub fn ignore(&mut self, key: &str) {
-        self.map.remove(key);
-    }
-
-    /// Ends the visit: any member left is unexpected.
-    pub fn finish(self) -> Result<()> {
-        match self.map.keys().next() {
-            Some(k) => fail(format!("Parameter '{}' is unexpected", self.path(k))),
-            None => Ok(()),
-        }
+impl<'de> Deserialize<'de> for BlockdevRefOrNull {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = RefVisitor { nullable: true };
+        Ok(match deserialize_object_alternate(d, v)? {
+            Some(r) => BlockdevRefOrNull::Ref(r),
+            None => BlockdevRefOrNull::Null,
+        })
     }
 }
 
@@ -222,95 +405,122 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn err<T: std::fmt::Debug>(r: Result<T>) -> String {
-        r.expect_err("should fail").0
+    fn json_err(v: Value) -> String {
+        qsd_qapi::from_value::<BlockdevOptions>(v)
+            .expect_err("should fail")
+            .to_string()
+    }
+
+    fn keyval(s: &str) -> Result<BlockdevOptions, String> {
+        let map = qsd_qapi::keyval::parse(s, Some("driver")).map_err(|e| e.to_string())?;
+        qsd_qapi::from_keyval(Value::Object(map)).map_err(|e| e.to_string())
     }
 
     #[test]
     fn typed_and_keyval_scalars() {
-        let mut o = Opts::new(
-            json!({"a": true, "b": "off", "c": 12, "d": "34", "e": "x", "f": 1.5, "g": -1,
-                   "h": "yes", "i": "0x100", "j": "010", "k": "1G"}),
-            "",
-        )
-        .expect("object");
-        assert_eq!(o.bool("a").expect("a"), Some(true));
-        assert_eq!(o.bool("b").expect("b"), Some(false));
-        assert_eq!(o.uint("c").expect("c"), Some(12));
-        assert_eq!(o.uint("d").expect("d"), Some(34));
-        assert_eq!(err(o.uint("e")), "Parameter 'e' expects integer");
+        let o = keyval("null-co,size=0x100,read-zeroes=on,cache.direct=off,read-only=yes")
+            .expect("options");
+        assert_eq!(o.base.read_only, Some(true));
         assert_eq!(
-            err(o.uint("f")),
-            "Invalid parameter type for 'f', expected: integer"
+            o.base.cache,
+            Some(BlockdevCacheOptions {
+                direct: Some(false),
+                no_flush: None
+            })
+        );
+        let DriverOptions::NullCo(n) = o.options else {
+            panic!("not null-co")
+        };
+        assert_eq!((n.size, n.read_zeroes), (Some(256), Some(true)));
+        assert_eq!(
+            keyval("null-co,size=1G").unwrap_err(),
+            "Parameter 'size' expects integer"
         );
         assert_eq!(
-            err(o.uint("g")),
-            "Value '-1' is out of range for parameter 'g'"
+            json_err(json!({"driver": "null-co", "size": 1.5})),
+            "Invalid parameter type for 'size', expected: integer"
         );
-        assert_eq!(o.uint("missing").expect("absent"), None);
-        assert_eq!(o.bool("h").expect("h"), Some(true));
-        assert_eq!(o.uint("i").expect("i"), Some(256));
-        assert_eq!(o.uint("j").expect("j"), Some(8));
-        assert_eq!(err(o.uint("k")), "Parameter 'k' expects integer");
-        o.finish().expect("all consumed");
+        assert_eq!(
+            json_err(json!({"driver": "null-co", "read-zeroes": "on"})),
+            "Invalid parameter type for 'read-zeroes', expected: boolean"
+        );
     }
 
     #[test]
     fn messages_follow_qapi() {
-        let mut o = Opts::new(
-            json!({"cache": {"direct": "maybe", "x": 1}, "s": 5, "e": "bad", "r": 5}),
-            "",
-        )
-        .expect("object");
-        let mut cache = o.object("cache").expect("cache").expect("present");
+        let cases = [
+            (json!({"node-name": "a"}), "Parameter 'driver' is missing"),
+            (
+                json!({"driver": "xyz"}),
+                "Parameter 'driver' does not accept value 'xyz'",
+            ),
+            (
+                json!({"driver": "raw", "file": {"driver": "file", "filename": "/x", "bogus": 1}}),
+                "Parameter 'file.bogus' is unexpected",
+            ),
+            (
+                json!({"driver": "raw", "file": {"driver": "null-co", "bogus": 1}, "offset": "x"}),
+                "Parameter 'file.bogus' is unexpected",
+            ),
+            (
+                json!({"driver": "raw", "file": {"driver": "file"}}),
+                "Parameter 'file.filename' is missing",
+            ),
+            (
+                json!({"driver": "raw", "file": 5}),
+                "Invalid parameter type for 'file', expected: BlockdevRef",
+            ),
+            (
+                json!({"driver": "raw", "file": null}),
+                "Invalid parameter type for 'file', expected: BlockdevRef",
+            ),
+            (
+                json!({"driver": "qcow2", "file": "f", "backing": 5}),
+                "Invalid parameter type for 'backing', expected: BlockdevRefOrNull",
+            ),
+            (
+                json!({"driver": "null-co", "cache": {"direct": true, "x": 1}}),
+                "Parameter 'cache.x' is unexpected",
+            ),
+            (
+                json!({"driver": "file", "filename": "f", "locking": "maybe"}),
+                "Parameter 'locking' does not accept value 'maybe'",
+            ),
+            (
+                json!(3),
+                "Invalid parameter type for 'null', expected: object",
+            ),
+        ];
+        for (v, msg) in cases {
+            assert_eq!(json_err(v.clone()), msg, "{v}");
+        }
         assert_eq!(
-            err(cache.bool("direct")),
+            keyval("raw,file.driver=file,file.filename=/x,cache.direct=maybe").unwrap_err(),
             "Parameter 'cache.direct' expects 'on' or 'off'"
-        );
-        assert_eq!(err(cache.finish()), "Parameter 'cache.x' is unexpected");
-        assert_eq!(
-            err(o.str("s")),
-            "Invalid parameter type for 's', expected: string"
-        );
-        assert_eq!(
-            err(o.enumeration("e", &["on", "off"])),
-            "Parameter 'e' does not accept value 'bad'"
-        );
-        assert_eq!(
-            err(o.block_ref("r", false)),
-            "Invalid parameter type for 'r', expected: BlockdevRef"
-        );
-        assert_eq!(err(o.req_str("driver")), "Parameter 'driver' is missing");
-        let mut o = Opts::new(json!({"backing": "", "file": ""}), "").expect("object");
-        assert_eq!(
-            o.block_ref("backing", true).expect("b"),
-            Some(BlockRef::Null)
-        );
-        assert_eq!(
-            o.block_ref("file", false).expect("f"),
-            Some(BlockRef::Name(String::new()))
         );
     }
 
     #[test]
-    fn leftover_members_are_unexpected() {
-        let mut o = Opts::new(json!({"driver": "file", "bogus": 1}), "file").expect("object");
-        assert_eq!(o.req_str("driver").expect("driver"), "file");
-        assert_eq!(err(o.finish()), "Parameter 'file.bogus' is unexpected");
+    fn references() {
+        let o = keyval("qcow2,file=f,backing=").expect("options");
+        let DriverOptions::Qcow2(q) = o.options else {
+            panic!("not qcow2")
+        };
+        assert_eq!(q.file, BlockdevRef::Name("f".into()));
         assert_eq!(
-            err(Opts::new(json!(3), "").map(|_| ())),
-            "Invalid parameter type for 'options', expected: object"
+            q.backing,
+            Some(BlockdevRefOrNull::Ref(BlockdevRef::Name(String::new())))
         );
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn keyval_integers_never_panic_and_decimals_round_trip(s in "\\PC{0,24}", n in 0u64..=i64::MAX as u64) {
-            let _ = parse_keyval_int(&s);
-            let mut o = Opts::new(json!({"a": s, "b": n.to_string(), "c": n}), "").expect("object");
-            let _ = o.uint("a");
-            proptest::prop_assert_eq!(o.uint("b").expect("decimal"), Some(n));
-            proptest::prop_assert_eq!(o.uint("c").expect("number"), Some(n));
-        }
+        let o = BlockdevOptions::from_json(json!({"driver": "qcow2", "backing": null,
+            "file": {"driver": "file", "filename": "/x", "node-name": "f"}}))
+        .expect("options");
+        let DriverOptions::Qcow2(q) = o.options else {
+            panic!("not qcow2")
+        };
+        assert_eq!(q.backing, Some(BlockdevRefOrNull::Null));
+        let BlockdevRef::Inline(file) = q.file else {
+            panic!("not inline")
+        };
+        assert_eq!(file.base.node_name.as_deref(), Some("f"));
     }
 }

@@ -64,6 +64,7 @@ pub const MAX_DIRECTORY_SIZE: u64 = 1024 * MAX_BITMAPS as u64;
 /// The smallest granularity, in bytes.
 pub const MIN_GRANULARITY: u32 = 1 << MIN_GRANULARITY_BITS;
 /// The largest granularity, in bytes.
+#[allow(dead_code)] // named in the docs and the tests
 pub const MAX_GRANULARITY: u32 = 1 << MAX_GRANULARITY_BITS;
 
 const MIN_GRANULARITY_BITS: u32 = 9;
@@ -189,6 +190,7 @@ impl BitmapFlags {
     pub const AUTO: BitmapFlags = BitmapFlags(1 << 1);
     /// `extra_data_compatible`: unknown extra data may be ignored. QEMU supports no extra
     /// data and refuses this flag, and so do we.
+    #[allow(dead_code)] // the spec's third flag, for completeness beside the other two
     pub const EXTRA_DATA_COMPATIBLE: BitmapFlags = BitmapFlags(1 << 2);
     /// The flags QEMU accepts (`in_use` and `auto`); any other bit makes the image unusable
     /// (QEMU's `BME_RESERVED_FLAGS`).
@@ -1446,6 +1448,7 @@ fn old_ranges(file: &dyn ImageFile, h: &Header, dir: &Directory) -> Vec<(u64, u6
 ///
 /// Same as [`store_replacing`] without a layout: the clusters of a stale extension are leaked,
 /// as QEMU leaks them. Use [`store_replacing`] for an image that imago had open.
+#[cfg(test)]
 pub fn store(file: &dyn ImageFile, bitmaps: &[StoredBitmap]) -> Result<()> {
     store_replacing(file, bitmaps, None)
 }
@@ -1774,35 +1777,9 @@ mod tests {
     // ---- tests against the real tools ----
 
     use std::path::{Path, PathBuf};
-    use std::process::{Command, Stdio};
+    use std::process::Command;
 
-    /// Whether `tool` runs; panics under `CI=true` when it does not.
-    fn have(tool: &str) -> bool {
-        let ok = Command::new(tool)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("{tool} is required under CI=true but does not run");
-            }
-            eprintln!("skipping: {tool} is not installed");
-        }
-        ok
-    }
-
-    fn run(cmd: &mut Command) -> String {
-        let out = cmd.output().expect("spawn");
-        assert!(
-            out.status.success(),
-            "{cmd:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
+    use test_support::{require_runs as have, run_stdout as run};
 
     fn qemu_img(args: &[&str]) -> String {
         run(Command::new("qemu-img").args(args))

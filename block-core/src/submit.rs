@@ -14,9 +14,9 @@
 //!
 //! let runtime = tokio::runtime::Runtime::new()?;
 //! let graph = NodeGraph::new();
-//! let node = runtime.block_on(open::blockdev_add(&graph, json!({
+//! let node = runtime.block_on(open::blockdev_add(&graph, block_core::BlockdevOptions::from_json(json!({
 //!     "driver": "file", "node-name": "disk0", "filename": "disk.img",
-//! })))?;
+//! })).expect("options")))?;
 //! let submitter = Submitter::new(node.attach("worker", false)?, runtime.handle().clone());
 //!
 //! // On a plain thread: 32 reads at once, then their completions as they come.
@@ -172,6 +172,12 @@ impl Submitter {
     /// The attachment requests go through.
     pub fn attachment(&self) -> &Attachment {
         &self.attachment
+    }
+
+    /// The runtime requests run on (where an export may spawn its other tasks, e.g. one
+    /// that waits on [`Attachment::watch_size`]).
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.runtime
     }
 
     /// Starts `request` and returns at once; `done` is called with its completion, on a

@@ -166,17 +166,6 @@ impl Drop for Mapping {
     }
 }
 
-fn have_qemu_img() -> bool {
-    let ok = std::process::Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok && std::env::var_os("CI").is_some() {
-        panic!("qemu-img is needed under CI");
-    }
-    ok
-}
-
 #[tokio::test]
 async fn scattered_foreign_buffers_round_trip_on_every_driver() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -187,7 +176,7 @@ async fn scattered_foreign_buffers_round_trip_on_every_driver() {
         serde_json::json!({"driver": "raw", "node-name": "top", "offset": 65536,
             "file": {"driver": "file", "filename": raw}}),
     ];
-    if have_qemu_img() {
+    if test_support::require_runs("qemu-img") {
         let qcow2 = dir.path().join("disk.qcow2");
         let st = std::process::Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096"])
@@ -205,9 +194,12 @@ async fn scattered_foreign_buffers_round_trip_on_every_driver() {
     let data = pattern(len, 3);
     for options in stacks {
         let graph = NodeGraph::new();
-        let node = open::blockdev_add(&graph, options.clone())
-            .await
-            .expect("open");
+        let node = open::blockdev_add(
+            &graph,
+            block_core::BlockdevOptions::from_json(options.clone()).expect("options"),
+        )
+        .await
+        .expect("open");
         let io = node.attach("test", true).expect("attach");
         let source = Mapping::new(32768);
         let out = source.list(&segments);

@@ -65,11 +65,7 @@ fn generic(msg: impl Into<String>) -> QmpError {
 }
 
 fn find_node(graph: &NodeGraph, node: &str) -> CmdResult<Arc<block_core::Node>> {
-    graph.get(node).map_err(|_| {
-        generic(format!(
-            "Cannot find device='{node}' nor node-name='{node}'"
-        ))
-    })
+    graph.get(node).map_err(crate::errors::graph)
 }
 
 fn find(graph: &NodeGraph, node: &str, name: &str) -> CmdResult<Arc<DirtyBitmap>> {
@@ -133,7 +129,7 @@ pub fn add(graph: &NodeGraph, a: BitmapAdd) -> CmdResult {
     let bitmap = DirtyBitmap::new(&a.name, node.size(), granularity as u32, persistent);
     bitmap.set_enabled(!a.disabled.unwrap_or(false));
     node.add_bitmap(Arc::new(bitmap))
-        .map_err(|e| generic(e.to_string()))?;
+        .map_err(crate::errors::bitmap_exists)?;
     Ok(json!({}))
 }
 

@@ -3,7 +3,7 @@
 //! Options take effect in the order they are given, as in QSD; this module only splits the
 //! command line into that ordered list and parses each option's keyval (or JSON) argument.
 
-use crate::keyval;
+use qsd_qapi::keyval;
 use serde_json::{Map, Value};
 use std::path::PathBuf;
 
@@ -29,6 +29,9 @@ pub struct RunOptions {
     pub daemonize: bool,
     /// The short form: `blockexportd IMAGE`.
     pub quick: Option<QuickExport>,
+    /// Warnings about the options, for the operator (QemuOpts' "warning: short-form boolean
+    /// option 'x' deprecated", named by option: `--chardev TEXT: warning: ...`).
+    pub warnings: Vec<String>,
 }
 
 /// One QSD-style option, with its original text for error messages.
@@ -276,7 +279,7 @@ where
         };
         if let Some(kind) = kind {
             let text = value(kind.option())?;
-            let (args, keyval) = parse_item(kind, &text)?;
+            let (args, keyval) = parse_item(kind, &text, &mut run.warnings)?;
             run.items.push(Item {
                 kind,
                 text,
@@ -323,7 +326,11 @@ where
     Ok(Command::Run(run))
 }
 
-fn parse_item(kind: ItemKind, text: &str) -> Result<(Map<String, Value>, bool), CliError> {
+fn parse_item(
+    kind: ItemKind,
+    text: &str,
+    warnings: &mut Vec<String>,
+) -> Result<(Map<String, Value>, bool), CliError> {
     let err = |source| CliError::Keyval {
         option: kind.option(),
         text: text.to_string(),
@@ -332,7 +339,7 @@ fn parse_item(kind: ItemKind, text: &str) -> Result<(Map<String, Value>, bool), 
     if !kind.accepts_json() {
         let opts = keyval::parse_opts(text, kind.implied_key()).map_err(err)?;
         for warning in &opts.warnings {
-            eprintln!("blockexportd: {} {text}: warning: {warning}", kind.option());
+            warnings.push(format!("{} {text}: warning: {warning}", kind.option()));
         }
         return Ok((opts.values, true));
     }
@@ -355,6 +362,22 @@ mod tests {
             Ok(Command::Run(r)) => r,
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn short_form_booleans_come_back_as_warnings_named_by_option() {
+        let r = run(&["--chardev", "socket,id=c,path=/s,server,wait=off"]);
+        assert_eq!(
+            r.warnings,
+            [
+                "--chardev socket,id=c,path=/s,server,wait=off: warning: short-form boolean \
+              option 'server' deprecated\nPlease use server=on instead"
+            ]
+        );
+        assert_eq!(r.items[0].args["server"], "on");
+        assert!(run(&["--chardev", "socket,id=c,path=/s,server=on"])
+            .warnings
+            .is_empty());
     }
 
     #[test]

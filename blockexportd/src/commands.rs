@@ -98,6 +98,7 @@ pub fn register(daemon: &Arc<Daemon>) {
         Ok(Value::Array(
             crate::objects::TYPES
                 .iter()
+                .map(|t| (t.name(), t.parent()))
                 .filter(|(name, parent)| {
                     a.implements
                         .as_deref()

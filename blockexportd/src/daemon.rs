@@ -1,8 +1,9 @@
 //! The daemon: nodes, objects, chardevs, monitors, the NBD server and exports, and the
 //! commands that change them. Both the command line and QMP go through the methods here.
 
+use crate::errors;
 use crate::exports::{self, ExportContext, ExportRequest, Exports, Registry, RunningExport};
-use crate::objects::{IoThread, Object, ObjectEntry};
+use crate::objects::{IoThread, ObjectEntry, Objects};
 use crate::qapi::{self, SocketAddress};
 use block_core::{GraphError, Node, NodeGraph, RemoveMode};
 use qmp_server::{EventSender, QmpError, QmpServer};
@@ -33,7 +34,7 @@ enum Chardev {
     Client(ClientChardev),
     Stdio,
     /// `pipe`: FIFOs `PATH.in` and `PATH.out`, or `PATH` itself, open since creation.
-    Pipe(crate::pipe::PipeChardev),
+    Pipe(qmp_server::pipe::PipeChardev),
     /// Taken by a monitor.
     Used,
 }
@@ -67,11 +68,15 @@ impl ClientChardev {
             .filter(|&ms| ms > 0)
             .map(Duration::from_millis);
         let connect_now = reconnect.is_none();
-        let err = |e: crate::sockets::SocketError| generic(e.qemu_message());
+        let err = |e: qmp_server::sockets::SocketError| generic(e.qemu_message());
         let addr = if let Some(path) = &opts.path {
             let path = PathBuf::from(path);
             let first = if connect_now {
-                Some(crate::sockets::connect_unix(&path).await.map_err(err)?)
+                Some(
+                    qmp_server::sockets::connect_unix(&path)
+                        .await
+                        .map_err(err)?,
+                )
             } else {
                 None
             };
@@ -83,7 +88,7 @@ impl ClientChardev {
                 .ok_or_else(|| generic("chardev: socket: no port given"))?;
             let first = if connect_now {
                 Some(
-                    crate::sockets::connect_tcp(host, &port)
+                    qmp_server::sockets::connect_tcp(host, &port)
                         .await
                         .map_err(err)?,
                 )
@@ -112,7 +117,7 @@ impl ClientChardev {
             ClientAddr::Unix(path, first) => {
                 let connect = move || {
                     let (path, reporter) = (path.clone(), Arc::clone(&reporter));
-                    async move { reporter.note(crate::sockets::connect_unix(&path).await) }
+                    async move { reporter.note(qmp_server::sockets::connect_unix(&path).await) }
                 };
                 qmp.serve_client(connect, first, self.reconnect, opts).await
             }
@@ -120,7 +125,7 @@ impl ClientChardev {
                 let connect = move || {
                     let (host, port) = (host.clone(), port.clone());
                     let reporter = Arc::clone(&reporter);
-                    async move { reporter.note(crate::sockets::connect_tcp(&host, &port).await) }
+                    async move { reporter.note(qmp_server::sockets::connect_tcp(&host, &port).await) }
                 };
                 qmp.serve_client(connect, first, self.reconnect, opts).await
             }
@@ -136,7 +141,7 @@ struct ConnectReporter {
 }
 
 impl ConnectReporter {
-    fn note<S>(&self, r: Result<S, crate::sockets::SocketError>) -> std::io::Result<S> {
+    fn note<S>(&self, r: Result<S, qmp_server::sockets::SocketError>) -> std::io::Result<S> {
         match r {
             Ok(s) => {
                 self.reported.store(false, Ordering::Relaxed);
@@ -144,8 +149,9 @@ impl ConnectReporter {
             }
             Err(e) => {
                 if !self.reported.swap(true, Ordering::Relaxed) {
-                    eprintln!(
-                        "blockexportd: Unable to connect character device {}: {}",
+                    tracing::error!(
+                        target: crate::logging::OPERATOR,
+                        "Unable to connect character device {}: {}",
                         self.id,
                         e.qemu_message()
                     );
@@ -178,7 +184,7 @@ pub struct Daemon {
     state: Mutex<State>,
     /// Objects by id. A plain mutex: the NBD server looks authz objects up from
     /// synchronous code when a client connects.
-    objects: Arc<std::sync::Mutex<BTreeMap<String, ObjectEntry>>>,
+    objects: Arc<Objects>,
     runtime: tokio::runtime::Handle,
     /// The export types.
     export_types: Registry,
@@ -218,17 +224,24 @@ impl Daemon {
 
     // ----- nodes -----
 
-    /// `blockdev-add` / `--blockdev`.
+    /// `blockdev-add` (JSON).
     pub async fn blockdev_add(&self, options: Map<String, Value>) -> CmdResult {
-        block_core::open::blockdev_add(&self.graph, Value::Object(options))
+        self.blockdev_add_in(options, false).await
+    }
+
+    /// `blockdev-add` / `--blockdev`, from JSON or from keyval syntax (`keyval`).
+    pub async fn blockdev_add_in(&self, options: Map<String, Value>, keyval: bool) -> CmdResult {
+        let syntax = qsd_qapi::Syntax::keyval_if(keyval);
+        let options = qsd_qapi::from_value_in(Value::Object(options), "", syntax)?;
+        block_core::open::blockdev_add(&self.graph, options)
             .await
-            .map_err(graph_error)?;
+            .map_err(errors::graph)?;
         Ok(json!({}))
     }
 
     /// `blockdev-del`: the node and the children its `blockdev-add` opened, as QEMU.
     pub async fn blockdev_del(&self, args: qapi::BlockdevDel) -> CmdResult {
-        for node in self.graph.delete(&args.node_name).map_err(graph_error)? {
+        for node in self.graph.delete(&args.node_name).map_err(errors::graph)? {
             close_node(&node).await;
         }
         Ok(json!({}))
@@ -239,7 +252,7 @@ impl Daemon {
         self.graph
             .set_active(args.node_name.as_deref(), args.active)
             .await
-            .map_err(graph_error)?;
+            .map_err(errors::graph)?;
         Ok(json!({}))
     }
 
@@ -312,63 +325,23 @@ impl Daemon {
             Some(_) => return Err(generic("Invalid parameter type for 'id', expected: string")),
             None => return Err(generic("Parameter 'id' is missing")),
         };
-        let mut stored = props.clone();
-        stored.remove("id");
-        let object = match qom_type.as_str() {
-            "iothread" => {
-                if keyval {
-                    crate::keyval::coerce_paths(&mut props, qapi::IOTHREAD_TYPES)
-                        .map_err(|e| generic(e.to_string()))?;
-                }
-                let _: qapi::IothreadProps = qmp_server::parse_arguments(props)?;
-                self.check_object_id(&id)?;
-                let thread = IoThread::spawn(format!("iothread-{id}"))
-                    .map_err(|e| generic(format!("Failed to create iothread: {e}")))?;
-                Object::IoThread(thread)
-            }
-            "tls-creds-psk" if cfg!(feature = "psk") => {
-                let creds = crate::tls::TlsCredsPsk::from_props(&props, keyval)
-                    .map_err(|e| generic(e.qemu_message()))?;
-                self.check_object_id(&id)?;
-                Object::TlsCredsPsk(Arc::new(creds))
-            }
-            t if t.starts_with("tls-creds") => {
-                crate::tls::check_creds_type(t).map_err(|e| generic(e.qemu_message()))?;
-                // As QEMU: the properties, then the id, then the files are loaded.
-                let options = crate::tls::TlsCredsX509Options::from_props(&props, keyval)
-                    .map_err(|e| generic(e.qemu_message()))?;
-                self.check_object_id(&id)?;
-                let creds = crate::tls::TlsCredsX509::new(options)
-                    .map_err(|e| generic(e.qemu_message()))?;
-                Object::TlsCreds(Arc::new(creds))
-            }
-            t if crate::authz::is_authz_type(t) => {
-                let authz = crate::authz::create(t, &props, keyval)
-                    .map_err(|e| generic(e.qemu_message()))?;
-                self.check_object_id(&id)?;
-                Object::Authz(authz)
-            }
-            other => {
-                return Err(generic(format!(
-                    "Parameter 'qom-type' does not accept value '{other}'"
-                )))
-            }
+        let ty = crate::objects::find_type(&qom_type)?;
+        props.remove("id");
+        let check_id = || self.check_object_id(&id);
+        let cx = crate::objects::CreateContext {
+            id: &id,
+            check_id: &check_id,
+            objects: &self.objects,
         };
+        let entry = ty.create(&id, props, keyval, &cx)?;
         let mut objects = self.lock_objects();
         self.check_object_id_locked(&objects, &id)?;
-        objects.insert(
-            id,
-            ObjectEntry {
-                object,
-                qom_type,
-                props: stored,
-            },
-        );
+        objects.insert(id, entry);
         Ok(json!({}))
     }
 
     fn lock_objects(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, ObjectEntry>> {
-        self.objects.lock().unwrap_or_else(|e| e.into_inner())
+        crate::objects::lock(&self.objects)
     }
 
     fn check_object_id(&self, id: &str) -> CmdResult<()> {
@@ -406,18 +379,14 @@ impl Daemon {
                 list.extend(
                     objects
                         .iter()
-                        .map(|(id, e)| prop(id, &format!("child<{}>", e.qom_type))),
+                        .map(|(id, e)| prop(id, &format!("child<{}>", e.ty.name()))),
                 );
                 Ok(Value::Array(list))
             }
             p => match p.strip_prefix("/objects/").and_then(|id| objects.get(id)) {
                 Some(e) => {
                     let mut list = vec![prop("type", "string")];
-                    list.extend(
-                        crate::objects::properties(&e.qom_type)
-                            .iter()
-                            .map(|(name, ty, _)| prop(name, ty)),
-                    );
+                    list.extend(e.ty.properties().iter().map(|(name, ty, _)| prop(name, ty)));
                     Ok(Value::Array(list))
                 }
                 None => Err(QmpError::device_not_found(format!(
@@ -436,22 +405,20 @@ impl Daemon {
             .and_then(|id| objects.get(id))
             .ok_or_else(|| QmpError::device_not_found(format!("Device '{path}' not found")))?;
         if property == "type" {
-            return Ok(json!(entry.qom_type));
+            return Ok(json!(entry.ty.name()));
         }
-        let (_, _, default) = crate::objects::properties(&entry.qom_type)
-            .into_iter()
-            .find(|(name, _, _)| *name == property)
-            .ok_or_else(|| {
-                generic(format!(
-                    "Property '{}.{property}' not found",
-                    entry.qom_type
-                ))
-            })?;
-        Ok(entry
-            .props
-            .get(property)
-            .cloned()
-            .unwrap_or_else(|| default.clone()))
+        entry.property(property).ok_or_else(|| {
+            generic(format!(
+                "Property '{}.{property}' not found",
+                entry.ty.name()
+            ))
+        })
+    }
+
+    /// The bytes of the `secret` object `id` (for TLS keys and drivers), with QEMU's errors
+    /// (`No secret with id 'ID'`, `Object with id 'ID' is not a secret`).
+    pub fn secret(&self, id: &str) -> Result<Vec<u8>, qsd_crypto::SecretError> {
+        crate::objects::secret(&self.objects, id)
     }
 
     /// `object-del`.
@@ -474,10 +441,8 @@ impl Daemon {
     // ----- chardevs and monitors -----
 
     /// `--chardev`.
-    pub async fn chardev_add(&self, mut args: Map<String, Value>) -> CmdResult {
-        crate::keyval::coerce_paths(&mut args, qapi::CHARDEV_TYPES)
-            .map_err(|e| generic(e.to_string()))?;
-        let opts: qapi::ChardevOptions = qmp_server::parse_arguments(args)?;
+    pub async fn chardev_add(&self, args: Map<String, Value>) -> CmdResult {
+        let opts: qapi::ChardevOptions = qsd_qapi::from_keyval(Value::Object(args))?;
         let mut state = self.state.lock().await;
         // QEMU opens a pipe before it looks at the id (a socket is checked first here).
         if opts.backend != "pipe" && state.chardevs.contains_key(&opts.id) {
@@ -486,7 +451,7 @@ impl Daemon {
         let chardev = match opts.backend.as_str() {
             "stdio" => Chardev::Stdio,
             "pipe" => {
-                let pipe = crate::pipe::open(opts.path.as_deref())
+                let pipe = qmp_server::pipe::open(opts.path.as_deref())
                     .map_err(|e| generic(e.qemu_message()))?;
                 if state.chardevs.contains_key(&opts.id) {
                     return Err(duplicate_chardev(&opts.id));
@@ -516,13 +481,14 @@ impl Daemon {
                 }
                 let chardev = if let Some(path) = &opts.path {
                     let path = PathBuf::from(path);
-                    let listener = crate::sockets::listen_unix(&path)
+                    let listener = qmp_server::sockets::listen_unix(&path)
                         .map_err(|e| generic(e.qemu_message()))?;
                     let first = if opts.wait == Some(false) {
                         None
                     } else {
-                        eprintln!(
-                            "blockexportd: waiting for connection on: disconnected:unix:{},server=on",
+                        tracing::info!(
+                            target: crate::logging::OPERATOR,
+                            "waiting for connection on: disconnected:unix:{},server=on",
                             path.display()
                         );
                         let (stream, _) = listener.accept().await.map_err(|e| {
@@ -536,8 +502,9 @@ impl Daemon {
                     let first = if opts.wait == Some(false) {
                         None
                     } else {
-                        eprintln!(
-                            "blockexportd: waiting for connection on: disconnected:tcp:{host}:{port},server=on"
+                        tracing::info!(
+                            target: crate::logging::OPERATOR,
+                            "waiting for connection on: disconnected:tcp:{host}:{port},server=on"
                         );
                         let (stream, _) = listener.accept().await.map_err(|e| {
                             generic(format!("Failed to accept on {host}:{port}: {e}"))
@@ -563,14 +530,11 @@ impl Daemon {
     /// `--monitor`.
     pub async fn monitor_add(
         self: &Arc<Self>,
-        mut args: Map<String, Value>,
+        args: Map<String, Value>,
         keyval: bool,
     ) -> CmdResult {
-        if keyval {
-            crate::keyval::coerce_paths(&mut args, qapi::MONITOR_TYPES)
-                .map_err(|e| generic(e.to_string()))?;
-        }
-        let opts: qapi::MonitorOptions = qmp_server::parse_arguments(args)?;
+        let opts: qapi::MonitorOptions =
+            qsd_qapi::from_value_in(Value::Object(args), "", qsd_qapi::Syntax::keyval_if(keyval))?;
         if opts.mode.as_deref().is_some_and(|m| m != "control") {
             return Err(generic("Only QMP is supported"));
         }
@@ -603,7 +567,7 @@ impl Daemon {
                     generic(format!(
                         "chardev '{}': {}",
                         opts.chardev,
-                        crate::tls::strerror(&e)
+                        qsd_qapi::strerror(&e)
                     ))
                 })?;
                 tokio::spawn(async move { qmp.serve_session(reader, writer, mon_opts).await })
@@ -628,21 +592,23 @@ impl Daemon {
             return Err(generic("NBD server already running"));
         }
         let tls = self.nbd_tls_config(&opts)?;
-        let config = nbd_server::ServerConfig {
-            max_connections: opts
-                .max_connections
-                .unwrap_or(nbd_server::DEFAULT_MAX_CONNECTIONS),
-            handshake_max: match opts
-                .handshake_max_seconds
-                .unwrap_or(nbd_server::DEFAULT_HANDSHAKE_MAX_SECONDS)
-            {
-                0 => None,
-                s => Some(Duration::from_secs(u64::from(s))),
-            },
-            tls,
+        let config = nbd_server::ServerConfig::default()
+            .max_connections(
+                opts.max_connections
+                    .unwrap_or(nbd_server::DEFAULT_MAX_CONNECTIONS),
+            )
+            .handshake_max(
+                match opts
+                    .handshake_max_seconds
+                    .unwrap_or(nbd_server::DEFAULT_HANDSHAKE_MAX_SECONDS)
+                {
+                    0 => None,
+                    s => Some(Duration::from_secs(u64::from(s))),
+                },
+            )
+            .tls(tls)
             // Connections of exports without an iothread: one event loop per core.
-            event_loops: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        };
+            .event_loops(std::thread::available_parallelism().map_or(1, |n| n.get()));
         let server = nbd_server::NbdServer::new(config);
         let mut unix_path = None;
         let task = match &opts.addr {
@@ -651,8 +617,8 @@ impl Daemon {
                     return Err(generic("abstract unix sockets are not supported"));
                 }
                 let path = PathBuf::from(&u.path);
-                let listener =
-                    crate::sockets::listen_unix(&path).map_err(|e| generic(e.qemu_message()))?;
+                let listener = qmp_server::sockets::listen_unix(&path)
+                    .map_err(|e| generic(e.qemu_message()))?;
                 unix_path = Some(path);
                 let s = server.clone();
                 tokio::spawn(async move { s.serve_unix(listener).await })
@@ -696,45 +662,34 @@ impl Daemon {
         };
         // QEMU checks the client's name only when it verified the client's certificate; a
         // PSK client's username is always checked (QEMU 10.0 ignores tls-authz with PSK).
-        let (acceptor, check) = match self.lock_objects().get(creds_id).map(|e| &e.object) {
-            Some(Object::TlsCreds(c)) => (
-                nbd_server::TlsAcceptor::Rustls(
-                    c.server_config().map_err(|e| generic(e.qemu_message()))?,
-                ),
-                c.verify_peer(),
-            ),
-            #[cfg(feature = "psk")]
-            Some(Object::TlsCredsPsk(c)) => (
-                nbd_server::TlsAcceptor::Psk(c.acceptor().map_err(|e| generic(e.qemu_message()))?),
-                true,
-            ),
-            _ => return Err(generic(format!("No TLS credentials with id '{creds_id}'"))),
-        };
-        let authorize: Option<Arc<nbd_server::Authorize>> = match &opts.tls_authz {
-            Some(authz_id) if check => {
-                let objects = Arc::downgrade(&self.objects);
-                let authz_id = authz_id.clone();
-                Some(Arc::new(move |peer: nbd_server::Peer<'_>| {
-                    let authz = objects.upgrade().and_then(|objects| {
-                        match objects
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .get(&authz_id)
-                            .map(|e| &e.object)
-                        {
-                            Some(Object::Authz(a)) => Some(Arc::clone(a)),
-                            _ => None,
-                        }
-                    });
-                    crate::authz::authorize(authz.as_deref(), peer)
-                }))
-            }
+        let (acceptor, check) = self.tls_acceptor(creds_id)?;
+        let authorize: Option<Arc<dyn nbd_server::Authorize>> = match &opts.tls_authz {
+            Some(authz_id) if check => Some(Arc::new(AuthzById {
+                objects: Arc::downgrade(&self.objects),
+                id: authz_id.clone(),
+            })),
             _ => None,
         };
         Ok(Some(nbd_server::TlsConfig {
             acceptor,
             authorize,
         }))
+    }
+
+    /// The server side of the TLS credentials object `id`, and whether `tls-authz` applies.
+    fn tls_acceptor(&self, id: &str) -> CmdResult<(nbd_server::TlsAcceptor, bool)> {
+        let objects = self.lock_objects();
+        let entry = objects.get(id);
+        if let Some(c) = entry.and_then(|e| e.get::<qsd_crypto::TlsCredsX509>()) {
+            let config = c.server_config().map_err(|e| generic(e.qemu_message()))?;
+            return Ok((nbd_server::TlsAcceptor::Rustls(config), c.verify_peer()));
+        }
+        #[cfg(feature = "psk")]
+        if let Some(c) = entry.and_then(|e| e.get::<qsd_crypto::TlsCredsPsk>()) {
+            let acceptor = c.acceptor().map_err(|e| generic(e.qemu_message()))?;
+            return Ok((nbd_server::TlsAcceptor::Psk(acceptor), true));
+        }
+        Err(generic(format!("No TLS credentials with id '{id}'")))
     }
 
     fn lock_nbd_server(&self) -> std::sync::MutexGuard<'_, Option<nbd_server::NbdServer>> {
@@ -789,8 +744,12 @@ impl Daemon {
             return Err(generic("Cannot export read-only node as writable"));
         }
         let iothread = match o.iothread.as_deref() {
-            Some(name) => match self.lock_objects().get(name).map(|e| &e.object) {
-                Some(Object::IoThread(t)) => Some(t.handle().clone()),
+            Some(name) => match self
+                .lock_objects()
+                .get(name)
+                .and_then(|e| e.get::<IoThread>())
+            {
+                Some(t) => Some(t.handle().clone()),
                 _ => return Err(generic(format!("iothread \"{name}\" not found"))),
             },
             None => None,
@@ -809,7 +768,7 @@ impl Daemon {
         }
         let attachment = node
             .attach(format!("export '{}'", o.id), writable)
-            .map_err(|e| generic(e.to_string()))?;
+            .map_err(errors::attach)?;
         if allow_inactive {
             node.allow_inactive(attachment.id());
         }
@@ -946,12 +905,7 @@ impl Daemon {
         let name = a.name.clone().unwrap_or_else(|| a.device.clone());
         // QEMU looks the device up first, by device and node name, then adds the export as
         // `block-export-add` does (which checks the id, then that the server runs).
-        self.graph.get(&a.device).map_err(|_| {
-            generic(format!(
-                "Cannot find device='{0}' nor node-name='{0}'",
-                a.device
-            ))
-        })?;
+        self.graph.get(&a.device).map_err(errors::graph)?;
         let mut args = json!({
             "type": exports::nbd::TYPE_NAME, "id": name, "node-name": a.device, "name": name,
         });
@@ -1032,21 +986,12 @@ fn duplicate_chardev(id: &str) -> QmpError {
 pub(crate) fn find_node(graph: &NodeGraph, name: &str) -> CmdResult<Arc<Node>> {
     graph
         .get(name)
-        .map_err(|_| generic(format!("Cannot find device='' nor node-name='{name}'")))
+        .map_err(|_| errors::graph(GraphError::not_found(name)))
 }
 
 async fn close_node(node: &Node) {
     if let Err(e) = node.close().await {
         tracing::error!("closing node '{}': {e}", node.name());
-    }
-}
-
-fn graph_error(e: GraphError) -> QmpError {
-    match e {
-        GraphError::NotFound(name) => {
-            generic(format!("Cannot find device='' nor node-name='{name}'"))
-        }
-        GraphError::Failed(msg) => generic(msg),
     }
 }
 
@@ -1109,5 +1054,23 @@ pub(crate) fn listener_from_fd(s: &str) -> CmdResult<InheritedListener> {
         TcpListener::from_std(l)
             .map(InheritedListener::Tcp)
             .map_err(|e| generic(format!("fd {s}: {e}")))
+    }
+}
+
+/// `tls-authz`: the authz object is looked up by id when a client connects, so that it can be
+/// deleted and recreated while the server runs, as in QEMU; no such object denies.
+struct AuthzById {
+    objects: std::sync::Weak<Objects>,
+    id: String,
+}
+
+impl nbd_server::Authorize for AuthzById {
+    fn authorize(&self, peer: nbd_server::Peer<'_>) -> Result<String, nbd_server::Refusal> {
+        let authz = self.objects.upgrade().and_then(|objects| {
+            crate::objects::lock(&objects)
+                .get(&self.id)
+                .and_then(|e| e.get::<Arc<crate::objects::Authz>>())
+        });
+        qsd_crypto::authorize(authz.as_deref().map(|a| &**a), peer)
     }
 }

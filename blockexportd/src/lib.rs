@@ -6,19 +6,15 @@
 //! and implements the commands, [`exports`] holds the export types, [`commands`] registers
 //! them on the QMP server.
 
-pub mod authz;
 pub mod bitmaps;
 pub mod cli;
 pub mod commands;
 pub mod daemon;
+mod errors;
 pub mod exports;
-pub mod keyval;
 pub mod logging;
 pub mod memory;
 pub mod objects;
-pub mod pipe;
 pub mod process;
 pub mod qapi;
 pub mod run;
-pub mod sockets;
-pub mod tls;

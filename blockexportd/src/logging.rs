@@ -5,16 +5,27 @@
 //! warnings and errors are printed. Libraries that log through the `log` crate (`fuser`) go
 //! through the same filter. Colours are used only when stderr is a terminal.
 //!
+//! Messages to the operator (what QSD prints with `error_report`/`info_report`: "waiting for
+//! connection on ...", a chardev that cannot connect) are events with the target
+//! [`OPERATOR`]: they are printed whatever the filter, as QEMU prints them
+//! (`blockexportd: TEXT`), and never in `tracing`'s format.
+//!
 //! One message is dropped whatever the filter: fuser's "Failed to send FUSE reply" when the
 //! kernel answers `ENOENT`, which means the request was interrupted and already forgotten by
 //! the kernel (libfuse, and so QSD, ignores that error too).
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::EnvFilter;
+
+/// The target of messages to the operator ([module docs](self)):
+/// `tracing::warn!(target: OPERATOR, "...")`.
+pub const OPERATOR: &str = "operator";
 
 /// The filter used when neither variable is set.
 pub const DEFAULT_FILTER: &str = "warn";
@@ -39,12 +50,40 @@ pub fn init() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     tracing_subscriber::registry()
-        .with(filter)
         .with(QuietInterruptedReplies)
-        .with(fmt)
+        .with(OperatorMessages(std::io::stderr).with_filter(operator_only()))
+        .with(fmt.with_filter(without_operator(filter)))
         .init();
     if let Some(w) = warning {
         eprintln!("{w}");
+    }
+}
+
+/// Only operator messages (`info!` and above). Both filters decide per callsite once (static
+/// interest), so that a disabled `debug!` on the data path stays as cheap as with one global
+/// filter; and the most verbose level either lets through is what the `log` bridge lets in
+/// (fuser logs every request at `debug`), so this one stops at `info`.
+fn operator_only() -> Targets {
+    Targets::new().with_target(OPERATOR, LevelFilter::INFO)
+}
+
+/// `filter` without the operator messages.
+fn without_operator(filter: EnvFilter) -> EnvFilter {
+    filter.add_directive(
+        format!("{OPERATOR}=off")
+            .parse()
+            .expect("a directive that parses"),
+    )
+}
+
+/// Prints operator messages as QEMU does: `blockexportd: TEXT` ([module docs](self)).
+pub struct OperatorMessages<W>(pub W);
+
+impl<S: Subscriber, W: for<'w> MakeWriter<'w> + 'static> Layer<S> for OperatorMessages<W> {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        let _ = writeln!(self.0.make_writer(), "blockexportd: {}", fields.message);
     }
 }
 
@@ -147,5 +186,45 @@ mod tests {
         );
         assert!(text.contains("Invalid argument"), "{text}");
         assert!(text.contains("something else"), "{text}");
+    }
+
+    #[test]
+    fn operator_messages_are_printed_plainly_whatever_the_filter() {
+        let (plain, fmt) = (Buffer::default(), Buffer::default());
+        let (p, f) = (plain.clone(), fmt.clone());
+        let subscriber = tracing_subscriber::registry()
+            .with(OperatorMessages(move || p.clone()).with_filter(operator_only()))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(move || f.clone())
+                    .with_filter(without_operator(EnvFilter::new("error"))),
+            );
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(target: OPERATOR, "waiting for connection on: {}", "x");
+            tracing::error!("an error");
+            tracing::warn!("a filtered warning");
+        });
+        let plain = String::from_utf8(plain.0.lock().unwrap().clone()).unwrap();
+        let fmt = String::from_utf8(fmt.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(plain, "blockexportd: waiting for connection on: x\n");
+        assert!(
+            fmt.contains("an error") && !fmt.contains("waiting"),
+            "{fmt}"
+        );
+        assert!(!fmt.contains("a filtered warning"), "{fmt}");
+    }
+
+    #[test]
+    fn operator_messages_do_not_raise_the_level_the_log_bridge_lets_in() {
+        let subscriber = tracing_subscriber::registry()
+            .with(OperatorMessages(std::io::sink).with_filter(operator_only()))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::sink)
+                    .with_filter(without_operator(EnvFilter::new(DEFAULT_FILTER))),
+            );
+        let hint = tracing::Subscriber::max_level_hint(&subscriber);
+        assert_eq!(hint, Some(LevelFilter::INFO));
     }
 }

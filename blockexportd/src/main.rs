@@ -14,7 +14,12 @@ fn main() -> ExitCode {
             println!("blockexportd {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
-        Ok(Command::Run(opts)) => opts,
+        Ok(Command::Run(opts)) => {
+            for warning in &opts.warnings {
+                eprintln!("blockexportd: {warning}");
+            }
+            opts
+        }
         Err(e) => {
             eprintln!("blockexportd: {e}");
             return ExitCode::FAILURE;

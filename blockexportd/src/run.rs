@@ -8,10 +8,32 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
-/// An error that ends startup; printed as `blockexportd: MESSAGE`.
+/// An error that ends startup; printed as `blockexportd: MESSAGE`, QSD's text.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct StartupError(pub String);
+pub enum StartupError {
+    /// A command-line option was refused: `--blockdev driver=file: Parameter 'filename' is
+    /// missing` (QSD names the option and its text before the error).
+    #[error("{option} {text}: {}", error.desc)]
+    Option {
+        /// The option (`--blockdev`).
+        option: &'static str,
+        /// Its argument as given.
+        text: String,
+        /// Why it was refused.
+        error: qmp_server::QmpError,
+    },
+    /// The short form's image cannot be read (QEMU's text names the file, then the cause).
+    #[error("Could not open '{image}': {source}")]
+    Image {
+        /// The image as given.
+        image: String,
+        /// Why it cannot be read.
+        source: std::io::Error,
+    },
+    /// The short form's node, server or export was refused.
+    #[error("{}", .0.desc)]
+    QuickExport(qmp_server::QmpError),
+}
 
 /// The version the daemon reports over QMP: the QEMU release whose interface it follows.
 pub fn qmp_version() -> qmp_server::VersionInfo {
@@ -24,21 +46,19 @@ pub fn qmp_version() -> qmp_server::VersionInfo {
 }
 
 /// Applies one command-line option.
-async fn apply(daemon: &Arc<Daemon>, item: &Item) -> Result<(), String> {
-    let mut args = item.args.clone();
+async fn apply(daemon: &Arc<Daemon>, item: &Item) -> Result<(), qmp_server::QmpError> {
+    let args = item.args.clone();
     let result = match item.kind {
-        ItemKind::Blockdev => daemon.blockdev_add(args).await,
+        ItemKind::Blockdev => daemon.blockdev_add_in(args, item.keyval).await,
         ItemKind::Object => daemon.object_add(args, item.keyval).await,
         ItemKind::Chardev => daemon.chardev_add(args).await,
         ItemKind::Monitor => daemon.monitor_add(args, item.keyval).await,
         ItemKind::NbdServer => {
-            if item.keyval {
-                crate::keyval::coerce_paths(&mut args, qapi::NBD_SERVER_TYPES)
-                    .map_err(|e| e.to_string())?;
-            }
-            match qmp_server::parse_arguments::<qapi::NbdServerOptions>(args) {
+            let syntax = qsd_qapi::Syntax::keyval_if(item.keyval);
+            match qsd_qapi::from_value_in::<qapi::NbdServerOptions>(Value::Object(args), "", syntax)
+            {
                 Ok(opts) => daemon.nbd_server_start(opts).await,
-                Err(e) => Err(e),
+                Err(e) => Err(e.into()),
             }
         }
         ItemKind::Export => match daemon.parse_export(args, item.keyval) {
@@ -46,7 +66,7 @@ async fn apply(daemon: &Arc<Daemon>, item: &Item) -> Result<(), String> {
             Err(e) => Err(e),
         },
     };
-    result.map(|_| ()).map_err(|e| e.desc)
+    result.map(|_| ())
 }
 
 /// Builds everything the command line asks for, in order. On error, the message names the
@@ -55,7 +75,11 @@ pub async fn startup(daemon: &Arc<Daemon>, opts: &RunOptions) -> Result<(), Star
     for item in &opts.items {
         apply(daemon, item)
             .await
-            .map_err(|e| StartupError(format!("{} {}: {e}", item.kind.option(), item.text)))?;
+            .map_err(|error| StartupError::Option {
+                option: item.kind.option(),
+                text: item.text.clone(),
+                error,
+            })?;
     }
     if let Some(quick) = &opts.quick {
         quick_export(daemon, quick).await?;
@@ -77,10 +101,12 @@ fn is_qcow2(path: &Path) -> std::io::Result<bool> {
 
 /// The short form: probe the image, export it over NBD and print the URI.
 async fn quick_export(daemon: &Arc<Daemon>, q: &QuickExport) -> Result<(), StartupError> {
-    let err = |e: qmp_server::QmpError| StartupError(e.desc);
+    let err = StartupError::QuickExport;
     let image = q.image.to_string_lossy().to_string();
-    let qcow2 =
-        is_qcow2(&q.image).map_err(|e| StartupError(format!("Could not open '{image}': {e}")))?;
+    let qcow2 = is_qcow2(&q.image).map_err(|source| StartupError::Image {
+        image: image.clone(),
+        source,
+    })?;
     let read_only = !q.writable;
     let file =
         json!({"driver": "file", "filename": image, "node-name": "file0", "read-only": read_only});

@@ -37,8 +37,10 @@ impl AllowOther {
     }
 }
 
-/// How to export a node through FUSE.
+/// How to export a node through FUSE: [`FuseExportConfig::new`], then the setters of what
+/// differs from QSD's defaults (more options may come: the struct cannot be built by hand).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FuseExportConfig {
     /// The file to mount the export on; it must exist and be a regular file.
     pub mountpoint: PathBuf,
@@ -65,6 +67,30 @@ impl FuseExportConfig {
             writethrough: false,
             allow_other: AllowOther::Auto,
         }
+    }
+
+    /// Sets [`FuseExportConfig::growable`].
+    pub fn growable(mut self, growable: bool) -> Self {
+        self.growable = growable;
+        self
+    }
+
+    /// Sets [`FuseExportConfig::writable`].
+    pub fn writable(mut self, writable: bool) -> Self {
+        self.writable = writable;
+        self
+    }
+
+    /// Sets [`FuseExportConfig::writethrough`].
+    pub fn writethrough(mut self, writethrough: bool) -> Self {
+        self.writethrough = writethrough;
+        self
+    }
+
+    /// Sets [`FuseExportConfig::allow_other`].
+    pub fn allow_other(mut self, allow_other: AllowOther) -> Self {
+        self.allow_other = allow_other;
+        self
     }
 }
 

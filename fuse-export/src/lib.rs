@@ -34,13 +34,9 @@
 //! # fn example(node: std::sync::Arc<Node>) -> Result<(), Box<dyn std::error::Error>> {
 //! let rt = tokio::runtime::Runtime::new()?;
 //! let attachment = node.attach("export 'fuse0'", true)?;
-//! let cfg = FuseExportConfig {
-//!     mountpoint: "/tmp/disk.raw".into(),
-//!     growable: false,
-//!     writable: true,
-//!     writethrough: false,
-//!     allow_other: AllowOther::Auto,
-//! };
+//! let cfg = FuseExportConfig::new("/tmp/disk.raw")
+//!     .writable(true)
+//!     .allow_other(AllowOther::Auto);
 //! let export = FuseExport::mount(cfg, attachment, rt.handle().clone())?;
 //! // ... /tmp/disk.raw now shows the node ...
 //! export.unmount()?;
@@ -61,3 +57,8 @@ mod sys;
 pub use config::{AllowOther, FuseExportConfig};
 pub use error::{errno_of, FuseError};
 pub use export::FuseExport;
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{fuse_usable, have_tool, is_mounted, pattern, run, run_failing, Fixture, MemDriver};
+use common::{
+    fuse_usable, is_mounted, pattern, require_tool, run_failing, run_stdout, Fixture, MemDriver,
+};
 use fuse_export::{AllowOther, FuseError, FuseExport, FuseExportConfig};
 use nix::unistd::{lseek, Whence};
 use std::fs::{File, OpenOptions};
@@ -12,15 +14,16 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 const MIB: u64 = 1 << 20;
 
 #[test]
 fn dd_reads_and_writes_the_node() {
-    if !fuse_usable() || !have_tool("dd") || !have_tool("cmp") {
+    if !fuse_usable() || !require_tool("dd") || !require_tool("cmp") {
         return;
     }
-    let driver = MemDriver::new(4 * MIB);
+    let driver = Arc::new(MemDriver::new(4 * MIB));
     let original = pattern(4 * MIB as usize, 7);
     driver.fill(0, &original);
     let fx = Fixture::mount(driver.clone(), true, false);
@@ -32,20 +35,24 @@ fn dd_reads_and_writes_the_node() {
     let expected = fx.file("expected");
     std::fs::write(&expected, &original).unwrap();
     let out = fx.file("out");
-    run(Command::new("dd")
-        .arg(format!("if={}", mp.display()))
-        .arg(format!("of={}", out.display()))
-        .arg("bs=1M"));
-    run(Command::new("cmp").arg(&out).arg(&expected));
+    run_stdout(
+        Command::new("dd")
+            .arg(format!("if={}", mp.display()))
+            .arg(format!("of={}", out.display()))
+            .arg("bs=1M"),
+    );
+    run_stdout(Command::new("cmp").arg(&out).arg(&expected));
 
     // Write 200 KiB at an unaligned offset with dd; the node must have exactly those bytes.
     let patch = pattern(200 * 1024, 99);
     let patch_file = fx.file("patch");
     std::fs::write(&patch_file, &patch).unwrap();
-    run(Command::new("dd")
-        .arg(format!("if={}", patch_file.display()))
-        .arg(format!("of={}", mp.display()))
-        .args(["bs=1000", "seek=1234", "conv=notrunc,fsync"]));
+    run_stdout(
+        Command::new("dd")
+            .arg(format!("if={}", patch_file.display()))
+            .arg(format!("of={}", mp.display()))
+            .args(["bs=1000", "seek=1234", "conv=notrunc,fsync"]),
+    );
     let mut want = original.clone();
     want[1_234_000..1_234_000 + patch.len()].copy_from_slice(&patch);
     assert!(
@@ -57,89 +64,99 @@ fn dd_reads_and_writes_the_node() {
         "conv=fsync must flush the node"
     );
     std::fs::write(&expected, &want).unwrap();
-    run(Command::new("cmp").arg(&mp).arg(&expected));
+    run_stdout(Command::new("cmp").arg(&mp).arg(&expected));
     assert_eq!(std::fs::metadata(&mp).unwrap().len(), 4 * MIB);
     assert_eq!(fx.driver.fua_writes.load(Ordering::SeqCst), 0);
 
     // Large writes arrive in requests of 1 MiB (max_write).
-    run(Command::new("dd")
-        .arg(format!("if={}", expected.display()))
-        .arg(format!("of={}", mp.display()))
-        .args(["bs=4M", "count=1", "conv=notrunc"]));
+    run_stdout(
+        Command::new("dd")
+            .arg(format!("if={}", expected.display()))
+            .arg(format!("of={}", mp.display()))
+            .args(["bs=4M", "count=1", "conv=notrunc"]),
+    );
     assert_eq!(fx.driver.max_write.load(Ordering::SeqCst), MIB);
 }
 
 #[test]
 fn writethrough_and_o_dsync_writes_are_fua() {
-    if !fuse_usable() || !have_tool("dd") {
+    if !fuse_usable() || !require_tool("dd") {
         return;
     }
-    let fx = Fixture::mount_with(MemDriver::new(MIB), true, false, true);
-    run(Command::new("dd")
-        .args(["if=/dev/zero", "bs=4096", "count=3", "conv=notrunc"])
-        .arg(format!("of={}", fx.path().display())));
+    let fx = Fixture::mount_with(Arc::new(MemDriver::new(MIB)), true, false, true);
+    run_stdout(
+        Command::new("dd")
+            .args(["if=/dev/zero", "bs=4096", "count=3", "conv=notrunc"])
+            .arg(format!("of={}", fx.path().display())),
+    );
     assert_eq!(fx.driver.fua_writes.load(Ordering::SeqCst), 3);
 
-    let fx = Fixture::mount(MemDriver::new(MIB), true, false);
-    run(Command::new("dd")
-        .args([
-            "if=/dev/zero",
-            "bs=4096",
-            "count=2",
-            "conv=notrunc",
-            "oflag=dsync",
-        ])
-        .arg(format!("of={}", fx.path().display())));
+    let fx = Fixture::mount(Arc::new(MemDriver::new(MIB)), true, false);
+    run_stdout(
+        Command::new("dd")
+            .args([
+                "if=/dev/zero",
+                "bs=4096",
+                "count=2",
+                "conv=notrunc",
+                "oflag=dsync",
+            ])
+            .arg(format!("of={}", fx.path().display())),
+    );
     assert_eq!(fx.driver.fua_writes.load(Ordering::SeqCst), 2);
-    run(Command::new("dd")
-        .args(["if=/dev/zero", "bs=4096", "count=2", "conv=notrunc"])
-        .arg(format!("of={}", fx.path().display())));
+    run_stdout(
+        Command::new("dd")
+            .args(["if=/dev/zero", "bs=4096", "count=2", "conv=notrunc"])
+            .arg(format!("of={}", fx.path().display())),
+    );
     assert_eq!(fx.driver.fua_writes.load(Ordering::SeqCst), 2);
 }
 
 #[test]
 fn fio_verifies_with_many_requests_in_flight() {
-    if !fuse_usable() || !have_tool("fio") {
+    if !fuse_usable() || !require_tool("fio") {
         return;
     }
-    let fx = Fixture::mount(MemDriver::new(8 * MIB), true, false);
-    run(Command::new("fio")
-        .args([
-            "--name=verify",
-            "--rw=randwrite",
-            "--bs=4k",
-            "--size=8M",
-            "--ioengine=libaio",
-            "--iodepth=32",
-            "--direct=1",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--numjobs=1",
-        ])
-        .arg(format!("--filename={}", fx.path().display()))
-        // fio leaves its verify state file in the working directory.
-        .current_dir(
-            fx.path()
-                .parent()
-                .expect("the image is in the fixture's directory"),
-        ));
+    let fx = Fixture::mount(Arc::new(MemDriver::new(8 * MIB)), true, false);
+    run_stdout(
+        Command::new("fio")
+            .args([
+                "--name=verify",
+                "--rw=randwrite",
+                "--bs=4k",
+                "--size=8M",
+                "--ioengine=libaio",
+                "--iodepth=32",
+                "--direct=1",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--numjobs=1",
+            ])
+            .arg(format!("--filename={}", fx.path().display()))
+            // fio leaves its verify state file in the working directory.
+            .current_dir(
+                fx.path()
+                    .parent()
+                    .expect("the image is in the fixture's directory"),
+            ),
+    );
 }
 
 #[test]
 fn truncate_resizes_the_node_and_mode_follows_writable() {
-    if !fuse_usable() || !have_tool("truncate") || !have_tool("touch") {
+    if !fuse_usable() || !require_tool("truncate") || !require_tool("touch") {
         return;
     }
-    let fx = Fixture::mount(MemDriver::new(MIB), true, false);
+    let fx = Fixture::mount(Arc::new(MemDriver::new(MIB)), true, false);
     let mp = fx.path();
     let meta = std::fs::metadata(&mp).unwrap();
     assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
     assert!(meta.file_type().is_file());
 
-    run(Command::new("truncate").args(["-s", "3M"]).arg(&mp));
+    run_stdout(Command::new("truncate").args(["-s", "3M"]).arg(&mp));
     assert_eq!(fx.node.size(), 3 * MIB);
     assert_eq!(std::fs::metadata(&mp).unwrap().len(), 3 * MIB);
-    run(Command::new("truncate").args(["-s", "100000"]).arg(&mp));
+    run_stdout(Command::new("truncate").args(["-s", "100000"]).arg(&mp));
     assert_eq!(fx.node.size(), 100_000);
     assert_eq!(std::fs::metadata(&mp).unwrap().len(), 100_000);
 
@@ -166,18 +183,20 @@ fn truncate_resizes_the_node_and_mode_follows_writable() {
 
 #[test]
 fn fallocate_punches_and_zeroes() {
-    if !fuse_usable() || !have_tool("fallocate") {
+    if !fuse_usable() || !require_tool("fallocate") {
         return;
     }
-    let driver = MemDriver::new(MIB);
+    let driver = Arc::new(MemDriver::new(MIB));
     driver.fill(0, &pattern(MIB as usize, 3));
     let fx = Fixture::mount(driver, true, false);
     let mp = fx.path();
 
     // Punch 64 KiB at 128 KiB: zeroes, and the blocks become holes in the node.
-    run(Command::new("fallocate")
-        .args(["-p", "-o", "131072", "-l", "65536"])
-        .arg(&mp));
+    run_stdout(
+        Command::new("fallocate")
+            .args(["-p", "-o", "131072", "-l", "65536"])
+            .arg(&mp),
+    );
     let data = fx.driver.contents();
     assert!(data[131_072..196_608].iter().all(|&b| b == 0));
     assert_eq!(data[131_071], pattern(MIB as usize, 3)[131_071]);
@@ -186,9 +205,11 @@ fn fallocate_punches_and_zeroes() {
     assert_eq!(data[196_608..], pattern(MIB as usize, 3)[196_608..]);
 
     // Plain fallocate (mode 0) allocates the hole again, still reading zeroes.
-    run(Command::new("fallocate")
-        .args(["-o", "131072", "-l", "4096"])
-        .arg(&mp));
+    run_stdout(
+        Command::new("fallocate")
+            .args(["-o", "131072", "-l", "4096"])
+            .arg(&mp),
+    );
     assert!(fx.driver.is_allocated(131_072) && !fx.driver.is_allocated(135_168));
     assert!(fx.driver.contents()[131_072..135_168]
         .iter()
@@ -196,9 +217,11 @@ fn fallocate_punches_and_zeroes() {
     assert_eq!(fx.node.size(), MIB);
 
     // Zero 10000 bytes at 300000: zeroes, still allocated.
-    run(Command::new("fallocate")
-        .args(["-z", "-o", "300000", "-l", "10000"])
-        .arg(&mp));
+    run_stdout(
+        Command::new("fallocate")
+            .args(["-z", "-o", "300000", "-l", "10000"])
+            .arg(&mp),
+    );
     let data = fx.driver.contents();
     assert!(data[300_000..310_000].iter().all(|&b| b == 0));
     assert_eq!(data[299_999], pattern(MIB as usize, 3)[299_999]);
@@ -207,24 +230,32 @@ fn fallocate_punches_and_zeroes() {
     assert_eq!(fx.node.size(), MIB);
 
     // Zero range past the end without --keep-size grows the node.
-    run(Command::new("fallocate")
-        .args(["-z", "-o", "1048576", "-l", "8192"])
-        .arg(&mp));
+    run_stdout(
+        Command::new("fallocate")
+            .args(["-z", "-o", "1048576", "-l", "8192"])
+            .arg(&mp),
+    );
     assert_eq!(fx.node.size(), MIB + 8192);
     // Plain fallocate past the end grows and allocates.
-    run(Command::new("fallocate")
-        .args(["-o", "1052672", "-l", "4096"])
-        .arg(&mp));
+    run_stdout(
+        Command::new("fallocate")
+            .args(["-o", "1052672", "-l", "4096"])
+            .arg(&mp),
+    );
     assert_eq!(fx.node.size(), MIB + 8192);
-    run(Command::new("fallocate")
-        .args(["-o", "1056768", "-l", "4096"])
-        .arg(&mp));
+    run_stdout(
+        Command::new("fallocate")
+            .args(["-o", "1056768", "-l", "4096"])
+            .arg(&mp),
+    );
     assert_eq!(fx.node.size(), MIB + 12288);
     assert!(fx.driver.is_allocated(1_056_768));
     // With --keep-size it does not.
-    run(Command::new("fallocate")
-        .args(["-z", "-n", "-o", "1056768", "-l", "65536"])
-        .arg(&mp));
+    run_stdout(
+        Command::new("fallocate")
+            .args(["-z", "-n", "-o", "1056768", "-l", "65536"])
+            .arg(&mp),
+    );
     assert_eq!(fx.node.size(), MIB + 12288);
 
     // A node that cannot deallocate refuses to punch holes rather than write zeroes.
@@ -270,11 +301,11 @@ fn holes(file: &File) -> Vec<(i64, i64)> {
 
 #[test]
 fn seek_hole_cp_sparse_and_qemu_img_see_the_holes() {
-    if !fuse_usable() || !have_tool("cp") || !have_tool("qemu-img") || !have_tool("cmp") {
+    if !fuse_usable() || !require_tool("cp") || !require_tool("qemu-img") || !require_tool("cmp") {
         return;
     }
     // 2 MiB: data at [0, 64K) and [1M, 1M+4K), holes elsewhere.
-    let driver = MemDriver::new(2 * MIB);
+    let driver = Arc::new(MemDriver::new(2 * MIB));
     driver.fill(0, &pattern(65536, 1));
     driver.fill(MIB, &pattern(4096, 2));
     let fx = Fixture::mount(driver, false, false);
@@ -292,26 +323,34 @@ fn seek_hole_cp_sparse_and_qemu_img_see_the_holes() {
 
     // cp --sparse=always keeps the holes (its copy has the same hole layout).
     let copy = fx.file("copy.raw");
-    run(Command::new("cp")
-        .arg("--sparse=always")
-        .arg(&mp)
-        .arg(&copy));
-    run(Command::new("cmp").arg(&mp).arg(&copy));
+    run_stdout(
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg(&mp)
+            .arg(&copy),
+    );
+    run_stdout(Command::new("cmp").arg(&mp).arg(&copy));
     let copy_file = File::open(&copy).unwrap();
     assert_eq!(holes(&copy_file), holes(&file));
 
     // qemu-img sees a raw image of the node's size with the same data and holes.
-    let info = run(Command::new("qemu-img")
-        .args(["info", "--output=json", "-f", "raw"])
-        .arg(&mp));
+    let info = run_stdout(
+        Command::new("qemu-img")
+            .args(["info", "--output=json", "-f", "raw"])
+            .arg(&mp),
+    );
     assert!(info.contains("\"virtual-size\": 2097152"), "{info}");
-    run(Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(&mp)
-        .arg(&copy));
-    let map = run(Command::new("qemu-img")
-        .args(["map", "--output=json", "-f", "raw"])
-        .arg(&mp));
+    run_stdout(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&mp)
+            .arg(&copy),
+    );
+    let map = run_stdout(
+        Command::new("qemu-img")
+            .args(["map", "--output=json", "-f", "raw"])
+            .arg(&mp),
+    );
     let data_extents: Vec<&str> = map
         .lines()
         .filter(|l| l.contains("\"data\": true"))
@@ -329,10 +368,10 @@ fn seek_hole_cp_sparse_and_qemu_img_see_the_holes() {
 
 #[test]
 fn fixed_exports_refuse_writes_past_the_end() {
-    if !fuse_usable() || !have_tool("dd") {
+    if !fuse_usable() || !require_tool("dd") {
         return;
     }
-    let fx = Fixture::mount(MemDriver::new(MIB), true, false);
+    let fx = Fixture::mount(Arc::new(MemDriver::new(MIB)), true, false);
     let mp = fx.path();
     let file = OpenOptions::new().write(true).open(&mp).unwrap();
     let err = file.write_at(b"x", MIB).unwrap_err();
@@ -359,20 +398,22 @@ fn fixed_exports_refuse_writes_past_the_end() {
 
 #[test]
 fn growable_exports_grow() {
-    if !fuse_usable() || !have_tool("dd") {
+    if !fuse_usable() || !require_tool("dd") {
         return;
     }
-    let fx = Fixture::mount(MemDriver::new(MIB), true, true);
+    let fx = Fixture::mount(Arc::new(MemDriver::new(MIB)), true, true);
     let mp = fx.path();
-    run(Command::new("dd")
-        .args([
-            "if=/dev/urandom",
-            "bs=4096",
-            "count=3",
-            "seek=300",
-            "conv=notrunc",
-        ])
-        .arg(format!("of={}", mp.display())));
+    run_stdout(
+        Command::new("dd")
+            .args([
+                "if=/dev/urandom",
+                "bs=4096",
+                "count=3",
+                "seek=300",
+                "conv=notrunc",
+            ])
+            .arg(format!("of={}", mp.display())),
+    );
     assert_eq!(fx.node.size(), 303 * 4096);
     assert_eq!(std::fs::metadata(&mp).unwrap().len(), 303 * 4096);
     let file = OpenOptions::new().read(true).write(true).open(&mp).unwrap();
@@ -389,10 +430,10 @@ fn growable_exports_grow() {
 
 #[test]
 fn read_only_exports_refuse_writes() {
-    if !fuse_usable() || !have_tool("truncate") || !have_tool("fallocate") {
+    if !fuse_usable() || !require_tool("truncate") || !require_tool("fallocate") {
         return;
     }
-    let driver = MemDriver::new(MIB);
+    let driver = Arc::new(MemDriver::new(MIB));
     driver.fill(0, &pattern(MIB as usize, 5));
     let fx = Fixture::mount(driver, false, false);
     let mp = fx.path();
@@ -422,7 +463,7 @@ fn bad_mountpoints_are_refused_like_qsd() {
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let node = block_core::Node::new("mem0", MemDriver::new(MIB), vec![]);
+    let node = block_core::Node::new("mem0", Arc::new(MemDriver::new(MIB)), vec![]);
     let mount = |path: std::path::PathBuf| {
         let attachment = node.attach("export", false).unwrap();
         FuseExport::mount(FuseExportConfig::new(path), attachment, rt.handle().clone())
@@ -464,9 +505,9 @@ fn two_exports_at_once() {
     if !fuse_usable() {
         return;
     }
-    let a = MemDriver::new(MIB);
+    let a = Arc::new(MemDriver::new(MIB));
     a.fill(0, &pattern(MIB as usize, 11));
-    let b = MemDriver::new(2 * MIB);
+    let b = Arc::new(MemDriver::new(2 * MIB));
     b.fill(0, &pattern(2 * MIB as usize, 22));
     let fa = Fixture::mount(a, true, false);
     let fb = Fixture::mount(b, false, false);
@@ -491,7 +532,7 @@ fn reads_are_in_flight_together() {
         return;
     }
     const READERS: usize = 4;
-    let driver = MemDriver::new(MIB);
+    let driver = Arc::new(MemDriver::new(MIB));
     driver.fill(0, &pattern(MIB as usize, 9));
     let fx = Fixture::mount(driver, false, false);
     // Every read now waits in the driver until READERS reads are there at once: this only
@@ -522,10 +563,10 @@ fn reads_are_in_flight_together() {
 
 #[test]
 fn unmount_while_another_process_holds_the_file() {
-    if !fuse_usable() || !have_tool("python3") {
+    if !fuse_usable() || !require_tool("python3") {
         return;
     }
-    let mut fx = Fixture::mount(MemDriver::new(MIB), true, false);
+    let mut fx = Fixture::mount(Arc::new(MemDriver::new(MIB)), true, false);
     let mp = fx.path();
     // Another process opens the file read-write, writes through it, and then waits.
     let holder = r#"
@@ -589,7 +630,7 @@ fn allow_other_off_and_drop_unmounts() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("disk.raw");
     std::fs::write(&file, b"").unwrap();
-    let node = block_core::Node::new("mem0", MemDriver::new(MIB), vec![]);
+    let node = block_core::Node::new("mem0", Arc::new(MemDriver::new(MIB)), vec![]);
     let mut cfg = FuseExportConfig::new(&file);
     cfg.allow_other = AllowOther::Off;
     let export = FuseExport::mount(
@@ -615,14 +656,14 @@ fn allow_other_off_and_drop_unmounts() {
 
 #[test]
 fn unmount_from_a_runtime_task_and_mmap() {
-    if !fuse_usable() || !have_tool("python3") {
+    if !fuse_usable() || !require_tool("python3") {
         return;
     }
-    let driver = MemDriver::new(MIB);
+    let driver = Arc::new(MemDriver::new(MIB));
     driver.fill(0, &pattern(MIB as usize, 42));
     let mut fx = Fixture::mount(driver, true, false);
     // mmap works on a direct-I/O file (FUSE_DIRECT_IO_ALLOW_MMAP), reading the node's bytes.
-    let out = run(Command::new("python3")
+    let out = run_stdout(Command::new("python3")
         .arg("-c")
         .arg("import mmap,sys\nf=open(sys.argv[1],'rb')\nm=mmap.mmap(f.fileno(),0,prot=mmap.PROT_READ)\nsys.stdout.write(m[4096:4104].hex())")
         .arg(fx.path()));
@@ -652,7 +693,7 @@ fn unprivileged_child() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("disk.raw");
     std::fs::write(&file, b"").unwrap();
-    let driver = MemDriver::new(MIB);
+    let driver = Arc::new(MemDriver::new(MIB));
     let node = block_core::Node::new("mem0", driver.clone(), vec![]);
     let mut cfg = FuseExportConfig::new(&file);
     cfg.writable = true;
@@ -684,7 +725,7 @@ fn unprivileged_child() {
 #[test]
 #[ignore = "needs /dev/fuse usable by unprivileged users (mode 0666)"]
 fn unprivileged_export_through_fusermount3() {
-    if !fuse_usable() || !have_tool("setpriv") || !have_tool("fusermount3") {
+    if !fuse_usable() || !require_tool("setpriv") || !require_tool("fusermount3") {
         return;
     }
     let mode = std::fs::metadata("/dev/fuse").unwrap().permissions().mode();
@@ -718,7 +759,7 @@ fn unmount_on_a_current_thread_runtime() {
     let iothread = block_core::IoThread::spawn("fuse-test-loop").unwrap();
     let handle = iothread.handle().clone();
     let dir = tempfile::tempdir().unwrap();
-    let driver = MemDriver::new(MIB);
+    let driver = Arc::new(MemDriver::new(MIB));
     let node = block_core::Node::new("mem0", driver.clone(), vec![]);
     let mount = |name: &str| {
         let file = dir.path().join(name);

@@ -15,7 +15,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let graph = NodeGraph::new();
     let node = block_core::open::blockdev_add(
         &graph,
-        serde_json::json!({"driver": "file", "filename": args[1], "node-name": "n"}),
+        block_core::BlockdevOptions::from_json(
+            serde_json::json!({"driver": "file", "filename": args[1], "node-name": "n"}),
+        )?,
     )
     .await?;
     let server = NbdServer::new(ServerConfig::default());

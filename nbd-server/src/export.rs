@@ -5,8 +5,11 @@ use block_core::{Attachment, DirtyBitmap, ExportGone};
 use std::sync::Arc;
 use tokio::sync::watch;
 
-/// What [`NbdServer::add_export`](crate::NbdServer::add_export) needs to export a node.
+/// What [`NbdServer::add_export`](crate::NbdServer::add_export) needs to export a node:
+/// [`ExportConfig::new`], then the setters of what differs (more settings may come: the struct
+/// cannot be built by hand).
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct ExportConfig {
     /// The export name clients ask for (at most 4096 bytes, unique on the server).
     pub name: String,
@@ -45,6 +48,36 @@ impl ExportConfig {
             allocation_depth: false,
             runtime: None,
         }
+    }
+
+    /// Sets [`ExportConfig::description`].
+    pub fn description(mut self, description: Option<String>) -> Self {
+        self.description = description;
+        self
+    }
+
+    /// Sets [`ExportConfig::writethrough`].
+    pub fn writethrough(mut self, writethrough: bool) -> Self {
+        self.writethrough = writethrough;
+        self
+    }
+
+    /// Sets [`ExportConfig::bitmaps`].
+    pub fn bitmaps(mut self, bitmaps: Vec<Arc<DirtyBitmap>>) -> Self {
+        self.bitmaps = bitmaps;
+        self
+    }
+
+    /// Sets [`ExportConfig::allocation_depth`].
+    pub fn allocation_depth(mut self, allocation_depth: bool) -> Self {
+        self.allocation_depth = allocation_depth;
+        self
+    }
+
+    /// Sets [`ExportConfig::runtime`].
+    pub fn runtime(mut self, runtime: Option<tokio::runtime::Handle>) -> Self {
+        self.runtime = runtime;
+        self
     }
 }
 

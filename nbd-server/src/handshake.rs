@@ -83,8 +83,8 @@ pub enum HandshakeError {
     #[error("TLS handshake failed")]
     Tls(#[source] io::Error),
     /// The authorization hook refused the client.
-    #[error("client not authorized: {0}")]
-    Unauthorized(String),
+    #[error("client not authorized")]
+    Unauthorized(#[source] crate::tls::Refusal),
 }
 
 /// What kind of headers the transmission phase uses.

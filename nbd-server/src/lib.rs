@@ -16,8 +16,12 @@
 //! ([`handshake`]); transports are generic over `AsyncRead + AsyncWrite`.
 //! - TLS ([`TlsConfig`]): x509 through `tokio-rustls`, or pre-shared keys through OpenSSL
 //!   with the `psk` feature ([`TlsAcceptor`]); `NBD_OPT_STARTTLS` required before any other
-//!   option, as QEMU with `tls-creds`, and an authorization hook on the client's identity
-//!   ([`Peer`]: certificate or PSK username) after the TLS handshake (QEMU's `tls-authz`).
+//!   option, as QEMU with `tls-creds`, and an authorization hook ([`Authorize`]) on the
+//!   client's identity ([`Peer`]: certificate or PSK username) after the TLS handshake
+//!   (QEMU's `tls-authz`), refusing with a typed [`Refusal`]. The hook gets the certificate as
+//!   DER and picks the name it checks: this crate parses no certificate and depends on no
+//!   authorization crate; `qsd-crypto`'s `authz-*` objects implement the hook with QEMU's
+//!   GnuTLS-order distinguished name.
 //!
 //! ```no_run
 //! # async fn run(node: std::sync::Arc<block_core::Node>) -> Result<(), Box<dyn std::error::Error>> {
@@ -53,5 +57,11 @@ pub use psk::{PskAcceptor, PskError, PskLookup};
 pub use server::{
     NbdError, NbdServer, ServerConfig, DEFAULT_HANDSHAKE_MAX_SECONDS, DEFAULT_MAX_CONNECTIONS,
 };
+#[cfg(feature = "splice-counter")]
 pub use splice::spliced_bytes;
-pub use tls::{Authorize, Peer, TlsAcceptor, TlsConfig};
+pub use tls::{Authorize, Peer, PeerKind, Refusal, TlsAcceptor, TlsConfig};
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -47,8 +47,10 @@ pub enum NbdError {
     BitmapEnabled(String),
 }
 
-/// Settings of an [`NbdServer`].
+/// Settings of an [`NbdServer`]: [`ServerConfig::default`] (QEMU's), then the setters of what
+/// differs (more settings may come: the struct cannot be built by hand).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ServerConfig {
     /// Most clients connected at once, 0 for no limit. At the limit the server stops
     /// accepting until a client leaves (as QEMU does); 1 also clears
@@ -86,6 +88,32 @@ impl Default for ServerConfig {
             tls: None,
             event_loops: 0,
         }
+    }
+}
+
+impl ServerConfig {
+    /// Sets [`ServerConfig::max_connections`].
+    pub fn max_connections(mut self, max_connections: u32) -> Self {
+        self.max_connections = max_connections;
+        self
+    }
+
+    /// Sets [`ServerConfig::handshake_max`].
+    pub fn handshake_max(mut self, handshake_max: Option<Duration>) -> Self {
+        self.handshake_max = handshake_max;
+        self
+    }
+
+    /// Sets [`ServerConfig::tls`].
+    pub fn tls(mut self, tls: Option<TlsConfig>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// Sets [`ServerConfig::event_loops`].
+    pub fn event_loops(mut self, event_loops: usize) -> Self {
+        self.event_loops = event_loops;
+        self
     }
 }
 
@@ -278,7 +306,7 @@ impl NbdServer {
             Err(HandshakeError::Aborted) => return,
             Err(HandshakeError::Unauthorized(reason)) => {
                 // QEMU fails the TLS negotiation: the client sees the connection closed.
-                tracing::warn!(reason, "NBD client refused by tls-authz");
+                tracing::warn!(reason = reason.message(), "NBD client refused by tls-authz");
                 return;
             }
             Err(e) => {

@@ -16,7 +16,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -33,8 +33,10 @@ const PIPES_MAX: usize = 16;
 /// Smaller pipes (a host that refuses to grow them) are not worth a splice.
 const PIPE_MIN: usize = 64 * 1024;
 
-static SPLICED: AtomicU64 = AtomicU64::new(0);
+#[cfg(feature = "splice-counter")]
+static SPLICED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+#[cfg(feature = "splice-counter")]
 /// Bytes this process has sent in read replies without copying them (spliced from the page
 /// cache into sockets), over all servers and connections since it started.
 pub fn spliced_bytes() -> u64 {
@@ -227,6 +229,7 @@ impl SpliceSink {
             match r {
                 Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(Ok(n)) => {
+                    #[cfg(feature = "splice-counter")]
                     SPLICED.fetch_add(n as u64, Ordering::Relaxed);
                     return Ok(n);
                 }

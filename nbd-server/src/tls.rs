@@ -26,13 +26,95 @@ pub enum Peer<'a> {
     PskIdentity(&'a str),
 }
 
-/// Decides whether a client may continue once TLS is up, from its identity. `Ok` carries the
-/// client's name (for logs: a distinguished name, a PSK username); `Err` the reason for the
-/// refusal (logged; the client sees the connection closed).
+impl Peer<'_> {
+    /// How the client authenticated.
+    pub fn kind(&self) -> PeerKind {
+        match self {
+            Peer::Certificate(_) => PeerKind::X509,
+            Peer::PskIdentity(_) => PeerKind::Psk,
+        }
+    }
+}
+
+/// How a TLS client authenticated: the word QEMU's messages use for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerKind {
+    /// A certificate (`x509`).
+    X509,
+    /// A pre-shared key (`PSK`).
+    Psk,
+}
+
+impl fmt::Display for PeerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PeerKind::X509 => "x509",
+            PeerKind::Psk => "PSK",
+        })
+    }
+}
+
+/// Why [`Authorize`] refused a client, in QEMU's words. The client sees the connection closed;
+/// the server logs this.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// An x509 client that sent no certificate.
+    #[error("No certificate peers")]
+    NoCertificate,
+    /// The authorization said no to this identity.
+    #[error("TLS {kind} authz check for {identity} is denied")]
+    Denied {
+        /// How the client authenticated.
+        kind: PeerKind,
+        /// Its identity: a distinguished name, a PSK username.
+        identity: String,
+    },
+    /// The identity could not be read from the certificate.
+    #[error("Cannot get client distinguished name")]
+    Identity(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The authorization could not decide (e.g. its rules cannot be read).
+    #[error(transparent)]
+    Failed(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl Refusal {
+    /// The text with its causes, `msg: cause: cause`, as QEMU logs it.
+    pub fn message(&self) -> String {
+        let mut out = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            out.push_str(": ");
+            out.push_str(&c.to_string());
+            cause = c.source();
+        }
+        out
+    }
+}
+
+/// Decides whether a client may continue once TLS is up, from its identity ([`Peer`]).
+///
+/// The hook gets the certificate as DER, not a distinguished name: which name to check
+/// (subject DN in some library's order, a SAN, a fingerprint) is the authorization's business,
+/// and this crate stays free of any certificate parser. `qsd-crypto`'s authz objects
+/// implement it with QEMU's GnuTLS-order DN.
 ///
 /// Called for every connection, so that the authorization it consults can change while the
-/// server runs.
-pub type Authorize = dyn Fn(Peer<'_>) -> Result<String, String> + Send + Sync;
+/// server runs. Closures `Fn(Peer<'_>) -> Result<String, Refusal>` implement it.
+pub trait Authorize: Send + Sync {
+    /// `Ok` with the client's name (for logs: a distinguished name, a PSK username), or why
+    /// the client is refused.
+    fn authorize(&self, peer: Peer<'_>) -> Result<String, Refusal>;
+}
+
+impl<F> Authorize for F
+where
+    F: Fn(Peer<'_>) -> Result<String, Refusal> + Send + Sync,
+{
+    fn authorize(&self, peer: Peer<'_>) -> Result<String, Refusal> {
+        self(peer)
+    }
+}
 
 /// How the TLS handshake runs after `NBD_OPT_STARTTLS` (QEMU's `tls-creds` types).
 #[derive(Clone)]
@@ -66,7 +148,7 @@ pub struct TlsConfig {
     pub acceptor: TlsAcceptor,
     /// Authorization after the TLS handshake; `None` admits every client the TLS layer
     /// accepted.
-    pub authorize: Option<Arc<Authorize>>,
+    pub authorize: Option<Arc<dyn Authorize>>,
 }
 
 impl TlsConfig {
@@ -83,7 +165,10 @@ impl fmt::Debug for TlsConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TlsConfig")
             .field("acceptor", &self.acceptor)
-            .field("authorize", &self.authorize.as_ref().map(|_| "Fn"))
+            .field(
+                "authorize",
+                &self.authorize.as_ref().map(|_| "dyn Authorize"),
+            )
             .finish()
     }
 }
@@ -107,7 +192,11 @@ where
                         .peer_certificates()
                         .and_then(|chain| chain.first())
                         .map(|c| c.as_ref());
-                    Some(authorize(Peer::Certificate(cert)).map_err(AcceptError::Unauthorized)?)
+                    Some(
+                        authorize
+                            .authorize(Peer::Certificate(cert))
+                            .map_err(AcceptError::Unauthorized)?,
+                    )
                 }
                 None => None,
             };
@@ -118,7 +207,9 @@ where
             let (secured, identity) = acceptor.accept(plain).await?;
             let name = match &tls.authorize {
                 Some(authorize) => Some(
-                    authorize(Peer::PskIdentity(&identity)).map_err(AcceptError::Unauthorized)?,
+                    authorize
+                        .authorize(Peer::PskIdentity(&identity))
+                        .map_err(AcceptError::Unauthorized)?,
                 ),
                 None => None,
             };
@@ -137,7 +228,7 @@ pub(crate) enum AcceptError {
     /// The TLS handshake failed.
     Handshake(io::Error),
     /// The hook refused the client.
-    Unauthorized(String),
+    Unauthorized(Refusal),
 }
 
 /// A connection's stream: plaintext, or TLS after `NBD_OPT_STARTTLS`. An enum, so that the

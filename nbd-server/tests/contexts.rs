@@ -27,7 +27,7 @@ fn server() -> (TestServer, Arc<DirtyBitmap>) {
     b0.set_range(MIB, 192 * KIB);
     b0.set_range(3 * MIB, MIB);
     let b1 = Arc::new(DirtyBitmap::new("b1", SIZE, 64 * KIB as u32, false));
-    let disk = MemDisk::new(SIZE);
+    let disk = MemDriver::new(SIZE);
     disk.fill(0, &vec![0x11; 64 * KIB as usize]);
     disk.set_depth(MIB, MIB, 2);
     let bitmaps = vec![Arc::clone(&b0), b1];
@@ -42,10 +42,12 @@ fn server() -> (TestServer, Arc<DirtyBitmap>) {
 
 /// `nbdinfo --map=CONTEXT --json`, as (offset, length, type).
 fn nbdinfo_map(t: &TestServer, context: &str) -> Vec<(u64, u64, u64)> {
-    let out = run(Command::new("nbdinfo")
-        .arg(format!("--map={context}"))
-        .arg("--json")
-        .arg(t.uri()));
+    let out = run_ok(
+        Command::new("nbdinfo")
+            .arg(format!("--map={context}"))
+            .arg("--json")
+            .arg(t.uri()),
+    );
     let v: Value = serde_json::from_slice(&out.stdout).expect("nbdinfo --json output");
     v.as_array()
         .expect("a JSON array")
@@ -62,7 +64,7 @@ fn nbdinfo_map(t: &TestServer, context: &str) -> Vec<(u64, u64, u64)> {
 
 #[test]
 fn nbdinfo_maps_dirty_bitmaps_and_allocation_depth() {
-    if !have("nbdinfo") {
+    if !require_tool("nbdinfo") {
         return;
     }
     let (t, b0) = server();
@@ -103,13 +105,13 @@ fn nbdinfo_maps_dirty_bitmaps_and_allocation_depth() {
 
 #[test]
 fn qemu_img_map_with_x_dirty_bitmap() {
-    if !have("qemu-img") {
+    if !require_tool("qemu-img") {
         return;
     }
     let (t, _b0) = server();
     // QEMU's client reads the bitmap through base:allocation's bits: a dirty extent
     // (NBD_STATE_DIRTY = 1 = NBD_STATE_HOLE) shows as "data": false.
-    let out = run(Command::new("qemu-img").args([
+    let out = run_ok(Command::new("qemu-img").args([
         "map",
         "--output=json",
         "--image-opts",
@@ -147,7 +149,7 @@ fn qemu_img_map_with_x_dirty_bitmap() {
 
 #[test]
 fn libnbd_lists_and_reads_every_context() {
-    if !have_python_nbd() {
+    if !require_python_nbd() {
         return;
     }
     let (t, _b0) = server();
@@ -207,7 +209,7 @@ assert got["qemu:dirty-bitmap:b0"] == [(128 * K, 1)], got
 h.shutdown()
 print("ok")
 "#;
-    let out = run(Command::new("/usr/bin/python3").args(["-c", script, &t.uri()]));
+    let out = run_ok(Command::new("/usr/bin/python3").args(["-c", script, &t.uri()]));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
 }
 

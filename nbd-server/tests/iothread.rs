@@ -25,10 +25,10 @@ const MAIN: &str = "nbd-test-main";
 /// A bound on waits that would otherwise hang a broken build forever (not a timing check).
 const HANG: Duration = Duration::from_secs(20);
 
-/// A [`MemDisk`] that reports the thread of every call.
+/// A [`MemDriver`] that reports the thread of every call.
 #[derive(Debug)]
 struct Recording {
-    disk: Arc<MemDisk>,
+    disk: Arc<MemDriver>,
     calls: Mutex<mpsc::Sender<String>>,
 }
 
@@ -107,7 +107,7 @@ impl BlockDriver for Recording {}
 /// runs in an [`IoThread`].
 struct Fixture {
     server: NbdServer,
-    disk: Arc<MemDisk>,
+    disk: Arc<MemDriver>,
     node: Arc<Node>,
     calls: Mutex<mpsc::Receiver<String>>,
     socket: PathBuf,
@@ -119,13 +119,13 @@ struct Fixture {
 }
 
 impl Fixture {
-    fn new(disk: MemDisk, on_iothread: bool, tls: Option<TlsConfig>) -> Fixture {
+    fn new(disk: MemDriver, on_iothread: bool, tls: Option<TlsConfig>) -> Fixture {
         Fixture::with_loops(disk, on_iothread, tls, 0)
     }
 
     /// As [`Fixture::new`], on a server with `event_loops` connection loops.
     fn with_loops(
-        disk: MemDisk,
+        disk: MemDriver,
         on_iothread: bool,
         tls: Option<TlsConfig>,
         event_loops: usize,
@@ -144,11 +144,7 @@ impl Fixture {
             .build()
             .unwrap();
         let iothread = on_iothread.then(|| IoThread::spawn(IOTHREAD).unwrap());
-        let server = NbdServer::new(ServerConfig {
-            tls,
-            event_loops,
-            ..ServerConfig::default()
-        });
+        let server = NbdServer::new(ServerConfig::default().tls(tls).event_loops(event_loops));
         let mut export = ExportConfig::new("e", node.attach("export 'e'", true).unwrap());
         export.runtime = iothread.as_ref().map(|t| t.handle().clone());
         server.add_export(export).unwrap();
@@ -389,7 +385,7 @@ fn assert_all_on(threads: &[String], name: &str) {
 
 #[test]
 fn unix_and_tcp_clients_run_in_the_iothread() {
-    let f = Fixture::new(MemDisk::new(4 * MIB), true, None);
+    let f = Fixture::new(MemDriver::new(4 * MIB), true, None);
     exchange(&f, f.unix(), 1);
     assert_all_on(&f.threads(), IOTHREAD);
     exchange(&f, f.tcp(), 2);
@@ -399,7 +395,7 @@ fn unix_and_tcp_clients_run_in_the_iothread() {
 
 #[test]
 fn without_a_runtime_clients_run_where_they_were_accepted() {
-    let f = Fixture::new(MemDisk::new(4 * MIB), false, None);
+    let f = Fixture::new(MemDriver::new(4 * MIB), false, None);
     exchange(&f, f.unix(), 3);
     assert_all_on(&f.threads(), MAIN);
     exchange(&f, f.tcp(), 4);
@@ -408,7 +404,7 @@ fn without_a_runtime_clients_run_where_they_were_accepted() {
 
 #[test]
 fn with_event_loops_clients_spread_over_them_unless_the_export_has_a_runtime() {
-    let f = Fixture::with_loops(MemDisk::new(4 * MIB), false, None, 2);
+    let f = Fixture::with_loops(MemDriver::new(4 * MIB), false, None, 2);
     // Two clients at once: one on each loop, none on the accepting runtime.
     let (mut a, _) = Client::connect(f.unix());
     let (mut b, _) = Client::connect(f.tcp());
@@ -426,14 +422,14 @@ fn with_event_loops_clients_spread_over_them_unless_the_export_has_a_runtime() {
     a.disconnect();
     b.disconnect();
     // An export's own runtime wins over the loops.
-    let f = Fixture::with_loops(MemDisk::new(4 * MIB), true, None, 2);
+    let f = Fixture::with_loops(MemDriver::new(4 * MIB), true, None, 2);
     exchange(&f, f.unix(), 8);
     assert_all_on(&f.threads(), IOTHREAD);
 }
 
 #[test]
 fn a_handed_over_stream_runs_in_the_iothread_too() {
-    let f = Fixture::new(MemDisk::new(4 * MIB), true, None);
+    let f = Fixture::new(MemDriver::new(4 * MIB), true, None);
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
     ours.set_read_timeout(Some(HANG)).unwrap();
     theirs.set_nonblocking(true).unwrap();
@@ -452,7 +448,7 @@ fn a_handed_over_stream_runs_in_the_iothread_too() {
 
 #[test]
 fn many_clients_at_once_in_the_iothread() {
-    let f = Fixture::new(MemDisk::new(4 * MIB), true, None);
+    let f = Fixture::new(MemDriver::new(4 * MIB), true, None);
     std::thread::scope(|scope| {
         for i in 0..4u64 {
             let f = &f;
@@ -480,7 +476,7 @@ impl<T: Read + Write + Send> ReadWrite for T {}
 
 #[test]
 fn hard_removal_drops_a_moved_client_after_its_request() {
-    let mut disk = MemDisk::new(4 * MIB);
+    let mut disk = MemDriver::new(4 * MIB);
     let gated = 2 * MIB;
     disk.gated_offset = Some(gated);
     disk.fill(gated, &[0x5a; 4096]);
@@ -508,7 +504,7 @@ fn hard_removal_drops_a_moved_client_after_its_request() {
 
 #[test]
 fn safe_removal_is_refused_while_a_moved_client_is_connected() {
-    let f = Fixture::new(MemDisk::new(4 * MIB), true, None);
+    let f = Fixture::new(MemDriver::new(4 * MIB), true, None);
     let (mut c, _) = Client::connect(f.tcp());
     assert_eq!(c.read(0, 512), vec![0; 512]);
     let refused = f.server.remove_export("e", RemoveMode::Safe).unwrap_err();
@@ -529,7 +525,7 @@ fn safe_removal_is_refused_while_a_moved_client_is_connected() {
 
 #[test]
 fn server_stop_ends_moved_clients() {
-    let f = Fixture::new(MemDisk::new(4 * MIB), true, None);
+    let f = Fixture::new(MemDriver::new(4 * MIB), true, None);
     let (mut unix, _) = Client::connect(f.unix());
     let (mut tcp, _) = Client::connect(f.tcp());
     assert_eq!(unix.read(0, 512), vec![0; 512]);
@@ -546,7 +542,7 @@ fn server_stop_ends_moved_clients() {
 
 #[test]
 fn an_iothread_ending_drops_its_clients() {
-    let mut f = Fixture::new(MemDisk::new(4 * MIB), true, None);
+    let mut f = Fixture::new(MemDriver::new(4 * MIB), true, None);
     let (mut c, _) = Client::connect(f.unix());
     assert_eq!(c.read(0, 512), vec![0; 512]);
     drop(f.iothread.take());
@@ -558,7 +554,7 @@ fn an_iothread_ending_drops_its_clients() {
 
 #[test]
 fn a_moved_client_outlives_the_main_runtime() {
-    let mut f = Fixture::new(MemDisk::new(4 * MIB), true, None);
+    let mut f = Fixture::new(MemDriver::new(4 * MIB), true, None);
     let unix: Box<dyn ReadWrite> = Box::new(f.unix());
     let tcp: Box<dyn ReadWrite> = Box::new(f.tcp());
     let mut clients: Vec<_> = [unix, tcp].map(|s| Client::connect(s).0).into();
@@ -593,7 +589,7 @@ impl Pki {
         let dir = tempfile::tempdir().unwrap();
         let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
         let certtool = |args: &[&str]| {
-            run(Command::new("certtool").args(args));
+            run_ok(Command::new("certtool").args(args));
         };
         for key in ["ca-key.pem", "server-key.pem"] {
             certtool(&[
@@ -679,11 +675,11 @@ impl Pki {
 
 #[test]
 fn tls_clients_run_in_the_iothread() {
-    if !have("certtool") || !have("qemu-io") {
+    if !require_tool("certtool") || !require_tool("qemu-io") {
         return;
     }
     let pki = Pki::new();
-    let f = Fixture::new(MemDisk::new(4 * MIB), true, Some(pki.config()));
+    let f = Fixture::new(MemDriver::new(4 * MIB), true, Some(pki.config()));
     let server = |f: &Fixture, over_tcp: bool| {
         if over_tcp {
             format!(
@@ -695,22 +691,24 @@ fn tls_clients_run_in_the_iothread() {
         }
     };
     for (over_tcp, fill, at) in [(false, 0x5a, 0u64), (true, 0xa5, 2 * MIB)] {
-        let out = run(Command::new("qemu-io")
-            .arg("-c")
-            .arg(format!("write -P {fill} {at} 1M"))
-            .arg("-c")
-            .arg(format!("read -P {fill} {at} 1M"))
-            .args(["-c", "flush"])
-            .arg("--object")
-            .arg(format!(
-                "tls-creds-x509,id=tls0,endpoint=client,dir={}",
-                pki.dir.path().join("client").display()
-            ))
-            .arg("--image-opts")
-            .arg(format!(
-                "driver=nbd,{},export=e,tls-creds=tls0,tls-hostname=localhost",
-                server(&f, over_tcp)
-            )));
+        let out = run_ok(
+            Command::new("qemu-io")
+                .arg("-c")
+                .arg(format!("write -P {fill} {at} 1M"))
+                .arg("-c")
+                .arg(format!("read -P {fill} {at} 1M"))
+                .args(["-c", "flush"])
+                .arg("--object")
+                .arg(format!(
+                    "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+                    pki.dir.path().join("client").display()
+                ))
+                .arg("--image-opts")
+                .arg(format!(
+                    "driver=nbd,{},export=e,tls-creds=tls0,tls-hostname=localhost",
+                    server(&f, over_tcp)
+                )),
+        );
         let text = String::from_utf8_lossy(&out.stdout).to_string()
             + &String::from_utf8_lossy(&out.stderr);
         assert!(!text.contains("failed"), "{text}");
@@ -741,11 +739,11 @@ fn tls_client<T: Read + Write>(
 
 #[test]
 fn a_moved_tls_client_outlives_the_main_runtime() {
-    if !have("certtool") {
+    if !require_tool("certtool") {
         return;
     }
     let pki = Pki::new();
-    let mut f = Fixture::new(MemDisk::new(4 * MIB), true, Some(pki.config()));
+    let mut f = Fixture::new(MemDriver::new(4 * MIB), true, Some(pki.config()));
     let mut unix = tls_client(f.unix(), pki.client());
     let mut tcp = tls_client(f.tcp(), pki.client());
     assert_eq!(unix.read(0, 512), vec![0; 512]);

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use nbd_server::{Peer, PskAcceptor, ServerConfig, TlsAcceptor, TlsConfig};
+use nbd_server::{Peer, PskAcceptor, Refusal, ServerConfig, TlsAcceptor, TlsConfig};
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
@@ -24,18 +24,11 @@ fn uri(t: &TestServer, user: &str, keys: &Path) -> String {
     )
 }
 
-fn nbdinfo_ok(uri: &str) -> bool {
-    Command::new("nbdinfo")
-        .args(["--size", uri])
-        .output()
-        .unwrap()
-        .status
-        .success()
-}
+use test_support::nbdinfo_ok;
 
 #[test]
 fn psk_clients_are_served_and_authorized_by_identity() {
-    if !have("nbdinfo") || !have("nbdcopy") {
+    if !require_tool("nbdinfo") || !require_tool("nbdcopy") {
         return;
     }
     let keys: HashMap<String, Vec<u8>> = [
@@ -49,26 +42,27 @@ fn psk_clients_are_served_and_authorized_by_identity() {
         let seen = Arc::clone(&seen);
         Arc::new(move |peer: Peer<'_>| {
             let Peer::PskIdentity(user) = peer else {
-                return Err(format!("not a PSK client: {peer:?}"));
+                return Err(Refusal::NoCertificate);
             };
             seen.lock().unwrap().push(user.to_string());
             if user == "bob" {
-                Err("bob is not allowed".to_string())
+                Err(Refusal::Denied {
+                    kind: peer.kind(),
+                    identity: user.to_string(),
+                })
             } else {
                 Ok(user.to_string())
             }
         })
     };
-    let config = ServerConfig {
-        tls: Some(TlsConfig {
+    let config = ServerConfig::default()
+        .tls(Some(TlsConfig {
             acceptor: TlsAcceptor::Psk(acceptor),
             authorize: Some(hook),
-        }),
+        }))
         // Connections move to these loops after the handshake, TLS state and all.
-        event_loops: 2,
-        ..ServerConfig::default()
-    };
-    let t = TestServer::start(MemDisk::new(4 << 20), config, true);
+        .event_loops(2);
+    let t = TestServer::start(MemDriver::new(4 << 20), config, true);
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("keys.psk");
     std::fs::write(
@@ -87,18 +81,22 @@ fn psk_clients_are_served_and_authorized_by_identity() {
     // Byte for byte both ways, over two connections.
     let data = dir.path().join("data.raw");
     std::fs::write(&data, pattern(4 << 20, 3)).unwrap();
-    run(Command::new("nbdcopy")
-        .arg("--connections=2")
-        .arg(&data)
-        .arg(uri(&t, "alice", &file)));
+    run_ok(
+        Command::new("nbdcopy")
+            .arg("--connections=2")
+            .arg(&data)
+            .arg(uri(&t, "alice", &file)),
+    );
     assert!(
         t.disk.contents() == pattern(4 << 20, 3),
         "the export differs"
     );
     let copy = dir.path().join("copy.raw");
-    run(Command::new("nbdcopy")
-        .arg(uri(&t, "alice", &file))
-        .arg(&copy));
+    run_ok(
+        Command::new("nbdcopy")
+            .arg(uri(&t, "alice", &file))
+            .arg(&copy),
+    );
     assert!(
         std::fs::read(&copy).unwrap() == pattern(4 << 20, 3),
         "the copy differs"

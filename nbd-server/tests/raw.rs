@@ -199,13 +199,11 @@ fn bad_request_magic_closes() {
 #[test]
 fn handshake_deadline_drops_silent_client() {
     let t = TestServer::start(
-        MemDisk::new(MIB),
-        ServerConfig {
-            max_connections: 0,
-            handshake_max: Some(Duration::from_millis(200)),
-            tls: None,
-            ..ServerConfig::default()
-        },
+        MemDriver::new(MIB),
+        ServerConfig::default()
+            .max_connections(0)
+            .handshake_max(Some(Duration::from_millis(200)))
+            .tls(None),
         true,
     );
     let mut s = t.connect();
@@ -225,13 +223,11 @@ fn handshake_deadline_drops_silent_client() {
 #[test]
 fn connection_limit_waits_for_a_free_slot() {
     let t = TestServer::start(
-        MemDisk::new(MIB),
-        ServerConfig {
-            max_connections: 1,
-            handshake_max: None,
-            tls: None,
-            ..ServerConfig::default()
-        },
+        MemDriver::new(MIB),
+        ServerConfig::default()
+            .max_connections(1)
+            .handshake_max(None)
+            .tls(None),
         true,
     );
     let mut first = t.connect();
@@ -262,7 +258,7 @@ fn connection_limit_waits_for_a_free_slot() {
 #[test]
 fn misaligned_requests_are_refused() {
     let t = TestServer::start(
-        MemDisk::with(MIB, 512, false),
+        MemDriver::with(MIB, 512, false),
         ServerConfig::default(),
         true,
     );
@@ -420,10 +416,10 @@ fn safe_removal_without_clients_and_name_reuse() {
     assert!(t.node.users().is_empty());
     // The name is free again.
     t.server
-        .add_export(nbd_server::ExportConfig {
-            writethrough: true,
-            ..nbd_server::ExportConfig::new("e", t.node.attach("export 'e'", false).unwrap())
-        })
+        .add_export(
+            nbd_server::ExportConfig::new("e", t.node.attach("export 'e'", false).unwrap())
+                .writethrough(true),
+        )
         .unwrap();
     let dup = t.server.add_export(nbd_server::ExportConfig::new(
         "e",
@@ -444,7 +440,7 @@ fn safe_removal_without_clients_and_name_reuse() {
 
 #[test]
 fn replies_come_back_out_of_order() {
-    let mut disk = MemDisk::new(MIB);
+    let mut disk = MemDriver::new(MIB);
     disk.gated_offset = Some(65536);
     disk.fill(0, b"first");
     let t = TestServer::start(disk, ServerConfig::default(), true);
@@ -471,7 +467,7 @@ fn replies_come_back_out_of_order() {
 
 #[test]
 fn hard_removal_finishes_requests_in_flight() {
-    let mut disk = MemDisk::new(MIB);
+    let mut disk = MemDriver::new(MIB);
     disk.gated_offset = Some(4096);
     let t = TestServer::start(disk, ServerConfig::default(), true);
     let mut s = t.connect();

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use nbd_server::{Authorize, Peer, ServerConfig, TlsAcceptor, TlsConfig};
+use nbd_server::{Authorize, Peer, PeerKind, Refusal, ServerConfig, TlsAcceptor, TlsConfig};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -21,109 +21,42 @@ const MIB: u64 = 1 << 20;
 fn have_tools() -> bool {
     ["certtool", "qemu-img", "qemu-io", "nbdinfo", "nbdcopy"]
         .iter()
-        .all(|t| have(t))
+        .all(|t| require_tool(t))
 }
 
-/// A CA, a second (foreign) CA, and directories in QEMU's layout: `server/`, and client
-/// directories `good/` (CN=good-client), `denied/` (CN=denied-client), `rogue/` (a client
-/// certificate signed by the foreign CA) and `nocert/` (only the CA certificate).
+/// test-support's PKI (certtool, QEMU's layout) in a temp dir, its directories by role:
+/// `server/`, clients `good/` (CN=client), `denied/` (CN=intruder), `rogue/` (a client
+/// certificate signed by a foreign CA) and `nocert/` (only the CA certificate). Every client
+/// trusts the real CA, so that only the server's decision matters.
 struct Pki {
-    dir: tempfile::TempDir,
-}
-
-fn certtool(args: &[&str]) {
-    run(Command::new("certtool").args(args));
+    dirs: test_support::Pki,
+    nocert: PathBuf,
+    _dir: tempfile::TempDir,
 }
 
 impl Pki {
     fn new() -> Pki {
         let dir = tempfile::tempdir().unwrap();
-        let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
-        let template = |name: &str, text: &str| {
-            std::fs::write(p(name), text).unwrap();
-            p(name)
-        };
-        let key = |name: &str| {
-            certtool(&[
-                "--generate-privkey",
-                "--key-type=rsa",
-                "--bits=2048",
-                "--outfile",
-                &p(name),
-            ])
-        };
-        for (ca, cn) in [("ca", "Test CA"), ("other-ca", "Foreign CA")] {
-            key(&format!("{ca}-key.pem"));
-            let t = template(
-                &format!("{ca}.info"),
-                &format!("cn = {cn}\nca\ncert_signing_key\nexpiration_days = 2\n"),
-            );
-            certtool(&[
-                "--generate-self-signed",
-                "--load-privkey",
-                &p(&format!("{ca}-key.pem")),
-                "--template",
-                &t,
-                "--outfile",
-                &p(&format!("{ca}-cert.pem")),
-            ]);
+        let dirs = test_support::Pki::create(dir.path());
+        let nocert = dir.path().join("nocert");
+        std::fs::create_dir(&nocert).unwrap();
+        std::fs::copy(dirs.server.join("ca-cert.pem"), nocert.join("ca-cert.pem")).unwrap();
+        Pki {
+            dirs,
+            nocert,
+            _dir: dir,
         }
-        // (directory, file prefix, CA, template)
-        let leaves = [
-            (
-                "server",
-                "server",
-                "ca",
-                "organization = Test\ncn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\nsigning_key\nencryption_key\nexpiration_days = 2\n",
-            ),
-            (
-                "good",
-                "client",
-                "ca",
-                "organization = Test\ncn = good-client\ntls_www_client\nsigning_key\nencryption_key\nexpiration_days = 2\n",
-            ),
-            (
-                "denied",
-                "client",
-                "ca",
-                "organization = Test\ncn = denied-client\ntls_www_client\nsigning_key\nencryption_key\nexpiration_days = 2\n",
-            ),
-            (
-                "rogue",
-                "client",
-                "other-ca",
-                "organization = Test\ncn = good-client\ntls_www_client\nsigning_key\nencryption_key\nexpiration_days = 2\n",
-            ),
-        ];
-        for (sub, prefix, ca, text) in leaves {
-            std::fs::create_dir(p(sub)).unwrap();
-            let keyfile = format!("{sub}/{prefix}-key.pem");
-            key(&keyfile);
-            let t = template(&format!("{sub}.info"), text);
-            certtool(&[
-                "--generate-certificate",
-                "--load-privkey",
-                &p(&keyfile),
-                "--load-ca-certificate",
-                &p(&format!("{ca}-cert.pem")),
-                "--load-ca-privkey",
-                &p(&format!("{ca}-key.pem")),
-                "--template",
-                &t,
-                "--outfile",
-                &p(&format!("{sub}/{prefix}-cert.pem")),
-            ]);
-        }
-        std::fs::create_dir(p("nocert")).unwrap();
-        // Every client trusts the real CA (so that only the server's decision matters).
-        for sub in ["server", "good", "denied", "rogue", "nocert"] {
-            std::fs::copy(p("ca-cert.pem"), p(&format!("{sub}/ca-cert.pem"))).unwrap();
-        }
-        Pki { dir }
     }
 
-    fn path(&self, sub: &str) -> PathBuf {
-        self.dir.path().join(sub)
+    fn path(&self, role: &str) -> PathBuf {
+        match role {
+            "server" => self.dirs.server.clone(),
+            "good" => self.dirs.client.clone(),
+            "denied" => self.dirs.other_client.clone(),
+            "rogue" => self.dirs.foreign_client.clone(),
+            "nocert" => self.nocert.clone(),
+            _ => panic!("no PKI directory for {role}"),
+        }
     }
 
     /// The server's rustls configuration: its certificate, client certificates required and
@@ -131,7 +64,8 @@ impl Pki {
     fn server_config(&self) -> Arc<rustls::ServerConfig> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(self.path("server/ca-cert.pem")).unwrap() {
+        for cert in CertificateDer::pem_file_iter(self.path("server").join("ca-cert.pem")).unwrap()
+        {
             roots.add(cert.unwrap()).unwrap();
         }
         let verifier =
@@ -139,11 +73,11 @@ impl Pki {
                 .build()
                 .unwrap();
         let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_file_iter(self.path("server/server-cert.pem"))
+            CertificateDer::pem_file_iter(self.path("server").join("server-cert.pem"))
                 .unwrap()
                 .collect::<Result<_, _>>()
                 .unwrap();
-        let key = PrivateKeyDer::from_pem_file(self.path("server/server-key.pem")).unwrap();
+        let key = PrivateKeyDer::from_pem_file(self.path("server").join("server-key.pem")).unwrap();
         let cfg = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(rustls::DEFAULT_VERSIONS)
             .unwrap()
@@ -153,15 +87,12 @@ impl Pki {
         Arc::new(cfg)
     }
 
-    fn server(&self, authorize: Option<Arc<Authorize>>) -> TestServer {
-        let config = ServerConfig {
-            tls: Some(TlsConfig {
-                acceptor: TlsAcceptor::Rustls(self.server_config()),
-                authorize,
-            }),
-            ..ServerConfig::default()
-        };
-        TestServer::start(MemDisk::new(4 * MIB), config, true)
+    fn server(&self, authorize: Option<Arc<dyn Authorize>>) -> TestServer {
+        let config = ServerConfig::default().tls(Some(TlsConfig {
+            acceptor: TlsAcceptor::Rustls(self.server_config()),
+            authorize,
+        }));
+        TestServer::start(MemDriver::new(4 * MIB), config, true)
     }
 }
 
@@ -213,14 +144,17 @@ fn nbdinfo_size(t: &TestServer, certs: &Path) -> Output {
 }
 
 /// An authorization hook that refuses certificates whose DER holds the common name `cn`
-/// (the subject `CN=denied-client`), as a `tls-authz` list would by DN.
-fn deny_cn(cn: &'static str) -> Arc<Authorize> {
+/// (the `denied` client's `CN=intruder`), as a `tls-authz` list would by DN.
+fn deny_cn(cn: &'static str) -> Arc<dyn Authorize> {
     Arc::new(move |peer: Peer<'_>| {
         let Peer::Certificate(Some(der)) = peer else {
-            return Err("no client certificate".to_string());
+            return Err(Refusal::NoCertificate);
         };
         if der.windows(cn.len()).any(|w| w == cn.as_bytes()) {
-            Err(format!("CN={cn} is not allowed"))
+            Err(Refusal::Denied {
+                kind: PeerKind::X509,
+                identity: format!("CN={cn}"),
+            })
         } else {
             Ok("allowed".to_string())
         }
@@ -240,7 +174,7 @@ fn tls_clients_read_and_write_byte_for_byte() {
     cmd.args(["-c", "write -P 0x5a 0 64k", "-c", "write -P 0xa5 1M 4k"])
         .args(["-c", "read -P 0x5a 0 64k", "-c", "read -P 0xa5 1M 4k"])
         .args(qemu_tls_args(&t, &good));
-    let out = run(&mut cmd);
+    let out = run_ok(&mut cmd);
     let out = text(&out);
     assert!(
         !out.contains("failed") && !out.contains("error"),
@@ -266,19 +200,21 @@ fn tls_clients_read_and_write_byte_for_byte() {
             "driver=raw,file.driver=file,file.filename={}",
             local.path().display()
         ));
-    run(&mut cmd);
+    run_ok(&mut cmd);
 
     // nbdcopy writes a new pattern over TLS and copies it back out.
     let pattern = pattern(4 * MIB as usize, 7);
     let src = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(src.path(), &pattern).unwrap();
-    run(Command::new("nbdcopy")
-        .arg(src.path())
-        .arg(tls_uri(&t, &good)));
+    run_ok(
+        Command::new("nbdcopy")
+            .arg(src.path())
+            .arg(tls_uri(&t, &good)),
+    );
     assert!(t.disk.contents() == pattern, "nbdcopy upload differs");
     let dst = tempfile::tempdir().unwrap();
     let back = dst.path().join("back.img");
-    run(Command::new("nbdcopy").arg(tls_uri(&t, &good)).arg(&back));
+    run_ok(Command::new("nbdcopy").arg(tls_uri(&t, &good)).arg(&back));
     assert!(
         std::fs::read(&back).unwrap() == pattern,
         "nbdcopy download differs"
@@ -353,7 +289,7 @@ fn authorization_refuses_one_client_and_admits_another() {
         return;
     }
     let pki = Pki::new();
-    let t = pki.server(Some(deny_cn("denied-client")));
+    let t = pki.server(Some(deny_cn("intruder")));
     let denied = qemu_img_info(&t, &pki.path("denied"));
     assert!(!denied.status.success(), "denied client got in");
     let denied = nbdinfo_size(&t, &pki.path("denied"));
@@ -372,16 +308,19 @@ fn authorization_is_asked_at_each_connection() {
     let pki = Pki::new();
     let allow = Arc::new(AtomicBool::new(false));
     let seen = Arc::new(std::sync::Mutex::new(Vec::<bool>::new()));
-    let hook: Arc<Authorize> = {
+    let hook: Arc<dyn Authorize> = {
         let (allow, seen) = (Arc::clone(&allow), Arc::clone(&seen));
         Arc::new(move |peer: Peer<'_>| {
             seen.lock()
                 .unwrap()
                 .push(matches!(peer, Peer::Certificate(Some(_))));
             if allow.load(Ordering::SeqCst) {
-                Ok("CN=good-client".to_string())
+                Ok("CN=client".to_string())
             } else {
-                Err("CN=good-client is not allowed".to_string())
+                Err(Refusal::Denied {
+                    kind: PeerKind::X509,
+                    identity: "CN=client".into(),
+                })
             }
         })
     };
@@ -398,16 +337,14 @@ fn authorization_is_asked_at_each_connection() {
 
 #[test]
 fn handshake_deadline_covers_the_tls_handshake() {
-    if !have("certtool") {
+    if !require_tool("certtool") {
         return;
     }
     let pki = Pki::new();
-    let config = ServerConfig {
-        handshake_max: Some(std::time::Duration::from_millis(300)),
-        tls: Some(TlsConfig::rustls(pki.server_config())),
-        ..ServerConfig::default()
-    };
-    let t = TestServer::start(MemDisk::new(MIB), config, true);
+    let config = ServerConfig::default()
+        .handshake_max(Some(std::time::Duration::from_millis(300)))
+        .tls(Some(TlsConfig::rustls(pki.server_config())));
+    let t = TestServer::start(MemDriver::new(MIB), config, true);
     let mut s = t.connect();
     raw_greet(&mut s);
     // STARTTLS is acknowledged; the client then never starts the TLS handshake.
@@ -434,16 +371,13 @@ fn tls_over_tcp() {
         .enable_all()
         .build()
         .unwrap();
-    let disk = Arc::new(MemDisk::new(MIB));
+    let disk = Arc::new(MemDriver::new(MIB));
     disk.fill(4096, &[0x77; 4096]);
     let node = block_core::Node::new("n", disk as Arc<dyn block_core::BlockDriver>, Vec::new());
-    let server = nbd_server::NbdServer::new(ServerConfig {
-        tls: Some(TlsConfig {
-            acceptor: TlsAcceptor::Rustls(pki.server_config()),
-            authorize: Some(deny_cn("denied-client")),
-        }),
-        ..ServerConfig::default()
-    });
+    let server = nbd_server::NbdServer::new(ServerConfig::default().tls(Some(TlsConfig {
+        acceptor: TlsAcceptor::Rustls(pki.server_config()),
+        authorize: Some(deny_cn("intruder")),
+    })));
     server
         .add_export(nbd_server::ExportConfig::new(
             "e",
@@ -462,7 +396,7 @@ fn tls_over_tcp() {
             pki.path(dir).display()
         )
     };
-    let out = run(Command::new("nbdinfo").arg("--size").arg(uri("good")));
+    let out = run_ok(Command::new("nbdinfo").arg("--size").arg(uri("good")));
     assert_eq!(text(&out).trim(), MIB.to_string());
     let denied = output(Command::new("nbdinfo").arg("--size").arg(uri("denied")));
     assert!(!denied.status.success(), "denied client got in over TCP");
@@ -478,7 +412,7 @@ fn tls_over_tcp() {
         .arg(format!(
             "driver=nbd,server.type=inet,server.host=localhost,server.port={port},export=e,tls-creds=tls0"
         ));
-    let out = text(&run(&mut cmd));
+    let out = text(&run_ok(&mut cmd));
     assert!(!out.contains("failed") && !out.contains("error"), "{out}");
     server.stop();
 }

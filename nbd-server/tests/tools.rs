@@ -15,7 +15,7 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> String {
         cmd.args(["-c", c]);
     }
     cmd.arg(uri);
-    let out = run(&mut cmd);
+    let out = run_ok(&mut cmd);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -30,7 +30,7 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> String {
 
 #[test]
 fn qemu_io_write_read_zero_discard_flush() {
-    if !have("qemu-io") {
+    if !require_tool("qemu-io") {
         return;
     }
     let t = TestServer::default_with(4 * MIB);
@@ -55,7 +55,7 @@ fn qemu_io_write_read_zero_discard_flush() {
     assert!(data[MIB as usize..MIB as usize + 8192]
         .iter()
         .all(|&b| b == 0xcd));
-    assert!(!t.disk.allocated(2 * MIB));
+    assert!(!t.disk.is_allocated(2 * MIB));
     // A pattern mismatch is detected (the check above is not vacuous).
     let out = Command::new("qemu-io")
         .args(["-f", "raw", "-c", "read -P 0x11 0 4k", &t.uri()])
@@ -68,7 +68,7 @@ fn qemu_io_write_read_zero_discard_flush() {
 
 #[test]
 fn qemu_img_info_map_convert_compare() {
-    if !have("qemu-img") {
+    if !require_tool("qemu-img") {
         return;
     }
     let t = TestServer::default_with(8 * MIB);
@@ -77,14 +77,14 @@ fn qemu_img_info_map_convert_compare() {
     t.disk.fill(5 * MIB, &a[..8192]);
     let uri = t.uri();
 
-    let info = run(Command::new("qemu-img").args(["info", "--output=json", &uri]));
+    let info = run_ok(Command::new("qemu-img").args(["info", "--output=json", &uri]));
     let info = String::from_utf8_lossy(&info.stdout);
     assert!(
         info.contains(&format!("\"virtual-size\": {}", 8 * MIB)),
         "{info}"
     );
 
-    let map = run(Command::new("qemu-img").args(["map", "--output=json", "-f", "raw", &uri]));
+    let map = run_ok(Command::new("qemu-img").args(["map", "--output=json", "-f", "raw", &uri]));
     let map = String::from_utf8_lossy(&map.stdout);
     // Data at [0, 256k) and [5M, 5M+8k); zero holes elsewhere.
     assert!(
@@ -102,7 +102,7 @@ fn qemu_img_info_map_convert_compare() {
 
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join("copy.raw");
-    run(Command::new("qemu-img").args([
+    run_ok(Command::new("qemu-img").args([
         "convert",
         "-f",
         "raw",
@@ -112,7 +112,7 @@ fn qemu_img_info_map_convert_compare() {
         copy.to_str().unwrap(),
     ]));
     assert_eq!(std::fs::read(&copy).unwrap(), t.disk.contents());
-    run(Command::new("qemu-img").args([
+    run_ok(Command::new("qemu-img").args([
         "compare",
         "-f",
         "raw",
@@ -147,7 +147,7 @@ fn qemu_img_info_map_convert_compare() {
     let src = dir.path().join("src.raw");
     let content = pattern(8 * MIB as usize, 99);
     std::fs::write(&src, &content).unwrap();
-    run(Command::new("qemu-img").args([
+    run_ok(Command::new("qemu-img").args([
         "convert",
         "-n",
         "-f",
@@ -162,13 +162,13 @@ fn qemu_img_info_map_convert_compare() {
 
 #[test]
 fn nbdinfo_json_list_map() {
-    if !have("nbdinfo") {
+    if !require_tool("nbdinfo") {
         return;
     }
     let t = TestServer::default_with(2 * MIB);
     t.disk.fill(MIB, &pattern(4096, 1));
     let uri = t.uri();
-    let out = run(Command::new("nbdinfo").args(["--json", &uri]));
+    let out = run_ok(Command::new("nbdinfo").args(["--json", &uri]));
     let json = String::from_utf8_lossy(&out.stdout);
     for expect in [
         "\"export-size\": 2097152",
@@ -192,11 +192,11 @@ fn nbdinfo_json_list_map() {
         assert!(json.contains(expect), "missing {expect} in {json}");
     }
 
-    let out = run(Command::new("nbdinfo").args(["--list", "--json", &uri]));
+    let out = run_ok(Command::new("nbdinfo").args(["--list", "--json", &uri]));
     let list = String::from_utf8_lossy(&out.stdout);
     assert!(list.contains("\"export-name\": \"e\""), "{list}");
 
-    let out = run(Command::new("nbdinfo").args(["--map", &uri]));
+    let out = run_ok(Command::new("nbdinfo").args(["--map", &uri]));
     let map = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<Vec<&str>> = map
         .lines()
@@ -208,30 +208,28 @@ fn nbdinfo_json_list_map() {
     assert_eq!(&lines[2][..3], ["1052672", "1044480", "3"], "{map}");
 
     // A read-only export says so.
-    let ro = TestServer::start(MemDisk::new(MIB), ServerConfig::default(), false);
-    let out = run(Command::new("nbdinfo").args(["--json", &ro.uri()]));
+    let ro = TestServer::start(MemDriver::new(MIB), ServerConfig::default(), false);
+    let out = run_ok(Command::new("nbdinfo").args(["--json", &ro.uri()]));
     let json = String::from_utf8_lossy(&out.stdout);
     assert!(json.contains("\"is_read_only\": true"), "{json}");
     assert!(json.contains("\"can_trim\": false"), "{json}");
     // max-connections 1 clears multi-conn.
     let single = TestServer::start(
-        MemDisk::new(MIB),
-        ServerConfig {
-            max_connections: 1,
-            handshake_max: None,
-            tls: None,
-            ..ServerConfig::default()
-        },
+        MemDriver::new(MIB),
+        ServerConfig::default()
+            .max_connections(1)
+            .handshake_max(None)
+            .tls(None),
         true,
     );
-    let out = run(Command::new("nbdinfo").args(["--json", &single.uri()]));
+    let out = run_ok(Command::new("nbdinfo").args(["--json", &single.uri()]));
     let json = String::from_utf8_lossy(&out.stdout);
     assert!(json.contains("\"can_multi_conn\": false"), "{json}");
 }
 
 #[test]
 fn nbdcopy_four_connections_both_ways() {
-    if !have("nbdcopy") {
+    if !require_tool("nbdcopy") {
         return;
     }
     let size = 16 * MIB;
@@ -242,7 +240,7 @@ fn nbdcopy_four_connections_both_ways() {
     // Leave a zero region so that the copy exercises zeroing too.
     content[4 * MIB as usize..6 * MIB as usize].fill(0);
     std::fs::write(&src, &content).unwrap();
-    run(Command::new("nbdcopy").args([
+    run_ok(Command::new("nbdcopy").args([
         "--connections=4",
         "--requests=16",
         src.to_str().unwrap(),
@@ -250,7 +248,7 @@ fn nbdcopy_four_connections_both_ways() {
     ]));
     assert!(t.disk.contents() == content, "content differs after upload");
     let back = dir.path().join("back.raw");
-    run(Command::new("nbdcopy").args(["--connections=4", &t.uri(), back.to_str().unwrap()]));
+    run_ok(Command::new("nbdcopy").args(["--connections=4", &t.uri(), back.to_str().unwrap()]));
     assert!(
         std::fs::read(&back).unwrap() == content,
         "content differs after download"
@@ -260,11 +258,11 @@ fn nbdcopy_four_connections_both_ways() {
 /// Edge cases through libnbd (python binding): error codes the spec names.
 #[test]
 fn libnbd_error_codes() {
-    if !have_python_nbd() {
+    if !require_python_nbd() {
         return;
     }
     let t = TestServer::default_with(MIB);
-    let ro = TestServer::start(MemDisk::new(MIB), ServerConfig::default(), false);
+    let ro = TestServer::start(MemDriver::new(MIB), ServerConfig::default(), false);
     let script = r#"
 import nbd, sys, errno
 def expect(name, fn, code):
@@ -348,14 +346,14 @@ except nbd.Error as e:
     assert "no export named" in e.string, e.string
 print("ok")
 "#;
-    let out = run(Command::new("/usr/bin/python3").args(["-c", script, &t.uri(), &ro.uri()]));
+    let out = run_ok(Command::new("/usr/bin/python3").args(["-c", script, &t.uri(), &ro.uri()]));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
     assert!(t.disk.contents()[8192..12288].iter().all(|&b| b == 0x5a));
 }
 
 #[test]
 fn nbdsh_list_and_info() {
-    if !have("nbdsh") || !have_python_nbd() {
+    if !require_tool("nbdsh") || !require_python_nbd() {
         return;
     }
     let t = TestServer::default_with(MIB);
@@ -364,7 +362,7 @@ fn nbdsh_list_and_info() {
         "/usr/bin:/bin:{}",
         std::env::var("PATH").unwrap_or_default()
     );
-    let out = run(Command::new("nbdsh").env("PATH", path).args([
+    let out = run_ok(Command::new("nbdsh").env("PATH", path).args([
         "-u",
         &t.uri(),
         "-c",
@@ -375,7 +373,7 @@ fn nbdsh_list_and_info() {
 
 #[test]
 fn tcp_listener_serves_qemu_io() {
-    if !have("qemu-io") {
+    if !require_tool("qemu-io") {
         return;
     }
     let t = TestServer::default_with(MIB);
@@ -397,11 +395,11 @@ fn tcp_listener_serves_qemu_io() {
 /// size: 64-bit") and the flags; the expected text is what QSD 10 prints for the same export.
 #[test]
 fn qemu_nbd_list_matches_qsd() {
-    if !have("qemu-nbd") {
+    if !require_tool("qemu-nbd") {
         return;
     }
     let t = TestServer::default_with(MIB);
-    let out = run(Command::new("qemu-nbd").args(["--list", "-k", t.socket.to_str().unwrap()]));
+    let out = run_ok(Command::new("qemu-nbd").args(["--list", "-k", t.socket.to_str().unwrap()]));
     let text = String::from_utf8_lossy(&out.stdout);
     let expected = "exports available: 1
  export: 'e'

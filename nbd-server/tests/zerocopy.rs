@@ -63,10 +63,7 @@ impl FileServer {
             .unwrap();
         // On event loops, as blockexportd runs it: the pipes and the socket's second
         // registration live in the loop the connection moved to.
-        let server = NbdServer::new(ServerConfig {
-            event_loops: 2,
-            ..ServerConfig::default()
-        });
+        let server = NbdServer::new(ServerConfig::default().event_loops(2));
         server
             .add_export(ExportConfig::new(
                 "e",
@@ -274,7 +271,7 @@ fn every_reply_form_reads_the_file_byte_for_byte() {
     assert!(grew >= 16 * 128 * 1024, "{grew} bytes spliced");
 
     // Real clients, over unix and TCP.
-    if !have("qemu-img") || !have("nbdcopy") {
+    if !require_tool("qemu-img") || !require_tool("nbdcopy") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -290,7 +287,7 @@ fn every_reply_form_reads_the_file_byte_for_byte() {
 }
 
 fn compare(t: &FileServer, uri: &str) {
-    let out = run(Command::new("qemu-img").args([
+    let out = run_ok(Command::new("qemu-img").args([
         "compare",
         "-f",
         "raw",
@@ -304,7 +301,7 @@ fn compare(t: &FileServer, uri: &str) {
 
 fn copy_and_check(t: &FileServer, uri: &str, dir: &Path) {
     let dst = dir.join("copy.raw");
-    run(Command::new("nbdcopy").args(["--connections=4", uri, dst.to_str().unwrap()]));
+    run_ok(Command::new("nbdcopy").args(["--connections=4", uri, dst.to_str().unwrap()]));
     let copied = std::fs::read(&dst).unwrap();
     assert!(copied == t.data, "nbdcopy's copy of {uri} equals the image");
 }

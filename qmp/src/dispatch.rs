@@ -31,7 +31,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{ErrorClass, QmpError};
 use crate::stream::StreamError;
-use crate::writer::qdict_keys;
+use qsd_qapi::qdict::keys as qdict_keys;
 
 /// The phase of one monitor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,7 +175,7 @@ pub(crate) fn response(id: Option<Value>, result: Result<Value, QmpError>) -> Va
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::parser::ParseError;
+    use crate::stream::ParseError;
     use serde_json::json;
 
     const CMD: Phase = Phase::Commands { oob: false };

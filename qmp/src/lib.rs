@@ -12,7 +12,9 @@
 //! like a QEMU `--chardev socket,server=on` monitor), stdin/stdout, any
 //! already-connected stream, or connections the daemon makes itself, with
 //! an optional reconnect delay ([`QmpServer::serve_client`], a QEMU
-//! `--chardev socket` without `server=on`).
+//! `--chardev socket` without `server=on`). The chardev backends as QEMU opens them:
+//! [`sockets`] (QEMU's `util/qemu-sockets.c`: a stale socket file unlinked before binding,
+//! its error messages) and [`pipe`] (`--chardev pipe`: `PATH.in`/`PATH.out`).
 //!
 //! ```no_run
 //! use qmp_server::{parse_arguments, MonitorOptions, QmpError, QmpServer, VersionInfo};
@@ -56,12 +58,20 @@ pub mod args;
 mod client;
 mod dispatch;
 pub mod error;
-pub mod parser;
+pub mod pipe;
 mod server;
-pub mod stream;
+pub mod sockets;
 pub mod writer;
+
+/// QMP's input stream: QEMU's JSON dialect, from [`qsd_qapi::json`].
+pub use qsd_qapi::json as stream;
 
 pub use args::{from_value, from_value_at, parse_arguments, parse_base, ArgumentError};
 pub use error::{ErrorClass, QmpError};
 pub use server::{EventSender, MonitorOptions, QmpServer, ServerLimits, VersionInfo};
 pub use stream::{JsonStream, StreamError, StreamLimits};
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -13,33 +13,10 @@
 //! - every `\n` the monitor writes becomes `\r\n` (QEMU's `monitor_puts`),
 //!   done when a message is sent, not by [`to_qemu_json`].
 
-use serde_json::{Map, Number, Value};
+use serde_json::{Number, Value};
 use std::fmt::Write as _;
 
-/// QEMU's `tdb_hash`, reduced to its 512 buckets.
-fn qdict_bucket(key: &str) -> u32 {
-    let mut value = 0x238F_13AFu32.wrapping_mul(key.len() as u32);
-    for (i, &b) in key.as_bytes().iter().enumerate() {
-        value = value.wrapping_add(u32::from(b) << ((i * 5 % 24) as u32));
-    }
-    1_103_515_243u32.wrapping_mul(value).wrapping_add(12345) % 512
-}
-
-/// The members of an object in the order QEMU prints them.
-fn qdict_order(map: &Map<String, Value>) -> Vec<(&String, &Value)> {
-    let mut v: Vec<_> = map.iter().collect();
-    v.sort_by(|a, b| {
-        qdict_bucket(a.0)
-            .cmp(&qdict_bucket(b.0))
-            .then_with(|| a.0.cmp(b.0))
-    });
-    v
-}
-
-/// The keys of an object in QEMU's iteration order.
-pub(crate) fn qdict_keys(map: &Map<String, Value>) -> impl Iterator<Item = &String> {
-    qdict_order(map).into_iter().map(|(k, _)| k)
-}
+use qsd_qapi::qdict;
 
 /// Formats a double as C's `printf("%.17g")`.
 fn format_g17(v: f64) -> String {
@@ -147,7 +124,7 @@ impl Writer {
             Value::Object(map) => {
                 self.out.push('{');
                 self.depth += 1;
-                for (i, (k, item)) in qdict_order(map).into_iter().enumerate() {
+                for (i, (k, item)) in qdict::order(map).into_iter().enumerate() {
                     self.separator(i == 0);
                     write_str(&mut self.out, k);
                     self.out.push_str(": ");

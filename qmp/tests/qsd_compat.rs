@@ -17,19 +17,6 @@ use serde_json::Value;
 
 const QSD: &str = "qemu-storage-daemon";
 
-fn qsd_available() -> bool {
-    match Command::new(QSD).arg("--version").output() {
-        Ok(o) if o.status.success() => true,
-        _ => {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("{QSD} is required in CI but was not found");
-            }
-            eprintln!("skipping: {QSD} not found");
-            false
-        }
-    }
-}
-
 /// A daemonized QSD; killed on drop.
 struct Qsd {
     pid: i32,
@@ -337,7 +324,7 @@ struct Pair {
 impl Pair {
     /// `None` (after a message) when QSD is missing outside CI.
     fn start() -> Option<Self> {
-        if !qsd_available() {
+        if !test_support::require_runs(QSD) {
             return None;
         }
         let dir = tempfile::tempdir().expect("tempdir");

@@ -1258,3 +1258,26 @@ impl Drop for Vm {
         }
     }
 }
+
+/// Guest shell lines that start blockexportd with `options` (its `--blockdev` and the like)
+/// and a QMP monitor on a pipe chardev (busybox has no unix-socket client), then define
+/// `qmp JSON`, which prints the reply (events skipped), and negotiate capabilities.
+pub fn qmp_over_pipe(options: &str) -> String {
+    format!(
+        r#"
+mkfifo /tmp/qmp.in /tmp/qmp.out
+blockexportd {options} \
+  --chardev pipe,id=m,path=/tmp/qmp --monitor chardev=m 2>/tmp/daemon.err &
+# Read-write opens of a FIFO never block (nor get EINTR from a child's exit).
+exec 3<>/tmp/qmp.in 4<>/tmp/qmp.out
+read -r greeting <&4
+qmp() {{
+  echo "$1" >&3
+  while read -r l <&4; do
+    case "$l" in *'"return"'*|*'"error"'*) echo "$l"; return;; esac
+  done
+}}
+qmp '{{"execute":"qmp_capabilities"}}' >/dev/null
+"#
+    )
+}

@@ -18,29 +18,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Whether the tests run under CI, where a missing tool is an error rather than a skip.
-pub fn under_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-/// Whether `tool` is on PATH. Under CI a missing tool fails the test loudly; elsewhere the
-/// caller skips with a message.
-pub fn require_tool(tool: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()));
-    if !found {
-        if under_ci() {
-            panic!("required tool '{tool}' is missing (CI=true): install it (see .ci/run)");
-        }
-        eprintln!("skipping: tool '{tool}' is not installed");
-    }
-    found
-}
-
-/// Requires every tool in `tools`.
-pub fn require_tools(tools: &[&str]) -> bool {
-    tools.iter().all(|t| require_tool(t))
-}
+pub use test_support::{require_python_nbd, require_tool, require_tools, run_ok, under_ci, Pki};
 
 /// The part of a QMP reply that two daemons must agree on: the error class and text, or the
 /// shape of the return value (its keys and value types).
@@ -49,6 +27,25 @@ pub fn comparable(r: &Value) -> Value {
         Some(e) => json!({"class": e["class"], "desc": e["desc"]}),
         None => shape(&r["return"]),
     }
+}
+
+/// Fails listing every step (command, arguments, answer) where ours answered otherwise than
+/// QSD; the two runs went through the same steps in the same order.
+pub fn assert_same_answers<C: std::fmt::Display>(
+    qsd: &[(C, Value, Value)],
+    ours: &[(C, Value, Value)],
+) {
+    let mismatches: Vec<String> = qsd
+        .iter()
+        .zip(ours)
+        .filter(|(a, b)| a.2 != b.2)
+        .map(|(a, b)| format!("{} {}:\n  QSD:  {}\n  ours: {}", a.0, a.1, a.2, b.2))
+        .collect();
+    assert!(
+        mismatches.is_empty(),
+        "differences from QSD:\n{}",
+        mismatches.join("\n")
+    );
 }
 
 /// A JSON value with every scalar replaced by its type's name.
@@ -61,23 +58,6 @@ pub fn shape(v: &Value) -> Value {
         Value::Bool(_) => json!("bool"),
         Value::Null => Value::Null,
     }
-}
-
-/// Whether Debian's `/usr/bin/python3` can import the libnbd binding (python3-libnbd; the
-/// first python3 on PATH may not have it). Under CI a missing binding fails the test loudly.
-pub fn require_python_nbd() -> bool {
-    let ok = Command::new("/usr/bin/python3")
-        .args(["-c", "import nbd"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            !under_ci(),
-            "/usr/bin/python3 cannot import nbd (python3-libnbd) under CI=true"
-        );
-        eprintln!("skipping: /usr/bin/python3 cannot import nbd (python3-libnbd)");
-    }
-    ok
 }
 
 /// The blockexportd binary of this workspace, built (once per test process) with the same
@@ -473,17 +453,6 @@ pub fn assert_startup_error_as_qsd(args: &[&str]) {
     );
 }
 
-pub fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 /// Creates an image with qemu-img.
 pub fn qemu_img_create(path: &Path, format: &str, size: &str) {
     run_ok(
@@ -531,145 +500,4 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
-}
-
-/// A test PKI made with certtool, in QEMU's file layout.
-pub struct Pki {
-    /// Server directory: `ca-cert.pem`, `server-cert.pem`, `server-key.pem`.
-    pub server: PathBuf,
-    /// A good client: `ca-cert.pem`, `client-cert.pem`, `client-key.pem`, DN
-    /// `C=GB,O=Example,CN=client` (QEMU's order).
-    pub client: PathBuf,
-    /// A second client signed by the same CA, DN `C=GB,O=Example,CN=intruder`.
-    pub other_client: PathBuf,
-    /// A client whose certificate another CA signed.
-    pub foreign_client: PathBuf,
-}
-
-fn certtool(args: &[&str], dir: &Path) {
-    run_ok(Command::new("certtool").args(args).current_dir(dir));
-}
-
-fn make_ca(dir: &Path, name: &str) {
-    std::fs::write(
-        dir.join(format!("{name}.info")),
-        format!("cn = {name}\nca\ncert_signing_key\n"),
-    )
-    .expect("write template");
-    certtool(
-        &[
-            "--generate-privkey",
-            "--outfile",
-            &format!("{name}-key.pem"),
-        ],
-        dir,
-    );
-    certtool(
-        &[
-            "--generate-self-signed",
-            "--load-privkey",
-            &format!("{name}-key.pem"),
-            "--template",
-            &format!("{name}.info"),
-            "--outfile",
-            &format!("{name}-cert.pem"),
-        ],
-        dir,
-    );
-}
-
-fn issue(dir: &Path, ca: &str, name: &str, template: &str) {
-    std::fs::write(dir.join(format!("{name}.info")), template).expect("write template");
-    certtool(
-        &[
-            "--generate-privkey",
-            "--outfile",
-            &format!("{name}-key.pem"),
-        ],
-        dir,
-    );
-    certtool(
-        &[
-            "--generate-certificate",
-            "--load-privkey",
-            &format!("{name}-key.pem"),
-            "--load-ca-certificate",
-            &format!("{ca}-cert.pem"),
-            "--load-ca-privkey",
-            &format!("{ca}-key.pem"),
-            "--template",
-            &format!("{name}.info"),
-            "--outfile",
-            &format!("{name}-cert.pem"),
-        ],
-        dir,
-    );
-}
-
-impl Pki {
-    /// Makes the PKI under `root`.
-    pub fn create(root: &Path) -> Pki {
-        let work = root.join("pki-work");
-        std::fs::create_dir_all(&work).expect("mkdir");
-        make_ca(&work, "ca");
-        make_ca(&work, "otherca");
-        let client_tpl = |cn: &str| {
-            format!("country = GB\norganization = Example\ncn = {cn}\ntls_www_client\nencryption_key\nsigning_key\n")
-        };
-        issue(
-            &work,
-            "ca",
-            "server",
-            "organization = Example\ncn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\nencryption_key\nsigning_key\n",
-        );
-        issue(&work, "ca", "client", &client_tpl("client"));
-        issue(&work, "ca", "intruder", &client_tpl("intruder"));
-        issue(&work, "otherca", "foreign", &client_tpl("client"));
-        let layout = |dir: &str, files: &[(&str, &str)]| {
-            let d = root.join(dir);
-            std::fs::create_dir_all(&d).expect("mkdir");
-            for (from, to) in files {
-                std::fs::copy(work.join(from), d.join(to)).expect("copy");
-            }
-            d
-        };
-        let client_files = |name: &'static str| {
-            [
-                ("ca-cert.pem", "ca-cert.pem"),
-                (
-                    if name == "client" {
-                        "client-cert.pem"
-                    } else if name == "intruder" {
-                        "intruder-cert.pem"
-                    } else {
-                        "foreign-cert.pem"
-                    },
-                    "client-cert.pem",
-                ),
-                (
-                    if name == "client" {
-                        "client-key.pem"
-                    } else if name == "intruder" {
-                        "intruder-key.pem"
-                    } else {
-                        "foreign-key.pem"
-                    },
-                    "client-key.pem",
-                ),
-            ]
-        };
-        Pki {
-            server: layout(
-                "server",
-                &[
-                    ("ca-cert.pem", "ca-cert.pem"),
-                    ("server-cert.pem", "server-cert.pem"),
-                    ("server-key.pem", "server-key.pem"),
-                ],
-            ),
-            client: layout("client", &client_files("client")),
-            other_client: layout("intruder", &client_files("intruder")),
-            foreign_client: layout("foreign", &client_files("foreign")),
-        }
-    }
 }

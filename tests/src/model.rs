@@ -27,46 +27,7 @@ pub enum Op {
 }
 
 /// The seed of a random run: the number in the environment variable `var` (to replay a run),
-/// or the clock.
-pub fn seed_from_env(var: &str) -> u64 {
-    match std::env::var(var) {
-        Ok(s) => s.parse().unwrap_or_else(|_| panic!("{var} is a number")),
-        Err(_) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1),
-    }
-}
-
-/// The number in the environment variable `var` (e.g. how many batches a run sends), or
-/// `default`.
-pub fn count_from_env(var: &str, default: usize) -> usize {
-    std::env::var(var)
-        .ok()
-        .map(|s| s.parse().unwrap_or_else(|_| panic!("{var} is a number")))
-        .unwrap_or(default)
-}
-
-/// A small xorshift generator: the runs are replayable from the printed seed.
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator whose sequence `seed` decides.
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    /// The next number.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    /// In 0..n.
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-}
+pub use test_support::{count_from_env, seed_from_env, Rng};
 
 /// What the image should hold: the bytes, and per sector whether a discard left it as either
 /// those bytes or zeroes (a discard's result is the old data or zeroes; a read settles it).

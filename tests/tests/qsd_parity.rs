@@ -110,20 +110,7 @@ fn compare(setup: impl Fn(&Path), make: impl Fn(&Path) -> Vec<Step>) -> Vec<Valu
         }
         answers.push(out);
     }
-    let mut mismatches = Vec::new();
-    for (a, b) in answers[0].iter().zip(&answers[1]) {
-        if a.2 != b.2 {
-            mismatches.push(format!(
-                "{} {}:\n  QSD:  {}\n  ours: {}",
-                a.0, a.1, a.2, b.2
-            ));
-        }
-    }
-    assert!(
-        mismatches.is_empty(),
-        "differences from QSD:\n{}",
-        mismatches.join("\n")
-    );
+    blockexportd_tests::assert_same_answers(&answers[0], &answers[1]);
     answers
         .swap_remove(0)
         .into_iter()
@@ -406,22 +393,28 @@ fn command_line_ids_are_checked_as_qsd_checks_them() {
         .filter(|args| !args.iter().any(|a| a.contains("a,b")))
         .collect();
     for args in cases {
-        let run = |program: &Path| {
-            let out = std::process::Command::new(program)
-                .args(&args)
-                .stdin(std::process::Stdio::null())
-                .output()
-                .expect("run");
-            let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-            // QSD adds a hint line; the error is the first line, after the program name.
-            let first = stderr.lines().next().unwrap_or_default().to_string();
-            let error = first.split_once(": ").map(|(_, e)| e.to_string());
-            (out.status.code(), error)
-        };
-        let qsd = run(Path::new("qemu-storage-daemon"));
-        let ours = run(&blockexportd_tests::daemon_binary());
-        assert_eq!(qsd, ours, "{args:?}");
+        assert_same_startup_error(&args);
     }
+}
+
+/// Runs QSD and ours with the command line `args`: both must exit with the same status and
+/// the same first error line (after the program name).
+fn assert_same_startup_error(args: &[String]) {
+    let run = |program: &Path| {
+        let out = std::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        // QSD adds a hint line; the error is the first line, after the program name.
+        let first = stderr.lines().next().unwrap_or_default().to_string();
+        let error = first.split_once(": ").map(|(_, e)| e.to_string());
+        (out.status.code(), error)
+    };
+    let qsd = run(Path::new("qemu-storage-daemon"));
+    let ours = run(&blockexportd_tests::daemon_binary());
+    assert_eq!(qsd, ours, "{args:?}");
 }
 
 #[test]
@@ -784,4 +777,319 @@ fn query_block_exports_lists_the_newest_first() {
     );
     assert_eq!(answers[5], json!(["b", "c", "a"]), "QSD's order");
     assert_eq!(answers[8], json!(["aa", "b", "a"]), "QSD's order");
+}
+
+/// Runs `steps` against QSD started with `args`, then against ours, and fails with every
+/// difference.
+fn compare_with_args(args: &[&str], steps: &[Step]) {
+    let mut answers = Vec::new();
+    for flavor in [Flavor::Qsd, Flavor::Blockexportd] {
+        let d = Daemon::start_flavor(flavor, args);
+        let mut q = d.qmp();
+        let out: Vec<Value> = steps
+            .iter()
+            .map(|(cmd, a)| comparable(&q.execute(cmd, a.clone())))
+            .collect();
+        answers.push(out);
+    }
+    let mismatches: Vec<String> = steps
+        .iter()
+        .zip(answers[0].iter().zip(&answers[1]))
+        .filter(|(_, (a, b))| a != b)
+        .map(|((cmd, args), (a, b))| format!("{cmd} {args}:\n  QSD:  {a}\n  ours: {b}"))
+        .collect();
+    assert!(
+        mismatches.is_empty(),
+        "differences from QSD:\n{}",
+        mismatches.join("\n")
+    );
+}
+
+#[test]
+fn qom_get_answers_typed_values_as_qsd() {
+    if !require_tool("qemu-storage-daemon") {
+        return;
+    }
+    let get = |path: &str, property: &str| ("qom-get", json!({"path": path, "property": property}));
+    compare_with_args(
+        &[
+            "--object",
+            "iothread,id=io0,poll-max-ns=10",
+            "--object",
+            "secret,id=s0,data=hello",
+        ],
+        &[
+            get("/objects/io0", "poll-max-ns"),
+            get("/objects/io0", "poll-grow"),
+            get("/objects/io0", "thread-pool-max"),
+            get("/objects/s0", "data"),
+            get("/objects/s0", "format"),
+            get("/objects/s0", "file"),
+            get("/objects/s0", "keyid"),
+            get("/objects/s0", "loaded"),
+            ("qom-list", json!({"path": "/objects/s0"})),
+            (
+                "object-add",
+                json!({"qom-type": "iothread", "id": "io1", "poll-max-ns": 20}),
+            ),
+            get("/objects/io1", "poll-max-ns"),
+        ],
+    );
+}
+
+#[test]
+fn secrets_are_made_and_refused_as_qsd_does() {
+    if !require_tool("qemu-storage-daemon") {
+        return;
+    }
+    let add = |props: Value| {
+        let mut args = json!({"qom-type": "secret", "id": "s"});
+        args.as_object_mut()
+            .expect("object")
+            .extend(props.as_object().expect("object").clone());
+        ("object-add", args)
+    };
+    let key = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
+    compare_with_args(
+        &["--object", "iothread,id=io0"],
+        &[
+            add(json!({})),
+            add(json!({"data": "x", "file": "/x"})),
+            add(json!({"file": "/nonexistent"})),
+            add(json!({"data": "x", "format": "foo"})),
+            add(json!({"data": 1})),
+            add(json!({"data": "x", "bogus": 1})),
+            add(json!({"data": "x", "loaded": true})),
+            add(json!({"data": "x", "keyid": "nope"})),
+            add(json!({"data": "x", "keyid": "io0"})),
+            add(json!({"data": "a!b", "format": "base64"})),
+            (
+                "object-add",
+                json!({"qom-type": "secret", "id": "k", "data": key, "format": "base64"}),
+            ),
+            add(json!({"data": "x", "keyid": "k"})),
+            add(json!({"data": "x", "keyid": "k", "iv": "AAAA"})),
+            add(
+                json!({"data": "AAAA", "keyid": "k", "iv": "AAAAAAAAAAAAAAAAAAAAAA==", "format": "base64"}),
+            ),
+            add(
+                json!({"data": "OEi5nfSjxlhfY9l4IyUSfQ==", "keyid": "k", "iv": "AAAAAAAAAAAAAAAAAAAAAA==", "format": "base64"}),
+            ),
+            (
+                "qom-get",
+                json!({"path": "/objects/s", "property": "keyid"}),
+            ),
+            add(json!({"data": "x"})),
+        ],
+    );
+    // The same from the command line.
+    same_command_line_errors(&[
+        "secret,id=s",
+        "secret,id=s,data=x,file=/x",
+        "secret,id=s,file=/nonexistent",
+        "secret,id=s,data=x,format=foo",
+        "secret,id=s,data=x,keyid=nope",
+        "secret,id=s,data=x,keyid=s,iv=AAAA",
+        "secret,id=s,data=x,bogus=1",
+    ]);
+}
+
+/// Each `--object` alone on the command line of QSD and ours: the same exit status and the
+/// same error.
+fn same_command_line_errors(objects: &[&str]) {
+    for object in objects {
+        let run = |program: &Path| {
+            let out = std::process::Command::new(program)
+                .args(["--object", object])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("run");
+            let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+            let first = stderr.lines().next().unwrap_or_default().to_string();
+            (
+                out.status.code(),
+                first.split_once(": ").map(|(_, e)| e.to_string()),
+            )
+        };
+        let qsd = run(Path::new("qemu-storage-daemon"));
+        let ours = run(&blockexportd_tests::daemon_binary());
+        assert_eq!(qsd, ours, "{object}");
+    }
+}
+
+#[test]
+fn object_types_and_keyval_properties_are_checked_as_qsd_checks_them() {
+    if !require_tool("qemu-storage-daemon") {
+        return;
+    }
+    same_command_line_errors(&[
+        "authz-pam,id=a,service=x",
+        "authz-pam,id=a",
+        "nonsense,id=a",
+        "iothread,id=i,poll-max-ns=x",
+        "iothread,id=i,poll-max-ns=1,bogus=2",
+        "authz-list,id=a,rules.0.match=x",
+        "authz-list,id=a,rules.0.match=x,rules.0.policy=allow,rules.0.format=regex",
+        "authz-list,id=a,policy=maybe",
+        "authz-simple,id=a",
+        "tls-creds-x509,id=t,dir=/x,verify-peer=maybe",
+        "tls-creds-x509,id=t,endpoint=both",
+    ]);
+    let add = |args: Value| ("object-add", args);
+    compare_with_args(
+        &[],
+        &[
+            add(json!({"qom-type": "authz-pam", "id": "a", "service": "x"})),
+            add(json!({"qom-type": "authz-pam", "id": "a", "bogus": 1})),
+            add(json!({"qom-type": "nonsense", "id": "a"})),
+            add(json!({"qom-type": "authz-listfile", "id": "a", "filename": "/x", "bogus": 1})),
+            add(json!({"qom-type": "secret", "id": "s", "data": "x", "keyid": "s", "iv": "AAAA"})),
+            add(json!({"qom-type": "iothread", "id": "i", "poll-max-ns": "10"})),
+            add(json!({"qom-type": "authz-list", "id": "l", "rules": [{"match": "x"}]})),
+            ("qom-list-types", json!({"implements": "secret"})),
+        ],
+    );
+}
+
+#[test]
+fn qapi_type_names_and_paths_in_errors_are_qsds() {
+    if !require_tool("qemu-storage-daemon") {
+        return;
+    }
+    let script = |dir: &Path| -> Vec<Step> {
+        vec![
+            (
+                "blockdev-add",
+                json!({"driver": "null-co", "node-name": "n"}),
+            ),
+            // The alternate is named by its QAPI name (it was `BitmapRef` here).
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e", "node-name": "n", "bitmaps": [1]}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "id": "e", "node-name": "n", "bitmaps": ["b", []]}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "vhost-user-blk", "id": "e", "node-name": "n",
+                       "addr": {"type": "unix", "path": path(dir, "v.sock")},
+                       "logical-block-size": "4k"}),
+            ),
+            // A missing member is reported before an unexpected one, inside unions too.
+            (
+                "block-export-add",
+                json!({"type": "vhost-user-blk", "id": "e", "node-name": "n",
+                       "addr": {"type": "unix", "bogus": 1}}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "vhost-user-blk", "id": "e", "node-name": "n",
+                       "addr": {"type": "unix", "path": 1}}),
+            ),
+            (
+                "nbd-server-start",
+                json!({"addr": {"type": "unix", "data": {"bogus": 1}}}),
+            ),
+            // JSON is typed: strings are not booleans or integers there (keyval's are).
+            (
+                "blockdev-add",
+                json!({"driver": "null-co", "node-name": "m", "read-zeroes": "on"}),
+            ),
+            (
+                "blockdev-add",
+                json!({"driver": "null-co", "node-name": "m", "size": "1"}),
+            ),
+            (
+                "blockdev-add",
+                json!({"driver": "raw", "node-name": "m",
+                       "file": {"driver": "null-co", "bogus": 1}, "offset": "x"}),
+            ),
+            (
+                "blockdev-add",
+                json!({"driver": "raw", "node-name": "m", "file": {"driver": "nope"}}),
+            ),
+            (
+                "blockdev-add",
+                json!({"driver": "raw", "node-name": "m", "file": 1}),
+            ),
+            ("nodes", json!(null)),
+            // Missing members are reported before unexpected ones.
+            (
+                "block-export-add",
+                json!({"type": "fuse", "id": "e", "node-name": "n", "bogus": 1}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "nbd", "node-name": "n", "bogus": 1}),
+            ),
+            (
+                "block-export-add",
+                json!({"type": "vhost-user-blk", "id": "e", "node-name": "n", "bogus": 1}),
+            ),
+            ("block-export-del", json!({"bogus": 1})),
+            ("blockdev-del", json!({"bogus": 1})),
+        ]
+    };
+    compare(|_| {}, script);
+}
+
+#[test]
+fn command_line_values_are_typed_as_qsd_types_them() {
+    if !require_tool("qemu-storage-daemon") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = path(dir.path(), "s.sock");
+    let nbd = |rest: &str| {
+        vec![
+            "--nbd-server".to_string(),
+            format!("addr.type=unix,addr.path={sock},{rest}"),
+        ]
+    };
+    let export = |rest: &str| {
+        vec![
+            "--blockdev".to_string(),
+            "null-co,node-name=n".to_string(),
+            "--export".to_string(),
+            rest.to_string(),
+        ]
+    };
+    let cases: Vec<Vec<String>> = vec![
+        nbd("max-connections=abc"),
+        nbd("max-connections=-1"),
+        nbd("max-connections=0x1ffffffff"),
+        nbd("max-connections.0=1"),
+        nbd("addr.abstract=maybe"),
+        nbd("addr.tight=n,max-connections=0x10"),
+        vec!["--nbd-server".into(), "addr.type=unix,addr.bogus=1".into()],
+        vec!["--nbd-server".into(), "addr.type=inet,addr.host=x,addr.port=1,addr.to=99999".into()],
+        vec!["--nbd-server".into(), "addr.type=unix,addr.path.x=1".into()],
+        vec!["--object".into(), "iothread,id=io,poll-max-ns=1k".into()],
+        vec!["--object".into(), "iothread,id=io,poll-max-ns=99999999999999999999".into()],
+        vec!["--monitor".into(), "chardev=c,pretty=x".into()],
+        vec!["--blockdev".into(), "null-co,node-name=n,read-zeroes=x".into()],
+        vec!["--blockdev".into(), "null-co,node-name=n,size=1.5k".into()],
+        vec!["--blockdev".into(), "null-co,node-name=n,size=0x10,read-zeroes=y".into()],
+        vec![
+            "--blockdev".into(),
+            "raw,node-name=r,file.driver=null-co,file.bogus=1,offset=x".into(),
+        ],
+        vec!["--blockdev".into(), "raw,node-name=r,file.driver=xyz".into()],
+        vec!["--blockdev".into(), "null-co,node-name=n,cache.direct=maybe".into()],
+        export("type=nbd,id=e,node-name=n,writable=maybe"),
+        export("type=nbd,id=e,node-name=n,allocation-depth=1"),
+        export(&format!("type=vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path={sock},logical-block-size=1q")),
+        export(&format!("type=vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path={sock},num-queues=65536")),
+        export(&format!("type=vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path={sock},addr.abstract=x")),
+    ];
+    for mut args in cases {
+        // Ends a daemon that accepted everything.
+        args.extend([
+            "--object".to_string(),
+            "no-such-object-type,id=end".to_string(),
+        ]);
+        assert_same_startup_error(&args);
+    }
 }

@@ -202,10 +202,7 @@ fn seed() -> u64 {
 }
 
 fn batches() -> u64 {
-    std::env::var("RANDOM_OPS_BATCHES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(100)
+    blockexportd_tests::model::count_from_env("RANDOM_OPS_BATCHES", 100) as u64
 }
 
 /// Both daemons get the same sequences, one stack and setting after another. Ours must match

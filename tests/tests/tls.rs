@@ -259,15 +259,7 @@ fn certtool_keys_qsd_takes_serve_nbd_over_tls() {
     }
     // ring, the former crypto provider, refused RSA moduli that are not a multiple of 512
     // bits, such as the 2432-bit server key of the NBD reference project's test PKI.
-    for (name, key_args) in [
-        ("rsa2048", &["--bits", "2048"][..]),
-        ("rsa2432", &["--bits", "2432"]),
-        ("rsa3072", &["--bits", "3072"]),
-        ("rsa4096", &["--bits", "4096"]),
-        ("p256", &["--key-type", "ecdsa", "--curve", "secp256r1"]),
-        ("p384", &["--key-type", "ecdsa", "--curve", "secp384r1"]),
-        ("ed25519", &["--key-type", "ed25519"]),
-    ] {
+    for &(name, key_args) in test_support::KEY_KINDS {
         let root = tempfile::tempdir().unwrap();
         let (server, client) = certtool_server(root.path(), key_args);
         // certtool's ECDSA and EdDSA certificates have no key encipherment usage, which
@@ -360,14 +352,7 @@ fn psk_uri(d: &Daemon, user: &str, keys: &Path) -> String {
     )
 }
 
-fn nbdinfo_ok(uri: &str) -> bool {
-    Command::new("nbdinfo")
-        .args(["--size", uri])
-        .output()
-        .unwrap()
-        .status
-        .success()
-}
+use test_support::nbdinfo_ok;
 
 #[test]
 fn psk_clients_read_and_write_like_qsd() {

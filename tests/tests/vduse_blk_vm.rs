@@ -12,26 +12,11 @@ use std::time::Duration;
 
 const MIB: usize = 1 << 20;
 
-/// The guest's QMP helpers: `qmp JSON` prints the reply (events skipped).
-const QMP: &str = r#"
-mkfifo /tmp/qmp.in /tmp/qmp.out
-blockexportd --blockdev driver=host_device,node-name=d0,filename=DISK MORE \
-  --chardev pipe,id=m,path=/tmp/qmp --monitor chardev=m 2>/tmp/daemon.err &
-# Read-write opens of a FIFO never block (nor get EINTR from a child's exit).
-exec 3<>/tmp/qmp.in 4<>/tmp/qmp.out
-read -r greeting <&4
-qmp() {
-  echo "$1" >&3
-  while read -r l <&4; do
-    case "$l" in *'"return"'*|*'"error"'*) echo "$l"; return;; esac
-  done
-}
-qmp '{"execute":"qmp_capabilities"}' >/dev/null
-"#;
-
-/// [`QMP`] with the daemon over the guest disk `disk`, with further options `more`.
+/// The daemon over the guest disk `disk`, with further options `more`, and its QMP helper.
 fn qmp_script(disk: &str, more: &str) -> String {
-    QMP.replace("DISK", disk).replace("MORE", more)
+    guest::qmp_over_pipe(&format!(
+        "--blockdev driver=host_device,node-name=d0,filename={disk} {more}"
+    ))
 }
 
 #[test]

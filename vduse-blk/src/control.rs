@@ -10,9 +10,9 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
-use virtio_blk::config::{feature, DeviceConfig};
+use virtio_blk::config::{feature, ConfigSpace, DeviceConfig};
 use virtio_blk::inflight::{InflightMap, Resume};
 use virtio_blk::worker::{eventfd, Shared, Start, Transport, Worker};
 use virtio_blk::BlkDevice;
@@ -29,6 +29,46 @@ pub(crate) struct Control {
     running: Arc<AtomicBool>,
     log_path: Option<PathBuf>,
     device: Mutex<Option<Device>>,
+    /// Tells the driver of resizes (see [`tell_resizes`]); ends with the export.
+    config_change: AbortOnDrop,
+}
+
+/// A task that ends when its handle is dropped.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// After every resize seen on `sizes`: writes the new capacity into the device's config space
+/// (`VDUSE_DEV_SET_CONFIG`) and raises the config interrupt (`VDUSE_DEV_INJECT_CONFIG_IRQ`), so
+/// that the driver reads it, as QSD's `vduse_blk_resize` does.
+///
+/// It holds the device file only while it tells: `VDUSE_DESTROY_DEV` is refused (`EBUSY`) while
+/// any descriptor of the device is open.
+async fn tell_resizes(
+    mut sizes: tokio::sync::watch::Receiver<u64>,
+    dev: Weak<File>,
+    mut config: DeviceConfig,
+) {
+    while sizes.changed().await.is_ok() {
+        let Some(dev) = dev.upgrade() else { return };
+        config.size = *sizes.borrow_and_update();
+        let space = config.config_space();
+        let offset = std::mem::offset_of!(ConfigSpace, capacity);
+        let capacity = space.capacity.as_bytes();
+        if let Err(e) = sys::set_config(&dev, offset as u32, capacity) {
+            tracing::warn!("vduse: VDUSE_DEV_SET_CONFIG: {e}");
+            continue;
+        }
+        // Refused (EINVAL) while no driver runs the device: it reads the config when it binds.
+        if let Err(e) = sys::ioctl_none(&dev, sys::DEV_INJECT_CONFIG_IRQ) {
+            tracing::debug!("vduse: VDUSE_DEV_INJECT_CONFIG_IRQ: {e}");
+        }
+    }
 }
 
 impl Control {
@@ -128,6 +168,11 @@ impl Control {
                 }
             },
         };
+        let config_change = AbortOnDrop(submitter.runtime().spawn(tell_resizes(
+            submitter.attachment().watch_size(),
+            Arc::downgrade(&dev),
+            config.clone(),
+        )));
         let running = Arc::new(AtomicBool::new(false));
         let mut device = Device {
             iotlb: Arc::new(Iotlb::new(Arc::clone(&dev))),
@@ -151,6 +196,7 @@ impl Control {
                 running,
                 log_path: o.reconnect_log.clone(),
                 device: Mutex::new(Some(device)),
+                config_change,
             },
             took_over,
         ))
@@ -181,6 +227,7 @@ impl Control {
     /// Once the thread is gone (and with it the device file): destroys the device unless it
     /// is still bound.
     pub(crate) fn close(self) -> Stopped {
+        drop(self.config_change);
         drop(self.device.lock().unwrap_or_else(|e| e.into_inner()).take());
         let Some(mut name) = sys::name_bytes(&self.name) else {
             return Stopped::Destroyed;

@@ -23,9 +23,9 @@
 //!
 //! let runtime = tokio::runtime::Runtime::new()?;
 //! let graph = NodeGraph::new();
-//! let node = runtime.block_on(open::blockdev_add(&graph, json!({
+//! let node = runtime.block_on(open::blockdev_add(&graph, block_core::BlockdevOptions::from_json(json!({
 //!     "driver": "file", "node-name": "disk0", "filename": "disk.img",
-//! })))?;
+//! })).expect("options")))?;
 //! let submitter = Submitter::new(node.attach("vduse-blk", true)?, runtime.handle().clone());
 //! let device = VduseBlk::start(submitter, Options {
 //!     writable: true,
@@ -160,14 +160,7 @@ pub enum Error {
     Create(String),
 }
 
-/// An OS error as `strerror` words it, without Rust's "(os error N)".
-pub(crate) fn os_message(e: &io::Error) -> String {
-    let s = e.to_string();
-    match s.rfind(" (os error ") {
-        Some(i) if e.raw_os_error().is_some() => s[..i].to_string(),
-        _ => s,
-    }
-}
+pub(crate) use qsd_qapi::strerror as os_message;
 
 /// How [`VduseBlk::stop`] left the kernel device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -303,11 +296,9 @@ mod tests {
             Some("vduse-blk-disk0")
         );
     }
-
-    #[test]
-    fn os_errors_read_as_strerror() {
-        let e = io::Error::from_raw_os_error(libc::ENOENT);
-        assert_eq!(os_message(&e), "No such file or directory");
-        assert_eq!(os_message(&io::Error::other("plain")), "plain");
-    }
 }
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -15,7 +15,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let graph = NodeGraph::new();
     let node = runtime.block_on(open::blockdev_add(
         &graph,
-        json!({"driver": "file", "node-name": "disk0", "filename": image}),
+        block_core::BlockdevOptions::from_json(
+            json!({"driver": "file", "node-name": "disk0", "filename": image}),
+        )?,
     ))?;
     let submitter = Submitter::new(node.attach("example", true)?, runtime.handle().clone());
     let server = VhostUserBlk::start(

@@ -17,8 +17,8 @@ use vhost::vhost_user::message::{
     VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
     VhostUserVringAddrFlags, VhostUserVringState,
 };
-use vhost::vhost_user::VhostUserBackendReqHandlerMut;
 use vhost::vhost_user::{Backend as BackendChannel, Error, GpuBackend, Result};
+use vhost::vhost_user::{VhostUserBackendReqHandlerMut, VhostUserFrontendReqHandler};
 use vhost::VhostUserMemoryRegionBase;
 use virtio_blk::config::{feature, read_config, DeviceConfig, WRITEBACK_OFFSET};
 use virtio_blk::inflight::{queue_region_size, InflightMap, Resume};
@@ -80,6 +80,36 @@ pub struct Backend {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     vrings: Vec<Vring>,
     inflight: Option<Arc<InflightMap>>,
+    /// Tells the frontend of resizes over the backend channel, while the connection lasts.
+    config_change: Option<AbortOnDrop>,
+}
+
+/// A task that ends when its handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sends `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` on `channel` after every resize seen on
+/// `sizes`, so that the frontend raises the config interrupt and the guest reads the new
+/// capacity (QSD's `vu_blk_exp_resize`). Sizes that change again before the frontend answered
+/// are told once.
+async fn tell_resizes(mut sizes: tokio::sync::watch::Receiver<u64>, channel: BackendChannel) {
+    while sizes.changed().await.is_ok() {
+        let ch = channel.clone();
+        // With REPLY_ACK the send waits for the frontend's answer: off the runtime's threads.
+        match tokio::task::spawn_blocking(move || ch.handle_config_change()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!("vhost-user-blk: telling the frontend of a resize: {e}");
+                return;
+            }
+            Err(_) => return,
+        }
+    }
 }
 
 fn invalid(what: &'static str) -> Error {
@@ -103,6 +133,7 @@ impl Backend {
             mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
             vrings: (0..n).map(|_| Vring::default()).collect(),
             inflight: None,
+            config_change: None,
         }
     }
 
@@ -388,6 +419,7 @@ impl VhostUserBackendReqHandlerMut for Backend {
     fn get_protocol_features(&mut self) -> Result<VhostUserProtocolFeatures> {
         Ok(VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
@@ -434,7 +466,16 @@ impl VhostUserBackendReqHandlerMut for Backend {
         Ok(())
     }
 
-    fn set_backend_req_fd(&mut self, _backend: BackendChannel) {}
+    fn set_backend_req_fd(&mut self, channel: BackendChannel) {
+        // The frontend answers our messages when both ends took REPLY_ACK (the spec:
+        // "the front-end must respond with zero when operation is successfully completed").
+        channel
+            .set_reply_ack_flag(self.protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0);
+        let submitter = self.device.blk.submitter();
+        let sizes = submitter.attachment().watch_size();
+        let task = submitter.runtime().spawn(tell_resizes(sizes, channel));
+        self.config_change = Some(AbortOnDrop(task));
+    }
 
     fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> Result<()> {
         Err(invalid("not a GPU"))

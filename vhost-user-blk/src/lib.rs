@@ -16,9 +16,9 @@
 //!
 //! let runtime = tokio::runtime::Runtime::new()?;
 //! let graph = NodeGraph::new();
-//! let node = runtime.block_on(open::blockdev_add(&graph, json!({
+//! let node = runtime.block_on(open::blockdev_add(&graph, block_core::BlockdevOptions::from_json(json!({
 //!     "driver": "file", "node-name": "disk0", "filename": "disk.img",
-//! })))?;
+//! })).expect("options")))?;
 //! let submitter = Submitter::new(node.attach("vhost-user-blk", true)?, runtime.handle().clone());
 //! let server = VhostUserBlk::start(submitter, Options {
 //!     writable: true,
@@ -313,3 +313,8 @@ fn serve_one(stream: UnixStream, device: &Arc<Device>) {
     drop(handler);
     backend.lock().unwrap_or_else(|e| e.into_inner()).stop_all();
 }
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

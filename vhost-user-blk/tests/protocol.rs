@@ -150,3 +150,92 @@ fn negotiation_config_and_bad_messages() {
     server.stop();
     assert!(!server.has_client());
 }
+
+/// Counts the frontend's `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`s.
+#[derive(Default)]
+struct ConfigChanges(std::sync::atomic::AtomicUsize);
+
+impl vhost::vhost_user::VhostUserFrontendReqHandler for ConfigChanges {
+    fn handle_config_change(&self) -> std::io::Result<u64> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(0)
+    }
+}
+
+/// With `BACKEND_REQ` (and `REPLY_ACK`), a resize of the node sends
+/// `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` on the backend channel, asking for the answer, and
+/// the config space then holds the new capacity (QSD: `vu_blk_exp_resize`).
+#[test]
+fn a_resize_sends_config_change() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("vub.sock");
+    let image = dir.path().join("disk.img");
+    File::create(&image)
+        .and_then(|f| f.set_len(SIZE))
+        .expect("image");
+    let graph = block_core::NodeGraph::new();
+    let node = runtime
+        .block_on(block_core::open::blockdev_add(
+            &graph,
+            block_core::BlockdevOptions::from_json(
+                serde_json::json!({"driver": "file", "node-name": "disk0", "filename": image}),
+            )
+            .unwrap(),
+        ))
+        .expect("blockdev-add");
+    let submitter = Submitter::new(
+        node.attach("test", true).expect("attach"),
+        runtime.handle().clone(),
+    );
+    let server = VhostUserBlk::start(
+        submitter,
+        Options {
+            writable: true,
+            ..Options::new(Listen::Path(sock.clone()))
+        },
+    )
+    .expect("start");
+
+    let mut fe = Frontend::connect(&sock, 1).expect("connect");
+    fe.set_owner().expect("set_owner");
+    let features = fe.get_features().expect("get_features");
+    fe.set_features(features).expect("set_features");
+    let proto = fe.get_protocol_features().expect("protocol features");
+    assert!(proto.contains(VhostUserProtocolFeatures::BACKEND_REQ));
+    fe.set_protocol_features(proto)
+        .expect("set_protocol_features");
+    let changes = Arc::new(ConfigChanges::default());
+    let mut channel =
+        vhost::vhost_user::FrontendReqHandler::new(Arc::clone(&changes)).expect("channel");
+    channel.set_reply_ack_flag(true);
+    fe.set_backend_request_fd(&channel.get_tx_raw_fd())
+        .expect("set_backend_request_fd");
+    // The backend has the channel once it answered a later message.
+    assert_eq!(fe.get_queue_num().expect("queue num"), 1);
+
+    runtime
+        .block_on(node.resize(SIZE * 2))
+        .expect("block_resize");
+    // Takes the message and answers it (the backend waits for the answer), on a thread so
+    // that a message that never comes fails the test rather than hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(
+            channel
+                .handle_request()
+                .map(drop)
+                .map_err(|e| e.to_string()),
+        );
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(10))
+        .expect("a config-change message within 10 s")
+        .expect("the config-change message");
+    assert_eq!(changes.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let (_, config) = fe
+        .get_config(0, 8, VhostUserConfigFlags::WRITABLE, &[0u8; 8])
+        .expect("get_config");
+    assert_eq!(&config[0..8], &(SIZE * 2 / 512).to_le_bytes(), "capacity");
+    drop(fe);
+    server.stop();
+}

@@ -26,3 +26,8 @@ pub mod worker;
 pub use config::{ConfigSpace, DeviceConfig};
 pub use queue::{BlkDevice, InflightLog, NoLog, QueueHandler, StableMemory};
 pub use status::Status;
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

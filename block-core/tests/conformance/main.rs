@@ -81,17 +81,9 @@ const ALL_KINDS: [Kind; 7] = [
 
 /// Whether the QEMU tools are here; fails loudly under `CI=true` when they are not.
 fn have_tools() -> bool {
-    for tool in ["qemu-img", "qemu-io", "qemu-storage-daemon"] {
-        let found = Command::new(tool).arg("--version").output().is_ok();
-        if !found {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("{tool} is required for the conformance suite (CI=true)");
-            }
-            eprintln!("{tool} not found: skipping the conformance suite");
-            return false;
-        }
-    }
-    true
+    ["qemu-img", "qemu-io", "qemu-storage-daemon"]
+        .iter()
+        .all(|tool| test_support::require_runs(tool))
 }
 
 /// Tests run one at a time: a child process forked by one test holds copies of the other
@@ -111,17 +103,7 @@ async fn begin() -> Option<tokio::sync::MutexGuard<'static, ()>> {
 }
 
 fn run(program: &str, args: &[&str]) -> Output {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    test_support::run_ok(Command::new(program).args(args))
 }
 
 /// One stack's images on disk.
@@ -274,9 +256,12 @@ impl Images {
 
     async fn open(&self, read_only: bool) -> Stack {
         let graph = NodeGraph::new();
-        let node = open::blockdev_add(&graph, self.options(read_only))
-            .await
-            .unwrap_or_else(|e| panic!("opening {:?}: {e}", self.kind));
+        let node = open::blockdev_add(
+            &graph,
+            block_core::BlockdevOptions::from_json(self.options(read_only)).expect("options"),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("opening {:?}: {e}", self.kind));
         Stack { graph, node }
     }
 }
@@ -537,6 +522,7 @@ async fn block_status_matches_qemu_img_map() {
                 data,
                 zero,
                 depth,
+                ..
             } = stack
                 .node
                 .io()
@@ -736,9 +722,12 @@ async fn locking_against_qemu() {
         // The other way round: a running QSD holds the image writable.
         let qsd = Qsd(start_qsd(images.dir.path(), &images.top()).expect("start qsd"));
         let graph = NodeGraph::new();
-        let err = open::blockdev_add(&graph, images.options(false))
-            .await
-            .expect_err("open while QSD holds the image");
+        let err = open::blockdev_add(
+            &graph,
+            block_core::BlockdevOptions::from_json(images.options(false)).expect("options"),
+        )
+        .await
+        .expect_err("open while QSD holds the image");
         assert!(
             err.to_string()
                 .contains("Failed to get shared \"write\" lock"),
@@ -752,9 +741,12 @@ async fn locking_against_qemu() {
             file["force-share"] = json!(true);
             file["read-only"] = json!(true);
         }
-        let node = open::blockdev_add(&graph, ro)
-            .await
-            .expect("force-share reader");
+        let node = open::blockdev_add(
+            &graph,
+            block_core::BlockdevOptions::from_json(ro).expect("options"),
+        )
+        .await
+        .expect("force-share reader");
         drop(node);
         for n in graph.drain() {
             n.close().await.expect("close");
@@ -817,7 +809,18 @@ async fn resize_where_the_format_allows_it() {
         let images = Images::create(kind);
         let stack = images.open(false).await;
         let node = &stack.node;
+        let mut sizes = node.watch_size();
+        assert_eq!(
+            *sizes.borrow_and_update(),
+            node.size(),
+            "{kind:?}: the size watched"
+        );
         let result = node.resize(new_size).await;
+        assert_eq!(
+            sizes.has_changed().expect("the node lives"),
+            result.is_ok(),
+            "{kind:?}: a resize, and only a successful one, is seen"
+        );
         match kind {
             Kind::RawOffset => {
                 let err = result.expect_err("fixed-size raw");
@@ -833,6 +836,11 @@ async fn resize_where_the_format_allows_it() {
             _ => result.unwrap_or_else(|e| panic!("{kind:?}: resize: {e}")),
         }
         assert_eq!(node.size(), new_size, "{kind:?}");
+        assert_eq!(
+            *sizes.borrow_and_update(),
+            new_size,
+            "{kind:?}: the size watched"
+        );
         node.io()
             .write(new_size - 4096, &[0x77; 4096], WriteFlags::default())
             .await
@@ -915,7 +923,12 @@ async fn detect_zeroes_unmap_punches_holes() {
         let mut options = images.options(false);
         options["detect-zeroes"] = json!("unmap");
         let graph = NodeGraph::new();
-        let node = open::blockdev_add(&graph, options).await.expect("open");
+        let node = open::blockdev_add(
+            &graph,
+            block_core::BlockdevOptions::from_json(options).expect("options"),
+        )
+        .await
+        .expect("open");
         assert_eq!(open::node_info(&node, false)["detect_zeroes"], "unmap");
         node.io()
             .write(0, &[0u8; 65536], WriteFlags::default())
@@ -943,19 +956,28 @@ async fn a_qcow2_file_has_one_writer() {
     let graph = NodeGraph::new();
     open::blockdev_add(
         &graph,
-        json!({"driver": "file", "node-name": "f", "filename": images.top()}),
+        block_core::BlockdevOptions::from_json(
+            json!({"driver": "file", "node-name": "f", "filename": images.top()}),
+        )
+        .expect("options"),
     )
     .await
     .expect("file");
     open::blockdev_add(
         &graph,
-        json!({"driver": "qcow2", "node-name": "q1", "file": "f"}),
+        block_core::BlockdevOptions::from_json(
+            json!({"driver": "qcow2", "node-name": "q1", "file": "f"}),
+        )
+        .expect("options"),
     )
     .await
     .expect("first qcow2");
     let err = open::blockdev_add(
         &graph,
-        json!({"driver": "qcow2", "node-name": "q2", "file": "f"}),
+        block_core::BlockdevOptions::from_json(
+            json!({"driver": "qcow2", "node-name": "q2", "file": "f"}),
+        )
+        .expect("options"),
     )
     .await
     .expect_err("second writer");
@@ -978,7 +1000,10 @@ async fn a_qcow2_file_has_one_writer() {
     q1.close().await.expect("close q1");
     open::blockdev_add(
         &graph,
-        json!({"driver": "qcow2", "node-name": "q2", "file": "f"}),
+        block_core::BlockdevOptions::from_json(
+            json!({"driver": "qcow2", "node-name": "q2", "file": "f"}),
+        )
+        .expect("options"),
     )
     .await
     .expect("second qcow2 after the first left");
@@ -1001,10 +1026,9 @@ fn loop_device(image: &str) -> Option<String> {
                 Ok(out) => String::from_utf8_lossy(&out.stderr).into_owned(),
                 Err(e) => e.to_string(),
             };
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("a loop device is required for the host_device test (CI=true): {why}");
-            }
-            eprintln!("no loop device ({why}): skipping the host_device test");
+            test_support::require(Some(format!(
+                "no loop device for the host_device test: {why}"
+            )));
             None
         }
     }
@@ -1029,16 +1053,23 @@ async fn host_device_on_a_loop_device() {
     };
     let dev = LoopDevice(dev);
     let graph = NodeGraph::new();
-    let err = open::blockdev_add(&graph, json!({"driver": "file", "filename": dev.0}))
-        .await
-        .expect_err("file driver on a device");
+    let err = open::blockdev_add(
+        &graph,
+        block_core::BlockdevOptions::from_json(json!({"driver": "file", "filename": dev.0}))
+            .expect("options"),
+    )
+    .await
+    .expect_err("file driver on a device");
     assert_eq!(
         err.to_string(),
         format!("'file' driver requires '{}' to be a regular file", dev.0)
     );
     let err = open::blockdev_add(
         &graph,
-        json!({"driver": "host_device", "filename": images.top()}),
+        block_core::BlockdevOptions::from_json(
+            json!({"driver": "host_device", "filename": images.top()}),
+        )
+        .expect("options"),
     )
     .await
     .expect_err("host_device on a regular file");
@@ -1051,7 +1082,10 @@ async fn host_device_on_a_loop_device() {
     );
     let node = open::blockdev_add(
         &graph,
-        json!({"driver": "host_device", "filename": dev.0, "node-name": "dev"}),
+        block_core::BlockdevOptions::from_json(
+            json!({"driver": "host_device", "filename": dev.0, "node-name": "dev"}),
+        )
+        .expect("options"),
     )
     .await
     .expect("host_device");
@@ -1181,7 +1215,12 @@ async fn query_named_block_nodes_matches_qsd() {
         options["node-name"] = json!("top");
         options["read-only"] = json!(true);
         let graph = NodeGraph::new();
-        open::blockdev_add(&graph, options).await.expect("open");
+        open::blockdev_add(
+            &graph,
+            block_core::BlockdevOptions::from_json(options).expect("options"),
+        )
+        .await
+        .expect("open");
         for flat in [false, true] {
             let ours: Vec<Value> = graph
                 .all()
@@ -1292,7 +1331,10 @@ async fn explicit_backing_choices() {
         let graph = NodeGraph::new();
         let node = open::blockdev_add(
             &graph,
-            json!({"driver": "qcow2", "read-only": true, "file": file, "backing": backing}),
+            block_core::BlockdevOptions::from_json(
+                json!({"driver": "qcow2", "read-only": true, "file": file, "backing": backing}),
+            )
+            .expect("options"),
         )
         .await
         .expect("no backing");
@@ -1304,14 +1346,20 @@ async fn explicit_backing_choices() {
     let graph = NodeGraph::new();
     open::blockdev_add(
         &graph,
-        json!({"driver": "qcow2", "node-name": "base", "read-only": true,
+        block_core::BlockdevOptions::from_json(
+            json!({"driver": "qcow2", "node-name": "base", "read-only": true,
                "file": {"driver": "file", "filename": images.path("base.qcow2")}}),
+        )
+        .expect("options"),
     )
     .await
     .expect("base");
     let node = open::blockdev_add(
         &graph,
-        json!({"driver": "qcow2", "node-name": "top", "file": file, "backing": "base"}),
+        block_core::BlockdevOptions::from_json(
+            json!({"driver": "qcow2", "node-name": "top", "file": file, "backing": "base"}),
+        )
+        .expect("options"),
     )
     .await
     .expect("top over base");
@@ -1328,9 +1376,13 @@ async fn explicit_backing_choices() {
     // A missing backing file: QEMU's message.
     std::fs::remove_file(images.path("base.qcow2")).expect("remove base");
     let graph = NodeGraph::new();
-    let err = open::blockdev_add(&graph, json!({"driver": "qcow2", "file": file}))
-        .await
-        .expect_err("missing backing file");
+    let err = open::blockdev_add(
+        &graph,
+        block_core::BlockdevOptions::from_json(json!({"driver": "qcow2", "file": file}))
+            .expect("options"),
+    )
+    .await
+    .expect_err("missing backing file");
     assert_eq!(
         err.to_string(),
         format!(
@@ -1438,8 +1490,9 @@ async fn compressed_qcow2_reads_back() {
     let graph = NodeGraph::new();
     let node = open::blockdev_add(
         &graph,
-        json!({"driver": "qcow2", "read-only": true,
-               "file": {"driver": "file", "filename": qcow2}}),
+        block_core::BlockdevOptions::from_json(json!({"driver": "qcow2", "read-only": true,
+               "file": {"driver": "file", "filename": qcow2}}))
+        .expect("options"),
     )
     .await
     .expect("open compressed image");
@@ -1456,7 +1509,10 @@ async fn compressed_qcow2_reads_back() {
     // Overwriting part of a compressed cluster rewrites it uncompressed.
     let node = open::blockdev_add(
         &graph,
-        json!({"driver": "qcow2", "file": {"driver": "file", "filename": qcow2}}),
+        block_core::BlockdevOptions::from_json(
+            json!({"driver": "qcow2", "file": {"driver": "file", "filename": qcow2}}),
+        )
+        .expect("options"),
     )
     .await
     .expect("open writable");

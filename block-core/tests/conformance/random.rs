@@ -20,37 +20,7 @@ use std::sync::Arc;
 /// The image size: not a multiple of 4 KiB, so that the last cluster is short.
 const SIZE: u64 = (4 << 20) - 3584;
 
-/// splitmix64: small, fast and reproducible from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (`n` > 0).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    /// True with probability `num / den`.
-    fn chance(&mut self, num: u64, den: u64) -> bool {
-        self.below(den) < num
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(len + 8);
-        while v.len() < len {
-            v.extend_from_slice(&self.next().to_le_bytes());
-        }
-        v.truncate(len);
-        v
-    }
-}
+use test_support::Rng;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stack {
@@ -326,13 +296,17 @@ async fn run_one(stack: Stack, discard: &str, detect: &str, seed: u64, index: u6
          run {index})"
     );
     // Each run has a seed of its own, derived from the printed one.
-    let mut rng = Rng(seed.wrapping_add(index.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+    let mut rng = Rng::new(seed.wrapping_add(index.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
     let dir = tempfile::tempdir().expect("tempdir");
     let (top, mut model) = create(stack, dir.path());
     let graph = NodeGraph::new();
-    let node = open::blockdev_add(&graph, options(stack, &top, discard, detect))
-        .await
-        .unwrap_or_else(|e| panic!("{what}: open: {e}"));
+    let node = open::blockdev_add(
+        &graph,
+        block_core::BlockdevOptions::from_json(options(stack, &top, discard, detect))
+            .expect("options"),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{what}: open: {e}"));
     let unit = stack.unit();
     // `RANDOM_OPS_TRACE=1` prints every batch, to follow a replayed failure.
     let trace = std::env::var_os("RANDOM_OPS_TRACE").is_some();
@@ -457,23 +431,14 @@ async fn run_one(stack: Stack, discard: &str, detect: &str, seed: u64, index: u6
 
 /// The seed of this run: `RANDOM_OPS_SEED`, or a new one (printed).
 fn seed() -> u64 {
-    let seed = match std::env::var("RANDOM_OPS_SEED") {
-        Ok(s) => s.parse().expect("RANDOM_OPS_SEED is a number"),
-        Err(_) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1),
-    };
+    let seed = test_support::seed_from_env("RANDOM_OPS_SEED");
     eprintln!("random ops: RANDOM_OPS_SEED={seed}");
     seed
 }
 
 /// Batches per stack and setting: `RANDOM_OPS_BATCHES`, or enough for CI.
 fn batches() -> u64 {
-    std::env::var("RANDOM_OPS_BATCHES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(150)
+    test_support::count_from_env("RANDOM_OPS_BATCHES", 150) as u64
 }
 
 /// The `discard` and `detect-zeroes` settings QEMU allows (`detect-zeroes=unmap` needs

@@ -157,9 +157,12 @@ async fn writes_and_zeroes_on_fresh_clusters_at_once() {
             let graph = NodeGraph::new();
             let node = open::blockdev_add(
                 &graph,
-                json!({"driver": "qcow2", "node-name": "top", "discard": discard,
+                block_core::BlockdevOptions::from_json(
+                    json!({"driver": "qcow2", "node-name": "top", "discard": discard,
                        "detect-zeroes": detect,
                        "file": {"driver": "file", "filename": image}}),
+                )
+                .expect("options"),
             )
             .await
             .expect("open qcow2");

@@ -2,10 +2,10 @@
 
 use super::{BoxFuture, Export, ExportContext, ExportOptions, ExportType, ShutdownError};
 use crate::daemon::CmdResult;
-use crate::keyval::Kind;
 use block_core::{ExportGone, RemoveMode};
 use fuse_export::{AllowOther, FuseExport, FuseExportConfig};
 use qmp_server::QmpError;
+use qsd_qapi::Syntax;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::path::PathBuf;
@@ -15,7 +15,7 @@ pub struct Fuse;
 
 /// The members of `BlockExportOptionsFuse` (the common base aside).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case")]
 struct FuseOptions {
     /// The regular file to mount on.
     mountpoint: String,
@@ -30,12 +30,8 @@ impl ExportType for Fuse {
         "fuse"
     }
 
-    fn keyval_types(&self) -> &'static [(&'static str, Kind)] {
-        &[("growable", Kind::Bool)]
-    }
-
-    fn parse(&self, args: Map<String, Value>) -> CmdResult<Box<dyn ExportOptions>> {
-        let o: FuseOptions = qmp_server::parse_arguments(args)?;
+    fn parse(&self, args: Map<String, Value>, syntax: Syntax) -> CmdResult<Box<dyn ExportOptions>> {
+        let o: FuseOptions = qsd_qapi::from_value_in(Value::Object(args), "", syntax)?;
         let allow_other = match o.allow_other.as_deref() {
             None => AllowOther::Auto,
             Some(v) => AllowOther::from_qapi(v).ok_or_else(|| {
@@ -61,13 +57,11 @@ struct Start {
 impl ExportOptions for Start {
     fn start(self: Box<Self>, ctx: ExportContext<'_>) -> BoxFuture<'_, CmdResult<Box<dyn Export>>> {
         Box::pin(async move {
-            let config = FuseExportConfig {
-                mountpoint: self.mountpoint,
-                growable: self.growable,
-                writable: ctx.writable,
-                writethrough: ctx.writethrough,
-                allow_other: self.allow_other,
-            };
+            let config = FuseExportConfig::new(self.mountpoint)
+                .growable(self.growable)
+                .writable(ctx.writable)
+                .writethrough(ctx.writethrough)
+                .allow_other(self.allow_other);
             // The export's requests run in its iothread's event loop when it names one.
             let runtime = ctx.iothread.unwrap_or_else(|| ctx.runtime.clone());
             let attachment = ctx.attachment;

@@ -36,9 +36,9 @@ pub mod vduse_blk;
 pub mod vhost_user_blk;
 
 use crate::daemon::CmdResult;
-use crate::keyval::Kind;
 use block_core::{Attachment, ExportGone, NodeGraph, RemoveMode};
 use qmp_server::QmpError;
+use qsd_qapi::Syntax;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -59,21 +59,16 @@ pub trait ExportType: Send + Sync {
     /// The QAPI `BlockExportType` value (`nbd`, `fuse`, ...).
     fn name(&self) -> &'static str;
 
-    /// The members of this type's options that are not strings, for the command line
-    /// (`--export`), whose keyval syntax gives every scalar as a string.
-    fn keyval_types(&self) -> &'static [(&'static str, Kind)] {
-        &[]
-    }
-
     /// Whether an export of this type may serve an inactive node (`allow-inactive`).
     fn supports_inactive(&self) -> bool {
         false
     }
 
     /// Parses the type's own members of `block-export-add` (the arguments without the common
-    /// base). Only the syntax is checked here; the daemon's state is looked at by
-    /// [`ExportOptions::start`].
-    fn parse(&self, args: Map<String, Value>) -> CmdResult<Box<dyn ExportOptions>>;
+    /// base), from QMP or `--export` JSON ([`Syntax::Json`]) or `--export` keyval
+    /// ([`Syntax::Keyval`]). Only the syntax is checked here; the daemon's state is looked at
+    /// by [`ExportOptions::start`].
+    fn parse(&self, args: Map<String, Value>, syntax: Syntax) -> CmdResult<Box<dyn ExportOptions>>;
 }
 
 /// A type's parsed options, ready to start an export once the common checks are done.
@@ -128,7 +123,7 @@ pub struct ExportContext<'a> {
 
 /// The base of QAPI `BlockExportOptions`: the members every export type has.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case")]
 pub struct CommonOptions {
     /// Export id.
     pub id: String,
@@ -159,14 +154,6 @@ impl CommonOptions {
         "writable",
         "writethrough",
         "allow-inactive",
-    ];
-
-    /// The typed members of the common base, for keyval input.
-    const KEYVAL: [(&'static str, Kind); 4] = [
-        ("fixed-iothread", Kind::Bool),
-        ("writable", Kind::Bool),
-        ("writethrough", Kind::Bool),
-        ("allow-inactive", Kind::Bool),
     ];
 }
 
@@ -223,18 +210,13 @@ impl Registry {
             None => return Err(QmpError::generic("Parameter 'type' is missing")),
         };
         let ty = Arc::clone(self.find(&name)?);
-        if keyval {
-            for table in [&CommonOptions::KEYVAL[..], ty.keyval_types()] {
-                crate::keyval::coerce_paths(&mut args, table)
-                    .map_err(|e| QmpError::generic(e.to_string()))?;
-            }
-        }
+        let syntax = Syntax::keyval_if(keyval);
         let common: Map<String, Value> = CommonOptions::MEMBERS
             .iter()
             .filter_map(|&m| args.remove_entry(m))
             .collect();
-        let common: CommonOptions = qmp_server::parse_arguments(common)?;
-        let options = ty.parse(args)?;
+        let common: CommonOptions = qsd_qapi::from_value_in(Value::Object(common), "", syntax)?;
+        let options = ty.parse(args, syntax)?;
         Ok(ExportRequest {
             common,
             ty,

@@ -2,11 +2,11 @@
 
 use super::{BoxFuture, Export, ExportContext, ExportOptions, ExportType, ShutdownError};
 use crate::daemon::{find_node, CmdResult};
-use crate::keyval::Kind;
-use crate::qapi::BitmapRef;
+use crate::qapi::BlockDirtyBitmapOrStr;
 use block_core::{DirtyBitmap, ExportGone, Node, NodeGraph, RemoveMode};
 use nbd_server::{NbdError, NbdServer};
 use qmp_server::QmpError;
+use qsd_qapi::Syntax;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::sync::{Arc, Mutex};
@@ -32,14 +32,14 @@ impl Nbd {
 
 /// The members of `BlockExportOptionsNbd` (the common base aside).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case")]
 struct NbdOptions {
     /// Export name (default: the node name).
     name: Option<String>,
     /// Free-form description.
     description: Option<String>,
     /// Dirty bitmaps to export.
-    bitmaps: Option<Vec<BitmapRef>>,
+    bitmaps: Option<Vec<BlockDirtyBitmapOrStr>>,
     /// Export the `qemu:allocation-depth` context.
     allocation_depth: Option<bool>,
 }
@@ -49,16 +49,12 @@ impl ExportType for Nbd {
         TYPE_NAME
     }
 
-    fn keyval_types(&self) -> &'static [(&'static str, Kind)] {
-        &[("allocation-depth", Kind::Bool)]
-    }
-
     fn supports_inactive(&self) -> bool {
         true
     }
 
-    fn parse(&self, args: Map<String, Value>) -> CmdResult<Box<dyn ExportOptions>> {
-        let options: NbdOptions = qmp_server::parse_arguments(args)?;
+    fn parse(&self, args: Map<String, Value>, syntax: Syntax) -> CmdResult<Box<dyn ExportOptions>> {
+        let options: NbdOptions = qsd_qapi::from_value_in(Value::Object(args), "", syntax)?;
         Ok(Box::new(Start {
             options,
             server: Arc::clone(&self.server),
@@ -112,11 +108,11 @@ impl ExportOptions for Start {
 fn export_bitmap(
     graph: &NodeGraph,
     node: &Arc<Node>,
-    bitmap: &BitmapRef,
+    bitmap: &BlockDirtyBitmapOrStr,
 ) -> CmdResult<Arc<DirtyBitmap>> {
     let not_found = |name: &str| QmpError::generic(format!("Bitmap '{name}' is not found"));
     match bitmap {
-        BitmapRef::Name(name) => {
+        BlockDirtyBitmapOrStr::Name(name) => {
             let mut layer = Some(Arc::clone(node));
             while let Some(n) = layer {
                 if let Some(b) = n.bitmap(name) {
@@ -129,7 +125,7 @@ fn export_bitmap(
             }
             Err(not_found(name))
         }
-        BitmapRef::Qualified { node, name } => find_node(graph, node)?
+        BlockDirtyBitmapOrStr::Qualified { node, name } => find_node(graph, node)?
             .bitmap(name)
             .ok_or_else(|| not_found(name)),
     }

@@ -4,9 +4,9 @@
 
 use super::{BoxFuture, Export, ExportContext, ExportOptions, ExportType, ShutdownError};
 use crate::daemon::CmdResult;
-use crate::keyval::Kind;
 use block_core::{ExportGone, RemoveMode, Submitter};
 use qmp_server::QmpError;
+use qsd_qapi::{Size, Syntax};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::sync::Arc;
@@ -21,12 +21,12 @@ pub struct VduseBlk;
 
 /// The members of `BlockExportOptionsVduseBlk`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case")]
 struct VduseBlkOptions {
     name: String,
     num_queues: Option<u16>,
     queue_size: Option<u16>,
-    logical_block_size: Option<u64>,
+    logical_block_size: Option<Size>,
     serial: Option<String>,
 }
 
@@ -35,16 +35,8 @@ impl ExportType for VduseBlk {
         "vduse-blk"
     }
 
-    fn keyval_types(&self) -> &'static [(&'static str, Kind)] {
-        &[
-            ("num-queues", Kind::Uint16),
-            ("queue-size", Kind::Uint16),
-            ("logical-block-size", Kind::Size),
-        ]
-    }
-
-    fn parse(&self, args: Map<String, Value>) -> CmdResult<Box<dyn ExportOptions>> {
-        let o: VduseBlkOptions = qmp_server::parse_arguments(args)?;
+    fn parse(&self, args: Map<String, Value>, syntax: Syntax) -> CmdResult<Box<dyn ExportOptions>> {
+        let o: VduseBlkOptions = qsd_qapi::from_value_in(Value::Object(args), "", syntax)?;
         Ok(Box::new(o))
     }
 }
@@ -55,7 +47,7 @@ impl ExportOptions for VduseBlkOptions {
             let mut options = Options::new(&self.name);
             options.num_queues = self.num_queues.unwrap_or(1);
             options.queue_size = self.queue_size.unwrap_or(256);
-            options.logical_block_size = self.logical_block_size.unwrap_or(512);
+            options.logical_block_size = self.logical_block_size.map_or(512, |s| s.0);
             // QSD's default serial is the empty string: GET_ID answers it.
             options.serial = Some(self.serial.unwrap_or_default());
             options.writable = ctx.writable;

@@ -3,10 +3,10 @@
 
 use super::{BoxFuture, Export, ExportContext, ExportOptions, ExportType, ShutdownError};
 use crate::daemon::{listener_from_fd, CmdResult, InheritedListener};
-use crate::keyval::Kind;
 use crate::qapi::SocketAddress;
 use block_core::{ExportGone, RemoveMode, Submitter};
 use qmp_server::QmpError;
+use qsd_qapi::{Size, Syntax};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::os::fd::OwnedFd;
@@ -25,10 +25,10 @@ pub struct VhostUserBlk;
 
 /// The members of `BlockExportOptionsVhostUserBlk`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case")]
 struct VhostUserBlkOptions {
     addr: SocketAddress,
-    logical_block_size: Option<u64>,
+    logical_block_size: Option<Size>,
     num_queues: Option<u16>,
 }
 
@@ -37,17 +37,8 @@ impl ExportType for VhostUserBlk {
         "vhost-user-blk"
     }
 
-    fn keyval_types(&self) -> &'static [(&'static str, Kind)] {
-        &[
-            ("logical-block-size", Kind::Size),
-            ("num-queues", Kind::Uint16),
-            ("addr.abstract", Kind::Bool),
-            ("addr.tight", Kind::Bool),
-        ]
-    }
-
-    fn parse(&self, args: Map<String, Value>) -> CmdResult<Box<dyn ExportOptions>> {
-        let o: VhostUserBlkOptions = qmp_server::parse_arguments(args)?;
+    fn parse(&self, args: Map<String, Value>, syntax: Syntax) -> CmdResult<Box<dyn ExportOptions>> {
+        let o: VhostUserBlkOptions = qsd_qapi::from_value_in(Value::Object(args), "", syntax)?;
         Ok(Box::new(o))
     }
 }
@@ -60,7 +51,7 @@ impl ExportOptions for VhostUserBlkOptions {
     fn start(self: Box<Self>, ctx: ExportContext<'_>) -> BoxFuture<'_, CmdResult<Box<dyn Export>>> {
         Box::pin(async move {
             // QEMU's order: the block size, the queue count, then the address.
-            let lbs = self.logical_block_size.unwrap_or(512);
+            let lbs = self.logical_block_size.map_or(512, |s| s.0);
             let mut options = Options::new(Listen::Path(Default::default()));
             // Above u32 it cannot be valid: 0 gets QEMU's message from the check.
             options.logical_block_size = u32::try_from(lbs).unwrap_or(0);
@@ -74,7 +65,7 @@ impl ExportOptions for VhostUserBlkOptions {
                     if u.abstract_ == Some(true) {
                         return Err(generic("abstract unix sockets are not supported"));
                     }
-                    let l = crate::sockets::listen_unix(std::path::Path::new(&u.path))
+                    let l = qmp_server::sockets::listen_unix(std::path::Path::new(&u.path))
                         .map_err(|e| generic(e.qemu_message()))?;
                     l.into_std()
                         .map_err(|e| generic(format!("Failed to listen on {}: {e}", u.path)))?

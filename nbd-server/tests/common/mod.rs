@@ -3,192 +3,22 @@
 
 #![allow(dead_code)]
 
-use async_trait::async_trait;
-use block_core::{BlockDriver, BlockError, Extent, Node, WriteFlags, ZeroFlags};
+use block_core::{BlockDriver, Node};
 use nbd_server::{ExportConfig, NbdServer, ServerConfig};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::{Command, Output};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
-/// Granularity of the hole map.
-pub const BLOCK: u64 = 4096;
-
-/// A disk in memory. Each 4 KiB block is allocated or a hole (reads as zeroes).
-#[derive(Debug)]
-pub struct MemDisk {
-    state: RwLock<(Vec<u8>, Vec<bool>)>,
-    alignment: u32,
-    read_only: bool,
-    /// Reads at this offset wait for a permit of `gate` (to hold a request in flight).
-    pub gated_offset: Option<u64>,
-    pub gate: tokio::sync::Semaphore,
-    /// Per block: a backing chain depth reported instead of the default (1 if allocated,
-    /// else 0); 0 keeps the default. Lets tests pretend a block lives in a backing file.
-    depths: RwLock<Vec<u32>>,
-}
-
-impl MemDisk {
-    pub fn new(size: u64) -> Self {
-        Self::with(size, 1, false)
-    }
-
-    pub fn with(size: u64, alignment: u32, read_only: bool) -> Self {
-        let blocks = size.div_ceil(BLOCK) as usize;
-        MemDisk {
-            state: RwLock::new((vec![0; size as usize], vec![false; blocks])),
-            alignment,
-            read_only,
-            gated_offset: None,
-            gate: tokio::sync::Semaphore::new(0),
-            depths: RwLock::new(vec![0; blocks]),
-        }
-    }
-
-    /// A copy of the whole content.
-    pub fn contents(&self) -> Vec<u8> {
-        self.state.read().unwrap().0.clone()
-    }
-
-    /// Whether the block holding `offset` is allocated.
-    pub fn allocated(&self, offset: u64) -> bool {
-        self.state.read().unwrap().1[(offset / BLOCK) as usize]
-    }
-
-    /// Writes directly (test setup), allocating the blocks.
-    pub fn fill(&self, offset: u64, data: &[u8]) {
-        let mut s = self.state.write().unwrap();
-        s.0[offset as usize..offset as usize + data.len()].copy_from_slice(data);
-        for b in offset / BLOCK..(offset + data.len() as u64).div_ceil(BLOCK) {
-            s.1[b as usize] = true;
-        }
-    }
-
-    /// Reports `depth` for the blocks of `[offset, offset+len)` (block aligned).
-    pub fn set_depth(&self, offset: u64, len: u64, depth: u32) {
-        let mut d = self.depths.write().unwrap();
-        for b in offset / BLOCK..(offset + len).div_ceil(BLOCK) {
-            d[b as usize] = depth;
-        }
-    }
-
-    /// Zeroes the range; with `unmap`, blocks it covers completely become holes, else
-    /// every block it touches is allocated.
-    fn zero(&self, offset: u64, len: u64, unmap: bool) {
-        let mut s = self.state.write().unwrap();
-        s.0[offset as usize..(offset + len) as usize].fill(0);
-        if unmap {
-            for b in offset.div_ceil(BLOCK)..(offset + len) / BLOCK {
-                s.1[b as usize] = false;
-            }
-        } else {
-            for b in offset / BLOCK..(offset + len).div_ceil(BLOCK) {
-                s.1[b as usize] = true;
-            }
-        }
-    }
-}
-
-impl block_core::ImageFacts for MemDisk {
-    fn driver_name(&self) -> &'static str {
-        "mem"
-    }
-}
-
-#[async_trait]
-impl block_core::BlockIo for MemDisk {
-    fn size(&self) -> u64 {
-        self.state.read().unwrap().0.len() as u64
-    }
-
-    fn read_only(&self) -> bool {
-        self.read_only
-    }
-
-    fn request_alignment(&self) -> u32 {
-        self.alignment
-    }
-
-    async fn readv(&self, offset: u64, buf: &block_core::SgList) -> block_core::Result<()> {
-        if self.gated_offset == Some(offset) {
-            self.gate.acquire().await.unwrap().forget();
-        }
-        let s = self.state.read().unwrap();
-        buf.copy_from_slice(0, &s.0[offset as usize..offset as usize + buf.len()]);
-        Ok(())
-    }
-
-    async fn writev(
-        &self,
-        offset: u64,
-        buf: &block_core::SgList,
-        _flags: WriteFlags,
-    ) -> block_core::Result<()> {
-        if self.read_only {
-            return Err(BlockError::ReadOnly);
-        }
-        self.fill(offset, &buf.to_vec());
-        Ok(())
-    }
-
-    async fn flush(&self) -> block_core::Result<()> {
-        Ok(())
-    }
-
-    async fn discard(&self, offset: u64, len: u64) -> block_core::Result<()> {
-        self.zero(offset, len, true);
-        Ok(())
-    }
-
-    async fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        flags: ZeroFlags,
-    ) -> block_core::Result<()> {
-        // Zeroing without unmapping writes every byte: not fast.
-        if flags.fast && !flags.may_unmap {
-            return Err(BlockError::NotFast);
-        }
-        self.zero(offset, len, flags.may_unmap);
-        Ok(())
-    }
-
-    async fn block_status(&self, offset: u64, len: u64) -> block_core::Result<Extent> {
-        let s = self.state.read().unwrap();
-        let depths = self.depths.read().unwrap();
-        let status = |b: usize| {
-            let allocated = s.1[b];
-            let depth = match depths[b] {
-                0 => u32::from(allocated),
-                d => d,
-            };
-            (allocated, depth)
-        };
-        let first = (offset / BLOCK) as usize;
-        let (allocated, depth) = status(first);
-        let mut end = (first as u64 + 1) * BLOCK;
-        while end < offset + len && status((end / BLOCK) as usize) == (allocated, depth) {
-            end += BLOCK;
-        }
-        Ok(Extent {
-            len: end.min(offset + len) - offset,
-            data: depth > 0,
-            zero: !allocated && depth == 0,
-            depth,
-        })
-    }
-}
-
-#[async_trait]
-impl BlockDriver for MemDisk {}
+// Each test file takes what it needs of these.
+#[allow(unused_imports)]
+pub use test_support::{require_python_nbd, require_tool, run_ok, MemDriver, BLOCK};
 
 /// A server running on a background runtime, listening on a unix socket.
 pub struct TestServer {
     pub server: NbdServer,
     pub socket: PathBuf,
-    pub disk: Arc<MemDisk>,
+    pub disk: Arc<MemDriver>,
     pub node: Arc<Node>,
     pub runtime: tokio::runtime::Runtime,
     _dir: tempfile::TempDir,
@@ -196,7 +26,7 @@ pub struct TestServer {
 
 impl TestServer {
     /// A server exporting `disk` as `e` (writable unless `writable` is false).
-    pub fn start(disk: MemDisk, config: ServerConfig, writable: bool) -> Self {
+    pub fn start(disk: MemDriver, config: ServerConfig, writable: bool) -> Self {
         Self::start_with(disk, config, move |node| {
             let mut e = ExportConfig::new("e", node.attach("export 'e'", writable).unwrap());
             e.description = Some("a test export".into());
@@ -206,7 +36,7 @@ impl TestServer {
 
     /// A server exporting `disk` as `export` makes it from the node.
     pub fn start_with(
-        disk: MemDisk,
+        disk: MemDriver,
         config: ServerConfig,
         export: impl FnOnce(&Arc<Node>) -> ExportConfig,
     ) -> Self {
@@ -239,7 +69,7 @@ impl TestServer {
     }
 
     pub fn default_with(size: u64) -> Self {
-        Self::start(MemDisk::new(size), ServerConfig::default(), true)
+        Self::start(MemDriver::new(size), ServerConfig::default(), true)
     }
 
     pub fn uri(&self) -> String {
@@ -255,53 +85,6 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         self.server.stop();
     }
-}
-
-/// Whether `tool` can run. Under `CI=true` a missing tool fails the test; otherwise the
-/// test is skipped with a message.
-pub fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !found {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("required tool {tool} is missing (CI=true)");
-        }
-        eprintln!("SKIP: {tool} not installed");
-    }
-    found
-}
-
-/// Whether python3 can import the libnbd binding (same CI rule as [`have`]).
-pub fn have_python_nbd() -> bool {
-    let ok = Command::new("/usr/bin/python3")
-        .args(["-c", "import nbd"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("the libnbd python binding is missing (CI=true)");
-        }
-        eprintln!("SKIP: python3 nbd module not installed");
-    }
-    ok
-}
-
-/// Runs a command and returns its output, panicking with its stderr on failure.
-pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("failed to spawn");
-    assert!(
-        out.status.success(),
-        "{:?} failed: {}\n{}",
-        cmd,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 /// A deterministic pattern.
