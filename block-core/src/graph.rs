@@ -127,12 +127,29 @@ pub struct NodeGraph {
     /// Nodes that their parent's `blockdev-add` opened, which the monitor does not own.
     implicit: Mutex<BTreeSet<String>>,
     next_auto_name: AtomicU64,
+    /// Where drivers find secrets and TLS credentials.
+    objects: std::sync::RwLock<Option<Arc<dyn crate::objects::ObjectLookup>>>,
 }
 
 impl NodeGraph {
     /// An empty graph.
     pub fn new() -> Self {
         NodeGraph::default()
+    }
+
+    /// Lends the graph the objects (secrets, TLS credentials) that drivers look up by id when
+    /// they open; none until this is called.
+    pub fn set_objects(&self, objects: Arc<dyn crate::objects::ObjectLookup>) {
+        *self.objects.write().unwrap_or_else(|e| e.into_inner()) = Some(objects);
+    }
+
+    /// The objects lent with [`set_objects`](Self::set_objects), or none.
+    pub fn objects(&self) -> Arc<dyn crate::objects::ObjectLookup> {
+        self.objects
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| Arc::new(crate::objects::NoObjects))
     }
 
     /// A node name for a node whose options gave none, as QEMU makes them (`#block123`).

@@ -69,6 +69,7 @@ pub mod export;
 pub mod graph;
 pub mod iothread;
 pub mod node;
+pub mod objects;
 pub mod open;
 pub mod qapi;
 #[cfg(feature = "qcow2")]

@@ -199,12 +199,17 @@ impl Daemon {
     pub fn new(qmp: QmpServer, runtime: tokio::runtime::Handle) -> Arc<Daemon> {
         let events = qmp.events();
         let nbd_server = exports::nbd::ServerSlot::default();
+        let objects: Arc<Objects> = Arc::default();
+        let graph = NodeGraph::new();
+        graph.set_objects(Arc::new(crate::objects::DriverObjects(Arc::clone(
+            &objects,
+        ))));
         Arc::new(Daemon {
-            graph: NodeGraph::new(),
+            graph,
             qmp,
             events,
             state: Mutex::new(State::default()),
-            objects: Arc::default(),
+            objects,
             runtime,
             export_types: exports::registry(&nbd_server),
             nbd_server,

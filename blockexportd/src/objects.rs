@@ -90,6 +90,30 @@ impl qsd_crypto::Secrets for CreateContext<'_> {
     }
 }
 
+/// The daemon's objects as block-core's drivers look them up when they open (a secret for
+/// RBD's `key-secret`, client TLS credentials for the NBD client's `tls-creds`).
+#[derive(Debug)]
+pub struct DriverObjects(pub Arc<Objects>);
+
+impl block_core::objects::ObjectLookup for DriverObjects {
+    fn secret(&self, id: &str) -> Result<Vec<u8>, block_core::objects::ObjectError> {
+        Ok(secret(&self.0, id)?)
+    }
+
+    fn tls_client(
+        &self,
+        id: &str,
+    ) -> Result<Arc<rustls::ClientConfig>, block_core::objects::ObjectError> {
+        let objects = lock(&self.0);
+        let creds = objects
+            .get(id)
+            .ok_or_else(|| format!("No TLS credentials with id '{id}'"))?
+            .get::<qsd_crypto::TlsCredsX509>()
+            .ok_or_else(|| format!("Object with id '{id}' is not TLS credentials"))?;
+        Ok(creds.client_config().map_err(|e| e.qemu_message())?)
+    }
+}
+
 /// The bytes of secret object `id`, with QEMU's errors.
 pub fn secret(objects: &Objects, id: &str) -> Result<Vec<u8>, qsd_crypto::SecretError> {
     let objects = lock(objects);

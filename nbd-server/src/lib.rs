@@ -39,7 +39,8 @@ mod export;
 pub mod handshake;
 mod loops;
 pub mod meta;
-pub mod proto;
+/// The wire format, from the [`nbd_proto`] crate (shared with NBD clients).
+pub use nbd_proto as proto;
 #[cfg(feature = "psk")]
 mod psk;
 mod server;

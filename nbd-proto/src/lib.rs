@@ -8,6 +8,25 @@
 //!
 //! The reference is `doc/proto.md` of the NetworkBlockDevice/nbd repository, including the
 //! extended-headers extension.
+//!
+//! ```
+//! use nbd_proto::{cmd_flags, Command, RequestHeader, COMPACT_REQUEST_SIZE};
+//!
+//! // A client encodes a write request with FUA...
+//! let req = RequestHeader {
+//!     flags: cmd_flags::FUA,
+//!     command: Command::WRITE,
+//!     cookie: 7,
+//!     offset: 4096,
+//!     length: 512,
+//! };
+//! let mut wire = Vec::new();
+//! req.encode(false, &mut wire);
+//! assert_eq!(wire.len(), COMPACT_REQUEST_SIZE);
+//! // ...and a server decodes it; a short or trailing buffer is an error, never a panic.
+//! assert_eq!(RequestHeader::decode(&wire, false), Ok(req));
+//! assert!(RequestHeader::decode(&wire[..20], false).is_err());
+//! ```
 
 use std::fmt;
 
@@ -290,7 +309,7 @@ open_code! {
 }
 
 impl NbdErrno {
-    /// Maps a host errno (e.g. [`block_core::BlockError::errno`]) onto the NBD error values.
+    /// Maps a host errno (e.g. `block_core::BlockError::errno`) onto the NBD error values.
     ///
     /// The spec: "The server SHOULD return `NBD_ENOSPC` if it receives a write request
     /// including one or more sectors beyond the size of the device. It also SHOULD map the
@@ -663,6 +682,11 @@ impl BlockStatusPayload {
         Ok(BlockStatusPayload { effect_length, ids })
     }
 }
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 
 #[cfg(test)]
 mod tests {
