@@ -10,7 +10,13 @@
 
 // A build without every driver leaves parts of the option handling unused.
 #![cfg_attr(
-    not(all(feature = "file", feature = "raw", feature = "qcow2", feature = "null")),
+    not(all(
+        feature = "file",
+        feature = "raw",
+        feature = "qcow2",
+        feature = "null",
+        feature = "nbd"
+    )),
     allow(unused)
 )]
 
@@ -66,6 +72,9 @@ pub fn drivers() -> Vec<&'static str> {
     let mut d = Vec::new();
     if cfg!(feature = "file") {
         d.extend(["file", "host_device"]);
+    }
+    if cfg!(feature = "nbd") {
+        d.push("nbd");
     }
     if cfg!(feature = "null") {
         d.push("null-co");
@@ -152,6 +161,7 @@ enum Spec {
         read_zeroes: bool,
         latency_ns: u64,
     },
+    Nbd(Box<crate::qapi::BlockdevOptionsNbd>),
 }
 
 /// The path of member `key` of the options at `prefix`, in messages.
@@ -236,6 +246,15 @@ fn parse_spec(options: DriverOptions, common: &Common, prefix: &str) -> Result<S
                 file: o.file,
                 backing: o.backing,
             }
+        }
+        DriverOptions::Nbd(o) => {
+            if o.export.as_ref().is_some_and(|e| e.len() > 4096) {
+                return Err(OptionError::TooLong("export name"));
+            }
+            if o.x_dirty_bitmap.as_ref().is_some_and(|e| e.len() > 4096) {
+                return Err(OptionError::TooLong("x-dirty-bitmap query"));
+            }
+            Spec::Nbd(Box::new(o))
         }
         DriverOptions::NullCo(o) => Spec::Null {
             size: non_negative(prefix, "size", o.size)?.unwrap_or(1 << 30),
@@ -339,6 +358,18 @@ fn open_node<'a>(
                     Vec::new(),
                     Vec::new(),
                 ),
+                #[cfg(feature = "nbd")]
+                Spec::Nbd(o) => {
+                    let cfg = nbd_config(graph, *o)?;
+                    let drv = crate::drivers::nbd::NbdDriver::open(
+                        cfg,
+                        common.read_only,
+                        common.auto_read_only,
+                    )
+                    .await
+                    .map_err(failed)?;
+                    (Arc::new(drv), Vec::new(), Vec::new())
+                }
                 #[cfg(feature = "raw")]
                 Spec::Raw { file, offset, size } => {
                     let child =
@@ -438,6 +469,73 @@ fn open_node<'a>(
             node.add_bitmap(Arc::new(bitmap))?;
         }
         Ok(node)
+    })
+}
+
+/// The `nbd` driver's configuration from its options, with the TLS credentials looked up.
+#[cfg(feature = "nbd")]
+fn nbd_config(
+    graph: &NodeGraph,
+    o: crate::qapi::BlockdevOptionsNbd,
+) -> Result<crate::drivers::nbd::Config, GraphError> {
+    use crate::drivers::nbd::{Addr, Config, Tls};
+    use qsd_qapi::types::SocketAddress;
+    let (addr, host) = match o.server {
+        SocketAddress::Inet(i) => {
+            let port = i.port.parse::<u16>().map_err(|_| OptionError::BadPort {
+                host: i.host.clone(),
+                port: i.port.clone(),
+            })?;
+            (
+                Addr::Inet {
+                    host: i.host.clone(),
+                    port,
+                },
+                Some(i.host),
+            )
+        }
+        SocketAddress::Unix(u) => {
+            if u.abstract_ == Some(true) {
+                return Err(OptionError::NotSupported(
+                    "Abstract unix sockets are not supported by the nbd driver of blockexportd",
+                )
+                .into());
+            }
+            (Addr::Unix(PathBuf::from(u.path)), None)
+        }
+        SocketAddress::Fd(_) => {
+            return Err(OptionError::NotSupported(
+                "fd socket addresses are not supported by the nbd driver of blockexportd",
+            )
+            .into())
+        }
+    };
+    let tls = match &o.tls_creds {
+        None => None,
+        Some(id) => {
+            let config = graph.objects().tls_client(id).map_err(GraphError::Open)?;
+            // QEMU checks the inet host unless tls-hostname is given; a unix socket has no
+            // host name, and rustls needs one: "localhost".
+            let name = o
+                .tls_hostname
+                .clone()
+                .or(host)
+                .unwrap_or_else(|| "localhost".to_string());
+            let server_name = rustls::pki_types::ServerName::try_from(name.clone())
+                .map_err(|_| OptionError::BadTlsHostname(name))?;
+            Some(Tls {
+                config,
+                server_name,
+            })
+        }
+    };
+    Ok(Config {
+        addr,
+        export: o.export.unwrap_or_default(),
+        tls,
+        dirty_bitmap: o.x_dirty_bitmap,
+        reconnect_delay: std::time::Duration::from_secs(o.reconnect_delay.unwrap_or(0).into()),
+        open_timeout: std::time::Duration::from_secs(o.open_timeout.unwrap_or(0).into()),
     })
 }
 

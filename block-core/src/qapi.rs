@@ -34,6 +34,21 @@ pub enum OptionError {
     /// `aio=native` without `cache.direct=on`.
     #[error("aio=native was specified, but it requires cache.direct=on, which was not specified.")]
     AioNativeWithoutDirect,
+    /// A string longer than the protocol allows (QEMU's NBD client: `export name`,
+    /// `x-dirty-bitmap query`).
+    #[error("{0} too long to send to server")]
+    TooLong(&'static str),
+    /// A TCP port that is not a number.
+    #[error("address resolution failed for {host}:{port}: Servname not supported for ai_socktype")]
+    BadPort {
+        /// The host.
+        host: String,
+        /// The port given.
+        port: String,
+    },
+    /// A `tls-hostname` that is neither a DNS name nor an IP address.
+    #[error("Invalid TLS hostname '{0}'")]
+    BadTlsHostname(String),
     /// An option or image feature QEMU has and blockexportd does not: the whole message.
     #[error("{0}")]
     NotSupported(&'static str),
@@ -48,6 +63,9 @@ pub enum BlockdevDriver {
     /// A host block device.
     #[serde(rename = "host_device")]
     HostDevice,
+    /// An export of an NBD server.
+    #[serde(rename = "nbd")]
+    Nbd,
     /// Reads nothing, writes nowhere.
     #[serde(rename = "null-co")]
     NullCo,
@@ -65,6 +83,7 @@ impl BlockdevDriver {
         match self {
             BlockdevDriver::File => "file",
             BlockdevDriver::HostDevice => "host_device",
+            BlockdevDriver::Nbd => "nbd",
             BlockdevDriver::NullCo => "null-co",
             BlockdevDriver::Qcow2 => "qcow2",
             BlockdevDriver::Raw => "raw",
@@ -232,6 +251,26 @@ pub struct BlockdevOptionsNull {
     pub read_zeroes: Option<bool>,
 }
 
+/// QAPI `BlockdevOptionsNbd` (driver `nbd`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockdevOptionsNbd {
+    /// The server (`inet` or `unix`).
+    pub server: qsd_qapi::types::SocketAddress,
+    /// The export name (absent: the server's default export, `""`).
+    pub export: Option<String>,
+    /// The id of `tls-creds-x509` object with the client endpoint.
+    pub tls_creds: Option<String>,
+    /// The name the server's certificate is checked against (default: the inet host).
+    pub tls_hostname: Option<String>,
+    /// The metadata context block status reports instead of `base:allocation` (unstable).
+    pub x_dirty_bitmap: Option<String>,
+    /// Seconds that requests wait for a lost connection to come back (default 0).
+    pub reconnect_delay: Option<u32>,
+    /// Seconds that opening retries the connection (default 0: one attempt).
+    pub open_timeout: Option<u32>,
+}
+
 /// The driver's own members of [`BlockdevOptions`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DriverOptions {
@@ -239,6 +278,8 @@ pub enum DriverOptions {
     File(BlockdevOptionsFile),
     /// `host_device`.
     HostDevice(BlockdevOptionsFile),
+    /// `nbd`.
+    Nbd(BlockdevOptionsNbd),
     /// `null-co`.
     NullCo(BlockdevOptionsNull),
     /// `qcow2`.
@@ -253,6 +294,7 @@ impl DriverOptions {
         match self {
             DriverOptions::File(_) => BlockdevDriver::File,
             DriverOptions::HostDevice(_) => BlockdevDriver::HostDevice,
+            DriverOptions::Nbd(_) => BlockdevDriver::Nbd,
             DriverOptions::NullCo(_) => BlockdevDriver::NullCo,
             DriverOptions::Qcow2(_) => BlockdevDriver::Qcow2,
             DriverOptions::Raw(_) => BlockdevDriver::Raw,
@@ -315,6 +357,7 @@ impl FlatUnion for BlockdevOptions {
             BlockdevDriver::HostDevice => {
                 DriverOptions::HostDevice(Deserialize::deserialize(rest)?)
             }
+            BlockdevDriver::Nbd => DriverOptions::Nbd(Deserialize::deserialize(rest)?),
             BlockdevDriver::NullCo => DriverOptions::NullCo(Deserialize::deserialize(rest)?),
             BlockdevDriver::Qcow2 => DriverOptions::Qcow2(Deserialize::deserialize(rest)?),
             BlockdevDriver::Raw => DriverOptions::Raw(Deserialize::deserialize(rest)?),

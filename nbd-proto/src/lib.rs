@@ -683,6 +683,111 @@ impl BlockStatusPayload {
     }
 }
 
+/// The fixed 20-byte header of an option reply, as a client reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionReplyHeader {
+    /// The option replied to.
+    pub option: OptionCode,
+    /// The reply type.
+    pub ty: ReplyType,
+    /// Length of the data that follows.
+    pub length: u32,
+}
+
+impl OptionReplyHeader {
+    /// Size of the header on the wire.
+    pub const SIZE: usize = 20;
+
+    /// Decodes the header (`OPTION_REPLY_MAGIC`, option, type, length).
+    pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(buf);
+        let magic = r.u64()?;
+        if magic != OPTION_REPLY_MAGIC {
+            return Err(DecodeError::BadMagic(magic));
+        }
+        let option = OptionCode(r.u32()?);
+        let ty = ReplyType(r.u32()?);
+        let length = r.u32()?;
+        r.finish()?;
+        Ok(OptionReplyHeader { option, ty, length })
+    }
+}
+
+/// A reply header of the transmission phase, as a client reads it: simple, structured or
+/// extended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyHeader {
+    /// A simple reply (for a read without structured replies, its data follows).
+    Simple {
+        /// Zero, or the error of the request.
+        error: NbdErrno,
+        /// The request's cookie.
+        cookie: u64,
+    },
+    /// A chunk of a structured or extended reply.
+    Chunk {
+        /// `REPLY_FLAG_DONE` for the last chunk.
+        flags: u16,
+        /// The chunk type.
+        ty: ChunkType,
+        /// The request's cookie.
+        cookie: u64,
+        /// The request's offset (extended headers only; 0 in structured chunks).
+        offset: u64,
+        /// Length of the payload that follows.
+        length: u64,
+    },
+}
+
+impl ReplyHeader {
+    /// The whole header's size for a reply starting with `magic`, or `None` if `magic` is
+    /// no reply magic.
+    pub fn size(magic: u32) -> Option<usize> {
+        match magic {
+            SIMPLE_REPLY_MAGIC => Some(16),
+            STRUCTURED_REPLY_MAGIC => Some(STRUCTURED_REPLY_HEADER),
+            EXTENDED_REPLY_MAGIC => Some(EXTENDED_REPLY_HEADER),
+            _ => None,
+        }
+    }
+
+    /// Decodes a whole header (magic included).
+    pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(buf);
+        let magic = r.u32()?;
+        let header = match magic {
+            SIMPLE_REPLY_MAGIC => ReplyHeader::Simple {
+                error: NbdErrno(r.u32()?),
+                cookie: r.u64()?,
+            },
+            STRUCTURED_REPLY_MAGIC => ReplyHeader::Chunk {
+                flags: r.u16()?,
+                ty: ChunkType(r.u16()?),
+                cookie: r.u64()?,
+                offset: 0,
+                length: r.u32()?.into(),
+            },
+            EXTENDED_REPLY_MAGIC => ReplyHeader::Chunk {
+                flags: r.u16()?,
+                ty: ChunkType(r.u16()?),
+                cookie: r.u64()?,
+                offset: r.u64()?,
+                length: r.u64()?,
+            },
+            other => return Err(DecodeError::BadMagic(other.into())),
+        };
+        r.finish()?;
+        Ok(header)
+    }
+
+    /// The cookie of the request replied to.
+    pub fn cookie(&self) -> u64 {
+        match *self {
+            ReplyHeader::Simple { cookie, .. } | ReplyHeader::Chunk { cookie, .. } => cookie,
+        }
+    }
+}
+
 /// The README's examples, compiled as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
@@ -692,6 +797,45 @@ pub struct ReadmeDoctests;
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn reply_headers_round_trip() {
+        let mut out = Vec::new();
+        encode_simple_reply(&mut out, NbdErrno::EIO, 9);
+        assert_eq!(ReplyHeader::size(SIMPLE_REPLY_MAGIC), Some(out.len()));
+        assert_eq!(
+            ReplyHeader::decode(&out),
+            Ok(ReplyHeader::Simple {
+                error: NbdErrno::EIO,
+                cookie: 9
+            })
+        );
+        for extended in [false, true] {
+            let mut out = Vec::new();
+            encode_chunk_header(&mut out, extended, 1, ChunkType::OFFSET_DATA, 3, 4096, 520);
+            let magic = u32::from_be_bytes([out[0], out[1], out[2], out[3]]);
+            assert_eq!(ReplyHeader::size(magic), Some(out.len()));
+            assert_eq!(
+                ReplyHeader::decode(&out),
+                Ok(ReplyHeader::Chunk {
+                    flags: 1,
+                    ty: ChunkType::OFFSET_DATA,
+                    cookie: 3,
+                    offset: if extended { 4096 } else { 0 },
+                    length: 520
+                })
+            );
+            assert!(ReplyHeader::decode(&out[..out.len() - 1]).is_err());
+        }
+        let mut out = Vec::new();
+        encode_option_reply(&mut out, OptionCode::GO, ReplyType::ERR_UNKNOWN, b"no");
+        let h = OptionReplyHeader::decode(&out[..OptionReplyHeader::SIZE]).unwrap();
+        assert_eq!(
+            (h.option, h.ty, h.length),
+            (OptionCode::GO, ReplyType::ERR_UNKNOWN, 2)
+        );
+        assert_eq!(ReplyHeader::size(0), None);
+    }
 
     #[test]
     fn compact_request_fixture() {

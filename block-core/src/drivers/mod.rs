@@ -6,9 +6,12 @@
 //! | [`raw`] | `raw` | format: the child's bytes, optionally a window (`offset`, `size`) |
 //! | [`qcow2`] | `qcow2` | format: qcow2 through the `imago` crate, with backing chains |
 //! | [`null`] (`null-co`) | `null` | protocol: reads nothing, drops writes |
+//! | [`nbd`] | `nbd` | protocol: an export of a remote NBD server |
 
 #[cfg(feature = "file")]
 pub mod file;
+#[cfg(feature = "nbd")]
+pub mod nbd;
 #[cfg(feature = "null")]
 pub mod null;
 #[cfg(feature = "qcow2")]
