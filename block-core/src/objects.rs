@@ -20,9 +20,16 @@ pub trait ObjectLookup: Send + Sync + Debug {
     }
 
     /// The TLS client configuration of `tls-creds-*` object `id`, which must have the
-    /// `client` endpoint.
+    /// `client` endpoint. With `check_hostname` false (no host name to check, as over a
+    /// unix socket without `tls-hostname`), the server's certificate chain is verified but
+    /// not its name, as QEMU's client does.
     #[cfg(feature = "nbd")]
-    fn tls_client(&self, id: &str) -> Result<std::sync::Arc<rustls::ClientConfig>, ObjectError> {
+    fn tls_client(
+        &self,
+        id: &str,
+        check_hostname: bool,
+    ) -> Result<std::sync::Arc<rustls::ClientConfig>, ObjectError> {
+        let _ = check_hostname;
         Err(format!("No TLS credentials with id '{id}'").into())
     }
 }

@@ -513,14 +513,15 @@ fn nbd_config(
     let tls = match &o.tls_creds {
         None => None,
         Some(id) => {
-            let config = graph.objects().tls_client(id).map_err(GraphError::Open)?;
-            // QEMU checks the inet host unless tls-hostname is given; a unix socket has no
-            // host name, and rustls needs one: "localhost".
-            let name = o
-                .tls_hostname
-                .clone()
-                .or(host)
-                .unwrap_or_else(|| "localhost".to_string());
+            // QEMU checks the certificate against tls-hostname, else the inet host; with
+            // neither (a unix socket) it checks the chain alone. rustls wants a name all the
+            // same: "localhost", which the nameless configuration does not check.
+            let name = o.tls_hostname.clone().or(host);
+            let config = graph
+                .objects()
+                .tls_client(id, name.is_some())
+                .map_err(GraphError::Open)?;
+            let name = name.unwrap_or_else(|| "localhost".to_string());
             let server_name = rustls::pki_types::ServerName::try_from(name.clone())
                 .map_err(|_| OptionError::BadTlsHostname(name))?;
             Some(Tls {

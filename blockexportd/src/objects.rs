@@ -103,6 +103,7 @@ impl block_core::objects::ObjectLookup for DriverObjects {
     fn tls_client(
         &self,
         id: &str,
+        check_hostname: bool,
     ) -> Result<Arc<rustls::ClientConfig>, block_core::objects::ObjectError> {
         let objects = lock(&self.0);
         let creds = objects
@@ -110,7 +111,12 @@ impl block_core::objects::ObjectLookup for DriverObjects {
             .ok_or_else(|| format!("No TLS credentials with id '{id}'"))?
             .get::<qsd_crypto::TlsCredsX509>()
             .ok_or_else(|| format!("Object with id '{id}' is not TLS credentials"))?;
-        Ok(creds.client_config().map_err(|e| e.qemu_message())?)
+        let config = if check_hostname {
+            creds.client_config()
+        } else {
+            creds.client_config_without_hostname()
+        };
+        Ok(config.map_err(|e| e.qemu_message())?)
     }
 }
 

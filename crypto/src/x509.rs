@@ -359,6 +359,8 @@ pub struct TlsCredsX509 {
     options: TlsCredsX509Options,
     server: Option<Arc<ServerConfig>>,
     client: Option<Arc<ClientConfig>>,
+    /// The client configuration that checks the server's chain but not its name.
+    client_nameless: Option<Arc<ClientConfig>>,
 }
 
 impl fmt::Debug for TlsCredsX509 {
@@ -583,35 +585,64 @@ impl TlsCredsX509 {
                 })?;
             (Some(Arc::new(cfg)), None)
         } else {
-            let builder = ClientConfig::builder_with_provider(provider.clone())
-                .with_protocol_versions(versions)
-                .map_err(TlsError::Config)?;
-            let builder = if options.verify_peer {
-                builder.with_root_certificates(roots.clone())
-            } else {
-                builder
-                    .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(NoServerVerification(
+            // The verifiers: the chain and the name, or (no name to check, as QEMU's client
+            // over a unix socket without tls-hostname) the chain alone; none with
+            // verify-peer=off.
+            let (named, nameless): (Arc<dyn ServerCertVerifier>, Arc<dyn ServerCertVerifier>) =
+                if options.verify_peer {
+                    let webpki = WebPkiServerVerifier::builder_with_provider(
+                        roots.clone(),
                         provider.clone(),
-                    )))
-            };
-            let cfg = match cert_key {
-                Some((cert_path, key_path, chain, key)) => builder
-                    .with_client_auth_cert(chain, key)
-                    .map_err(|e| TlsError::CertKey {
-                        cert: cert_path,
-                        key: key_path,
-                        source: e.into(),
-                    })?,
-                None => builder.with_no_client_auth(),
-            };
-            (None, Some(Arc::new(cfg)))
+                    )
+                    .build()
+                    .map_err(|e| TlsError::Config(rustls::Error::General(e.to_string())))?;
+                    let nameless = NoServerVerification {
+                        chain: Some(webpki.clone()),
+                        provider: provider.clone(),
+                    };
+                    (webpki, Arc::new(nameless))
+                } else {
+                    let none = Arc::new(NoServerVerification {
+                        chain: None,
+                        provider: provider.clone(),
+                    });
+                    (none.clone(), none)
+                };
+            let mut configs = Vec::new();
+            for verifier in [named, nameless] {
+                let builder = ClientConfig::builder_with_provider(provider.clone())
+                    .with_protocol_versions(versions)
+                    .map_err(TlsError::Config)?
+                    .dangerous()
+                    .with_custom_certificate_verifier(verifier);
+                let cfg = match &cert_key {
+                    Some((cert_path, key_path, chain, key)) => builder
+                        .with_client_auth_cert(chain.clone(), key.clone_key())
+                        .map_err(|e| TlsError::CertKey {
+                            cert: cert_path.clone(),
+                            key: key_path.clone(),
+                            source: e.into(),
+                        })?,
+                    None => builder.with_no_client_auth(),
+                };
+                configs.push(Arc::new(cfg));
+            }
+            let nameless = configs.pop();
+            let named = configs.pop();
+            return Ok(TlsCredsX509 {
+                id,
+                options,
+                server: None,
+                client: named,
+                client_nameless: nameless,
+            });
         };
         Ok(TlsCredsX509 {
             id,
             options,
             server: server_cfg,
             client: client_cfg,
+            client_nameless: None,
         })
     }
 
@@ -651,6 +682,16 @@ impl TlsCredsX509 {
             expected: Endpoint::Client,
         })
     }
+
+    /// As [`client_config`](Self::client_config), for a connection with no host name to
+    /// check the server's certificate against (QEMU's client over a unix socket without
+    /// `tls-hostname`): the chain is verified, the name is not. Connect with any
+    /// [`server_name`].
+    pub fn client_config_without_hostname(&self) -> Result<Arc<ClientConfig>, TlsError> {
+        self.client_nameless.clone().ok_or(TlsError::WrongEndpoint {
+            expected: Endpoint::Client,
+        })
+    }
 }
 
 /// The name a client checks the server's certificate against (`tls-hostname`): a DNS name
@@ -685,21 +726,34 @@ fn client_verifier(
     })
 }
 
-/// A client with `verify-peer=off`: any server certificate is accepted (QEMU skips the check
-/// entirely); handshake signatures are still verified, so the peer holds the certificate's key.
+/// A client that checks less than webpki does: with `chain`, the server's certificate chain
+/// but not its name (see [`TlsCredsX509::client_config_without_hostname`]); without,
+/// nothing (`verify-peer=off`: QEMU skips the check entirely). Handshake signatures are
+/// still verified, so the peer holds the certificate's key.
 #[derive(Debug)]
-struct NoServerVerification(Arc<CryptoProvider>);
+struct NoServerVerification {
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    provider: Arc<CryptoProvider>,
+}
 
 impl ServerCertVerifier for NoServerVerification {
     fn verify_server_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            r => r,
+        }
     }
 
     fn verify_tls12_signature(
@@ -712,7 +766,7 @@ impl ServerCertVerifier for NoServerVerification {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
@@ -726,12 +780,14 @@ impl ServerCertVerifier for NoServerVerification {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

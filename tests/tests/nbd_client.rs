@@ -89,6 +89,16 @@ fn qemu_nbd(image: &Path, sock: &Path, extra: &[&str]) -> Child {
     spawn_server(cmd, sock)
 }
 
+/// qemu-nbd serving `image` as `disk` on `sock`.
+fn qemu_nbd_origin(image: &Path, sock: &Path, extra: &[&str]) -> Origin {
+    Origin {
+        child: Some(qemu_nbd(image, sock, extra)),
+        daemon: None,
+        sock: sock.to_path_buf(),
+        export: "disk",
+    }
+}
+
 /// The origins: which server, over a raw image (or nbdkit's memory) of [`SIZE`] bytes.
 #[derive(Debug, Clone, Copy)]
 enum Server {
@@ -178,6 +188,21 @@ fn gateway(origin: &Origin, extra: &str, args: &[&str]) -> (Daemon, String) {
     (d, uri)
 }
 
+/// Starts `d`'s NBD server on a unix socket in its directory and exports `node` as `g`;
+/// returns the export's URI.
+fn serve(q: &mut blockexportd_tests::Qmp, d: &Daemon, node: &str, writable: bool) -> String {
+    let sock = d.path("g.sock");
+    q.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock.display().to_string()}}}),
+    );
+    q.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "g", "node-name": node, "name": "g", "writable": writable}),
+    );
+    format!("nbd+unix:///g?socket={}", sock.display())
+}
+
 /// libnbd's random batches (writes, write-zeroes with and without fast-zero, trims, reads,
 /// flushes, all in flight at once) through the gateway, every read checked against the
 /// model, then the origin's content compared with the model: on every server.
@@ -256,6 +281,54 @@ fn map(uri: &str) -> Vec<(u64, u64, bool, bool)> {
     extents
 }
 
+/// A server that allows multi-conn gets several connections, and the data is right
+/// whichever carries it (a flush on one covers the writes of all: the multi-conn promise).
+#[test]
+fn several_connections_to_a_multi_conn_server() {
+    if !require_tools(&["nbdkit", "qemu-io"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("origin.sock");
+    let log = dir.path().join("nbdkit.log");
+    let mut cmd = Command::new("nbdkit");
+    cmd.args(["--foreground", "--exit-with-parent", "-e", "disk", "-U"])
+        .arg(&sock)
+        .args(["--filter=log", "memory", "size=16M"])
+        .arg(format!("logfile={}", log.display()));
+    let origin = Origin {
+        child: Some(spawn_server(cmd, &sock)),
+        daemon: None,
+        sock,
+        export: "disk",
+    };
+    let (gw, uri) = gateway(&origin, "", &[]);
+    qemu_io(
+        &["-f", "raw", &uri],
+        &[
+            "aio_write -P 0x21 0 1M",
+            "aio_write -P 0x22 1M 1M",
+            "aio_write -P 0x23 2M 1M",
+            "aio_write -P 0x24 3M 1M",
+            "aio_flush",
+            "read -P 0x21 0 1M",
+            "read -P 0x22 1M 1M",
+            "read -P 0x23 2M 1M",
+            "read -P 0x24 3M 1M",
+        ],
+    );
+    let text = std::fs::read_to_string(&log).expect("nbdkit's log");
+    let connects = text.lines().filter(|l| l.contains(" Connect ")).count();
+    // qemu-io's own connection to the gateway is not nbdkit's: these are the gateway's.
+    assert_eq!(connects, 4, "the gateway opened 4 connections: {text}");
+    let used = (1..=4)
+        .filter(|i| text.contains(&format!("connection={i} Write")))
+        .count();
+    assert!(used > 1, "writes went over several connections: {text}");
+    drop(gw);
+    qemu_io(&["-f", "raw", "-r", &origin.uri()], &["read -P 0x24 3M 1M"]);
+}
+
 /// Block status through the gateway is the origin's: data, holes and zeroes where they are;
 /// discard and write-zeroes through the gateway reach the origin's file.
 #[test]
@@ -271,12 +344,7 @@ fn block_status_and_holes_pass_through() {
         &["write -P 0x5a 1M 64k", "write -P 0x33 5M 1M"],
     );
     let sock = dir.path().join("origin.sock");
-    let origin = Origin {
-        child: Some(qemu_nbd(&image, &sock, &[])),
-        daemon: None,
-        sock,
-        export: "disk",
-    };
+    let origin = qemu_nbd_origin(&image, &sock, &[]);
     let (gw, uri) = gateway(&origin, ",discard=unmap", &[]);
     assert_eq!(
         map(&uri),
@@ -413,6 +481,67 @@ fn tls_to_the_origin_with_x509_certificates() {
         &["read -P 0x72 7M 512k", "read -P 0x71 2M 1M"],
     );
 
+    // Our own server and QSD over TLS on unix sockets, without tls-hostname: the chain is
+    // checked (the name is not, as QEMU's client does), the data goes through.
+    for flavor in [Flavor::Blockexportd, Flavor::Qsd] {
+        let odir = tempfile::tempdir().expect("tempdir");
+        let oimage = odir.path().join("o.raw");
+        qemu_img_create(&oimage, "raw", "4M");
+        let osock = odir.path().join("o.sock");
+        let server_obj = format!(
+            "tls-creds-x509,id=t,endpoint=server,dir={}",
+            pki.server.display()
+        );
+        let blockdev = format!("driver=file,filename={},node-name=f", oimage.display());
+        let nbd = format!("addr.type=unix,addr.path={},tls-creds=t", osock.display());
+        let o = Daemon::start_in(
+            flavor,
+            odir,
+            &[
+                "--object",
+                &server_obj,
+                "--blockdev",
+                &blockdev,
+                "--nbd-server",
+                &nbd,
+                "--export",
+                "type=nbd,id=e,node-name=f,name=disk,writable=on",
+            ],
+        );
+        let gw = Daemon::start(&["--object", &client]);
+        let mut q = gw.qmp();
+        q.ok(
+            "blockdev-add",
+            json!({"driver": "nbd", "node-name": "r", "export": "disk", "tls-creds": "c0",
+                   "server": {"type": "unix", "path": osock.display().to_string()}}),
+        );
+        let guri = serve(&mut q, &gw, "r", true);
+        qemu_io(
+            &["-f", "raw", &guri],
+            &[
+                "write -P 0x5c 1M 256k",
+                "read -P 0x5c 1M 256k",
+                "read -P 0 0 1M",
+            ],
+        );
+        // Plaintext to a TLS server: the server's refusal, in QEMU's words.
+        let (_, desc) = q.err(
+            "blockdev-add",
+            json!({"driver": "nbd", "node-name": "p", "export": "disk",
+                   "server": {"type": "unix", "path": osock.display().to_string()}}),
+        );
+        assert!(
+            desc.starts_with("TLS negotiation required before option"),
+            "{desc}"
+        );
+        drop(gw);
+        qemu_io(
+            &["-f", "raw", "-r", "-U", oimage.to_str().unwrap()],
+            &["read -P 0x5c 1M 256k"],
+        );
+        drop(o);
+    }
+
     // A client that trusts another CA: the server's certificate is refused.
     let wrong = dir.path().join("wrong-ca");
     std::fs::create_dir_all(&wrong).unwrap();
@@ -476,12 +605,7 @@ fn reconnects_within_the_delay_and_fails_after_it() {
         &["write -P 0x44 0 1M"],
     );
     let sock = dir.path().join("origin.sock");
-    let mut origin = Origin {
-        child: Some(qemu_nbd(&image, &sock, &[])),
-        daemon: None,
-        sock: sock.clone(),
-        export: "disk",
-    };
+    let mut origin = qemu_nbd_origin(&image, &sock, &[]);
     let (gw, uri) = gateway(&origin, ",reconnect-delay=30", &[]);
     qemu_io(&["-f", "raw", &uri], &["read -P 0x44 0 1M"]);
 
@@ -603,19 +727,9 @@ fn options_errors_and_node_facts_as_qsd() {
     let image = dir.path().join("origin.raw");
     qemu_img_create(&image, "raw", "1M");
     let sock = dir.path().join("origin.sock");
-    let _origin = Origin {
-        child: Some(qemu_nbd(&image, &sock, &[])),
-        daemon: None,
-        sock: sock.clone(),
-        export: "disk",
-    };
+    let _origin = qemu_nbd_origin(&image, &sock, &[]);
     let ro_sock = dir.path().join("ro.sock");
-    let _ro = Origin {
-        child: Some(qemu_nbd(&image, &ro_sock, &["-r"])),
-        daemon: None,
-        sock: ro_sock.clone(),
-        export: "disk",
-    };
+    let _ro = qemu_nbd_origin(&image, &ro_sock, &["-r"]);
     let path = sock.display().to_string();
     let ro_path = ro_sock.display().to_string();
     let cases: Vec<(&str, Value)> = vec![
@@ -703,5 +817,176 @@ fn options_errors_and_node_facts_as_qsd() {
     assert_eq!(
         (class.as_str(), desc.as_str()),
         ("GenericError", "NBD export is read-only")
+    );
+}
+
+/// `x-dirty-bitmap`: block status reports the named bitmap in place of allocation, as QEMU's
+/// client does (dirty regions read as "not data"): the gateway answers as QSD's does.
+#[test]
+fn x_dirty_bitmap_reads_a_bitmap_as_qsd() {
+    if !require_tools(&["qemu-img", "qemu-io", "qemu-storage-daemon"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("origin.qcow2");
+    qemu_img_create(&image, "qcow2", "8M");
+    let sock = dir.path().join("origin.sock");
+    let blockdev = format!(
+        "driver=qcow2,node-name=q,file.driver=file,file.filename={}",
+        image.display()
+    );
+    let nbd = format!("addr.type=unix,addr.path={}", sock.display());
+    let o = Daemon::start(&["--blockdev", &blockdev, "--nbd-server", &nbd]);
+    let mut q = o.qmp();
+    q.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "q", "name": "b0", "granularity": 65536}),
+    );
+    q.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "w", "node-name": "q", "name": "w", "writable": true}),
+    );
+    let wuri = format!("nbd+unix:///w?socket={}", sock.display());
+    qemu_io(
+        &["-f", "raw", &wuri],
+        &["write -P 1 1M 64k", "write -P 2 5M 128k"],
+    );
+    q.ok(
+        "block-dirty-bitmap-disable",
+        json!({"node": "q", "name": "b0"}),
+    );
+    q.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": "q", "name": "disk", "bitmaps": ["b0"]}),
+    );
+    let origin = Origin {
+        child: None,
+        daemon: Some(o),
+        sock,
+        export: "disk",
+    };
+    let mut maps = Vec::new();
+    for flavor in [Flavor::Blockexportd, Flavor::Qsd] {
+        let gdir = tempfile::tempdir().expect("tempdir");
+        let gsock = gdir.path().join("g.sock");
+        let blockdev = format!(
+            "driver=nbd,node-name=r,server.type=unix,server.path={},export=disk,read-only=on,x-dirty-bitmap=qemu:dirty-bitmap:b0",
+            origin.sock.display()
+        );
+        let nbd = format!("addr.type=unix,addr.path={}", gsock.display());
+        let g = Daemon::start_in(
+            flavor,
+            gdir,
+            &[
+                "--blockdev",
+                &blockdev,
+                "--nbd-server",
+                &nbd,
+                "--export",
+                "type=nbd,id=g,node-name=r,name=g",
+            ],
+        );
+        maps.push(map(&format!("nbd+unix:///g?socket={}", gsock.display())));
+        drop(g);
+    }
+    assert_eq!(maps[0], maps[1], "our gateway's map and QSD's");
+    let dirty: Vec<_> = maps[0]
+        .iter()
+        .filter(|e| !e.2)
+        .map(|e| (e.0, e.1))
+        .collect();
+    assert_eq!(
+        dirty,
+        [(1 << 20, 65536), (5 << 20, 131072)],
+        "{:?}",
+        maps[0]
+    );
+}
+
+/// A server that breaks the protocol (a reply with a cookie never sent): the request fails
+/// with EIO, the daemon lives on and says why, and the node is not reconnected to it.
+#[test]
+fn a_server_breaking_the_protocol_fails_requests_not_the_daemon() {
+    if !require_tools(&["qemu-io"]) {
+        return;
+    }
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("bad.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut hello = Vec::new();
+        hello.extend_from_slice(b"NBDMAGIC");
+        hello.extend_from_slice(b"IHAVEOPT");
+        hello.extend_from_slice(&3u16.to_be_bytes()); // fixed newstyle, no zeroes
+        s.write_all(&hello).unwrap();
+        let mut flags = [0u8; 4];
+        s.read_exact(&mut flags).unwrap();
+        let reply = |s: &mut std::os::unix::net::UnixStream, opt: u32, ty: u32, data: &[u8]| {
+            let mut r = Vec::new();
+            r.extend_from_slice(&0x0003_e889_0455_65a9u64.to_be_bytes());
+            r.extend_from_slice(&opt.to_be_bytes());
+            r.extend_from_slice(&ty.to_be_bytes());
+            r.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            r.extend_from_slice(data);
+            s.write_all(&r).unwrap();
+        };
+        loop {
+            let mut h = [0u8; 16];
+            s.read_exact(&mut h).unwrap();
+            let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+            let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let mut data = vec![0u8; len as usize];
+            s.read_exact(&mut data).unwrap();
+            if opt == 7 {
+                // NBD_OPT_GO: NBD_INFO_EXPORT (1 MiB, HAS_FLAGS | SEND_FLUSH), then ACK.
+                let mut info = 0u16.to_be_bytes().to_vec();
+                info.extend_from_slice(&(1u64 << 20).to_be_bytes());
+                info.extend_from_slice(&5u16.to_be_bytes());
+                reply(&mut s, 7, 3, &info);
+                reply(&mut s, 7, 1, &[]);
+                break;
+            }
+            reply(&mut s, opt, (1 << 31) + 1, &[]); // NBD_REP_ERR_UNSUP
+        }
+        // The first request gets a simple reply with a cookie it never had.
+        let mut req = [0u8; 28];
+        s.read_exact(&mut req).unwrap();
+        let mut r = 0x6744_6698u32.to_be_bytes().to_vec();
+        r.extend_from_slice(&0u32.to_be_bytes());
+        r.extend_from_slice(&0xdead_beefu64.to_be_bytes());
+        s.write_all(&r).unwrap();
+        // The client hangs up.
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    });
+    let mut d = Daemon::start(&[]);
+    let mut q = d.qmp();
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "bad", "reconnect-delay": 30,
+               "server": {"type": "unix", "path": sock.display().to_string()}}),
+    );
+    let guri = serve(&mut q, &d, "bad", false);
+    for _ in 0..2 {
+        let out = Command::new("qemu-io")
+            .args(["-f", "raw", "-r", &guri, "-c", "read 0 4k"])
+            .output()
+            .expect("qemu-io");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(text.contains("Input/output error"), "{text}");
+    }
+    server.join().expect("the bad server");
+    assert!(
+        q.ok("query-version", json!({}))["qemu"].is_object(),
+        "the daemon lives on"
+    );
+    let out = d.terminate();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("NBD server broke the protocol: reply with unexpected cookie"),
+        "{stderr}"
     );
 }

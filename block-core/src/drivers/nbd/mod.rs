@@ -2,15 +2,17 @@
 //!
 //! The handshake asks for extended headers, else structured replies, the `base:allocation`
 //! metadata context (or the one `x-dirty-bitmap` names) and the server's block sizes, over
-//! TLS when `tls-creds` names client credentials. Requests go out on one connection with up
-//! to [`MAX_IN_FLIGHT`](conn::MAX_IN_FLIGHT) in flight, replies are matched by cookie, and
-//! read data goes straight into the request's buffer. Requests larger than the server's
+//! TLS when `tls-creds` names client credentials. Up to 64 requests are in flight per
+//! connection, replies are matched by cookie, and read data goes straight into the request's
+//! buffer. A server that allows multi-conn (`NBD_FLAG_CAN_MULTI_CONN`) gets [`MULTI_CONN`]
+//! connections, which requests take in turn (QEMU's client uses one). Requests larger than
+//! the server's
 //! maximum payload are split. FUA, flush, trim and write-zeroes (with `NO_HOLE` and
 //! `FAST_ZERO`) are passed on when the server offers them; without write-zeroes the node
 //! writes zeroes, without trim a discard does nothing, as in QEMU.
 //!
-//! When the connection breaks (the server goes away, a socket error), a task reconnects in
-//! the background, as long as the node is open. Requests that were in flight, and new
+//! When a connection breaks (the server goes away, a socket error), a task reconnects in
+//! the background (all connections), as long as the node is open. Requests that were in flight, and new
 //! ones, wait for it up to `reconnect-delay` seconds and are then sent again on the new
 //! connection; after that delay, until a connection is back, every request fails with
 //! `EIO` at once: QEMU's behaviour. A server that breaks the protocol is not reconnected to.
@@ -38,6 +40,10 @@ use tokio::time::Instant;
 
 /// The largest request sent (QEMU's `NBD_MAX_BUFFER_SIZE`), unless the server asks for less.
 pub const MAX_REQUEST: u32 = 32 << 20;
+
+/// Connections opened to a server that allows multi-conn (`NBD_FLAG_CAN_MULTI_CONN`), as
+/// nbdcopy does by default.
+pub const MULTI_CONN: usize = 4;
 
 /// How long one connection attempt (connect, TLS, handshake) may take.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -84,11 +90,10 @@ pub enum OpenError {
 }
 
 enum State {
-    Connected(Arc<Conn>),
+    /// One connection, or several when the server allows multi-conn; requests take turns.
+    Connected(Arc<[Arc<Conn>]>),
     /// The connection was lost; requests wait until `wait_until`, then fail at once.
-    Connecting {
-        wait_until: Instant,
-    },
+    Connecting { wait_until: Instant },
     /// Closed, or the server broke the protocol.
     Quit,
 }
@@ -101,6 +106,8 @@ struct Inner {
     state: Mutex<State>,
     changed: tokio::sync::watch::Sender<u64>,
     filename: String,
+    /// The connection the next request takes.
+    turn: std::sync::atomic::AtomicUsize,
 }
 
 /// The `nbd` driver.
@@ -173,16 +180,21 @@ impl NbdDriver {
             return Err(OpenError::ReadOnly);
         }
         let runtime = tokio::runtime::Handle::current();
+        let more = more_streams(&cfg, &info).await;
         let inner = Arc::new_cyclic(|weak: &Weak<Inner>| {
-            let conn = Conn::start(stream, info, &runtime, on_exit(weak.clone()));
+            let conns = std::iter::once((stream, info))
+                .chain(more)
+                .map(|(s, i)| Conn::start(s, i, &runtime, on_exit(weak.clone())))
+                .collect();
             Inner {
                 filename: filename(&cfg),
                 cfg,
                 info,
                 read_only: read_only || export_ro,
                 runtime: runtime.clone(),
-                state: Mutex::new(State::Connected(conn)),
+                state: Mutex::new(State::Connected(conns)),
                 changed: tokio::sync::watch::channel(0).0,
+                turn: Default::default(),
             }
         });
         Ok(NbdDriver { inner })
@@ -250,15 +262,18 @@ impl Inner {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The current connection's end: reconnect (or give up on a server that broke the
-    /// protocol).
+    /// A current connection's end: reconnect (or give up on a server that broke the
+    /// protocol). The other connections end too: they are made again together.
     fn connection_ended(self: &Arc<Self>, why: Exit) {
         let mut st = self.lock();
-        if !matches!(&*st, State::Connected(c) if c.exit() != Exit::Alive) {
-            return;
-        }
+        let others = match &*st {
+            State::Connected(conns) if conns.iter().any(|c| c.exit() != Exit::Alive) => {
+                Arc::clone(conns)
+            }
+            _ => return,
+        };
         match why {
-            Exit::Alive | Exit::Closed => {}
+            Exit::Alive | Exit::Closed => return,
             Exit::Protocol => *st = State::Quit,
             Exit::Io => {
                 tracing::warn!(
@@ -273,6 +288,10 @@ impl Inner {
             }
         }
         drop(st);
+        // Their requests in flight are sent again on the new connections.
+        for c in others.iter() {
+            c.end(Exit::Closed);
+        }
         self.changed.send_modify(|v| *v += 1);
     }
 
@@ -281,9 +300,15 @@ impl Inner {
         loop {
             let mut changed = self.changed.subscribe();
             let wait_until = match &*self.lock() {
-                State::Connected(c) if c.exit() == Exit::Alive => return Ok(Arc::clone(c)),
+                State::Connected(conns) => {
+                    let n = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let c = &conns[n % conns.len()];
+                    if c.exit() == Exit::Alive {
+                        return Ok(Arc::clone(c));
+                    }
+                    Instant::now() + Duration::from_millis(10)
+                }
                 // Ended, and its end is being handled.
-                State::Connected(_) => Instant::now() + Duration::from_millis(10),
                 State::Connecting { wait_until } => *wait_until,
                 State::Quit => return Err(lost()),
             };
@@ -314,13 +339,17 @@ async fn reconnect(inner: Weak<Inner>) {
                     && (i.read_only || info.flags & tf::READ_ONLY == 0)
                     && info.context.is_some() == i.info.context.is_some();
                 if same {
-                    let conn = Conn::start(stream, info, &i.runtime, on_exit(inner.clone()));
+                    let more = more_streams(&cfg, &info).await;
+                    let conns = std::iter::once((stream, info))
+                        .chain(more)
+                        .map(|(s, info)| Conn::start(s, info, &i.runtime, on_exit(inner.clone())))
+                        .collect();
                     {
                         let mut st = i.lock();
                         if matches!(&*st, State::Quit) {
                             return;
                         }
-                        *st = State::Connected(conn);
+                        *st = State::Connected(conns);
                     }
                     i.changed.send_modify(|v| *v += 1);
                     tracing::info!(target: "operator", "NBD server {} reconnected", cfg.addr);
@@ -338,6 +367,32 @@ async fn reconnect(inner: Weak<Inner>) {
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
+}
+
+/// The further connections to a server that allows multi-conn: as many of
+/// [`MULTI_CONN`] - 1 as can be made now, showing the same export (none otherwise).
+async fn more_streams(cfg: &Config, first: &ExportInfo) -> Vec<(stream::Stream, ExportInfo)> {
+    if first.flags & tf::CAN_MULTI_CONN == 0 {
+        return Vec::new();
+    }
+    let mut more = Vec::new();
+    for _ in 1..MULTI_CONN {
+        match attempt(cfg).await {
+            Ok((s, info))
+                if info.size == first.size
+                    && info.flags == first.flags
+                    && info.context.is_some() == first.context.is_some() =>
+            {
+                more.push((s, info))
+            }
+            Ok(_) => break,
+            Err(e) => {
+                tracing::debug!("NBD client: no further connection: {e}");
+                break;
+            }
+        }
+    }
+    more
 }
 
 impl ImageFacts for NbdDriver {
@@ -571,12 +626,12 @@ impl BlockDriver for NbdDriver {
     }
 
     async fn close(&self) -> Result<()> {
-        let conn = match std::mem::replace(&mut *self.inner.lock(), State::Quit) {
-            State::Connected(c) => Some(c),
-            _ => None,
+        let conns = match std::mem::replace(&mut *self.inner.lock(), State::Quit) {
+            State::Connected(c) => c.to_vec(),
+            _ => Vec::new(),
         };
         self.inner.changed.send_modify(|v| *v += 1);
-        if let Some(c) = conn {
+        for c in conns {
             c.disconnect().await;
         }
         Ok(())
@@ -586,8 +641,10 @@ impl BlockDriver for NbdDriver {
 impl Drop for NbdDriver {
     fn drop(&mut self) {
         let state = std::mem::replace(&mut *self.inner.lock(), State::Quit);
-        if let State::Connected(c) = state {
-            c.end(Exit::Closed);
+        if let State::Connected(conns) = state {
+            for c in conns.iter() {
+                c.end(Exit::Closed);
+            }
         }
     }
 }
