@@ -303,6 +303,8 @@ impl Daemon {
                 generic("Image format driver does not support resize")
             }
             block_core::BlockError::ReadOnly => generic("Image is read-only"),
+            // The driver's own words, as QEMU's drivers set them ("Cannot grow NBD nodes").
+            block_core::BlockError::Invalid(m) => generic(m),
             e => generic(format!("Could not resize: {e}")),
         })?;
         Ok(json!({}))

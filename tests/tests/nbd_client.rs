@@ -714,6 +714,16 @@ fn open_timeout_waits_for_the_server() {
     let node = &nodes.as_array().unwrap()[0];
     assert_eq!(node["drv"], "nbd");
     assert_eq!(node["image"]["virtual-size"], 1 << 20);
+    // NBD cannot resize: as QSD, a smaller size is taken and changes nothing, a larger one
+    // is refused.
+    q.ok("block_resize", json!({"node-name": "late", "size": 65536}));
+    let (_, desc) = q.err(
+        "block_resize",
+        json!({"node-name": "late", "size": 2 << 20}),
+    );
+    assert_eq!(desc, "Cannot grow NBD nodes");
+    let nodes = q.ok("query-named-block-nodes", json!({"flat": true}));
+    assert_eq!(nodes[0]["image"]["virtual-size"], 1 << 20);
 }
 
 /// QSD's options and messages: the same answers for the same mistakes, and the same node

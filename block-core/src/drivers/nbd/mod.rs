@@ -18,6 +18,7 @@
 //! `EIO` at once: QEMU's behaviour. A server that breaks the protocol is not reconnected to.
 //! `open-timeout` retries the first connection for that many seconds.
 
+mod cache;
 mod conn;
 mod handshake;
 mod stream;
@@ -108,6 +109,9 @@ struct Inner {
     filename: String,
     /// The connection the next request takes.
     turn: std::sync::atomic::AtomicUsize,
+    /// Ranges known to hold data (unused with `x-dirty-bitmap`, whose answers are no
+    /// allocation).
+    data: cache::DataCache,
 }
 
 /// The `nbd` driver.
@@ -195,6 +199,7 @@ impl NbdDriver {
                 state: Mutex::new(State::Connected(conns)),
                 changed: tokio::sync::watch::channel(0).0,
                 turn: Default::default(),
+                data: Default::default(),
             }
         });
         Ok(NbdDriver { inner })
@@ -480,6 +485,7 @@ impl BlockIo for NbdDriver {
         for r in futures_join(parts).await {
             r?;
         }
+        self.inner.data.insert(offset, offset + buf.len() as u64);
         if flags.fua && !fua {
             self.flush().await?;
         }
@@ -497,6 +503,8 @@ impl BlockIo for NbdDriver {
         if !self.has(tf::SEND_TRIM) || self.inner.read_only {
             return Ok(());
         }
+        // The range may read as a hole now: the server says when asked.
+        self.inner.data.forget(offset, offset + len);
         let max = self.max_effect();
         let mut done = 0;
         while done < len {
@@ -524,6 +532,7 @@ impl BlockIo for NbdDriver {
         if flags.fast && !self.has(tf::SEND_FAST_ZERO) {
             return Err(BlockError::NotFast);
         }
+        self.inner.data.forget(offset, offset + len);
         let fua = flags.fua && self.has(tf::SEND_FUA);
         let mut cflags = 0;
         if fua {
@@ -562,12 +571,28 @@ impl BlockIo for NbdDriver {
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        if self.inner.info.context.is_none() {
+        let info = &self.inner.info;
+        if info.context.is_none() {
             return Ok(Extent::new(len, true, false, 1));
         }
-        let len = len.min(self.max_effect());
+        let cached = self.inner.cfg.dirty_bitmap.is_none();
+        if cached {
+            if let Some(end) = self.inner.data.data_end(offset) {
+                return Ok(Extent::new(len.min(end - offset), true, false, 1));
+            }
+        }
+        // Asked for the rest of the image (one extent comes back, REQ_ONE), the server says
+        // how far the status goes: data found is remembered for the next requests.
+        let ask = if cached {
+            info.size
+                .saturating_sub(offset)
+                .min(self.max_effect())
+                .max(len)
+        } else {
+            len.min(self.max_effect())
+        };
         let (n, flags) = self
-            .request(Op::BlockStatus { offset, len })
+            .request(Op::BlockStatus { offset, len: ask })
             .await?
             .ok_or_else(|| {
                 BlockError::io(
@@ -577,6 +602,9 @@ impl BlockIo for NbdDriver {
             })?;
         let data = flags & state::HOLE == 0;
         let zero = flags & state::ZERO != 0;
+        if cached && data {
+            self.inner.data.insert(offset, offset + n);
+        }
         Ok(Extent::new(n.min(len), data, zero, 1))
     }
 }
