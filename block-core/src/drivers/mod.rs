@@ -6,6 +6,7 @@
 //! | [`raw`] | `raw` | format: the child's bytes, optionally a window (`offset`, `size`) |
 //! | [`qcow2`] | `qcow2` | format: qcow2 through the `imago` crate, with backing chains |
 //! | [`null`] (`null-co`) | `null` | protocol: reads nothing, drops writes |
+//! | [`rbd`] | `rbd` (not default: links librbd) | protocol: an image in a Ceph cluster |
 
 #[cfg(feature = "file")]
 pub mod file;
@@ -15,3 +16,5 @@ pub mod null;
 pub mod qcow2;
 #[cfg(feature = "raw")]
 pub mod raw;
+#[cfg(feature = "rbd")]
+pub mod rbd;
