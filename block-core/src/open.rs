@@ -155,6 +155,7 @@ enum Spec {
         read_zeroes: bool,
         latency_ns: u64,
     },
+    #[cfg_attr(not(feature = "rbd"), allow(dead_code))]
     Rbd(crate::qapi::BlockdevOptionsRbd),
 }
 
