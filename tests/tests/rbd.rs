@@ -504,6 +504,44 @@ fn the_exclusive_lock_keeps_a_second_writer_out() {
     assert!(data[64 << 10..128 << 10].iter().all(|&b| b == 2));
 }
 
+/// A writer killed with its lock held: the next writer's open waits for the dead client's
+/// watch to expire (the OSD's `osd_client_watch_timeout`, 30 s), breaks the lock and writes.
+#[test]
+fn a_dead_writers_lock_is_broken_by_the_next() {
+    let Some(c) = cluster() else { return };
+    let image = c.create_image("deadlock", 4 * MIB);
+    let (mut first, uri) = nbd_daemon(Flavor::Blockexportd, &blockdev(c, &image, ""), true);
+    qemu_io(&["-f", "raw", &uri], &["write -P 3 0 64k", "flush"]);
+    let mut child = first.child.take().expect("running");
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    // blockdev-add waits (QMP, whose replies the helper waits 60 s for) rather than
+    // --blockdev, whose startup the helper gives 20 s.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("nbd.sock");
+    let server = format!("addr.type=unix,addr.path={}", sock.display());
+    let second = Daemon::start_in(Flavor::Blockexportd, dir, &["--nbd-server", &server]);
+    let mut q = second.qmp();
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "rbd", "node-name": "n0", "conf": c.conf, "pool": POOL, "image": image}),
+    );
+    q.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": "n0", "name": "disk", "writable": true}),
+    );
+    let uri = format!("nbd+unix:///disk?socket={}", sock.display());
+    qemu_io(
+        &["-f", "raw", &uri],
+        &["read -P 3 0 64k", "write -P 4 64k 64k"],
+    );
+    drop(q);
+    stop(second);
+    assert!(c.export(&image)[64 << 10..128 << 10]
+        .iter()
+        .all(|&b| b == 4));
+}
+
 /// `query-named-block-nodes` shows an rbd node as QSD does.
 #[test]
 fn named_block_nodes_as_qsd() {

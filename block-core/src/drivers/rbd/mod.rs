@@ -29,13 +29,20 @@
 //!   where the image has a valid fast-diff map; librbd 1.16's wrong offsets for ranges not
 //!   aligned to an object (Ceph bug 53784) are avoided as QEMU does: the range starts at its
 //!   object's start, and images with striping v2 or a parent report everything as data.
+//!   Objects found to hold data, and objects written, are remembered (a bit per object,
+//!   forgotten by discard and write-zeroes), so that the status of a range in them needs no
+//!   walk: the NBD server asks before every structured read, and one walk costs about as
+//!   much CPU as the read (a third of the daemon's CPU in 4 KiB random reads, by `perf`).
+//!   Only data is remembered: a stale bit reports data where a hole is, which reads right.
 //! - The exclusive lock. librbd's `exclusive-lock` feature is cooperative: a second writer
 //!   asks the holder for the lock and gets it, and the two then take turns writing, each
 //!   unaware of the other (QEMU relies on it). A writable node here takes the lock for
 //!   itself with `rbd_lock_acquire(RBD_LOCK_MODE_EXCLUSIVE)`, which librbd then does not hand
 //!   over: a second daemon opening the image writable fails (`error acquiring the exclusive
-//!   lock of I: ...`), and so do the writes of any other librbd client, while readers go on.
-//!   If the holder dies, the next writer breaks its lock (librbd blocklists the dead client).
+//!   lock of I: ...`), and so do the writes of any other librbd client, while readers still open.
+//!   If the holder dies, the next writer waits for the dead client's watch to expire
+//!   (`osd_client_watch_timeout`, 30 s by default), then breaks the stale lock (librbd
+//!   blocklists the dead client) and opens.
 //!   An inactive node (`blockdev-set-active`) releases the lock and takes it again when
 //!   reactivated. Images without the feature are opened without a lock, as QEMU does.
 //! - `block_resize` is `rbd_resize`; closing flushes, then `rbd_close`,
@@ -238,6 +245,59 @@ struct Inner {
     size: AtomicU64,
     object_size: u64,
     features: u64,
+    /// Objects known to hold data: one bit per object, set by writes and by block status,
+    /// cleared by discards and write-zeroes. Only "data" is remembered: a stale bit makes
+    /// block status report data where a hole is, which reads correctly; a remembered hole
+    /// could hide another client's write.
+    known_data: RwLock<Vec<AtomicU64>>,
+}
+
+impl Inner {
+    fn objects(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
+        let first = offset / self.object_size;
+        let end = (offset + len).div_ceil(self.object_size);
+        first..end.max(first)
+    }
+
+    /// Remembers the objects of the range as holding data (`true`) or forgets them.
+    fn mark(&self, offset: u64, len: u64, data: bool) {
+        let bits = self.known_data.read().unwrap_or_else(|e| e.into_inner());
+        for obj in self.objects(offset, len) {
+            let Some(word) = bits.get((obj / 64) as usize) else {
+                break;
+            };
+            let bit = 1u64 << (obj % 64);
+            if data {
+                word.fetch_or(bit, Ordering::Relaxed);
+            } else {
+                word.fetch_and(!bit, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The bytes from `offset` (at most `len`) in objects known to hold data.
+    fn known_run(&self, offset: u64, len: u64) -> u64 {
+        let bits = self.known_data.read().unwrap_or_else(|e| e.into_inner());
+        let mut end = offset;
+        for obj in self.objects(offset, len) {
+            let known = bits
+                .get((obj / 64) as usize)
+                .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (obj % 64)) != 0);
+            if !known {
+                break;
+            }
+            end = (obj + 1) * self.object_size;
+        }
+        end.saturating_sub(offset).min(len)
+    }
+
+    /// Sizes the bitmap for an image of `size` bytes.
+    fn resize_known(&self, size: u64) {
+        let words = size.div_ceil(self.object_size).div_ceil(64) as usize;
+        let mut bits = self.known_data.write().unwrap_or_else(|e| e.into_inner());
+        bits.truncate(words);
+        bits.resize_with(words, || AtomicU64::new(0));
+    }
 }
 
 impl Inner {
@@ -441,11 +501,13 @@ impl RbdDriver {
                 size: AtomicU64::new(info.size),
                 object_size: info.obj_size.max(1),
                 features,
+                known_data: RwLock::new(Vec::new()),
             }),
             read_only,
             locked: AtomicBool::new(false),
             filename: o.filename(),
         };
+        drv.inner.resize_known(info.size);
         let image_ptr = h.image;
         *drv.inner.handles.write().unwrap_or_else(|e| e.into_inner()) = Some(h);
         if !read_only && !o.inactive {
@@ -692,6 +754,7 @@ impl BlockIo for RbdDriver {
             self.wait("writing", rx).await?;
             done += n;
         }
+        self.inner.mark(offset, buf.len() as u64, true);
         if flags.fua {
             self.flush().await?;
         }
@@ -708,12 +771,16 @@ impl BlockIo for RbdDriver {
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.aio("discarding in", |image, _, _, c| {
-            // SAFETY: an open image and a fresh completion.
-            unsafe { ffi::rbd_aio_discard(image, offset, len, c) }
-        })
-        .await?;
-        Ok(())
+        // Forgotten before and after, so that a block status running beside cannot keep it.
+        self.inner.mark(offset, len, false);
+        let r = self
+            .aio("discarding in", |image, _, _, c| {
+                // SAFETY: an open image and a fresh completion.
+                unsafe { ffi::rbd_aio_discard(image, offset, len, c) }
+            })
+            .await;
+        self.inner.mark(offset, len, false);
+        r.map(drop)
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
@@ -724,11 +791,15 @@ impl BlockIo for RbdDriver {
         };
         // librbd takes a size_t length: no split is needed on 64-bit hosts.
         let n = usize::try_from(len).map_err(|_| BlockError::Invalid("length too large".into()))?;
-        self.aio("zeroing in", |image, _, _, c| {
-            // SAFETY: an open image and a fresh completion.
-            unsafe { ffi::rbd_aio_write_zeroes(image, offset, n, c, zero_flags, 0) }
-        })
-        .await?;
+        self.inner.mark(offset, len, false);
+        let r = self
+            .aio("zeroing in", |image, _, _, c| {
+                // SAFETY: an open image and a fresh completion.
+                unsafe { ffi::rbd_aio_write_zeroes(image, offset, n, c, zero_flags, 0) }
+            })
+            .await;
+        self.inner.mark(offset, len, false);
+        r?;
         if flags.fua {
             self.flush().await?;
         }
@@ -741,6 +812,11 @@ impl BlockIo for RbdDriver {
         let data = Extent::new(len, true, false, 1);
         if len == 0 {
             return Ok(data);
+        }
+        // Objects known to hold data need no walk (NBD asks before every structured read).
+        let known = self.inner.known_run(offset, len);
+        if known > 0 {
+            return Ok(Extent::new(known, true, false, 1));
         }
         self.blocking(move |inner, image| {
             if !RbdDriver::diff_usable(inner, image) {
@@ -779,6 +855,7 @@ impl BlockIo for RbdDriver {
                 return data;
             }
             if walk.exists {
+                inner.mark(walk.offs, walk.bytes, true);
                 Extent::new(n, true, false, 1)
             } else {
                 Extent::new(n, false, true, 1)
@@ -800,6 +877,7 @@ impl Resize for RbdDriver {
                 let r = unsafe { ffi::rbd_resize(image, new_size) };
                 if r >= 0 {
                     inner.size.store(new_size, Ordering::Release);
+                    inner.resize_known(new_size);
                 }
                 r
             })
@@ -899,6 +977,34 @@ mod tests {
              \"port\": \"3300\"}], \"driver\": \"rbd\"}"
         );
         assert_eq!(RbdOptions::default().mon_host(), None);
+    }
+
+    #[test]
+    fn known_data_is_whole_objects_and_forgotten_by_zeroing() {
+        let inner = Inner {
+            handles: RwLock::new(None),
+            name: "i".into(),
+            size: AtomicU64::new(0),
+            object_size: 4096,
+            features: 0,
+            known_data: RwLock::new(Vec::new()),
+        };
+        inner.resize_known(100 * 4096);
+        assert_eq!(inner.known_run(0, 8192), 0);
+        inner.mark(4095, 2, true); // objects 0 and 1
+        assert_eq!(inner.known_run(100, 1 << 20), 8192 - 100);
+        assert_eq!(inner.known_run(100, 50), 50);
+        inner.mark(4096, 1, false);
+        assert_eq!(inner.known_run(0, 1 << 20), 4096);
+        assert_eq!(inner.known_run(4096, 1 << 20), 0);
+        inner.mark(99 * 4096, 4096, true);
+        assert_eq!(inner.known_run(99 * 4096, 1 << 20), 4096);
+        // Objects past the end of the bitmap are never known.
+        inner.mark(200 * 4096, 4096, true);
+        assert_eq!(inner.known_run(200 * 4096, 4096), 0);
+        inner.resize_known(64 * 4096);
+        assert_eq!(inner.known_run(0, 4096), 4096);
+        assert_eq!(inner.known_run(99 * 4096, 4096), 0);
     }
 
     #[test]
