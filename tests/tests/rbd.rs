@@ -490,6 +490,18 @@ fn the_exclusive_lock_keeps_a_second_writer_out() {
     reader["read-only"] = json!(true);
     reader["node-name"] = json!("r0");
     q.ok("blockdev-add", reader);
+    // An inactive node (migration hand-off) holds no lock; activating it takes the lock,
+    // which is refused while the first writer holds it.
+    let mut inactive = options.clone();
+    inactive["node-name"] = json!("i0");
+    inactive["active"] = json!(false);
+    q.ok("blockdev-add", inactive);
+    let (class, desc) = q.err(
+        "blockdev-set-active",
+        json!({"node-name": "i0", "active": true}),
+    );
+    assert_eq!(class, "GenericError");
+    assert!(desc.contains("Read-only file system"), "{desc}");
     // The first writer goes on writing.
     qemu_io(
         &["-f", "raw", &uri],
@@ -497,6 +509,11 @@ fn the_exclusive_lock_keeps_a_second_writer_out() {
     );
     stop(first);
     q.ok("blockdev-add", options);
+    q.ok("blockdev-del", json!({"node-name": "n0"}));
+    q.ok(
+        "blockdev-set-active",
+        json!({"node-name": "i0", "active": true}),
+    );
     drop(q);
     stop(second);
     let data = c.export(&image);

@@ -911,9 +911,14 @@ impl BlockDriver for RbdDriver {
                 })
                 .await?;
             if r < 0 {
+                // The cause in the text too: activation errors reach QMP by their text alone.
+                let cause = errno(r);
                 return Err(BlockError::io(
-                    format!("acquiring the exclusive lock of {name}"),
-                    errno(r),
+                    format!(
+                        "error acquiring the exclusive lock of {name}: {}",
+                        qsd_qapi::strerror(&cause)
+                    ),
+                    cause,
                 ));
             }
             self.locked.store(true, Ordering::Release);
