@@ -108,6 +108,8 @@ fn nbd_writes_reach_the_image_byte_for_byte() {
             "write -P 0x5a 4095 513",
             "write -P 0xa5 3M 64k",
             "write -P 0x33 15M 1M",
+            // A FUA write (a write then a flush in the driver) lands like the others.
+            "write -f -P 0x66 8M 4k",
             "read -P 0x5a 4095 513",
             "read -P 0xa5 3M 64k",
             "flush",
@@ -116,6 +118,7 @@ fn nbd_writes_reach_the_image_byte_for_byte() {
     model[4095..4095 + 513].fill(0x5a);
     model[3 << 20..(3 << 20) + (64 << 10)].fill(0xa5);
     model[15 << 20..].fill(0x33);
+    model[8 << 20..(8 << 20) + 4096].fill(0x66);
     let back = tmp.path().join("back.raw");
     run_ok(Command::new("nbdcopy").arg(&uri).arg(&back));
     assert_bytes(&std::fs::read(&back).expect("read"), &model, "nbdcopy back");
