@@ -85,6 +85,9 @@ pub fn drivers() -> Vec<&'static str> {
     if cfg!(feature = "raw") {
         d.push("raw");
     }
+    if cfg!(feature = "rbd") {
+        d.push("rbd");
+    }
     d
 }
 
@@ -162,6 +165,8 @@ enum Spec {
         latency_ns: u64,
     },
     Nbd(Box<crate::qapi::BlockdevOptionsNbd>),
+    #[cfg_attr(not(feature = "rbd"), allow(dead_code))]
+    Rbd(crate::qapi::BlockdevOptionsRbd),
 }
 
 /// The path of member `key` of the options at `prefix`, in messages.
@@ -256,6 +261,14 @@ fn parse_spec(options: DriverOptions, common: &Common, prefix: &str) -> Result<S
             }
             Spec::Nbd(Box::new(o))
         }
+        DriverOptions::Rbd(o) => {
+            if o.encrypt.is_some() {
+                return Err(OptionError::NotSupported(
+                    "RBD image encryption is not supported by blockexportd",
+                ));
+            }
+            Spec::Rbd(o)
+        }
         DriverOptions::NullCo(o) => Spec::Null {
             size: non_negative(prefix, "size", o.size)?.unwrap_or(1 << 30),
             latency_ns: non_negative(prefix, "latency-ns", o.latency_ns)?.unwrap_or(0),
@@ -265,6 +278,29 @@ fn parse_spec(options: DriverOptions, common: &Common, prefix: &str) -> Result<S
 }
 
 pub use qsd_qapi::error_text;
+
+/// Standard base64 with padding (QEMU's `qcrypto_secret_lookup_as_base64`).
+#[cfg(feature = "rbd")]
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
 
 fn failed(e: impl std::error::Error + Send + Sync + 'static) -> GraphError {
     GraphError::Open(Box::new(e))
@@ -448,6 +484,44 @@ fn open_node<'a>(
                         children.push((ChildRole::Backing, b));
                     }
                     (Arc::new(drv), children, loaded)
+                }
+                #[cfg(feature = "rbd")]
+                Spec::Rbd(o) => {
+                    use crate::drivers::rbd::{RbdDriver, RbdOptions};
+                    let key = match &o.key_secret {
+                        None => None,
+                        Some(id) => {
+                            let bytes = graph.objects().secret(id).map_err(GraphError::Open)?;
+                            Some(base64(&bytes))
+                        }
+                    };
+                    let opts = RbdOptions {
+                        pool: o.pool,
+                        namespace: o.namespace,
+                        image: o.image,
+                        conf: o.conf,
+                        snapshot: o.snapshot,
+                        user: o.user,
+                        auth_client_required: o
+                            .auth_client_required
+                            .map(|m| m.iter().map(|a| a.name().to_string()).collect()),
+                        key,
+                        server: o
+                            .server
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|s| (s.host, s.port))
+                            .collect(),
+                        read_only: common.read_only,
+                        auto_read_only: common.auto_read_only,
+                        no_cache: common.config.cache_direct,
+                        inactive: !common.active || inh.idle,
+                    };
+                    let drv = tokio::task::spawn_blocking(move || RbdDriver::open(&opts))
+                        .await
+                        .map_err(failed)?
+                        .map_err(failed)?;
+                    (Arc::new(drv), Vec::new(), Vec::new())
                 }
                 #[allow(unreachable_patterns)]
                 _ => return Err(GraphError::NotBuilt(driver)),

@@ -75,6 +75,9 @@ pub enum BlockdevDriver {
     /// The raw format.
     #[serde(rename = "raw")]
     Raw,
+    /// An image in a Ceph cluster (librbd).
+    #[serde(rename = "rbd")]
+    Rbd,
 }
 
 impl BlockdevDriver {
@@ -87,6 +90,7 @@ impl BlockdevDriver {
             BlockdevDriver::NullCo => "null-co",
             BlockdevDriver::Qcow2 => "qcow2",
             BlockdevDriver::Raw => "raw",
+            BlockdevDriver::Rbd => "rbd",
         }
     }
 }
@@ -271,6 +275,61 @@ pub struct BlockdevOptionsNbd {
     pub open_timeout: Option<u32>,
 }
 
+/// QAPI `RbdAuthMode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RbdAuthMode {
+    /// Ceph's cephx.
+    Cephx,
+    /// No authentication.
+    None,
+}
+
+impl RbdAuthMode {
+    /// The QAPI (and librados) name.
+    pub fn name(self) -> &'static str {
+        match self {
+            RbdAuthMode::Cephx => "cephx",
+            RbdAuthMode::None => "none",
+        }
+    }
+}
+
+/// QAPI `InetSocketAddressBase`: a host and a port (a number or a service name).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct InetSocketAddressBase {
+    /// Host name or address.
+    pub host: String,
+    /// Port.
+    pub port: String,
+}
+
+/// QAPI `BlockdevOptionsRbd`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockdevOptionsRbd {
+    /// The Ceph pool.
+    pub pool: String,
+    /// The RADOS namespace in the pool.
+    pub namespace: Option<String>,
+    /// The image.
+    pub image: String,
+    /// The Ceph configuration file.
+    pub conf: Option<String>,
+    /// A snapshot to open (read-only).
+    pub snapshot: Option<String>,
+    /// Refused: librbd's image encryption.
+    pub encrypt: Option<Value>,
+    /// The Ceph user.
+    pub user: Option<String>,
+    /// Acceptable authentication modes.
+    pub auth_client_required: Option<Vec<RbdAuthMode>>,
+    /// A `secret` object holding the user's key.
+    pub key_secret: Option<String>,
+    /// The monitors.
+    pub server: Option<Vec<InetSocketAddressBase>>,
+}
+
 /// The driver's own members of [`BlockdevOptions`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DriverOptions {
@@ -286,6 +345,8 @@ pub enum DriverOptions {
     Qcow2(BlockdevOptionsQcow2),
     /// `raw`.
     Raw(BlockdevOptionsRaw),
+    /// `rbd`.
+    Rbd(BlockdevOptionsRbd),
 }
 
 impl DriverOptions {
@@ -298,6 +359,7 @@ impl DriverOptions {
             DriverOptions::NullCo(_) => BlockdevDriver::NullCo,
             DriverOptions::Qcow2(_) => BlockdevDriver::Qcow2,
             DriverOptions::Raw(_) => BlockdevDriver::Raw,
+            DriverOptions::Rbd(_) => BlockdevDriver::Rbd,
         }
     }
 }
@@ -361,6 +423,7 @@ impl FlatUnion for BlockdevOptions {
             BlockdevDriver::NullCo => DriverOptions::NullCo(Deserialize::deserialize(rest)?),
             BlockdevDriver::Qcow2 => DriverOptions::Qcow2(Deserialize::deserialize(rest)?),
             BlockdevDriver::Raw => DriverOptions::Raw(Deserialize::deserialize(rest)?),
+            BlockdevDriver::Rbd => DriverOptions::Rbd(Deserialize::deserialize(rest)?),
         };
         Ok(BlockdevOptions { base, options })
     }

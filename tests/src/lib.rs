@@ -3,6 +3,7 @@
 
 #![allow(missing_docs)]
 
+pub mod ceph;
 pub mod guest;
 pub mod kernel;
 pub mod model;

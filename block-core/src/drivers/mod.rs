@@ -7,6 +7,7 @@
 //! | [`qcow2`] | `qcow2` | format: qcow2 through the `imago` crate, with backing chains |
 //! | [`null`] (`null-co`) | `null` | protocol: reads nothing, drops writes |
 //! | [`nbd`] | `nbd` | protocol: an export of a remote NBD server |
+//! | [`rbd`] | `rbd` (not default: links librbd) | protocol: an image in a Ceph cluster |
 
 #[cfg(feature = "file")]
 pub mod file;
@@ -18,3 +19,5 @@ pub mod null;
 pub mod qcow2;
 #[cfg(feature = "raw")]
 pub mod raw;
+#[cfg(feature = "rbd")]
+pub mod rbd;
