@@ -398,8 +398,8 @@ impl Cluster {
 
 impl Cluster {
     /// Kills the daemons (SIGKILL: the memstore OSD writes its whole store out on SIGTERM)
-    /// and reaps them.
-    fn kill(&self) {
+    /// and reaps them: the cluster stops answering, as one that went away.
+    pub fn kill(&self) {
         let mut daemons = self.daemons.lock().unwrap_or_else(|e| e.into_inner());
         for mut child in daemons.drain(..).rev() {
             let _ = child.kill();

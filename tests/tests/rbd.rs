@@ -631,3 +631,61 @@ fn random_ops_on_an_rbd_export_match_the_model() {
         assert_bytes(&c.export(&image), &model, "rbd export against the model");
     }
 }
+
+/// The cluster goes away under a running export: requests fail (within librados' 30 s
+/// operation timeout, which the driver sets) instead of hanging, and the daemon still shuts
+/// down, in bounded time.
+#[test]
+fn a_cluster_stopped_under_an_export_fails_requests_in_bounded_time() {
+    if cluster().is_none() {
+        return;
+    }
+    // A cluster of its own: this one is killed.
+    let c = Cluster::start();
+    let image = c.create_image("gone", 16 * MIB);
+    let (mut d, uri) = nbd_daemon(Flavor::Blockexportd, &blockdev(&c, &image, ""), true);
+    qemu_io(
+        &["-f", "raw", &uri],
+        &["write -P 0x3c 0 64k", "read -P 0x3c 0 64k"],
+    );
+    c.kill();
+    let started = std::time::Instant::now();
+    let out = Command::new("timeout")
+        .args([
+            "-k",
+            "5",
+            "150",
+            "qemu-io",
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "read 1M 4k",
+        ])
+        .output()
+        .expect("qemu-io");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(124), "the read hung: {text}");
+    assert!(text.contains("read failed"), "the read fails: {text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "bounded: {:?}",
+        started.elapsed()
+    );
+    // SIGTERM: the flush and close wait for the same timeouts, then the daemon exits.
+    let started = std::time::Instant::now();
+    let mut child = d.child.take().expect("running");
+    blockexportd_tests::signal(child.id(), libc::SIGTERM);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            let _ = child.kill();
+            panic!("the daemon did not exit within 300 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.code().is_some(), "the daemon exited: {status:?}");
+}
