@@ -85,7 +85,7 @@ pub fn drivers() -> Vec<&'static str> {
     if cfg!(feature = "raw") {
         d.push("raw");
     }
-    if cfg!(feature = "rbd") {
+    if cfg!(all(feature = "rbd", librbd)) {
         d.push("rbd");
     }
     d
@@ -165,7 +165,7 @@ enum Spec {
         latency_ns: u64,
     },
     Nbd(Box<crate::qapi::BlockdevOptionsNbd>),
-    #[cfg_attr(not(feature = "rbd"), allow(dead_code))]
+    #[cfg_attr(not(all(feature = "rbd", librbd)), allow(dead_code))]
     Rbd(crate::qapi::BlockdevOptionsRbd),
 }
 
@@ -280,7 +280,7 @@ fn parse_spec(options: DriverOptions, common: &Common, prefix: &str) -> Result<S
 pub use qsd_qapi::error_text;
 
 /// Standard base64 with padding (QEMU's `qcrypto_secret_lookup_as_base64`).
-#[cfg(feature = "rbd")]
+#[cfg(all(feature = "rbd", librbd))]
 fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
@@ -485,7 +485,7 @@ fn open_node<'a>(
                     }
                     (Arc::new(drv), children, loaded)
                 }
-                #[cfg(feature = "rbd")]
+                #[cfg(all(feature = "rbd", librbd))]
                 Spec::Rbd(o) => {
                     use crate::drivers::rbd::{RbdDriver, RbdOptions};
                     let key = match &o.key_secret {

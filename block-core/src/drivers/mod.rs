@@ -19,5 +19,5 @@ pub mod null;
 pub mod qcow2;
 #[cfg(feature = "raw")]
 pub mod raw;
-#[cfg(feature = "rbd")]
+#[cfg(all(feature = "rbd", librbd))]
 pub mod rbd;
