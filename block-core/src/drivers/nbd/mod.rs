@@ -46,6 +46,9 @@ pub const MAX_REQUEST: u32 = 32 << 20;
 /// nbdcopy does by default.
 pub const MULTI_CONN: usize = 4;
 
+/// How long a further connection to a multi-conn server may take to be set up.
+const EXTRA_CONN_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How long one connection attempt (connect, TLS, handshake) may take.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -382,7 +385,13 @@ async fn more_streams(cfg: &Config, first: &ExportInfo) -> Vec<(stream::Stream, 
     }
     let mut more = Vec::new();
     for _ in 1..MULTI_CONN {
-        match attempt(cfg).await {
+        // A server may allow multi-conn and still take one client at a time (`qemu-nbd -r`
+        // without `--shared`: the next connection waits in its backlog): give up soon.
+        let Ok(r) = tokio::time::timeout(EXTRA_CONN_TIMEOUT, attempt(cfg)).await else {
+            tracing::debug!("NBD client: no further connection within {EXTRA_CONN_TIMEOUT:?}");
+            break;
+        };
+        match r {
             Ok((s, info))
                 if info.size == first.size
                     && info.flags == first.flags
