@@ -671,7 +671,21 @@ fn an_inactive_node_lets_another_process_take_its_image() {
             let io = nbd_io(d.dir.path(), &json!({"export": "q", "command": command}));
             assert_eq!(io["status"], 0, "{flavor:?}: {command}: {io}");
         }
-        q.ok("block-export-del", json!({"id": "e"}));
+        // The client has exited, but the server may not have seen its disconnection yet
+        // (safe removal refuses while a client is connected): ask again until it has.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let r = q.execute("block-export-del", json!({"id": "e"}));
+            if r.get("return").is_some() {
+                break;
+            }
+            assert!(
+                r["error"]["desc"] == "export 'e' still in use"
+                    && std::time::Instant::now() < deadline,
+                "{flavor:?}: block-export-del: {r}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         q.wait_event("BLOCK_EXPORT_DELETED");
         q.ok("blockdev-del", json!({"node-name": "q"}));
         blockexportd_tests::run_ok(
